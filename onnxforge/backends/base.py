@@ -1,0 +1,108 @@
+"""The interface every backend implements: prepare a model, run it, time it."""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import onnx
+
+from onnxforge.errors import BackendError, ModelLoadError
+from onnxforge.measure import LatencyStats, MeasureOptions, measure_latency
+
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+
+
+@runtime_checkable
+class HasRuntimeSource(Protocol):
+    """A model (such as `onnxforge.ir.Model`) that can hand a runtime serialized bytes or a file path."""
+
+    def runtime_source(self) -> AbstractContextManager[bytes | str]: ...
+
+
+ModelInput = onnx.ModelProto | bytes | str | os.PathLike[str] | HasRuntimeSource
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How a backend should prepare a model.
+
+    `threads=None` keeps the library's default (one thread per physical core for onnxruntime).
+    `allow_spinning=False` makes idle worker threads sleep instead of spinning: when two models
+    are timed interleaved in one process, a spinning pool steals cores from the other and makes
+    the speed ratio wrong and unstable (see shared/notes/cpu-arm.md, "Timing two models").
+    `extra` holds backend-specific settings (session config entries for onnxruntime).
+    """
+
+    target: str = "cpu"
+    threads: int | None = None
+    graph_optimization: GraphOptimization = "all"
+    allow_spinning: bool = False
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise BackendError(f"threads must be 1 or more, got {self.threads}; leave it unset for the default")
+        if self.graph_optimization not in ("disable", "basic", "extended", "all"):
+            raise BackendError(
+                f"unknown graph optimization level {self.graph_optimization!r}; "
+                "use one of disable, basic, extended, all"
+            )
+
+
+class Prepared(abc.ABC):
+    """A model loaded or compiled by a backend, ready to run on its target."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    @abc.abstractmethod
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model once and return its outputs by name."""
+
+    def measure(self, inputs: Mapping[str, np.ndarray], options: MeasureOptions = MeasureOptions()) -> LatencyStats:
+        """Time repeated runs on `inputs` and return their latency statistics."""
+        return measure_latency(lambda: self.run(inputs), options)
+
+
+class Backend(abc.ABC):
+    """A runtime that can prepare ONNX models for one or more targets."""
+
+    name: str
+    targets: tuple[str, ...]
+
+    @abc.abstractmethod
+    def prepare(self, model: ModelInput, options: BackendOptions | None = None) -> Prepared:
+        """Load or compile `model` for `options.target` and return it ready to run."""
+
+    def check_target(self, target: str) -> None:
+        """Raise BackendError unless this backend can prepare models for `target`."""
+        if target not in self.targets:
+            raise BackendError(
+                f"backend {self.name!r} has no target {target!r}; choose one of: {', '.join(self.targets)}"
+            )
+
+
+@contextmanager
+def model_source(model: ModelInput) -> Iterator[bytes | str]:
+    """Yield `model` as serialized bytes or a file path, the two forms runtimes load from."""
+    if isinstance(model, HasRuntimeSource):
+        with model.runtime_source() as source:
+            yield source
+    elif isinstance(model, onnx.ModelProto):
+        yield model.SerializeToString()
+    elif isinstance(model, bytes):
+        yield model
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise ModelLoadError(f"model file {path} does not exist; check the path")
+        yield str(path)
+    else:
+        raise TypeError(f"cannot load a model from {type(model).__name__}")

@@ -1,0 +1,266 @@
+"""The `optimize` and `onnxforge` commands: argument parsing and wiring only."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from onnxforge.errors import OnnxforgeError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one `error:` line."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `onnxforge`: optimize, bench, compare, list-passes."""
+    parser = _Parser(prog="onnxforge", description="Optimize, benchmark and compare ONNX models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_optimize_arguments(commands.add_parser("optimize", help="run passes on a model"))
+    _add_bench_arguments(commands.add_parser("bench", help="measure a model's latency on a backend"))
+    _add_compare_arguments(commands.add_parser("compare", help="compare two models' outputs"))
+    list_parser = commands.add_parser("list-passes", help="list the available passes")
+    list_parser.add_argument("--plugin", action="append", default=[], help="module or .py file with passes")
+    args = parser.parse_args(argv)
+    handlers = {"optimize": _optimize, "bench": _bench, "compare": _compare, "list-passes": _list_passes}
+    return _guarded(handlers[args.command], args)
+
+
+def optimize_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `optimize` (the same as `onnxforge optimize`)."""
+    parser = _Parser(prog="optimize", description="Run optimization passes on an ONNX model.")
+    _add_optimize_arguments(parser)
+    return _guarded(_optimize, parser.parse_args(argv))
+
+
+def _guarded(handler, args: argparse.Namespace) -> int:
+    """Run a command; user errors become one `error:` line and a non-zero exit."""
+    _quiet_onnxruntime()
+    try:
+        return handler(args)
+    except OnnxforgeError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    except Exception as exc:  # a bug of ours: still one line, the traceback on request
+        if os.environ.get("ONNXFORGE_DEBUG"):
+            raise
+        sys.stderr.write(f"error: internal error: {type(exc).__name__}: {exc} (set ONNXFORGE_DEBUG=1 for details)\n")
+    return EXIT_ERROR
+
+
+def _quiet_onnxruntime() -> None:
+    # onnxruntime logs failures to stderr itself; we report them as one line.
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(4)
+
+
+def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="NAME=DIMS",
+        help="fix an input's shape, e.g. x=1x3x224x224 (for dynamic dims)",
+    )
+    parser.add_argument(
+        "--data", metavar="PATH", help="sample inputs: .npz named after the model inputs, or a folder of them"
+    )
+
+
+def _add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="input ONNX model (never modified)")
+    parser.add_argument("--passes", default="cleanup", help="pass list, e.g. cleanup or prune:ratio=0.3,quant:bits=4")
+    parser.add_argument("-o", "--output", help="where to write the optimized model")
+    parser.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    parser.add_argument("--list-passes", action="store_true", help="list the available passes and exit")
+    parser.add_argument("--plugin", action="append", default=[], help="module or .py file that registers passes")
+    parser.add_argument("--on-error", choices=["rollback", "stop"], default="rollback", help="when a pass fails")
+    parser.add_argument("--no-verify", action="store_true", help="skip checking each pass (faster, unsafe)")
+    parser.add_argument("--rtol", type=float, default=1e-4, help="tolerance for lossless passes (default 1e-4)")
+    parser.add_argument("--seed", type=int, help="seed of the random verification inputs")
+    parser.add_argument("--measure", action="store_true", help="time the model before and after")
+    parser.add_argument("--backend", default="ort", help="backend for verification and timing (default ort)")
+    parser.add_argument("--target", default="cpu", help="target device (default cpu)")
+    parser.add_argument("--threads", type=int, help="threads for timing (default: the backend's)")
+    parser.add_argument(
+        "--external-data", choices=["auto", "yes", "no"], default="auto", help="store weights beside the model"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    _add_model_input_arguments(parser)
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from onnxforge.api import optimize
+    from onnxforge.data import parse_shape_overrides
+    from onnxforge.ir import save_model
+    from onnxforge.report import ProgressPrinter
+
+    if args.list_passes:
+        return _list_passes(args)
+    if not args.model:
+        raise OnnxforgeError("no input model given (optimize MODEL --passes ... -o OUT)")
+    if args.output and _same_file(args.model, args.output):
+        raise OnnxforgeError("the output path is the input model: choose another path, the input is never modified")
+    model, report = optimize(
+        args.model,
+        args.passes,
+        data=args.data,
+        shapes=parse_shape_overrides(args.shape),
+        verify=not args.no_verify,
+        rtol=args.rtol,
+        seed=args.seed,
+        on_error=args.on_error,
+        measure=args.measure,
+        backend=args.backend,
+        target=args.target,
+        threads=args.threads,
+        plugins=args.plugin,
+        instruments=[] if args.quiet else [ProgressPrinter()],
+    )
+    if args.output:
+        external = {"auto": None, "yes": True, "no": False}[args.external_data]
+        save_model(model, args.output, external_data=external)
+        report.output = args.output
+    if args.report:
+        report.save_json(args.report)
+    if not args.quiet:
+        print(report.summary())
+        if not args.output:
+            print("  (no -o given: the optimized model was not saved)")
+    return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _list_passes(args: argparse.Namespace) -> int:
+    from onnxforge.passes import available_passes, load_plugin
+
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    passes = available_passes()
+    width = max(len(name) for name in passes)
+    for name, cls in passes.items():
+        kind = "lossless" if cls.lossless else "lossy"
+        print(f"{name:<{width}}  {kind:<8}  {cls.summary()}")
+    return 0
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="ONNX model to time")
+    parser.add_argument("--backend", default="ort", help="backend (default ort)")
+    parser.add_argument("--target", default="cpu", help="target device (default cpu)")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: the backend's)")
+    parser.add_argument(
+        "--opt-level",
+        choices=["disable", "basic", "extended", "all"],
+        default="all",
+        help="backend graph optimization level (default all)",
+    )
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    parser.add_argument("--repeats", type=int, default=20, help="at least this many timed runs (default 20)")
+    parser.add_argument("--min-time", type=float, default=1.0, help="and at least this many seconds (default 1)")
+    parser.add_argument("--json", metavar="PATH", help="also write the statistics as JSON")
+    _add_model_input_arguments(parser)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from onnxforge.api import measure_model
+    from onnxforge.backends.base import BackendOptions
+    from onnxforge.frontends import from_onnx
+    from onnxforge.measure import MeasureOptions
+    from onnxforge.report import environment, write_json
+
+    model = from_onnx(args.model)
+    inputs = _inputs(args, model)[0]
+    options = BackendOptions(target=args.target, threads=args.threads, graph_optimization=args.opt_level)
+    measure = MeasureOptions(warmup=args.warmup, min_repeats=args.repeats, min_time_s=args.min_time)
+    stats = measure_model(model, inputs, args.backend, options, measure)
+    print(
+        f"{args.model}: {args.backend} {args.target}  median {stats.median_ms:.3f} ms  p90 {stats.p90_ms:.3f} ms  "
+        f"min {stats.min_ms:.3f} ms  max {stats.max_ms:.3f} ms  spread {stats.spread * 100:.1f}%  "
+        f"({stats.repeats} runs after {stats.warmup} warm-up)"
+    )
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "model": args.model,
+                "backend": args.backend,
+                "target": args.target,
+                "threads": args.threads,
+                "opt_level": args.opt_level,
+                "latency": stats.to_dict(),
+                "environment": environment(),
+            },
+        )
+    return 0
+
+
+def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("reference", help="the reference model (usually the original)")
+    parser.add_argument("candidate", help="the model to check against it")
+    parser.add_argument("--samples", type=int, default=4, help="random input sets when no --data (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--backend", default="ort", help="backend that runs both (default ort)")
+    parser.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
+    _add_model_input_arguments(parser)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from onnxforge.backends import get_backend
+    from onnxforge.frontends import from_onnx
+    from onnxforge.report import write_json
+    from onnxforge.verify import compare_outputs
+
+    reference = from_onnx(args.reference)
+    candidate = from_onnx(args.candidate)
+    samples = _inputs(args, reference, count=args.samples)
+    backend = get_backend(args.backend)
+    ref_runner, cand_runner = backend.prepare(reference), backend.prepare(candidate)
+    comparison = compare_outputs([ref_runner.run(s) for s in samples], [cand_runner.run(s) for s in samples])
+    print(f"{len(samples)} input sets ({'--data' if args.data else 'random'}):")
+    for out in comparison.outputs:
+        line = f"  {out.name}: max abs {out.max_abs:.4g}  max rel {out.max_rel:.4g}"
+        if out.cosine is not None:
+            line += f"  cosine {out.cosine:.6f}"
+        if out.top1_agreement is not None:
+            line += f"  top-1 agreement {out.top1_agreement * 100:.2f}%"
+        if out.mismatch_fraction is not None:
+            line += f"  mismatched {out.mismatch_fraction * 100:.2f}%"
+        if out.shape_mismatch:
+            line += "  SHAPES DIFFER"
+        print(line)
+    if args.json:
+        write_json(args.json, comparison.to_dict())
+    return 0
+
+
+def _inputs(args: argparse.Namespace, model, count: int = 1) -> list[dict]:
+    from onnxforge.data import load_samples, parse_shape_overrides, random_inputs
+    from onnxforge.ir.shapes import skeleton_proto
+
+    proto = skeleton_proto(model)
+    if args.data:
+        return load_samples(args.data, proto)
+    shapes = parse_shape_overrides(args.shape)
+    seed = getattr(args, "seed", 0)
+    return [random_inputs(proto, shapes=shapes, seed=seed + i) for i in range(count)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The in-memory model: an onnx-graphsurgeon graph plus the model-level fields ONNX keeps around it."""
+
+from __future__ import annotations
+
+import math
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxforge.ir.external import ExternalValues
+
+# Serialized protobuf messages cannot exceed 2 GiB; stay clear of the limit.
+PROTOBUF_LIMIT_BYTES = 2**31 - 64 * 2**20
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Size of a model: node count (subgraphs included), weight elements and weight bytes."""
+
+    nodes: int
+    params: int
+    bytes: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"nodes": self.nodes, "params": self.params, "bytes": self.bytes}
+
+
+class Model:
+    """A graph to transform, and the model fields (opsets, metadata, producer) that must survive saving.
+
+    Weights are kept as onnx-graphsurgeon constants. Passes replace constant values; they never write
+    into a weight array in place, because snapshots for rollback share those arrays.
+    """
+
+    def __init__(self, graph: gs.Graph, header: onnx.ModelProto):
+        self.graph = graph
+        # The ModelProto without its graph and functions: ir_version, opset_import, metadata_props, ...
+        self.header = header
+
+    def copy(self) -> Model:
+        """Return an independent copy of the graph structure (weight arrays are shared, not copied)."""
+        return Model(self.graph.copy(), _copy_header(self.header))
+
+    def graphs(self) -> Iterator[gs.Graph]:
+        """Yield the main graph and every nested subgraph (If/Loop/Scan bodies), outer first."""
+        yield self.graph
+        for sub in _subgraphs(self.graph):
+            yield sub
+
+    def stats(self) -> ModelStats:
+        """Count nodes (recursively) and the elements and bytes of all constants, without loading lazy weights."""
+        nodes = sum(len(g.nodes) for g in self.graphs())
+        params = 0
+        nbytes = 0
+        seen: set[int] = set()
+        for graph in self.graphs():
+            for tensor in graph.tensors().values():
+                if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    values = tensor._values
+                    params += math.prod(values.shape)
+                    nbytes += int(values.nbytes)
+        return ModelStats(nodes=nodes, params=params, bytes=nbytes)
+
+    @property
+    def has_external_data(self) -> bool:
+        """True when some weights still live in an external data file that was not read into memory."""
+        return any(
+            isinstance(t, gs.Constant) and isinstance(t._values, ExternalValues)
+            for g in self.graphs()
+            for t in g.tensors().values()
+        )
+
+    def to_proto(self) -> onnx.ModelProto:
+        """Export to a ModelProto; weights still on disk stay external references (absolute paths)."""
+        graph = self.graph
+        proto = gs.export_onnx(graph, do_type_check=False)
+        header = self.header
+        opsets = {o.domain: o.version for o in header.opset_import}
+        opsets.update({o.domain: o.version for o in proto.opset_import if o.domain not in opsets})
+        opsets[""] = graph.opset
+        for node in _all_proto_nodes(proto.graph):
+            if node.domain not in opsets and node.domain != "ai.onnx":
+                opsets[node.domain] = 1
+        del proto.opset_import[:]
+        proto.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(opsets.items()))
+        proto.ir_version = header.ir_version
+        for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+            setattr(proto, field, getattr(header, field))
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(header.metadata_props)
+        return proto
+
+    @contextlib.contextmanager
+    def runtime_source(self) -> Iterator[bytes | str]:
+        """Yield what onnxruntime can load: serialized bytes, or the path of a temporary saved copy.
+
+        A temporary file is used when weights are external or the model is too large for one protobuf.
+        """
+        if not self.has_external_data and self.stats().bytes < PROTOBUF_LIMIT_BYTES:
+            yield self.to_proto().SerializeToString()
+            return
+        from onnxforge.ir.io import save_model
+
+        with tempfile.TemporaryDirectory(prefix="onnxforge-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            save_model(self, path, external_data=True)
+            yield str(path)
+
+
+def _copy_header(header: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(header)
+    return copy
+
+
+def header_of(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Return the model-level fields of `proto` (everything but the graph and functions)."""
+    header = onnx.ModelProto()
+    header.ir_version = proto.ir_version
+    header.opset_import.extend(proto.opset_import)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(header, field, getattr(proto, field))
+    header.metadata_props.extend(proto.metadata_props)
+    header.training_info.extend(proto.training_info)
+    return header
+
+
+def _subgraphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            subs = attr if isinstance(attr, list) else [attr]
+            for sub in subs:
+                if isinstance(sub, gs.Graph):
+                    yield sub
+                    yield from _subgraphs(sub)
+
+
+def _all_proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_proto_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_proto_nodes(g)

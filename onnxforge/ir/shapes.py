@@ -1,0 +1,86 @@
+"""Shape and type inference on the IR: onnx's inference, tolerant of ops it does not know."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+import onnx.shape_inference
+import onnx_graphsurgeon as gs
+
+from onnxforge.ir.model import Model
+
+
+@dataclass(frozen=True)
+class ShapeInferenceResult:
+    """Whether onnx's inference ran, how many tensors got a shape, and why it failed if it did."""
+
+    ok: bool
+    tensors_with_shape: int
+    message: str = ""
+
+
+def infer_shapes(model: Model) -> ShapeInferenceResult:
+    """Fill in the shapes and dtypes of intermediate tensors, in place.
+
+    Uses onnx's shape inference with data propagation (so static shape computations resolve). Ops it
+    does not know (custom domains) are skipped; if inference fails as a whole, the shapes already on
+    the graph are kept and the failure is returned instead of raised.
+    """
+    proto = skeleton_proto(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # onnx raises InferenceError, ValidationError or RuntimeError
+        return ShapeInferenceResult(False, 0, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    infos = {}
+    _collect_value_infos(inferred.graph, infos)
+    updated = 0
+    for graph in model.graphs():
+        for name, tensor in graph.tensors().items():
+            info = infos.get(name)
+            if isinstance(tensor, gs.Variable) and info is not None and info.type.HasField("tensor_type"):
+                tensor_type = info.type.tensor_type
+                if tensor_type.elem_type:
+                    tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+                if tensor_type.HasField("shape"):
+                    tensor.shape = [_dim(d) for d in tensor_type.shape.dim]
+                    updated += 1
+    return ShapeInferenceResult(True, updated)
+
+
+def skeleton_proto(model: Model) -> onnx.ModelProto:
+    """Export the model with large weights marked external (not read), for inference and checking."""
+    proto = model.to_proto()
+    for tensor in _initializers(proto.graph):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) > 1024:
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", "skeleton.data"
+    return proto
+
+
+def _initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _initializers(sub)
+
+
+def _collect_value_infos(graph: onnx.GraphProto, infos: dict) -> None:
+    for info in list(graph.value_info) + list(graph.output) + list(graph.input):
+        infos.setdefault(info.name, info)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _collect_value_infos(sub, infos)
+
+
+def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    if dim.HasField("dim_value"):
+        return dim.dim_value
+    if dim.HasField("dim_param"):
+        return dim.dim_param
+    return None

@@ -1,0 +1,119 @@
+"""Latency statistics shared by every backend: time a callable, summarise per-run times."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxforge.errors import OnnxforgeError
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Summary of the timed runs of one model; times in milliseconds unless the name says otherwise.
+
+    `spread` is the relative spread `(p90_ms - min_ms) / median_ms`: 0 for perfectly steady runs,
+    0.1 when the slowest tenth starts 10% of the median above the fastest run. It ignores the
+    slowest 10% on purpose, so one stray pause does not condemn a measurement.
+    `p90_ms` is the 90th percentile with linear interpolation between neighbouring runs.
+    `total_s` is the sum of the timed runs, warm-up excluded.
+    """
+
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    max_ms: float
+    mean_ms: float
+    spread: float
+    repeats: int
+    warmup: int
+    total_s: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Return the statistics as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """How long to time: repeat until both minimums are met, never beyond either maximum."""
+
+    warmup: int = 5
+    min_repeats: int = 20
+    min_time_s: float = 1.0
+    max_repeats: int = 10000
+    max_time_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0:
+            raise OnnxforgeError(f"warm-up runs must be 0 or more, got {self.warmup}")
+        if not 1 <= self.min_repeats <= self.max_repeats:
+            raise OnnxforgeError(
+                f"repeats must satisfy 1 <= min ({self.min_repeats}) <= max ({self.max_repeats}); "
+                "raise the maximum or lower the minimum"
+            )
+        if not 0 <= self.min_time_s <= self.max_time_s:
+            raise OnnxforgeError(
+                f"time limits must satisfy 0 <= min ({self.min_time_s} s) <= max ({self.max_time_s} s); "
+                "raise the maximum or lower the minimum"
+            )
+
+
+def latency_stats_from_times(times_s: Sequence[float], warmup: int) -> LatencyStats:
+    """Summarise per-run times in seconds (warm-up runs already left out) as `LatencyStats`.
+
+    For backends that time runs themselves; `warmup` is only recorded, not subtracted.
+    """
+    if len(times_s) == 0:
+        raise ValueError("latency statistics need at least one timed run")
+    times_ms = np.asarray(times_s, dtype=np.float64) * 1e3
+    median = float(np.median(times_ms))
+    p90 = float(np.percentile(times_ms, 90))
+    fastest = float(times_ms.min())
+    return LatencyStats(
+        median_ms=median,
+        p90_ms=p90,
+        min_ms=fastest,
+        max_ms=float(times_ms.max()),
+        mean_ms=float(times_ms.mean()),
+        spread=(p90 - fastest) / median if median > 0 else 0.0,
+        repeats=len(times_ms),
+        warmup=warmup,
+        total_s=float(times_ms.sum()) / 1e3,
+    )
+
+
+def measure_latency(run: Callable[[], object], options: MeasureOptions = MeasureOptions()) -> LatencyStats:
+    """Time `run()` after warm-up until both `min_repeats` and `min_time_s` are met, then summarise.
+
+    Stops early at `max_repeats` runs or `max_time_s` seconds of timed runs, whichever comes first.
+    """
+    for _ in range(options.warmup):
+        run()
+    min_ns, max_ns = options.min_time_s * 1e9, options.max_time_s * 1e9
+    times_ns: list[int] = []
+    elapsed_ns = 0
+    # A collection pause lands on an arbitrary run and inflates the tail; timeit disables gc too.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while True:
+            start = time.perf_counter_ns()
+            run()
+            took = time.perf_counter_ns() - start
+            times_ns.append(took)
+            elapsed_ns += took
+            count = len(times_ns)
+            if count >= options.max_repeats or elapsed_ns >= max_ns:
+                break
+            if count >= options.min_repeats and elapsed_ns >= min_ns:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return latency_stats_from_times([t / 1e9 for t in times_ns], warmup=options.warmup)

@@ -1,0 +1,168 @@
+"""What a pass is: a named transformation with typed options that returns what it changed."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar
+
+from onnxforge.errors import PassError
+from onnxforge.ir import Model
+
+T = TypeVar("T")
+
+
+@dataclass
+class PassResult:
+    """What a pass did: whether it changed the model, counters for the report, and analyses it kept valid."""
+
+    changed: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    preserved: tuple[type[Analysis], ...] = ()
+
+
+class Analysis:
+    """A fact computed from a model on demand (a graph view, channel groups, ...), cached by the pass context.
+
+    Subclasses implement `compute`; the cache drops every analysis a changing pass did not list as preserved.
+    """
+
+    @classmethod
+    def compute(cls, model: Model) -> Any:
+        raise NotImplementedError
+
+
+class PassContext:
+    """Per-run state shared by passes: the analysis cache, sample data and the names of backend and target."""
+
+    def __init__(self, data: list[dict] | None = None, backend: str = "ort", target: str = "cpu"):
+        self.data = data
+        self.backend = backend
+        self.target = target
+        self._cache: dict[type[Analysis], tuple[int, Any]] = {}
+
+    def analysis(self, kind: type[Analysis], model: Model) -> Any:
+        """Return `kind` computed on `model`, from the cache when still valid."""
+        cached = self._cache.get(kind)
+        if cached is not None and cached[0] == id(model.graph):
+            return cached[1]
+        value = kind.compute(model)
+        self._cache[kind] = (id(model.graph), value)
+        return value
+
+    def invalidate(self, preserved: tuple[type[Analysis], ...] = ()) -> None:
+        """Forget every cached analysis except the preserved ones."""
+        self._cache = {k: v for k, v in self._cache.items() if k in preserved}
+
+
+@dataclass
+class NoOptions:
+    """This pass takes no options."""
+
+
+class Pass:
+    """Base of every pass. Subclasses set `Options` (a dataclass) and implement `run`.
+
+    `lossless = True` promises the outputs do not change (beyond float rounding): the pass manager checks it.
+    """
+
+    name: ClassVar[str] = ""
+    lossless: ClassVar[bool] = True
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None, **kwargs: Any):
+        if options is None:
+            options = build_options(self.Options, kwargs, self.name)
+        elif kwargs:
+            raise TypeError("give either an options object or keyword options, not both")
+        self.options = options
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The pass name with its non-default options, as written on the command line."""
+        defaults = self.Options()
+        changed = [
+            f"{f.name}={_format_value(getattr(self.options, f.name))}"
+            for f in dataclasses.fields(self.options)
+            if getattr(self.options, f.name) != getattr(defaults, f.name)
+        ]
+        return ":".join([self.name, *changed])
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the pass docstring."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+def build_options(options_type: type[T], values: Mapping[str, Any], pass_name: str) -> T:
+    """Build the options dataclass from keyword values, converting strings ('0.3', 'true') to the field types."""
+    fields = {f.name: f for f in dataclasses.fields(options_type)}
+    hints = typing.get_type_hints(options_type)
+    kwargs = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            known = ", ".join(fields) or "none"
+            raise PassError(f"pass '{pass_name}' has no option '{key}' (options: {known})")
+        kwargs[name] = convert_option(value, hints[name], f"{pass_name}:{key}")
+    return options_type(**kwargs)
+
+
+def convert_option(value: Any, hint: Any, where: str) -> Any:
+    """Convert one option value to the annotated type; raise PassError naming `where` if it does not fit."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        text = value if not isinstance(value, str) else value.strip()
+        for choice in args:
+            if text == choice or str(choice) == str(text):
+                return choice
+        raise PassError(f"bad value '{value}' for {where}: choose one of {', '.join(map(str, args))}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() == "none" and type(None) in args):
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert_option(value, arg, where)
+            except PassError as exc:
+                errors.append(str(exc))
+        raise PassError(errors[0] if errors else f"bad value '{value}' for {where}")
+    if origin in (list, tuple):
+        items = value.split("+") if isinstance(value, str) else list(value)
+        items = [item for item in items if item != ""]
+        converted = [convert_option(item, args[0] if args else str, where) for item in items]
+        return converted if origin is list else tuple(converted)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise PassError(f"bad value '{value}' for {where}: expected true or false")
+    if hint in (int, float, str):
+        try:
+            converted = hint(value)
+        except (TypeError, ValueError):
+            raise PassError(f"bad value '{value}' for {where}: expected {hint.__name__}") from None
+        if hint is int and isinstance(value, float) and converted != value:
+            raise PassError(f"bad value '{value}' for {where}: expected int")
+        return converted
+    return value
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "+".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)

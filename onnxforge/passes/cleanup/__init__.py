@@ -1,0 +1,53 @@
+"""Cleanup passes: the lossless simplifications every model gets before anything else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnxforge.ir import Model
+from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.cleanup.constant_folding import FoldConstants
+from onnxforge.passes.cleanup.dead_code import RemoveDeadCode
+from onnxforge.passes.cleanup.identity import RemoveIdentity
+from onnxforge.passes.cleanup.initializer_merging import MergeDuplicateInitializers
+from onnxforge.passes.cleanup.shape_folding import FoldShapes
+from onnxforge.passes.registry import register_pass
+
+__all__ = ["Cleanup", "FoldConstants", "FoldShapes", "MergeDuplicateInitializers", "RemoveDeadCode", "RemoveIdentity"]
+
+
+@register_pass("cleanup")
+class Cleanup(Pass):
+    """Remove dead code and Identity nodes, fold constants and static shapes, merge duplicate weights."""
+
+    @dataclass
+    class Options:
+        max_rounds: int = 4
+        # See fold-constants: the largest folded result kept as a weight (None: the largest existing weight).
+        max_bytes: int | None = None
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        steps = [
+            RemoveIdentity(),
+            FoldShapes(),
+            FoldConstants(max_bytes=self.options.max_bytes),
+            MergeDuplicateInitializers(),
+            RemoveDeadCode(),
+        ]
+        totals: dict[str, int] = {}
+        notes: dict[str, str] = {}
+        changed = False
+        for _ in range(self.options.max_rounds):
+            round_changed = False
+            for step in steps:
+                result = step.run(model, ctx)
+                round_changed |= result.changed
+                for key, value in result.stats.items():
+                    if isinstance(value, int):
+                        totals[key] = totals.get(key, 0) + value
+                    else:
+                        notes[key] = value
+            changed |= round_changed
+            if not round_changed:
+                break
+        return PassResult(changed=changed, stats={**totals, **notes})

@@ -1,0 +1,168 @@
+"""Evaluate nodes whose inputs are all constants once, at optimization time, and store their results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from onnxforge.ir import Model
+from onnxforge.ir.edit import unique_name
+from onnxforge.ir.ops import is_onnx_op
+from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.registry import register_pass
+
+# Random ops differ per run; QuantizeLinear/DequantizeLinear on weights mark quantization for runtimes,
+# and folding them would turn int8 weights back into float ones.
+NEVER_FOLD = {
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+}
+
+
+@register_pass("fold-constants")
+class FoldConstants(Pass):
+    """Precompute nodes whose inputs are all constants (evaluated with onnxruntime) in the main graph."""
+
+    @dataclass
+    class Options:
+        # Results larger than this stay computed at run time; None: the largest weight already in the model,
+        # so folding never creates a weight larger than any the model had (Expand/Tile can explode).
+        max_bytes: int | None = None
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        graph = model.graph
+        graph.toposort()
+        foldable = _foldable_nodes(graph)
+        if not foldable:
+            return PassResult(changed=False, stats={"nodes_folded": 0})
+        values = _evaluate(foldable, model)
+        limit = self.options.max_bytes if self.options.max_bytes is not None else _largest_constant(model)
+        folded_tensors = _replace_with_constants(graph, foldable, values, limit)
+        nodes_before = len(graph.nodes)
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
+        removed = nodes_before - len(graph.nodes)
+        return PassResult(
+            changed=folded_tensors > 0,
+            stats={"nodes_folded": removed, "tensors_made_constant": folded_tensors},
+        )
+
+
+def _foldable_nodes(graph: gs.Graph) -> list[gs.Node]:
+    """Nodes (in topological order) whose inputs are constants or results of other foldable nodes."""
+    constant_results: set[int] = set()
+    nodes = []
+    for node in graph.nodes:
+        if (
+            is_onnx_op(node)
+            and node.op not in NEVER_FOLD
+            and not any(isinstance(a, (gs.Graph, list)) and _has_graph(a) for a in node.attrs.values())
+            and all(
+                t.name == "" or isinstance(t, gs.Constant) or id(t) in constant_results for t in node.inputs
+            )
+            and all(t.name for t in node.outputs)
+            and node.op != "Identity"  # left to remove-identity, which keeps output names stable
+        ):
+            nodes.append(node)
+            constant_results.update(id(t) for t in node.outputs)
+    return nodes
+
+
+def _has_graph(attr) -> bool:
+    return isinstance(attr, gs.Graph) or (isinstance(attr, list) and any(isinstance(a, gs.Graph) for a in attr))
+
+
+def _evaluate(nodes: list[gs.Node], model: Model) -> dict[str, np.ndarray]:
+    """Run the foldable nodes in one onnxruntime session; node by node if that fails. Returns name -> value."""
+    try:
+        return _run_nodes(nodes, model, {})
+    except Exception:  # some node fails in onnxruntime: find the ones that work
+        values: dict[str, np.ndarray] = {}
+        for node in nodes:
+            if all(t.name == "" or isinstance(t, gs.Constant) or t.name in values for t in node.inputs):
+                try:
+                    values.update(_run_nodes([node], model, values))
+                except Exception:
+                    continue
+        return values
+
+
+def _run_nodes(nodes: list[gs.Node], model: Model, known: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    produced = {t.name for node in nodes for t in node.outputs}
+    initializers = {}
+    for node in nodes:
+        for t in node.inputs:
+            if t.name and t.name not in produced and t.name not in initializers:
+                array = known[t.name] if t.name in known else t.values
+                initializers[t.name] = onnx.numpy_helper.from_array(np.asarray(array), t.name)
+    outputs = [onnx.helper.make_empty_tensor_value_info(name) for name in sorted(produced)]
+    graph = onnx.helper.make_graph(
+        [OnnxExporter.export_node(node) for node in nodes], "fold", [], outputs, list(initializers.values())
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=list(model.header.opset_import))
+    proto.ir_version = max(model.header.ir_version, 3)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {})))
+
+
+def _largest_constant(model: Model) -> int:
+    sizes = [
+        int(t._values.nbytes) for t in model.graph.tensors().values() if isinstance(t, gs.Constant)
+    ]
+    return max(sizes, default=0)
+
+
+def _replace_with_constants(
+    graph: gs.Graph, nodes: list[gs.Node], values: dict[str, np.ndarray], limit: int
+) -> int:
+    """Turn the folded results that non-folded consumers need into constants; return how many."""
+    folded = {id(node) for node in nodes if all(t.name in values for t in node.outputs)}
+    needed: list[gs.Variable] = []
+    graph_outputs = {t.name for t in graph.outputs}
+    for node in nodes:
+        if id(node) not in folded:
+            continue
+        for tensor in node.outputs:
+            used_outside = tensor.name in graph_outputs or any(id(c) not in folded for c in tensor.outputs)
+            if used_outside:
+                needed.append(tensor)
+    count = 0
+    kept: set[int] = set()
+    while needed:
+        tensor = needed.pop()
+        value = values[tensor.name]
+        if id(tensor) in kept or isinstance(tensor, gs.Constant):
+            continue
+        if value.nbytes <= max(limit, 1024) and tensor.name not in graph_outputs:
+            _make_constant_in_place(graph, tensor, value)
+            count += 1
+            continue
+        # Too large (or a graph output): keep computing it, and make its inputs constant instead.
+        producer = tensor.inputs[0]
+        kept.add(id(tensor))
+        needed.extend(t for t in producer.inputs if isinstance(t, gs.Variable) and t.name in values)
+    return count
+
+
+def _make_constant_in_place(graph: gs.Graph, tensor: gs.Variable, value: np.ndarray) -> None:
+    """Detach `tensor` from its producer (keeping the producer's output positions) and give it `value`."""
+    producer = tensor.inputs[0]
+    index = next(i for i, t in enumerate(producer.outputs) if t is tensor)
+    producer.outputs[index] = gs.Variable(unique_name(graph, f"{tensor.name}_unused"))
+    tensor.to_constant(np.asarray(value))

@@ -1,0 +1,56 @@
+"""Merge weights that hold the same bytes, so each is stored (and quantized, and loaded) once."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.ir import Model
+from onnxforge.ir.edit import replace_uses
+from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.registry import register_pass
+
+
+@register_pass("merge-initializers")
+class MergeDuplicateInitializers(Pass):
+    """Make nodes that read identical constants (same dtype, shape and bytes) share one."""
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        merged = 0
+        saved = 0
+        for graph in model.graphs():
+            protected = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+            groups: dict[tuple, list[gs.Constant]] = defaultdict(list)
+            for tensor in _local_constants(graph):
+                if tensor.name not in protected:
+                    groups[_fingerprint(tensor)].append(tensor)
+            for tensors in groups.values():
+                keep = tensors[0]
+                for duplicate in tensors[1:]:
+                    if _same_bytes(keep, duplicate) and replace_uses(graph, duplicate, keep):
+                        merged += 1
+                        saved += int(duplicate._values.nbytes)
+        return PassResult(changed=merged > 0, stats={"initializers_merged": merged, "bytes_saved": saved})
+
+
+def _local_constants(graph: gs.Graph) -> list[gs.Constant]:
+    seen: dict[int, gs.Constant] = {}
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            if isinstance(tensor, gs.Constant):
+                seen.setdefault(id(tensor), tensor)
+    return list(seen.values())
+
+
+def _fingerprint(tensor: gs.Constant) -> tuple:
+    values = np.ascontiguousarray(tensor.values)
+    digest = hashlib.blake2b(values.view(np.uint8).reshape(-1) if values.size else b"", digest_size=16)
+    return (str(values.dtype), values.shape, digest.hexdigest())
+
+
+def _same_bytes(a: gs.Constant, b: gs.Constant) -> bool:
+    x, y = np.ascontiguousarray(a.values), np.ascontiguousarray(b.values)
+    return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()

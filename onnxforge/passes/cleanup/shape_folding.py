@@ -1,0 +1,58 @@
+"""Replace Shape and Size of tensors whose shapes are static by constants, so shape arithmetic folds away."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.ir import Model, infer_shapes
+from onnxforge.ir.ops import is_onnx_op
+from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.registry import register_pass
+
+
+@register_pass("fold-shapes")
+class FoldShapes(Pass):
+    """Turn Shape/Size of statically shaped tensors into constants (after shape inference)."""
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        inference = infer_shapes(model)
+        replaced = 0
+        for node in list(model.graph.nodes):
+            value = _static_result(node)
+            if value is None or node.outputs[0] in model.graph.outputs:
+                continue
+            result = node.outputs[0]
+            node.outputs.clear()
+            node.inputs.clear()
+            result.to_constant(value)
+            replaced += 1
+        if replaced:
+            model.graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
+        stats = {"shape_nodes_folded": replaced}
+        if not inference.ok:
+            stats["shape_inference"] = f"failed: {inference.message}"
+        return PassResult(changed=replaced > 0, stats=stats)
+
+
+def _static_result(node: gs.Node) -> np.ndarray | None:
+    if not is_onnx_op(node, "Shape", "Size") or not node.inputs:
+        return None
+    source = node.inputs[0]
+    shape = source.shape
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        return None
+    dims = [int(d) for d in shape]
+    if node.op == "Size":
+        return np.array(math.prod(dims), dtype=np.int64)
+    rank = len(dims)
+    start = _clamp(node.attrs.get("start", 0), rank)
+    end = _clamp(node.attrs.get("end", rank), rank)
+    return np.array(dims[start:end], dtype=np.int64)
+
+
+def _clamp(index: int, rank: int) -> int:
+    index = index + rank if index < 0 else index
+    return min(max(index, 0), rank)

@@ -1,0 +1,141 @@
+"""Runs passes in order, records what each changed and cost, verifies each, and rolls back failures."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from onnxforge.errors import OnnxforgeError
+from onnxforge.ir import Model, ModelStats
+from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.verifier import Verifier, VerifyOptions
+
+OnError = Literal["rollback", "stop"]
+
+
+class PassFailedError(OnnxforgeError):
+    """A pass broke the model and the run was asked to stop (`--on-error stop`)."""
+
+
+@dataclass
+class PassRecord:
+    """One pass in a run: status (applied, unchanged, rolled_back, failed), time, sizes, counters, checks."""
+
+    name: str
+    status: str
+    seconds: float
+    before: ModelStats
+    after: ModelStats
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    max_rel_error: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "seconds": round(self.seconds, 6),
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "stats": self.stats,
+            "error": self.error,
+            "max_rel_error_vs_previous": self.max_rel_error,
+        }
+
+
+class Instrument:
+    """Hooks around every pass (progress display, logging, timing plots) that never change the model."""
+
+    def before_pass(self, index: int, total: int, pass_: Pass, model: Model) -> None:
+        pass
+
+    def after_pass(self, index: int, total: int, record: PassRecord) -> None:
+        pass
+
+
+class PassManager:
+    """Run a pipeline of passes on a model.
+
+    After each pass that changed the model, the verifier checks it (valid ONNX, loads, same outputs for
+    lossless passes). A failing or crashing pass is rolled back and the run continues, or with
+    on_error="stop" the run ends with PassFailedError.
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        verify: VerifyOptions | None = None,
+        on_error: OnError = "rollback",
+        instruments: Sequence[Instrument] = (),
+        context: PassContext | None = None,
+    ):
+        if on_error not in ("rollback", "stop"):
+            raise OnnxforgeError(f"on_error must be 'rollback' or 'stop', not '{on_error}'")
+        self.passes = list(passes)
+        self.verify = verify or VerifyOptions()
+        self.on_error = on_error
+        self.instruments = list(instruments)
+        self.context = context or PassContext()
+        self.verifier = Verifier(self.verify) if self.verify.enabled else None
+
+    def run(self, model: Model) -> tuple[Model, list[PassRecord]]:
+        """Apply the passes to a copy of `model`; return the result and one record per pass."""
+        current = model.copy()
+        reference = self.verifier.reference(current) if self.verifier else []
+        records = []
+        total = len(self.passes)
+        for index, pass_ in enumerate(self.passes, start=1):
+            for instrument in self.instruments:
+                instrument.before_pass(index, total, pass_, current)
+            current, reference, record = self._run_one(pass_, current, reference)
+            records.append(record)
+            for instrument in self.instruments:
+                instrument.after_pass(index, total, record)
+            if record.status == "failed":
+                raise PassFailedError(f"pass '{record.name}' failed: {record.error}")
+        return current, records
+
+    def _run_one(self, pass_: Pass, model: Model, reference: list) -> tuple[Model, list, PassRecord]:
+        snapshot = model.copy()
+        before = model.stats()
+        start = time.perf_counter()
+        try:
+            result = pass_.run(model, self.context)
+            error = "" if isinstance(result, PassResult) else f"returned {type(result).__name__}, not PassResult"
+        except OnnxforgeError as exc:
+            result, error = None, str(exc)
+        except Exception as exc:  # a crashing pass is reported and rolled back like a breaking one
+            result, error = None, f"crashed: {type(exc).__name__}: {exc} ({_where(exc)})"
+        seconds = time.perf_counter() - start
+        record = PassRecord(pass_.describe(), "unchanged", seconds, before, before)
+        if not error and result.changed:
+            self.context.invalidate(result.preserved)
+            record.stats = result.stats
+            if self.verifier:
+                verdict = self.verifier.check(model, reference, pass_.lossless)
+                if verdict.comparison is not None:
+                    record.max_rel_error = verdict.comparison.max_rel
+                if verdict.ok:
+                    reference = verdict.outputs
+                else:
+                    error = verdict.reason
+        elif not error:
+            record.stats = result.stats
+        if error:
+            self.context.invalidate()
+            record.error = error
+            record.status = "failed" if self.on_error == "stop" else "rolled_back"
+            return snapshot, reference, record
+        if result.changed:
+            record.status = "applied"
+            record.after = model.stats()
+        return model, reference, record
+
+
+def _where(exc: Exception) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    last = frames[-1] if frames else None
+    return f"{last.filename}:{last.lineno}" if last else "unknown location"

@@ -1,0 +1,100 @@
+"""Checks a model after a pass: valid ONNX, loadable by the backend, and (for lossless passes) same outputs."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxforge.backends import get_backend
+from onnxforge.backends.base import Backend, BackendOptions
+from onnxforge.data import random_inputs
+from onnxforge.errors import OnnxforgeError
+from onnxforge.ir import Model
+from onnxforge.ir.shapes import skeleton_proto
+from onnxforge.verify import Comparison, compare_outputs
+
+Outputs = list[dict[str, np.ndarray]]
+
+
+@dataclass
+class VerifyOptions:
+    """How the pass manager checks each pass.
+
+    rtol bounds max|new - old| / max|old| per output for lossless passes; `samples` random input sets are
+    drawn once per run from `seed` (a fresh seed when None), with dynamic dims taken from `shapes`.
+    """
+
+    enabled: bool = True
+    rtol: float = 1e-4
+    samples: int = 2
+    seed: int | None = None
+    shapes: Mapping[str, Sequence[int]] | None = None
+    backend: str = "ort"
+
+
+@dataclass
+class Verdict:
+    """The outcome of checking one model: ok, or the one-line reason why not, with the output comparison."""
+
+    ok: bool
+    reason: str = ""
+    outputs: Outputs = field(default_factory=list)
+    comparison: Comparison | None = None
+
+
+class Verifier:
+    """Runs a model on fixed random inputs and compares it with the last accepted model's outputs."""
+
+    def __init__(self, options: VerifyOptions, backend: Backend | None = None):
+        self.options = options
+        self.backend = backend or get_backend(options.backend)
+        self.seed = options.seed if options.seed is not None else random.randrange(2**31)
+        self.inputs: list[dict[str, np.ndarray]] = []
+        self.reference_outputs: Outputs = []
+
+    def reference(self, model: Model) -> Outputs:
+        """Draw this run's random inputs from `model`'s input shapes and return its outputs on them."""
+        proto = skeleton_proto(model)
+        self.inputs = [
+            random_inputs(proto, shapes=self.options.shapes, seed=self.seed + i) for i in range(self.options.samples)
+        ]
+        self.reference_outputs = self.run(model)
+        return self.reference_outputs
+
+    def run(self, model: Model) -> Outputs:
+        """Outputs of `model` on this run's random inputs."""
+        with model.runtime_source() as source:
+            return self._run(source)
+
+    def check(self, model: Model, reference: Outputs, lossless: bool) -> Verdict:
+        """Check `model` after a pass; `reference` are the outputs of the model before it."""
+        try:
+            with model.runtime_source() as source:
+                onnx.checker.check_model(source)
+                outputs = self._run(source)
+        except onnx.checker.ValidationError as exc:
+            return Verdict(False, f"invalid ONNX: {_first_line(exc)}")
+        except OnnxforgeError as exc:
+            return Verdict(False, str(exc))
+        comparison = compare_outputs(reference, outputs)
+        if lossless and not comparison.within(self.options.rtol):
+            return Verdict(
+                False,
+                f"outputs changed: relative error {comparison.max_rel:.3g} > {self.options.rtol:g}",
+                outputs,
+                comparison,
+            )
+        return Verdict(True, "", outputs, comparison)
+
+    def _run(self, source: bytes | str) -> Outputs:
+        prepared = self.backend.prepare(source, BackendOptions())
+        return [prepared.run(inputs) for inputs in self.inputs]
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,149 @@
+"""The report of one optimization run: passes, sizes, latency and error, as JSON and as a terminal summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnxforge.ir import ModelStats
+from onnxforge.measure import LatencyStats
+from onnxforge.passes.manager import PassRecord
+from onnxforge.verify import Comparison
+
+
+@dataclass
+class OptimizationReport:
+    """Everything a run did and measured; `to_dict` is the `--report` JSON."""
+
+    source: str
+    before: ModelStats
+    after: ModelStats
+    passes: list[PassRecord]
+    verification: dict[str, Any]
+    error: Comparison | None = None
+    data_error: Comparison | None = None
+    latency_before: LatencyStats | None = None
+    latency_after: LatencyStats | None = None
+    latency_setup: dict[str, Any] = field(default_factory=dict)
+    output: str | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        """Median latency before / after, when both were measured."""
+        if self.latency_before and self.latency_after and self.latency_after.median_ms > 0:
+            return self.latency_before.median_ms / self.latency_after.median_ms
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "output": self.output,
+            "environment": environment(),
+            "size": {
+                "before": self.before.to_dict(),
+                "after": self.after.to_dict(),
+                "bytes_ratio": _ratio(self.after.bytes, self.before.bytes),
+            },
+            "passes": [record.to_dict() for record in self.passes],
+            "verification": self.verification,
+            "error_vs_original": self.error.to_dict() if self.error else None,
+            "error_vs_original_on_data": self.data_error.to_dict() if self.data_error else None,
+            "latency": None
+            if self.latency_before is None
+            else {
+                "setup": self.latency_setup,
+                "before": self.latency_before.to_dict(),
+                "after": self.latency_after.to_dict() if self.latency_after else None,
+                "speedup": self.speedup,
+            },
+        }
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        """Write the report atomically."""
+        write_json(path, self.to_dict())
+
+    def summary(self) -> str:
+        """A few lines a person reads on the terminal after a run."""
+        lines = []
+        for record in self.passes:
+            counters = ", ".join(f"{k}={v}" for k, v in record.stats.items() if v not in (0, "", None))
+            line = f"  {record.name:<24} {record.status:<12} {record.seconds * 1000:8.1f} ms"
+            line += f"  nodes {record.before.nodes} -> {record.after.nodes}"
+            if counters:
+                line += f"  ({counters})"
+            if record.error:
+                line += f"\n    reason: {record.error}"
+            lines.append(line)
+        lines.append(
+            f"  model: nodes {self.before.nodes} -> {self.after.nodes}, "
+            f"params {self.before.params} -> {self.after.params}, "
+            f"weights {_megabytes(self.before.bytes)} -> {_megabytes(self.after.bytes)}"
+        )
+        if self.error is not None:
+            lines.append(
+                f"  error vs original (random inputs): max rel {self.error.max_rel:.3g}"
+                + (f", min cosine {self.error.min_cosine:.6f}" if self.error.min_cosine is not None else "")
+            )
+        if self.data_error is not None:
+            lines.append(f"  error vs original (--data samples): max rel {self.data_error.max_rel:.3g}")
+        if self.latency_before is not None and self.latency_after is not None:
+            lines.append(
+                f"  latency median {self.latency_before.median_ms:.3f} ms -> {self.latency_after.median_ms:.3f} ms"
+                f" ({self.speedup:.2f}x; {self.latency_setup.get('description', '')})"
+            )
+        return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write `payload` as indented JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(payload, out, indent=2, default=str)
+            out.write("\n")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts that make measurements comparable."""
+    import onnx
+    import onnxruntime
+
+    from onnxforge import __version__
+
+    return {
+        "onnxforge": __version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or _cpu_model(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _ratio(a: int, b: int) -> float | None:
+    return round(a / b, 6) if b else None
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"

@@ -1,0 +1,24 @@
+"""A pass-manager instrument that shows progress on a terminal stream."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from onnxforge.ir import Model
+from onnxforge.passes import Instrument, Pass, PassRecord
+
+
+class ProgressPrinter(Instrument):
+    """Print `[i/n] pass ...` when a pass starts and its status and time when it ends."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+
+    def before_pass(self, index: int, total: int, pass_: Pass, model: Model) -> None:
+        self.stream.write(f"[{index}/{total}] {pass_.describe()} ... ")
+        self.stream.flush()
+
+    def after_pass(self, index: int, total: int, record: PassRecord) -> None:
+        self.stream.write(f"{record.status} ({record.seconds:.2f} s)\n")
+        self.stream.flush()
