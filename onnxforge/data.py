@@ -124,7 +124,7 @@ def random_inputs(
             raise DataError(f"the model does not give the shape of input {spec.name!r}; give it with --shape")
         else:
             shape = [_default_dim(d, axis, bound, batch) for axis, d in enumerate(spec.shape)]
-        inputs[spec.name] = _random_array(spec, shape, rng)
+        inputs[spec.name] = np.asarray(_random_array(spec, shape, rng))  # scalars as 0-d arrays
     return inputs
 
 

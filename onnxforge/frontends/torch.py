@@ -18,11 +18,13 @@ def from_torch(
     output_names: Sequence[str] | None = None,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     opset: int = 17,
+    **export_options: Any,
 ) -> Model:
     """Export `module` (put in eval mode) called on `example_inputs` (a tensor or tuple) to the IR.
 
     Uses the TorchScript-based exporter, which needs nothing beyond torch; dynamic_axes names the
-    dimensions that stay symbolic, e.g. {"x": {0: "batch"}}.
+    dimensions that stay symbolic, e.g. {"x": {0: "batch"}}. Other keyword arguments go to
+    torch.onnx.export (for example do_constant_folding=False).
     """
     try:
         import torch
@@ -43,5 +45,6 @@ def from_torch(
             dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()} if dynamic_axes else None,
             opset_version=opset,
             dynamo=False,
+            **export_options,
         )
     return load_model(buffer.getvalue())

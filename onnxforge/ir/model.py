@@ -89,7 +89,9 @@ class Model:
                 opsets[node.domain] = 1
         del proto.opset_import[:]
         proto.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(opsets.items()))
-        proto.ir_version = header.ir_version
+        # graphsurgeon drops initializers from the graph inputs (they become constants), which IR version 3
+        # forbids: every initializer had to be an input there. IR version 4 is the first that allows it.
+        proto.ir_version = max(header.ir_version, 4)
         for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
             setattr(proto, field, getattr(header, field))
         del proto.metadata_props[:]

@@ -23,15 +23,21 @@ class ShapeInferenceResult:
 def infer_shapes(model: Model) -> ShapeInferenceResult:
     """Fill in the shapes and dtypes of intermediate tensors, in place.
 
-    Uses onnx's shape inference with data propagation (so static shape computations resolve). Ops it
-    does not know (custom domains) are skipped; if inference fails as a whole, the shapes already on
-    the graph are kept and the failure is returned instead of raised.
+    Uses onnx's strict shape inference with data propagation (so static shape computations resolve).
+    When that fails (an inconsistent node), it falls back to onnx's lenient mode, which infers what it
+    can around the failure; ops it does not know (custom domains) are skipped. The failure is returned
+    in the result instead of raised.
     """
     proto = skeleton_proto(model)
+    message = ""
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:  # onnx raises InferenceError, ValidationError or RuntimeError
-        return ShapeInferenceResult(False, 0, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        except Exception:  # even lenient inference failed: keep the shapes the graph has
+            return ShapeInferenceResult(False, 0, message)
     infos = {}
     _collect_value_infos(inferred.graph, infos)
     updated = 0
@@ -45,7 +51,7 @@ def infer_shapes(model: Model) -> ShapeInferenceResult:
                 if tensor_type.HasField("shape"):
                     tensor.shape = [_dim(d) for d in tensor_type.shape.dim]
                     updated += 1
-    return ShapeInferenceResult(True, updated)
+    return ShapeInferenceResult(not message, updated, message)
 
 
 def skeleton_proto(model: Model) -> onnx.ModelProto:

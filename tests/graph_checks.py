@@ -1,0 +1,36 @@
+"""Helpers for pass tests: run a pass on a model, count ops, and prove the function did not change."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+
+from onnxforge.backends import get_backend
+from onnxforge.data import random_inputs
+from onnxforge.ir import Model, load_model
+from onnxforge.ir.shapes import skeleton_proto
+from onnxforge.passes import PassContext, PassResult, create_passes
+from onnxforge.verify import compare_outputs
+
+
+def op_counts(model: Model) -> Counter:
+    """Op types of all nodes, nested subgraphs included."""
+    return Counter(node.op for graph in model.graphs() for node in graph.nodes)
+
+
+def apply(pass_spec: str, proto: onnx.ModelProto) -> tuple[Model, PassResult]:
+    """Run one pass (e.g. 'fold-constants:max_bytes=64') directly on a fresh IR model of `proto`."""
+    (pass_,) = create_passes(pass_spec)
+    model = load_model(proto)
+    return model, pass_.run(model, PassContext())
+
+
+def max_rel_error(before: onnx.ModelProto | Model, after: Model, samples: int = 3, seed: int = 123) -> float:
+    """Largest output error (relative to each output's scale) between two models on fresh random inputs."""
+    before_model = before if isinstance(before, Model) else load_model(before)
+    proto = skeleton_proto(before_model)
+    inputs = [random_inputs(proto, seed=seed + i) for i in range(samples)]
+    backend = get_backend("ort")
+    ref, new = backend.prepare(before_model), backend.prepare(after)
+    return compare_outputs([ref.run(x) for x in inputs], [new.run(x) for x in inputs]).max_rel

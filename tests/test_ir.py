@@ -1,0 +1,270 @@
+"""The IR: loading, saving (atomic, external data), what survives a round trip, shapes, the networkx view."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxforge.backends import get_backend
+from onnxforge.errors import ModelLoadError
+from onnxforge.ir import infer_shapes, load_model, save_model, to_networkx
+from onnxforge.ir.external import ExternalValues
+
+
+def _mlp(width: int = 64) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32), "w2")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        [w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="test")
+    helper.set_model_props(model, {"author": "onnxforge tests", "license": "none"})
+    model.model_version = 7
+    model.doc_string = "an MLP"
+    return model
+
+
+def _run(source, x: np.ndarray) -> np.ndarray:
+    return get_backend("ort").prepare(source).run({"x": x})["y"]
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_round_trip_keeps_opsets_metadata_and_outputs(tmp_path):
+    proto = _mlp()
+    model = load_model(proto)
+    path = save_model(model, tmp_path / "m.onnx")
+    saved = onnx.load(path)
+    onnx.checker.check_model(saved)
+    assert {(o.domain, o.version) for o in saved.opset_import} == {("", 17)}
+    assert {p.key: p.value for p in saved.metadata_props} == {"author": "onnxforge tests", "license": "none"}
+    assert (saved.producer_name, saved.model_version, saved.doc_string) == ("test", 7, "an MLP")
+    assert saved.ir_version == proto.ir_version
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_array_equal(_run(proto, x), _run(str(path), x))
+
+
+def test_external_data_is_memory_mapped_not_read(tmp_path):
+    source = tmp_path / "src" / "m.onnx"
+    source.parent.mkdir()
+    onnx.save(_mlp(), source, save_as_external_data=True, all_tensors_to_one_file=True, location="m.data")
+    model = load_model(source)
+    constants = [t for t in model.graph.tensors().values() if hasattr(t, "_values")]
+    assert constants and all(isinstance(t._values, ExternalValues) for t in constants)
+    assert model.has_external_data
+    values = constants[0].values
+    assert isinstance(values, np.memmap) and not values.flags.writeable
+
+
+def test_external_data_model_saves_elsewhere_with_its_own_data_file(tmp_path):
+    source = tmp_path / "src" / "m.onnx"
+    source.parent.mkdir()
+    onnx.save(_mlp(), source, save_as_external_data=True, all_tensors_to_one_file=True, location="m.data")
+    before = {p.name: _digest(p) for p in source.parent.iterdir()}
+    out = save_model(load_model(source), tmp_path / "out" / "opt.onnx")
+    assert (out.parent / "opt.onnx.data").is_file()
+    assert {p.name: _digest(p) for p in source.parent.iterdir()} == before  # input untouched
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_array_equal(_run(str(source), x), _run(str(out), x))
+    onnx.checker.check_model(str(out))
+
+
+def test_external_data_model_can_be_saved_over_its_own_files(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_mlp(), path, save_as_external_data=True, all_tensors_to_one_file=True, location="m.onnx.data")
+    x = np.ones((2, 64), np.float32)
+    expected = _run(str(path), x)
+    save_model(load_model(path), path)
+    np.testing.assert_array_equal(_run(str(path), x), expected)
+
+
+def test_save_with_external_data_on_request_and_runtime_source_uses_a_file(tmp_path):
+    model = load_model(_mlp())
+    path = save_model(model, tmp_path / "m.onnx", external_data=True)
+    loaded = onnx.load(path, load_external_data=False)
+    assert all(t.data_location == TensorProto.EXTERNAL for t in loaded.graph.initializer)
+    reloaded = load_model(path)
+    with reloaded.runtime_source() as source:
+        assert isinstance(source, str)
+    with model.runtime_source() as source:
+        assert isinstance(source, bytes)
+
+
+def test_save_leaves_no_temporary_files(tmp_path):
+    save_model(load_model(_mlp()), tmp_path / "m.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_missing_external_data_file_is_a_load_error(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_mlp(), path, save_as_external_data=True, all_tensors_to_one_file=True, location="w.data")
+    (tmp_path / "w.data").unlink()
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(path)
+
+
+def test_truncated_external_data_file_is_a_load_error(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_mlp(), path, save_as_external_data=True, all_tensors_to_one_file=True, location="w.data")
+    data = tmp_path / "w.data"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world\n", b"\x08\x07\x12\x04"])
+def test_non_onnx_bytes_are_a_load_error(tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError):
+        load_model(path)
+
+
+def _if_model() -> onnx.ModelProto:
+    """y = x + 1 if sum(x) > 0 else x * 2, with constants inside the branches."""
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    then_graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "one"], ["then_out"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, [4])],
+        [one],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["else_out"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, [4])],
+        [two],
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "if",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_subgraphs_survive_a_round_trip(tmp_path):
+    path = save_model(load_model(_if_model()), tmp_path / "if.onnx")
+    onnx.checker.check_model(str(path))
+    prepared = get_backend("ort").prepare(str(path))
+    np.testing.assert_allclose(prepared.run({"x": np.ones(4, np.float32)})["y"], np.full(4, 2.0))
+    np.testing.assert_allclose(prepared.run({"x": -np.ones(4, np.float32)})["y"], np.full(4, -2.0))
+    model = load_model(path)
+    assert len(list(model.graphs())) == 3
+    assert model.stats().nodes == 5
+
+
+def test_local_functions_survive_a_round_trip(tmp_path):
+    function = helper.make_function(
+        "custom",
+        "DoubleRelu",
+        ["a"],
+        ["b"],
+        [helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Add", ["r", "r"], ["b"])],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("DoubleRelu", ["x"], ["y"], domain="custom")],
+        "f",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+    )
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)],
+        functions=[function],
+    )
+    path = save_model(load_model(proto), tmp_path / "f.onnx")
+    saved = onnx.load(path)
+    assert [f.name for f in saved.functions] == ["DoubleRelu"]
+    out = get_backend("ort").prepare(str(path)).run({"x": np.array([-1, 0, 2], np.float32)})["y"]
+    np.testing.assert_array_equal(out, [0, 0, 4])
+
+
+def test_shape_inference_fills_intermediate_shapes():
+    model = load_model(_mlp())
+    result = infer_shapes(model)
+    assert result.ok
+    assert model.graph.tensors()["r"].shape == ["batch", 64]
+
+
+def test_shape_inference_skips_unknown_ops_without_crashing():
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Mystery", ["r"], ["m"], domain="vendor"),
+            helper.make_node("Relu", ["m"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("vendor", 1)])
+    model = load_model(proto)
+    result = infer_shapes(model)
+    assert result.ok
+    assert model.graph.tensors()["r"].shape == [2, 3]
+
+
+def test_shape_inference_failure_is_reported_not_raised():
+    # Static shapes that cannot be multiplied: onnx's inference raises, we report.
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [4, 5]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    result = infer_shapes(model)
+    assert not result.ok and result.message
+
+
+def test_networkx_view_follows_data_flow():
+    view = to_networkx(load_model(_mlp()).graph)
+    assert view.number_of_nodes() == 3 + 2  # three ops, one input, one output
+    assert view.has_edge(("input", "x"), 0)
+    assert view.has_edge(0, 1) and view.has_edge(1, 2)
+    assert view.has_edge(2, ("output", "y"))
+    assert [view.nodes[i]["node"].op for i in range(3)] == ["MatMul", "Relu", "MatMul"]
+
+
+def test_copy_is_independent_of_the_original():
+    model = load_model(_mlp())
+    snapshot = model.copy()
+    model.graph.nodes[1].op = "Sigmoid"
+    model.graph.nodes.pop()
+    assert [n.op for n in snapshot.graph.nodes] == ["MatMul", "Relu", "MatMul"]
+
+
+def test_stats_count_nodes_params_and_bytes():
+    stats = load_model(_mlp(8)).stats()
+    assert (stats.nodes, stats.params, stats.bytes) == (3, 128, 512)

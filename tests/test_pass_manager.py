@@ -1,0 +1,127 @@
+"""The pass manager: analysis caching and invalidation, records, instruments, the 1e-4 lossless bound."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxforge.ir import Model, load_model
+from onnxforge.passes import Analysis, Instrument, Pass, PassContext, PassManager, PassResult, register_pass
+from onnxforge.passes.analyses import GraphView
+
+
+def _model():
+    w = numpy_helper.from_array(np.full((4, 4), 0.5, np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Relu", ["a"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [w],
+    )
+    return load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+class CountingAnalysis(Analysis):
+    computed = 0
+
+    @classmethod
+    def compute(cls, model: Model) -> int:
+        cls.computed += 1
+        return len(model.graph.nodes)
+
+
+@register_pass("test-read-analysis")
+class ReadAnalysis(Pass):
+    """Reads the counting analysis; changes nothing."""
+
+    def run(self, model, ctx):
+        return PassResult(changed=False, stats={"nodes": ctx.analysis(CountingAnalysis, model)})
+
+
+@register_pass("test-scale-weight")
+class ScaleWeight(Pass):
+    """Multiplies the MatMul weight by `factor` (a new array: weights are never written in place)."""
+
+    lossless = True
+
+    @dataclass
+    class Options:
+        factor: float = 1.0
+        keep_analysis: bool = False
+
+    def run(self, model, ctx):
+        weight = model.graph.nodes[0].inputs[1]
+        weight.values = (weight.values * np.float32(self.options.factor)).astype(np.float32)
+        preserved = (CountingAnalysis,) if self.options.keep_analysis else ()
+        return PassResult(changed=True, stats={"scaled": 1}, preserved=preserved)
+
+
+def test_analysis_is_cached_until_a_pass_changes_the_model():
+    CountingAnalysis.computed = 0
+    passes = [ReadAnalysis(), ReadAnalysis(), ScaleWeight(factor=1.0), ReadAnalysis()]
+    PassManager(passes, context=PassContext()).run(_model())
+    assert CountingAnalysis.computed == 2
+
+
+def test_a_pass_can_declare_an_analysis_preserved():
+    CountingAnalysis.computed = 0
+    passes = [ReadAnalysis(), ScaleWeight(factor=1.0, keep_analysis=True), ReadAnalysis()]
+    PassManager(passes).run(_model())
+    assert CountingAnalysis.computed == 1
+
+
+def test_graph_view_analysis_is_available_to_passes():
+    ctx = PassContext()
+    model = _model()
+    view = ctx.analysis(GraphView, model)
+    assert view.has_edge(0, 1)
+    assert ctx.analysis(GraphView, model) is view
+
+
+def test_lossless_bound_accepts_float_rounding_and_rejects_real_change():
+    within = ScaleWeight(factor=1.0 + 2e-5)
+    beyond = ScaleWeight(factor=1.0 + 1e-3)
+    model, records = PassManager([within, beyond]).run(_model())
+    assert [r.status for r in records] == ["applied", "rolled_back"]
+    assert records[0].max_rel_error < 1e-4
+    assert "relative error" in records[1].error
+    np.testing.assert_allclose(model.graph.nodes[0].inputs[1].values, 0.5 * (1.0 + 2e-5), rtol=1e-7)
+
+
+def test_records_hold_time_sizes_and_counters():
+    _, (record,) = PassManager([ScaleWeight(factor=1.0)]).run(_model())
+    assert record.status == "applied"
+    assert record.seconds > 0
+    assert record.before.params == record.after.params == 16
+    assert record.stats == {"scaled": 1}
+    assert record.to_dict()["name"] == "test-scale-weight"
+
+
+def test_the_input_model_is_not_modified():
+    model = _model()
+    PassManager([ScaleWeight(factor=3.0)], verify=None).run(model)
+    assert isinstance(model.graph.nodes[0].inputs[1], gs.Constant)
+    np.testing.assert_array_equal(model.graph.nodes[0].inputs[1].values, 0.5)
+
+
+def test_instruments_see_every_pass_in_order():
+    events = []
+
+    class Recorder(Instrument):
+        def before_pass(self, index, total, pass_, model):
+            events.append(("before", index, total, pass_.name))
+
+        def after_pass(self, index, total, record):
+            events.append(("after", index, record.status))
+
+    PassManager([ReadAnalysis(), ScaleWeight(factor=2.0)], instruments=[Recorder()]).run(_model())
+    assert events == [
+        ("before", 1, 2, "test-read-analysis"),
+        ("after", 1, "unchanged"),
+        ("before", 2, 2, "test-scale-weight"),
+        ("after", 2, "rolled_back"),
+    ]
