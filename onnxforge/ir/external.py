@@ -46,7 +46,9 @@ class ExternalValues(LazyValues):
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
         shape = tuple(int(d) for d in self.tensor.dims)
         if np_dtype.itemsize * math.prod(shape) == self.read_length():
-            return np.memmap(self.path, dtype=np_dtype, mode="r", offset=self.offset, shape=shape)
+            mapped = MappedWeights(self.path, dtype=np_dtype, mode="r", offset=self.offset, shape=shape)
+            mapped.source = self
+            return mapped
         # Packed sub-byte types (int4, float4): let onnx unpack a copy.
         raw = onnx.TensorProto()
         raw.CopyFrom(self.tensor)
@@ -77,3 +79,26 @@ class ExternalValues(LazyValues):
                 out.write(block)
                 remaining -= len(block)
         return self.read_length()
+
+
+class MappedWeights(np.memmap):
+    """A read-only map of one whole external tensor that remembers its source.
+
+    onnx-graphsurgeon replaces lazy values by the loaded array on first access; `source` lets the model
+    export the tensor as an external reference again instead of copying it. Slices and views lose it.
+    """
+
+    source: ExternalValues | None = None
+
+    def __array_finalize__(self, obj) -> None:
+        super().__array_finalize__(obj)
+        self.source = None
+
+
+def external_source(values: object) -> ExternalValues | None:
+    """The external tensor that `values` (a constant's lazy or loaded values) still is, if any."""
+    if isinstance(values, ExternalValues):
+        return values
+    if isinstance(values, MappedWeights):
+        return values.source
+    return None

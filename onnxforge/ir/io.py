@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from onnx.external_data_helper import uses_external_data
 
 from onnxforge.errors import ModelLoadError
-from onnxforge.ir.external import ExternalValues
+from onnxforge.ir.external import ExternalValues, external_source
 from onnxforge.ir.model import PROTOBUF_LIMIT_BYTES, Model, header_of
 
 # Tensors at least this large go to the external data file when saving with external data.
@@ -117,19 +117,43 @@ def _temp_beside(target: Path) -> Path:
     return Path(name)
 
 
-def _move_weights_out(proto: onnx.ModelProto, model: Model, out, data_name: str) -> None:
-    """Write every large tensor of `proto` into `out` and turn it into an external reference to `data_name`."""
+def save_for_runtime(model: Model, folder: Path) -> Path:
+    """Save `model` into a scratch `folder` for a runtime to load, without copying weights still on disk.
+
+    Weights that still live in the input's data files are referenced through hard links to those files
+    (onnxruntime refuses paths leading out of the model's folder, symbolic links included); where a hard
+    link is impossible (another file system) they are copied. Only weights passes created are written.
+    """
+    path = folder / "model.onnx"
+    proto = model.to_proto()
+    with open(folder / "model.onnx.data", "wb") as out:
+        _move_weights_out(proto, model, out, "model.onnx.data", link_dir=folder)
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def _move_weights_out(
+    proto: onnx.ModelProto, model: Model, out, data_name: str, link_dir: Path | None = None
+) -> None:
+    """Write every large tensor of `proto` into `out` and turn it into an external reference to `data_name`.
+
+    With `link_dir`, tensors still in their source files are not copied: they refer to a link to that file.
+    """
+    links: dict[str, str] = {}
     external_by_path = {
-        str(t._values.path) + f"@{t._values.offset}": t._values
+        f"{source.path}@{source.offset}": source
         for g in model.graphs()
         for t in g.tensors().values()
-        if isinstance(t, gs.Constant) and isinstance(t._values, ExternalValues)
+        if isinstance(t, gs.Constant) and (source := external_source(t._values)) is not None
     }
     offset = 0
     for tensor in _all_tensors(proto.graph):
         if uses_external_data(tensor):
             info = {e.key: e.value for e in tensor.external_data}
             source = external_by_path[info["location"] + f"@{int(info.get('offset', 0))}"]
+            if link_dir is not None and _hard_link(source.path, link_dir, links):
+                _set_external(tensor, links[str(source.path)], source.offset, source.read_length())
+                continue
             write = source.copy_to
         else:
             data = _tensor_bytes(tensor)
@@ -142,6 +166,19 @@ def _move_weights_out(proto: onnx.ModelProto, model: Model, out, data_name: str)
         length = write(out)
         _set_external(tensor, data_name, offset, length)
         offset += length
+
+
+def _hard_link(source: Path, folder: Path, links: dict[str, str]) -> bool:
+    """Make (once) a hard link to `source` in `folder`, recorded in `links`; False if impossible."""
+    if str(source) in links:
+        return True
+    name = f"linked{len(links)}.data"
+    try:
+        os.link(source, folder / name)
+    except OSError:
+        return False
+    links[str(source)] = name
+    return True
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> bytes:

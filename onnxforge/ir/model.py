@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxforge.ir.external import ExternalValues
+from onnxforge.ir.external import external_source
 
 # Serialized protobuf messages cannot exceed 2 GiB; stay clear of the limit.
 PROTOBUF_LIMIT_BYTES = 2**31 - 64 * 2**20
@@ -71,7 +71,7 @@ class Model:
     def has_external_data(self) -> bool:
         """True when some weights still live in an external data file that was not read into memory."""
         return any(
-            isinstance(t, gs.Constant) and isinstance(t._values, ExternalValues)
+            isinstance(t, gs.Constant) and external_source(t._values) is not None
             for g in self.graphs()
             for t in g.tensors().values()
         )
@@ -79,6 +79,11 @@ class Model:
     def to_proto(self) -> onnx.ModelProto:
         """Export to a ModelProto; weights still on disk stay external references (absolute paths)."""
         graph = self.graph
+        for g in self.graphs():
+            for tensor in g.tensors().values():
+                source = isinstance(tensor, gs.Constant) and external_source(tensor._values)
+                if source:
+                    tensor._values = source  # export as an external reference, not a copy
         proto = gs.export_onnx(graph, do_type_check=False)
         header = self.header
         opsets = {o.domain: o.version for o in header.opset_import}
@@ -107,12 +112,10 @@ class Model:
         if not self.has_external_data and self.stats().bytes < PROTOBUF_LIMIT_BYTES:
             yield self.to_proto().SerializeToString()
             return
-        from onnxforge.ir.io import save_model
+        from onnxforge.ir.io import save_for_runtime
 
         with tempfile.TemporaryDirectory(prefix="onnxforge-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            save_model(self, path, external_data=True)
-            yield str(path)
+            yield str(save_for_runtime(self, Path(tmp)))
 
 
 def _copy_header(header: onnx.ModelProto) -> onnx.ModelProto:

@@ -5,10 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
+import onnx.external_data_helper
 import onnx.shape_inference
 import onnx_graphsurgeon as gs
 
 from onnxforge.ir.model import Model
+
+
+# Where the skeleton's large weights claim to be; nothing is ever read from it.
+SKELETON_DATA = "skeleton.data"
 
 
 @dataclass(frozen=True)
@@ -58,12 +63,14 @@ def skeleton_proto(model: Model) -> onnx.ModelProto:
     """Export the model with large weights marked external (not read), for inference and checking."""
     proto = model.to_proto()
     for tensor in _initializers(proto.graph):
-        if tensor.HasField("raw_data") and len(tensor.raw_data) > 1024:
+        if onnx.external_data_helper.uses_external_data(tensor) or (
+            tensor.HasField("raw_data") and len(tensor.raw_data) > 1024
+        ):
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
             del tensor.external_data[:]
             entry = tensor.external_data.add()
-            entry.key, entry.value = "location", "skeleton.data"
+            entry.key, entry.value = "location", SKELETON_DATA
     return proto
 
 

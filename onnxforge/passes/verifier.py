@@ -15,6 +15,7 @@ from onnxforge.data import random_inputs
 from onnxforge.errors import OnnxforgeError
 from onnxforge.ir import Model
 from onnxforge.ir.shapes import skeleton_proto
+from onnxforge.ir.validity import check_model
 from onnxforge.verify import Comparison, compare_outputs
 
 Outputs = list[dict[str, np.ndarray]]
@@ -73,9 +74,8 @@ class Verifier:
     def check(self, model: Model, reference: Outputs, lossless: bool) -> Verdict:
         """Check `model` after a pass; `reference` are the outputs of the model before it."""
         try:
-            with model.runtime_source() as source:
-                onnx.checker.check_model(source)
-                outputs = self._run(source)
+            check_model(model)
+            outputs = self.run(model)
         except onnx.checker.ValidationError as exc:
             return Verdict(False, f"invalid ONNX: {_first_line(exc)}")
         except OnnxforgeError as exc:
