@@ -361,3 +361,58 @@ def test_cleanup_of_a_clean_model_changes_nothing():
     assert not result.changed
     assert isinstance(model.graph.nodes[0].inputs[0], gs.Variable)
     assert load_model(proto).stats() == model.stats()
+
+
+def test_a_scalar_and_a_one_element_vector_are_not_merged():
+    proto = _model(
+        [
+            helper.make_node("Gather", ["x", "k"], ["g"]),
+            helper.make_node("Concat", ["n", "v"], ["shape"], axis=0),
+            helper.make_node("Reshape", ["x", "shape"], ["y"]),
+        ],
+        [_vi("x", [4])],
+        [_vi("y", [2, 2]), _vi("g", [])],
+        [
+            _const("k", np.array(2, np.int64)),
+            _const("n", np.array([2], np.int64)),
+            _const("v", np.array([2], np.int64)),
+        ],
+    )
+    model, result = apply("merge-initializers", proto)
+    assert result.stats["initializers_merged"] == 1  # n and v, not the scalar k
+    assert tuple(model.graph.nodes[0].inputs[1].shape) == ()
+    assert max_rel_error(proto, model) == 0
+
+
+def test_string_weights_are_left_alone_by_merging():
+    labels = numpy_helper.from_array(np.array(["a", "b"], dtype=object), "labels")
+    labels2 = numpy_helper.from_array(np.array(["a", "b"], dtype=object), "labels2")
+    proto = _model(
+        [
+            helper.make_node("Concat", ["labels", "labels2"], ["both"], axis=0),
+            helper.make_node("Relu", ["x"], ["y"]),
+        ],
+        [_vi("x", [2])],
+        [_vi("y", [2]), _vi("both", [4], TensorProto.STRING)],
+        [labels, labels2],
+    )
+    model, result = apply("merge-initializers", proto)
+    assert not result.changed
+
+
+def test_a_transposed_weight_that_is_also_used_directly_is_not_stored_twice():
+    # Tied weights: the embedding table is used as it is and, transposed, as the output projection.
+    table = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    proto = _model(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["emb"]),
+            helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+            helper.make_node("MatMul", ["emb", "table_t"], ["y"]),
+        ],
+        [_vi("ids", [3], TensorProto.INT64)],
+        [_vi("y", [3, 32])],
+        [_const("table", table)],
+    )
+    model, result = apply("fold-constants", proto)
+    assert op_counts(model)["Transpose"] == 1 and not result.changed
+    assert model.stats().bytes == table.nbytes

@@ -12,7 +12,7 @@ import onnx
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import Backend, BackendOptions
 from onnxforge.data import random_inputs
-from onnxforge.errors import OnnxforgeError
+from onnxforge.errors import BackendError, OnnxforgeError
 from onnxforge.ir import Model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.ir.validity import check_model
@@ -63,7 +63,16 @@ class Verifier:
         self.inputs = [
             random_inputs(proto, shapes=self.options.shapes, seed=self.seed + i) for i in range(self.options.samples)
         ]
-        self.reference_outputs = self.run(model)
+        try:
+            self.reference_outputs = self.run(model)
+        except BackendError as exc:
+            if "cannot run" not in str(exc):
+                raise
+            shapes = ", ".join(f"{name}={'x'.join(map(str, x.shape))}" for name, x in self.inputs[0].items())
+            raise BackendError(
+                f"the input model fails on random inputs ({shapes}): {exc}; "
+                "fix dynamic dims with --shape NAME=DIMS or verify on real samples with --data"
+            ) from None
         return self.reference_outputs
 
     def run(self, model: Model) -> Outputs:

@@ -32,6 +32,10 @@ NEVER_FOLD = {
 }
 
 
+# Results up to this size are always folded: shapes, indices, scalars.
+SMALL_BYTES = 1024
+
+
 @register_pass("fold-constants")
 class FoldConstants(Pass):
     """Precompute nodes whose inputs are all constants (evaluated with onnxruntime) in the main graph."""
@@ -40,6 +44,8 @@ class FoldConstants(Pass):
     class Options:
         # Results larger than this stay computed at run time; None: the largest weight already in the model,
         # so folding never creates a weight larger than any the model had (Expand/Tile can explode).
+        # Large results computed from weights the model keeps anyway (a transposed tied weight) are not
+        # folded either, so folding never stores a weight twice.
         max_bytes: int | None = None
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -142,6 +148,8 @@ def _replace_with_constants(
             used_outside = tensor.name in graph_outputs or any(id(c) not in folded for c in tensor.outputs)
             if used_outside:
                 needed.append(tensor)
+    # Weights that unfolded nodes read stay in the model whatever we fold.
+    live = {id(t) for n in graph.nodes if id(n) not in folded for t in n.inputs if isinstance(t, gs.Constant)}
     count = 0
     kept: set[int] = set()
     while needed:
@@ -149,15 +157,37 @@ def _replace_with_constants(
         value = values[tensor.name]
         if id(tensor) in kept or isinstance(tensor, gs.Constant):
             continue
-        if value.nbytes <= max(limit, 1024) and tensor.name not in graph_outputs:
+        small = value.nbytes <= SMALL_BYTES
+        if (
+            (small or (value.nbytes <= limit and not _copies_live_weights(tensor, values, live)))
+            and tensor.name not in graph_outputs
+        ):
             _make_constant_in_place(graph, tensor, value)
             count += 1
             continue
-        # Too large (or a graph output): keep computing it, and make its inputs constant instead.
+        # Too large, a second copy of weights the model keeps anyway (a transposed tied weight), or a graph
+        # output: keep computing it, and make its inputs constant instead.
         producer = tensor.inputs[0]
         kept.add(id(tensor))
         needed.extend(t for t in producer.inputs if isinstance(t, gs.Variable) and t.name in values)
     return count
+
+
+def _copies_live_weights(tensor: gs.Variable, values: dict[str, np.ndarray], live: set[int]) -> bool:
+    """True if `tensor` is computed from a large weight that stays in the model anyway."""
+    stack, seen = [tensor], set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for source in current.inputs[0].inputs:
+            if isinstance(source, gs.Constant):
+                if id(source) in live and source._values.nbytes > SMALL_BYTES:
+                    return True
+            elif source.name in values:
+                stack.append(source)
+    return False
 
 
 def _make_constant_in_place(graph: gs.Graph, tensor: gs.Variable, value: np.ndarray) -> None:

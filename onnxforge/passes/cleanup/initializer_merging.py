@@ -25,8 +25,9 @@ class MergeDuplicateInitializers(Pass):
             protected = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
             candidates: dict[tuple, list[gs.Constant]] = defaultdict(list)
             for tensor in _local_constants(graph):
-                if tensor.name not in protected:
-                    candidates[_layout(tensor)].append(tensor)
+                layout = _layout(tensor)
+                if tensor.name not in protected and layout[0] not in ("object", "str"):  # strings: not worth it
+                    candidates[layout].append(tensor)
             for same_layout in candidates.values():
                 if len(same_layout) < 2:
                     continue  # unique shape and dtype: no need to read its bytes
