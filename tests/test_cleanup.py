@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge import optimize
+from onnxforge.backends import get_backend
 from onnxforge.ir import load_model
 
 FLOAT = TensorProto.FLOAT
@@ -416,3 +417,28 @@ def test_a_transposed_weight_that_is_also_used_directly_is_not_stored_twice():
     model, result = apply("fold-constants", proto)
     assert op_counts(model)["Transpose"] == 1 and not result.changed
     assert model.stats().bytes == table.nbytes
+
+
+def test_constants_inside_an_if_branch_are_folded():
+    then_graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["c"], value=helper.make_tensor("v", FLOAT, [4], [1, 2, 3, 4])),
+            helper.make_node("Neg", ["c"], ["minus_c"]),
+            helper.make_node("Add", ["x", "minus_c"], ["t_out"]),
+        ],
+        "then",
+        [],
+        [_vi("t_out", [4])],
+    )
+    else_graph = helper.make_graph([helper.make_node("Abs", ["x"], ["e_out"])], "else", [], [_vi("e_out", [4])])
+    proto = _model(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)],
+        [_vi("x", [4]), _vi("cond", [], TensorProto.BOOL)],
+        [_vi("y", [4])],
+    )
+    model, result = apply("fold-constants", proto)
+    assert op_counts(model) == {"If": 1, "Add": 1, "Abs": 1}
+    assert result.stats["nodes_folded"] == 2
+    x = np.zeros(4, np.float32)
+    out = get_backend("ort").prepare(model).run({"x": x, "cond": np.array(True)})["y"]
+    np.testing.assert_array_equal(out, [-1, -2, -3, -4])

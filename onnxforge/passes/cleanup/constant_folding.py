@@ -38,7 +38,7 @@ SMALL_BYTES = 1024
 
 @register_pass("fold-constants")
 class FoldConstants(Pass):
-    """Precompute nodes whose inputs are all constants (evaluated with onnxruntime) in the main graph."""
+    """Precompute nodes whose inputs are all constants (evaluated with onnxruntime), in subgraphs too."""
 
     @dataclass
     class Options:
@@ -49,17 +49,18 @@ class FoldConstants(Pass):
         max_bytes: int | None = None
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        graph = model.graph
-        graph.toposort()
-        foldable = _foldable_nodes(graph)
-        if not foldable:
-            return PassResult(changed=False, stats={"nodes_folded": 0})
-        values = _evaluate(foldable, model)
         limit = self.options.max_bytes if self.options.max_bytes is not None else _largest_constant(model)
-        folded_tensors = _replace_with_constants(graph, foldable, values, limit)
-        nodes_before = len(graph.nodes)
-        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
-        removed = nodes_before - len(graph.nodes)
+        folded_tensors = removed = 0
+        for graph in list(model.graphs()):
+            graph.toposort()
+            foldable = _foldable_nodes(graph)
+            if not foldable:
+                continue
+            values = _evaluate(foldable, model)
+            folded_tensors += _replace_with_constants(graph, foldable, values, limit)
+            nodes_before = len(graph.nodes)
+            graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
+            removed += nodes_before - len(graph.nodes)
         return PassResult(
             changed=folded_tensors > 0,
             stats={"nodes_folded": removed, "tensors_made_constant": folded_tensors},
@@ -129,7 +130,7 @@ def _run_nodes(nodes: list[gs.Node], model: Model, known: dict[str, np.ndarray])
 
 def _largest_constant(model: Model) -> int:
     sizes = [
-        int(t._values.nbytes) for t in model.graph.tensors().values() if isinstance(t, gs.Constant)
+        int(t._values.nbytes) for g in model.graphs() for t in g.tensors().values() if isinstance(t, gs.Constant)
     ]
     return max(sizes, default=0)
 
