@@ -56,6 +56,8 @@ def optimize(
     for the report's error on real inputs. measure: time the model before and after on `backend`/`target`.
     The input model is never modified.
     """
+    # Refuse an unknown backend or target now, not only when verification or timing first needs it.
+    get_backend(backend).check_target(target)
     for plugin in plugins:
         load_plugin(plugin)
     source = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__

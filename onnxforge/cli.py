@@ -53,6 +53,8 @@ def _guarded(handler, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return 130
+    except OSError as exc:  # a path the user gave cannot be read or written (permissions, full disk, ...)
+        sys.stderr.write(f"error: {exc}\n")
     except Exception as exc:  # a bug of ours: still one line, the traceback on request
         if os.environ.get("ONNXFORGE_DEBUG"):
             raise
@@ -112,8 +114,7 @@ def _optimize(args: argparse.Namespace) -> int:
         return _list_passes(args)
     if not args.model:
         raise OnnxforgeError("no input model given (optimize MODEL --passes ... -o OUT)")
-    if args.output and _same_file(args.model, args.output):
-        raise OnnxforgeError("the output path is the input model: choose another path, the input is never modified")
+    _check_output_paths({"model": args.model, "data": args.data}, {"-o": args.output, "--report": args.report})
     model, report = optimize(
         args.model,
         args.passes,
@@ -143,8 +144,22 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _same_file(a: str, b: str) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
+def _check_output_paths(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
+    """Refuse, before any work, an output path that names an input, another output, or a folder."""
+    taken = {
+        Path(path).resolve(): f"the input {what}: choose another path, inputs are never modified"
+        for what, path in inputs.items()
+        if path
+    }
+    for option, path in outputs.items():
+        if not path:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in taken:
+            raise OnnxforgeError(f"{option} {path} is {taken[resolved]}")
+        if resolved.is_dir():
+            raise OnnxforgeError(f"{option} {path} is a folder: give a file path")
+        taken[resolved] = f"also given to {option}: give each output its own path"
 
 
 def _list_passes(args: argparse.Namespace) -> int:
@@ -185,6 +200,7 @@ def _bench(args: argparse.Namespace) -> int:
     from onnxforge.measure import MeasureOptions
     from onnxforge.report import environment, write_json
 
+    _check_output_paths({"model": args.model, "data": args.data}, {"--json": args.json})
     model = from_onnx(args.model)
     inputs = _inputs(args, model)[0]
     options = BackendOptions(target=args.target, threads=args.threads, graph_optimization=args.opt_level)
@@ -227,6 +243,10 @@ def _compare(args: argparse.Namespace) -> int:
     from onnxforge.report import write_json
     from onnxforge.verify import compare_outputs
 
+    _check_output_paths(
+        {"reference model": args.reference, "candidate model": args.candidate, "data": args.data},
+        {"--json": args.json},
+    )
     reference = from_onnx(args.reference)
     candidate = from_onnx(args.candidate)
     samples = _inputs(args, reference, count=args.samples)

@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.ir import Model, load_model
-from onnxforge.passes import Analysis, Instrument, Pass, PassContext, PassManager, PassResult, register_pass
+from onnxforge.passes import Analysis, Instrument, Pass, PassContext, PassManager, PassResult
 from onnxforge.passes.analyses import GraphView
 
 
@@ -34,17 +34,19 @@ class CountingAnalysis(Analysis):
         return len(model.graph.nodes)
 
 
-@register_pass("test-read-analysis")
 class ReadAnalysis(Pass):
     """Reads the counting analysis; changes nothing."""
+
+    name = "test-read-analysis"
 
     def run(self, model, ctx):
         return PassResult(changed=False, stats={"nodes": ctx.analysis(CountingAnalysis, model)})
 
 
-@register_pass("test-scale-weight")
 class ScaleWeight(Pass):
     """Multiplies the MatMul weight by `factor` (a new array: weights are never written in place)."""
+
+    name = "test-scale-weight"
 
     lossless = True
 
@@ -125,3 +127,20 @@ def test_instruments_see_every_pass_in_order():
         ("before", 2, 2, "test-scale-weight"),
         ("after", 2, "rolled_back"),
     ]
+
+
+class SilentChange(Pass):
+    """Changes the graph but claims it did not."""
+
+    name = "test-silent-change"
+
+    def run(self, model, ctx):
+        model.graph.nodes[1].op = "Sigmoid"
+        model.graph.nodes.pop(0)
+        return PassResult(changed=False)
+
+
+def test_a_change_the_pass_did_not_report_is_still_verified():
+    model, (record,) = PassManager([SilentChange()]).run(_model())
+    assert record.status == "rolled_back"
+    assert [n.op for n in model.graph.nodes] == ["MatMul", "Relu"]

@@ -94,11 +94,11 @@ def save_model(model: Model, path: str | os.PathLike, external_data: bool | None
     tmp_files: list[Path] = []
     try:
         if external_data:
-            data_tmp = _temp_beside(path.parent / data_name)
+            data_tmp = temp_beside(path.parent / data_name)
             tmp_files.append(data_tmp)
             with open(data_tmp, "wb") as out:
                 _move_weights_out(proto, model, out, data_name)
-        model_tmp = _temp_beside(path)
+        model_tmp = temp_beside(path)
         tmp_files.append(model_tmp)
         with open(model_tmp, "wb") as out:
             out.write(proto.SerializeToString())
@@ -111,9 +111,13 @@ def save_model(model: Model, path: str | os.PathLike, external_data: bool | None
     return path
 
 
-def _temp_beside(target: Path) -> Path:
+def temp_beside(target: Path) -> Path:
+    """An empty temporary file next to `target`, with the permissions a new file would get (mkstemp's are 0600)."""
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     return Path(name)
 
 

@@ -96,7 +96,8 @@ class Pass:
     @classmethod
     def summary(cls) -> str:
         """First line of the pass docstring."""
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        lines = (cls.__doc__ or "").strip().splitlines()
+        return lines[0] if lines else ""
 
 
 def build_options(options_type: type[T], values: Mapping[str, Any], pass_name: str) -> T:

@@ -110,6 +110,10 @@ class PassManager:
         except Exception as exc:  # a crashing pass is reported and rolled back like a breaking one
             result, error = None, f"crashed: {type(exc).__name__}: {exc} ({_where(exc)})"
         seconds = time.perf_counter() - start
+        if not error and not result.changed and model.stats() != before:
+            # The pass changed the model without saying so: verify it all the same.
+            result.changed = True
+            result.stats = {**result.stats, "unreported_change": True}
         record = PassRecord(pass_.describe(), "unchanged", seconds, before, before)
         if not error and result.changed:
             self.context.invalidate(result.preserved)

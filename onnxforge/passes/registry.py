@@ -132,6 +132,8 @@ def create_passes(steps: str | Sequence[str | Pass | tuple[str, dict[str, Any]]]
             passes.append(get_pass(name)(**options))
         else:
             passes.extend(get_pass(name)(**options) for name, options in parse_pass_list(step))
+    if not passes:
+        raise PassError("no passes given (see --list-passes)")
     return passes
 
 

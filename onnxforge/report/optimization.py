@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from onnxforge.ir import ModelStats
+from onnxforge.ir.io import temp_beside as _temp_beside
 from onnxforge.measure import LatencyStats
 from onnxforge.passes.manager import PassRecord
 from onnxforge.verify import Comparison
@@ -103,14 +103,12 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write `payload` as indented JSON atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = _temp_beside(path)
     try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(payload, out, indent=2, default=str)
-            out.write("\n")
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def environment() -> dict[str, Any]:

@@ -50,7 +50,7 @@ class FoldConstants(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         limit = self.options.max_bytes if self.options.max_bytes is not None else _largest_constant(model)
-        folded_tensors = removed = 0
+        folded_tensors = removed = 0  # removed: folded nodes and the ones they left dead
         for graph in list(model.graphs()):
             graph.toposort()
             foldable = _foldable_nodes(graph)
@@ -63,7 +63,7 @@ class FoldConstants(Pass):
             removed += nodes_before - len(graph.nodes)
         return PassResult(
             changed=folded_tensors > 0,
-            stats={"nodes_folded": removed, "tensors_made_constant": folded_tensors},
+            stats={"nodes_removed": removed, "tensors_made_constant": folded_tensors},
         )
 
 
