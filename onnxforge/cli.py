@@ -83,30 +83,61 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults are None so that a --config file can fill what the command line leaves out.
     parser.add_argument("model", nargs="?", help="input ONNX model (never modified)")
-    parser.add_argument("--passes", default="cleanup", help="pass list, e.g. cleanup or prune:ratio=0.3,quant:bits=4")
+    parser.add_argument("--passes", help="pass list, e.g. cleanup or prune:ratio=0.3,quant:bits=4 (default cleanup)")
     parser.add_argument("-o", "--output", help="where to write the optimized model")
     parser.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file with any of these options")
     parser.add_argument("--list-passes", action="store_true", help="list the available passes and exit")
     parser.add_argument("--plugin", action="append", default=[], help="module or .py file that registers passes")
-    parser.add_argument("--on-error", choices=["rollback", "stop"], default="rollback", help="when a pass fails")
+    parser.add_argument("--on-error", choices=["rollback", "stop"], help="when a pass fails (default rollback)")
     parser.add_argument("--no-verify", action="store_true", help="skip checking each pass (faster, unsafe)")
-    parser.add_argument("--rtol", type=float, default=1e-4, help="tolerance for lossless passes (default 1e-4)")
+    parser.add_argument("--rtol", type=float, help="tolerance for lossless passes (default 1e-4)")
     parser.add_argument("--seed", type=int, help="seed of the random verification inputs")
-    parser.add_argument("--measure", action="store_true", help="time the model before and after")
-    parser.add_argument("--backend", default="ort", help="backend for verification and timing (default ort)")
-    parser.add_argument("--target", default="cpu", help="target device (default cpu)")
+    parser.add_argument("--measure", action="store_true", default=None, help="time the model before and after")
+    parser.add_argument("--backend", help="backend for verification and timing (default ort)")
+    parser.add_argument("--target", help="target device (default cpu)")
     parser.add_argument("--threads", type=int, help="threads for timing (default: the backend's)")
     parser.add_argument(
-        "--external-data", choices=["auto", "yes", "no"], default="auto", help="store weights beside the model"
+        "--external-data", choices=["auto", "yes", "no"], help="store weights beside the model (default auto)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     _add_model_input_arguments(parser)
 
 
+OPTIMIZE_DEFAULTS = {
+    "passes": "cleanup",
+    "on_error": "rollback",
+    "rtol": 1e-4,
+    "backend": "ort",
+    "target": "cpu",
+    "external_data": "auto",
+    "measure": False,
+}
+
+
+def _optimize_settings(args: argparse.Namespace) -> dict:
+    """Merge command line, --config file and defaults, in that order of precedence."""
+    from onnxforge.config import PipelineConfig, load_config
+    from onnxforge.data import parse_shape_overrides
+
+    config = load_config(args.config) if args.config else PipelineConfig()
+    names = ("passes", "output", "report", "data", "on_error", "rtol", "seed", "measure", "backend", "target", "threads")
+    settings = {}
+    for name in (*names, "external_data"):
+        given = getattr(args, name)
+        settings[name] = given if given is not None else getattr(config, name)
+        if settings[name] is None:
+            settings[name] = OPTIMIZE_DEFAULTS.get(name)
+    settings["verify"] = False if args.no_verify else config.verify is not False
+    settings["plugins"] = [*(config.plugins or []), *args.plugin]
+    settings["shapes"] = {**(config.shapes or {}), **parse_shape_overrides(args.shape)}
+    return settings
+
+
 def _optimize(args: argparse.Namespace) -> int:
     from onnxforge.api import optimize
-    from onnxforge.data import parse_shape_overrides
     from onnxforge.ir import save_model
     from onnxforge.report import ProgressPrinter
 
@@ -114,32 +145,18 @@ def _optimize(args: argparse.Namespace) -> int:
         return _list_passes(args)
     if not args.model:
         raise OnnxforgeError("no input model given (optimize MODEL --passes ... -o OUT)")
-    _check_output_paths({"model": args.model, "data": args.data}, {"-o": args.output, "--report": args.report})
-    model, report = optimize(
-        args.model,
-        args.passes,
-        data=args.data,
-        shapes=parse_shape_overrides(args.shape),
-        verify=not args.no_verify,
-        rtol=args.rtol,
-        seed=args.seed,
-        on_error=args.on_error,
-        measure=args.measure,
-        backend=args.backend,
-        target=args.target,
-        threads=args.threads,
-        plugins=args.plugin,
-        instruments=[] if args.quiet else [ProgressPrinter()],
-    )
-    if args.output:
-        external = {"auto": None, "yes": True, "no": False}[args.external_data]
-        save_model(model, args.output, external_data=external)
-        report.output = args.output
-    if args.report:
-        report.save_json(args.report)
+    settings = _optimize_settings(args)
+    output, report_path, external = settings.pop("output"), settings.pop("report"), settings.pop("external_data")
+    _check_output_paths({"model": args.model, "data": settings["data"]}, {"-o": output, "--report": report_path})
+    model, report = optimize(args.model, instruments=[] if args.quiet else [ProgressPrinter()], **settings)
+    if output:
+        save_model(model, output, external_data={"auto": None, "yes": True, "no": False}[external])
+        report.output = output
+    if report_path:
+        report.save_json(report_path)
     if not args.quiet:
         print(report.summary())
-        if not args.output:
+        if not output:
             print("  (no -o given: the optimized model was not saved)")
     return 0
 

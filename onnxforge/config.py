@@ -1,0 +1,116 @@
+"""Pipeline config files: the `optimize` options kept in a TOML or JSON file for build pipelines."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from onnxforge.errors import OnnxforgeError
+
+
+class ConfigError(OnnxforgeError):
+    """A pipeline config file cannot be read or holds unknown or ill-typed keys."""
+
+
+@dataclass
+class PipelineConfig:
+    """What a config file may set; every field is optional and command-line flags override it.
+
+    Example (TOML):
+        passes = ["cleanup", { name = "fold-constants", max_bytes = 4096 }]
+        data = "calibration/"          # relative paths are relative to the config file
+        shapes = { input_ids = [1, 128] }
+        on_error = "stop"
+        output = "model.opt.onnx"
+    """
+
+    passes: list[Any] | None = None
+    output: str | None = None
+    report: str | None = None
+    data: str | None = None
+    shapes: dict[str, list[int]] | None = None
+    plugins: list[str] | None = None
+    on_error: str | None = None
+    verify: bool | None = None
+    rtol: float | None = None
+    seed: int | None = None
+    measure: bool | None = None
+    backend: str | None = None
+    target: str | None = None
+    threads: int | None = None
+    external_data: str | None = None
+
+    def optimize_kwargs(self) -> dict[str, Any]:
+        """The fields `onnxforge.optimize` takes, for `optimize(model, **config.optimize_kwargs())`."""
+        names = ("passes", "data", "shapes", "plugins", "on_error", "verify", "rtol", "seed", "measure")
+        names += ("backend", "target", "threads")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "passes": (list, str),
+    "output": (str,),
+    "report": (str,),
+    "data": (str,),
+    "shapes": (dict,),
+    "plugins": (list,),
+    "on_error": (str,),
+    "verify": (bool,),
+    "rtol": (float, int),
+    "seed": (int,),
+    "measure": (bool,),
+    "backend": (str,),
+    "target": (str,),
+    "threads": (int,),
+    "external_data": (str,),
+}
+_CHOICES = {"on_error": ("rollback", "stop"), "external_data": ("auto", "yes", "no")}
+_RELATIVE_PATHS = ("output", "report", "data")
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a `.toml` or `.json` pipeline config; ConfigError names the bad key or the parse error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must hold a table of options")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in _TYPES:
+            known = ", ".join(sorted(_TYPES))
+            raise ConfigError(f"unknown key '{key}' in config file '{path}' (known: {known})")
+        wrong_bool = isinstance(value, bool) and bool not in _TYPES[name]  # bool is an int subclass
+        if wrong_bool or not isinstance(value, _TYPES[name]):
+            expected = " or ".join(t.__name__ for t in _TYPES[name])
+            raise ConfigError(f"key '{key}' in config file '{path}' must be {expected}")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise ConfigError(f"key '{key}' in config file '{path}' must be one of {', '.join(_CHOICES[name])}")
+        values[name] = value
+    base = path.parent
+    for name in _RELATIVE_PATHS:
+        if name in values:
+            values[name] = str(base / values[name])
+    if "plugins" in values:
+        values["plugins"] = [str(base / p) if p.endswith(".py") else p for p in values["plugins"]]
+    if isinstance(values.get("passes"), list):
+        values["passes"] = [_pass_step(step, path) for step in values["passes"]]
+    return PipelineConfig(**values)
+
+
+def _pass_step(step: Any, path: Path) -> str | tuple[str, dict[str, Any]]:
+    if isinstance(step, str):
+        return step
+    if isinstance(step, dict) and isinstance(step.get("name"), str):
+        options = {k: v for k, v in step.items() if k != "name"}
+        return (step["name"], options)
+    raise ConfigError(f"each pass in config file '{path}' must be a string or a table with a 'name'")
