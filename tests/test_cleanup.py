@@ -133,19 +133,19 @@ def test_inference_dropout_is_removed_but_training_dropout_is_kept():
     assert result.stats["identity_nodes_removed"] == 1
 
 
-def test_identity_inside_an_if_branch_is_removed():
-    then_graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["t1"]), helper.make_node("Neg", ["t1"], ["t_out"])],
-        "then",
-        [],
-        [_vi("t_out", [4])],
-    )
+def _if_model(then_nodes) -> onnx.ModelProto:
+    """y = If(cond, then: `then_nodes` computing t_out from x, else: Abs(x))."""
+    then_graph = helper.make_graph(then_nodes, "then", [], [_vi("t_out", [4])])
     else_graph = helper.make_graph([helper.make_node("Abs", ["x"], ["e_out"])], "else", [], [_vi("e_out", [4])])
-    proto = _model(
+    return _model(
         [helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)],
         [_vi("x", [4]), _vi("cond", [], TensorProto.BOOL)],
         [_vi("y", [4])],
     )
+
+
+def test_identity_inside_an_if_branch_is_removed():
+    proto = _if_model([helper.make_node("Identity", ["x"], ["t1"]), helper.make_node("Neg", ["t1"], ["t_out"])])
     model, _ = apply("remove-identity", proto)
     assert op_counts(model) == {"If": 1, "Neg": 1, "Abs": 1}
     assert max_rel_error(proto, model) == 0
@@ -420,21 +420,12 @@ def test_a_transposed_weight_that_is_also_used_directly_is_not_stored_twice():
 
 
 def test_constants_inside_an_if_branch_are_folded():
-    then_graph = helper.make_graph(
+    proto = _if_model(
         [
             helper.make_node("Constant", [], ["c"], value=helper.make_tensor("v", FLOAT, [4], [1, 2, 3, 4])),
             helper.make_node("Neg", ["c"], ["minus_c"]),
             helper.make_node("Add", ["x", "minus_c"], ["t_out"]),
-        ],
-        "then",
-        [],
-        [_vi("t_out", [4])],
-    )
-    else_graph = helper.make_graph([helper.make_node("Abs", ["x"], ["e_out"])], "else", [], [_vi("e_out", [4])])
-    proto = _model(
-        [helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)],
-        [_vi("x", [4]), _vi("cond", [], TensorProto.BOOL)],
-        [_vi("y", [4])],
+        ]
     )
     model, result = apply("fold-constants", proto)
     assert op_counts(model) == {"If": 1, "Add": 1, "Abs": 1}
