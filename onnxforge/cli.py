@@ -123,9 +123,9 @@ def _optimize_settings(args: argparse.Namespace) -> dict:
     from onnxforge.data import parse_shape_overrides
 
     config = load_config(args.config) if args.config else PipelineConfig()
-    names = ("passes", "output", "report", "data", "on_error", "rtol", "seed", "measure", "backend", "target", "threads")
+    names = ("passes", "output", "report", "data", "on_error", "rtol", "seed", "measure", "backend", "target")
     settings = {}
-    for name in (*names, "external_data"):
+    for name in (*names, "threads", "external_data"):
         given = getattr(args, name)
         settings[name] = given if given is not None else getattr(config, name)
         if settings[name] is None:

@@ -16,7 +16,7 @@ from onnxforge.passes.analyses import GraphView
 def _model():
     w = numpy_helper.from_array(np.full((4, 4), 0.5, np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Relu", ["a"], ["y"])],
+        [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Sigmoid", ["a"], ["y"])],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
@@ -135,7 +135,7 @@ class SilentChange(Pass):
     name = "test-silent-change"
 
     def run(self, model, ctx):
-        model.graph.nodes[1].op = "Sigmoid"
+        model.graph.nodes[1].op = "Tanh"
         model.graph.nodes.pop(0)
         return PassResult(changed=False)
 
@@ -143,4 +143,4 @@ class SilentChange(Pass):
 def test_a_change_the_pass_did_not_report_is_still_verified():
     model, (record,) = PassManager([SilentChange()]).run(_model())
     assert record.status == "rolled_back"
-    assert [n.op for n in model.graph.nodes] == ["MatMul", "Relu"]
+    assert [n.op for n in model.graph.nodes] == ["MatMul", "Sigmoid"]

@@ -537,3 +537,19 @@ def test_describe_round_trips_through_the_pass_list_parser(text):
     assert described == text
     assert type(again) is type(pass_) and again.options == pass_.options
 
+
+
+def test_a_plugin_file_also_imported_as_a_module_registers_without_a_clash(tmp_path, monkeypatch):
+    (tmp_path / "twice_passes.py").write_text(
+        "from onnxforge.passes import Pass, PassResult, register_pass\n"
+        "@register_pass('test-twice')\n"
+        "class Twice(Pass):\n"
+        "    '''Does nothing.'''\n"
+        "    def run(self, model, ctx):\n"
+        "        return PassResult(changed=False)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import twice_passes  # noqa: F401
+
+    load_plugin(str(tmp_path / "twice_passes.py"))
+    assert get_pass("test-twice").summary() == "Does nothing."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
         if not (isinstance(cls, type) and issubclass(cls, Pass)):
             raise TypeError(f"@register_pass('{name}') needs a Pass subclass, got {cls!r}")
         existing = _PASSES.get(name)
-        if existing is not None and existing is not cls and _qualname(existing) != _qualname(cls):
+        if existing is not None and existing is not cls and _origin(existing) != _origin(cls):
             raise PassError(f"pass name '{name}' is taken by {_qualname(existing)}")
         cls.name = name
         _PASSES[name] = cls
@@ -37,6 +38,15 @@ def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _origin(cls: type) -> tuple[str, str]:
+    """Where a class is defined: the same file imported twice (as a module and by path) is one origin."""
+    try:
+        source = str(Path(inspect.getsourcefile(cls) or "").resolve())
+    except TypeError:
+        source = cls.__module__
+    return (source, cls.__qualname__)
 
 
 def available_passes() -> dict[str, type[Pass]]:

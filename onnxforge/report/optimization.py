@@ -70,9 +70,10 @@ class OptimizationReport:
     def summary(self) -> str:
         """A few lines a person reads on the terminal after a run."""
         lines = []
+        width = max([24, *(len(record.name) for record in self.passes)])
         for record in self.passes:
             counters = ", ".join(f"{k}={v}" for k, v in record.stats.items() if v not in (0, "", None))
-            line = f"  {record.name:<24} {record.status:<12} {record.seconds * 1000:8.1f} ms"
+            line = f"  {record.name:<{width}} {record.status:<12} {record.seconds * 1000:8.1f} ms"
             line += f"  nodes {record.before.nodes} -> {record.after.nodes}"
             if counters:
                 line += f"  ({counters})"

@@ -41,6 +41,8 @@ class Cleanup(Pass):
             round_changed = False
             for step in steps:
                 result = step.run(model, ctx)
+                if result.changed:
+                    ctx.invalidate(result.preserved)
                 round_changed |= result.changed
                 for key, value in result.stats.items():
                     if isinstance(value, int):

@@ -50,7 +50,7 @@ class FoldConstants(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         limit = self.options.max_bytes if self.options.max_bytes is not None else _largest_constant(model)
-        folded_tensors = removed = 0  # removed: folded nodes and the ones they left dead
+        folded_tensors = removed = 0
         for graph in list(model.graphs()):
             graph.toposort()
             foldable = _foldable_nodes(graph)
@@ -58,9 +58,7 @@ class FoldConstants(Pass):
                 continue
             values = _evaluate(foldable, model)
             folded_tensors += _replace_with_constants(graph, foldable, values, limit)
-            nodes_before = len(graph.nodes)
-            graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
-            removed += nodes_before - len(graph.nodes)
+            removed += _remove_unused(graph, foldable)
         return PassResult(
             changed=folded_tensors > 0,
             stats={"nodes_removed": removed, "tensors_made_constant": folded_tensors},
@@ -189,6 +187,19 @@ def _copies_live_weights(tensor: gs.Variable, values: dict[str, np.ndarray], liv
             elif source.name in values:
                 stack.append(source)
     return False
+
+
+def _remove_unused(graph: gs.Graph, nodes: list[gs.Node]) -> int:
+    """Remove those of `nodes` (in topological order) whose results nothing reads any more; return how many."""
+    graph_outputs = {id(t) for t in graph.outputs}
+    removed = set()
+    for node in reversed(nodes):
+        if all(not t.outputs and id(t) not in graph_outputs for t in node.outputs):
+            node.inputs.clear()
+            node.outputs.clear()
+            removed.add(id(node))
+    graph.nodes = [node for node in graph.nodes if id(node) not in removed]
+    return len(removed)
 
 
 def _make_constant_in_place(graph: gs.Graph, tensor: gs.Variable, value: np.ndarray) -> None:

@@ -19,11 +19,11 @@ class RemoveIdentity(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         removed = 0
         for graph in model.graphs():
-            for node in list(graph.nodes):
-                if _is_pass_through(node, graph) and bypass_node(graph, node):
-                    removed += 1
-            if removed:
-                graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
+            bypassed = {
+                id(node) for node in list(graph.nodes) if _is_pass_through(node, graph) and bypass_node(graph, node)
+            }
+            graph.nodes = [node for node in graph.nodes if id(node) not in bypassed]
+            removed += len(bypassed)
         return PassResult(changed=removed > 0, stats={"identity_nodes_removed": removed})
 
 

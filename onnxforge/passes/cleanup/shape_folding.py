@@ -19,18 +19,19 @@ class FoldShapes(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         inference = infer_shapes(model)
-        replaced = 0
-        for node in list(model.graph.nodes):
+        graph = model.graph
+        replaced = set()
+        for node in graph.nodes:
             value = _static_result(node)
-            if value is None or node.outputs[0] in model.graph.outputs:
+            if value is None or node.outputs[0] in graph.outputs:
                 continue
             result = node.outputs[0]
             node.outputs.clear()
             node.inputs.clear()
             result.to_constant(value)
-            replaced += 1
-        if replaced:
-            model.graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
+            replaced.add(id(node))
+        graph.nodes = [node for node in graph.nodes if id(node) not in replaced]
+        replaced = len(replaced)
         stats = {"shape_nodes_folded": replaced}
         if not inference.ok:
             stats["shape_inference"] = f"failed: {inference.message}"
