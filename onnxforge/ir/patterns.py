@@ -1,0 +1,415 @@
+"""Declarative rewrite rules: a pattern written with ONNX ops, an optional condition, and a replacement.
+
+A pattern is a function of `op` (a builder) and pattern variables; it reads like the math it matches:
+
+    def erf_gelu(op, x):
+        return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Div(x, SQRT2)), 1.0))
+
+    def fused_gelu(op, x):
+        return op.Gelu(x)
+
+    rule = RewriteRule("gelu-erf", erf_gelu, fused_gelu)
+
+Numbers in a pattern match constants of that value (any shape that broadcasts to a single value);
+`op.const("w")` matches any constant and binds it as `w`; a parameter of the pattern function matches
+any value. Commutative ops (Add, Mul, ...) match their inputs in either order. The replacement gets the
+same builder vocabulary and builds real nodes; `op.const(array)` makes a weight. One matcher serves all.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.ir.edit import replace_uses, unique_name
+from onnxforge.ir.ops import ONNX_DOMAINS
+
+COMMUTATIVE = {"Add", "Mul", "Max", "Min", "Sum", "And", "Or", "Xor", "Equal", "Mean"}
+LITERAL_RTOL = 1e-3  # exporters write 1/sqrt(2) and friends with a few digits
+
+
+# --- the pattern side ----------------------------------------------------------------------------------
+
+
+class PatternValue:
+    """A value in a pattern: an input variable, a constant, a literal number, or the output of an op."""
+
+
+@dataclass(eq=False)
+class Var(PatternValue):
+    """Matches any value; the same name must match the same tensor everywhere in the pattern."""
+
+    name: str
+
+
+@dataclass(eq=False)
+class ConstVar(PatternValue):
+    """Matches a constant (weight) and binds it by name."""
+
+    name: str
+
+
+@dataclass(eq=False)
+class Literal(PatternValue):
+    """Matches a constant all of whose elements equal `value` (within LITERAL_RTOL)."""
+
+    value: float
+
+
+@dataclass(eq=False)
+class OpValue(PatternValue):
+    """The `index`-th output of an op node with the given type, inputs and attributes."""
+
+    op: str
+    inputs: list[PatternValue | None]
+    attrs: dict[str, Any]
+    domain: str | None
+    index: int = 0
+    outputs: int = 1
+    binding: str | None = None
+
+
+class PatternBuilder:
+    """The `op` a pattern function receives: `op.Relu(x)`, `op.Gelu(x, approximate="tanh")`, `op.const("w")`.
+
+    Keyword `_domain` sets the op's domain, `_outputs` its output count (a tuple of values is returned),
+    `_name` binds the matched node's output under that name. An attribute given as a callable is a predicate.
+    """
+
+    def const(self, name: str) -> ConstVar:
+        return ConstVar(name)
+
+    def __getattr__(self, op: str) -> Callable[..., Any]:
+        if op.startswith("_"):
+            raise AttributeError(op)
+
+        def make(*inputs, _domain: str | None = None, _outputs: int = 1, _name: str | None = None, **attrs):
+            values = [_as_pattern(v) for v in inputs]
+            first = OpValue(op, values, attrs, _domain, 0, _outputs, _name)
+            if _outputs == 1:
+                return first
+            return tuple(
+                first if i == 0 else OpValue(op, values, attrs, _domain, i, _outputs, None) for i in range(_outputs)
+            )
+
+        return make
+
+
+def _as_pattern(value: Any) -> PatternValue | None:
+    if value is None or isinstance(value, PatternValue):
+        return value
+    if isinstance(value, (int, float, np.floating, np.integer)):
+        return Literal(float(value))
+    raise TypeError(f"a pattern input must be a pattern value or a number, not {type(value).__name__}")
+
+
+def trace_pattern(fn: Callable[..., PatternValue]) -> tuple[OpValue, list[str]]:
+    """Run a pattern function on fresh variables; return its root op and the variables' names."""
+    names = list(inspect.signature(fn).parameters)[1:]
+    root = fn(PatternBuilder(), *(Var(name) for name in names))
+    if not isinstance(root, OpValue):
+        raise TypeError(f"pattern {fn.__name__} must return the output of an op")
+    return root, names
+
+
+# --- matching -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Match:
+    """A place where a pattern matched: the bound values, the matched nodes, and the graph they are in."""
+
+    graph: gs.Graph
+    root: gs.Node
+    output: gs.Tensor
+    bindings: dict[str, Any]
+    nodes: list[gs.Node] = field(default_factory=list)
+
+    def value(self, name: str) -> np.ndarray:
+        """The constant values bound to `name`."""
+        return np.asarray(self.bindings[name].values)
+
+    def is_constant(self, name: str) -> bool:
+        return isinstance(self.bindings[name], gs.Constant)
+
+
+def match_pattern(root: OpValue, node: gs.Node, graph: gs.Graph) -> Match | None:
+    """Match the pattern whose output is `root` against the output of `node` in `graph`."""
+    if len(node.outputs) <= root.index:
+        return None
+    output = node.outputs[root.index]
+    for bindings, nodes in _match_value(root, output, {}, []):
+        if _self_contained(nodes, output, graph):
+            return Match(graph, node, output, bindings, nodes)
+    return None
+
+
+def _match_value(
+    pattern: PatternValue | None, tensor: gs.Tensor, bindings: dict, nodes: list
+) -> Iterator[tuple[dict, list]]:
+    """Yield every (bindings, matched nodes) under which `tensor` matches `pattern`."""
+    if pattern is None:
+        if tensor is None or tensor.name == "":
+            yield bindings, nodes
+        return
+    if tensor is None or tensor.name == "":
+        return
+    if isinstance(pattern, (Var, ConstVar)):
+        if isinstance(pattern, ConstVar) and not isinstance(tensor, gs.Constant):
+            return
+        bound = bindings.get(pattern.name)
+        if bound is None:
+            yield {**bindings, pattern.name: tensor}, nodes
+        elif bound is tensor:
+            yield bindings, nodes
+        return
+    if isinstance(pattern, Literal):
+        if isinstance(tensor, gs.Constant) and _all_equal(tensor, pattern.value):
+            yield bindings, nodes
+        return
+    if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
+        return
+    node = tensor.inputs[0]
+    if not _node_fits(pattern, node, tensor):
+        return
+    if pattern.binding:
+        if pattern.binding in bindings and bindings[pattern.binding] is not tensor:
+            return
+        bindings = {**bindings, pattern.binding: tensor}
+    if not any(n is node for n in nodes):
+        nodes = [*nodes, node]
+    inputs = list(node.inputs)
+    while inputs and (inputs[-1] is None or inputs[-1].name == "") and len(inputs) > len(pattern.inputs):
+        inputs.pop()
+    if len(inputs) != len(pattern.inputs):
+        return
+    orders = [pattern.inputs]
+    if pattern.op in COMMUTATIVE and len(pattern.inputs) == 2:
+        orders.append(pattern.inputs[::-1])
+    for order in orders:
+        yield from _match_inputs(order, inputs, bindings, nodes)
+
+
+def _match_inputs(patterns: Sequence, tensors: Sequence, bindings: dict, nodes: list) -> Iterator[tuple[dict, list]]:
+    if not patterns:
+        yield bindings, nodes
+        return
+    for bound, matched in _match_value(patterns[0], tensors[0], bindings, nodes):
+        yield from _match_inputs(patterns[1:], tensors[1:], bound, matched)
+
+
+def _node_fits(pattern: OpValue, node: gs.Node, tensor: gs.Tensor) -> bool:
+    if node.op != pattern.op:
+        return False
+    if pattern.domain is None:
+        if node.domain not in ONNX_DOMAINS:
+            return False
+    elif node.domain != pattern.domain:
+        return False
+    if len(node.outputs) != pattern.outputs and pattern.outputs != 1:
+        return False
+    if pattern.index >= len(node.outputs) or node.outputs[pattern.index] is not tensor:
+        return False
+    for key, expected in pattern.attrs.items():
+        actual = node.attrs.get(key)
+        if callable(expected):
+            if not expected(actual):
+                return False
+        elif actual != expected and not (
+            isinstance(actual, (list, tuple)) and list(actual) == list(expected)
+        ):
+            return False
+    return True
+
+
+def _all_equal(tensor: gs.Constant, value: float) -> bool:
+    values = np.asarray(tensor.values)
+    if values.size == 0 or values.size > 64 or values.dtype.kind not in "fiu":
+        return False
+    return bool(np.allclose(values.astype(np.float64), value, rtol=LITERAL_RTOL, atol=1e-12))
+
+
+def _self_contained(nodes: list[gs.Node], output: gs.Tensor, graph: gs.Graph) -> bool:
+    """Only the pattern's output may be read outside the matched nodes (the rest is removed)."""
+    inside = {id(n) for n in nodes}
+    graph_outputs = {id(t) for t in graph.outputs}
+    for node in nodes:
+        for tensor in node.outputs:
+            if tensor is output:
+                continue
+            if id(tensor) in graph_outputs or any(id(c) not in inside for c in tensor.outputs):
+                return False
+    return True
+
+
+# --- the replacement side --------------------------------------------------------------------------------
+
+
+class GraphBuilder:
+    """The `op` a replacement function receives: it creates real nodes (`op.Gemm(a, b, c, transB=1)`)
+    and weights (`op.const(array, "name")`), named after the node being replaced."""
+
+    def __init__(self, graph: gs.Graph, prefix: str):
+        self.graph = graph
+        self.prefix = prefix
+        self.nodes: list[gs.Node] = []
+        self._taken: set[str] = set()
+
+    def const(self, values: Any, name: str = "const") -> gs.Constant:
+        return gs.Constant(self._name(f"{self.prefix}/{name}"), np.asarray(values))
+
+    def __getattr__(self, op: str) -> Callable[..., Any]:
+        if op.startswith("_"):
+            raise AttributeError(op)
+
+        def make(*inputs, _domain: str | None = None, _outputs: int = 1, **attrs):
+            inputs = [self._tensor(v) for v in inputs]
+            outputs = [gs.Variable(self._name(f"{self.prefix}/{op}_out")) for _ in range(_outputs)]
+            node = gs.Node(op, self._name(f"{self.prefix}/{op}"), attrs, inputs, outputs, domain=_domain)
+            self.nodes.append(node)
+            return outputs[0] if _outputs == 1 else tuple(outputs)
+
+        return make
+
+    def _tensor(self, value: Any) -> gs.Tensor:
+        if value is None:
+            return gs.Variable.empty()
+        if isinstance(value, gs.Tensor):
+            return value
+        return self.const(np.asarray(value, dtype=np.float32 if isinstance(value, float) else None))
+
+    def _name(self, base: str) -> str:
+        name = unique_name(self.graph, base)
+        while name in self._taken:
+            name = unique_name(self.graph, f"{base}_{len(self._taken)}")
+        self._taken.add(name)
+        return name
+
+
+# --- rules ---------------------------------------------------------------------------------------------
+
+
+Condition = Callable[..., bool]
+
+
+@dataclass
+class RewriteRule:
+    """Where `pattern` matches and `condition(match, **bindings)` holds, build `replacement(op, **bindings)`.
+
+    Either function may also take `match` (the Match) and `context` (what `apply_rules` was given).
+
+    `patterns` may list several spellings of the same math (exporters differ); each is tried in turn.
+    A replacement returning None declines the match.
+    """
+
+    name: str
+    pattern: Callable[..., PatternValue] | Sequence[Callable[..., PatternValue]]
+    replacement: Callable[..., Any]
+    condition: Condition | None = None
+    _traced: list[tuple[OpValue, list[str]]] = field(default_factory=list, init=False, repr=False)
+
+    def roots(self) -> list[tuple[OpValue, list[str]]]:
+        if not self._traced:
+            patterns = self.pattern if isinstance(self.pattern, (list, tuple)) else [self.pattern]
+            self._traced = [trace_pattern(p) for p in patterns]
+        return self._traced
+
+    def try_rewrite(self, node: gs.Node, graph: gs.Graph, context: Any = None) -> bool:
+        """Rewrite at `node` if a pattern of this rule matches there; True if the graph changed."""
+        for root, _ in self.roots():
+            if node.op != root.op:
+                continue
+            found = match_pattern(root, node, graph)
+            if found is None:
+                continue
+            if self.condition is not None and not _call(self.condition, found, found, context):
+                continue
+            builder = GraphBuilder(graph, node.name or self.name)
+            result = _call(self.replacement, builder, found, context)
+            if result is None:
+                continue
+            _splice(graph, found, builder, result)
+            return True
+        return False
+
+
+def _call(fn: Callable[..., Any], first: Any, found: Match, context: Any) -> Any:
+    """Call a condition or replacement with the bindings it names, plus `match` and `context` if it asks."""
+    parameters = list(inspect.signature(fn).parameters)[1:]
+    kwargs = {k: v for k, v in found.bindings.items() if k in parameters}
+    if "context" in parameters:
+        kwargs["context"] = context
+    if "match" in parameters:
+        kwargs["match"] = found
+    return fn(first, **kwargs)
+
+
+def _splice(graph: gs.Graph, found: Match, builder: GraphBuilder, result: gs.Tensor) -> None:
+    """Put the built nodes in place of the matched ones; the pattern's output tensor keeps its name."""
+    output = found.output
+    producer = next((n for n in builder.nodes if any(t is result for t in n.outputs)), None)
+    for node in found.nodes:
+        node.inputs.clear()
+        node.outputs.clear()
+    matched = {id(n) for n in found.nodes}
+    position = next(i for i, n in enumerate(graph.nodes) if n is found.root)
+    kept = [n for n in graph.nodes[:position] if id(n) not in matched]
+    rest = [n for n in graph.nodes[position:] if id(n) not in matched]
+    extra: list[gs.Node] = []
+    if producer is not None:
+        producer.outputs[next(i for i, t in enumerate(producer.outputs) if t is result)] = output
+    elif output in graph.outputs:
+        # The result is an existing value: a graph output must still be produced under its name.
+        extra = [gs.Node("Identity", builder._name(f"{builder.prefix}/Identity"), {}, [result], [output])]
+    else:
+        replace_uses(graph, output, result)
+    graph.nodes = kept + builder.nodes + extra + rest
+
+
+def apply_rules(
+    graphs: Sequence[gs.Graph], rules: Sequence[RewriteRule], context: Any = None, rounds: int = 8
+) -> Counter:
+    """Apply rules to each graph until none matches (at most `rounds` sweeps); count rewrites per rule."""
+    counts: Counter = Counter()
+    by_op: dict[str, list[RewriteRule]] = {}
+    for rule in rules:
+        for root, _ in rule.roots():
+            by_op.setdefault(root.op, [])
+            if rule not in by_op[root.op]:
+                by_op[root.op].append(rule)
+    for graph in graphs:
+        for _ in range(rounds):
+            changed = False
+            for node in list(graph.nodes):
+                if not node.outputs:  # removed by an earlier rewrite in this sweep
+                    continue
+                for rule in by_op.get(node.op, ()):
+                    if rule.try_rewrite(node, graph, context):
+                        counts[rule.name] += 1
+                        changed = True
+                        break
+            if not changed:
+                break
+        graph.toposort()
+    return counts
+
+
+__all__ = [
+    "ConstVar",
+    "GraphBuilder",
+    "Literal",
+    "Match",
+    "OpValue",
+    "PatternBuilder",
+    "RewriteRule",
+    "Var",
+    "apply_rules",
+    "match_pattern",
+    "trace_pattern",
+]
