@@ -100,6 +100,31 @@ class Pass:
         return lines[0] if lines else ""
 
 
+def run_until_stable(steps: list[Pass], model: Model, ctx: PassContext, max_rounds: int) -> PassResult:
+    """Run `steps` in rounds until a round changes nothing (at most `max_rounds`); sum their integer counters.
+
+    What composite passes (`cleanup`, `fuse`) do; cached analyses are dropped after each changing step.
+    """
+    totals: dict[str, Any] = {}
+    changed = False
+    for _ in range(max_rounds):
+        round_changed = False
+        for step in steps:
+            result = step.run(model, ctx)
+            if result.changed:
+                ctx.invalidate(result.preserved)
+                round_changed = True
+            for key, value in result.stats.items():
+                if isinstance(value, int) and not isinstance(value, bool):
+                    totals[key] = totals.get(key, 0) + value
+                else:
+                    totals[key] = value
+        changed |= round_changed
+        if not round_changed:
+            break
+    return PassResult(changed=changed, stats=totals)
+
+
 def build_options(options_type: type[T], values: Mapping[str, Any], pass_name: str) -> T:
     """Build the options dataclass from keyword values, converting strings ('0.3', 'true') to the field types."""
     fields = {f.name: f for f in dataclasses.fields(options_type)}

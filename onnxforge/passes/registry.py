@@ -148,4 +148,6 @@ def create_passes(steps: str | Sequence[str | Pass | tuple[str, dict[str, Any]]]
 
 
 def _load_builtins() -> None:
-    import onnxforge.passes.cleanup  # noqa: F401  (registers the built-in passes)
+    # Importing the pass families runs their @register_pass decorators.
+    import onnxforge.passes.cleanup  # noqa: F401
+    import onnxforge.passes.fusion  # noqa: F401

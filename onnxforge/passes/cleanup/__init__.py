@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from onnxforge.ir import Model
-from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.base import Pass, PassContext, PassResult, run_until_stable
 from onnxforge.passes.cleanup.constant_folding import FoldConstants
 from onnxforge.passes.cleanup.dead_code import RemoveDeadCode
 from onnxforge.passes.cleanup.identity import RemoveIdentity
@@ -34,22 +34,4 @@ class Cleanup(Pass):
             MergeDuplicateInitializers(),
             RemoveDeadCode(),
         ]
-        totals: dict[str, int] = {}
-        notes: dict[str, str] = {}
-        changed = False
-        for _ in range(self.options.max_rounds):
-            round_changed = False
-            for step in steps:
-                result = step.run(model, ctx)
-                if result.changed:
-                    ctx.invalidate(result.preserved)
-                round_changed |= result.changed
-                for key, value in result.stats.items():
-                    if isinstance(value, int):
-                        totals[key] = totals.get(key, 0) + value
-                    else:
-                        notes[key] = value
-            changed |= round_changed
-            if not round_changed:
-                break
-        return PassResult(changed=changed, stats={**totals, **notes})
+        return run_until_stable(steps, model, ctx, self.options.max_rounds)

@@ -1,0 +1,33 @@
+"""Fusion passes: make exported graphs as lean as hand-written ones, so backends run fewer, larger kernels.
+
+Every module in this package is imported here, so a new fusion pass needs only its own module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+
+from onnxforge.ir import Model
+from onnxforge.passes.base import Pass, PassContext, PassResult, run_until_stable
+from onnxforge.passes.fusion.base import RuleBasedPass, fusion_passes
+from onnxforge.passes.registry import register_pass
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+@register_pass("fuse")
+class Fuse(Pass):
+    """Run every fusion pass that applies (operator folding, activations, normalization, attention, ...)."""
+
+    @dataclass
+    class Options:
+        max_rounds: int = 3
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        return run_until_stable([cls() for cls in fusion_passes()], model, ctx, self.options.max_rounds)
+
+
+__all__ = ["Fuse", "RuleBasedPass", "fusion_passes"]
