@@ -40,7 +40,11 @@ class RuleBasedPass(Pass):
         if self.needs_shapes:
             infer_shapes(model)
         context = FusionContext(opset=model.graph.opset, backend=ctx.backend)
-        counts = apply_rules(list(model.graphs()), self.rules, context)
+        graphs = list(model.graphs())
+        counts = apply_rules(graphs, self.rules, context)
+        if counts:  # values only the replaced nodes read (shape arithmetic, say) are dead now
+            for graph in graphs:
+                graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
         return PassResult(changed=bool(counts), stats=dict(counts))
 
 
