@@ -175,3 +175,68 @@ def test_several_spellings_in_one_rule():
     assert apply_rules([model.graph], [silu]) == {"silu": 1}
     assert op_counts(model) == {"Silu": 1}
     assert model.graph.nodes[0].domain == "test"
+
+
+def test_either_matches_an_optional_node():
+    # Softmax(x [+ mask]): `op.either(f(x), x)` is an optional node.
+    def softmax_with_optional_mask(op, x, mask):
+        return op.Softmax(op.either(op.Add(x, mask), x), axis=-1)
+
+    rule = RewriteRule(
+        "tagged-softmax",
+        softmax_with_optional_mask,
+        lambda op, x, mask=None: op.Softmax(x if mask is None else op.Add(x, mask), axis=-1, _domain="test"),
+    )
+    masked = load_model(
+        _model([helper.make_node("Add", ["x", "m"], ["s"]), helper.make_node("Softmax", ["s"], ["y"], axis=-1)],
+               initializers=[_scalar("m", 1.0)])
+    )
+    plain = load_model(_model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)]))
+    for model, expected in ((masked, {"Add": 1, "Softmax": 1}), (plain, {"Softmax": 1})):
+        assert apply_rules([model.graph], [rule], rounds=1) == {"tagged-softmax": 1}
+        assert op_counts(model) == expected
+        assert [n.domain for n in model.graph.nodes if n.op == "Softmax"] == ["test"]
+
+
+def _relu_of_sum(op, x, y):
+    return op.Relu(op.Add(x, y, _name="total", _shared=True))
+
+
+def _fused_relu_of_sum(op, x, y, match):
+    total = op.Add(x, y)
+    relu = op.Relu(total)
+    return (relu, {"total": total}) if match.used_outside("total") else relu
+
+
+def test_a_shared_inner_value_read_outside_gets_the_replacement_value():
+    # Relu(x + x') where the sum also feeds a Neg: the rewrite may remove the old Add, since it says
+    # which new value the Neg reads instead.
+    proto = _model(
+        [
+            helper.make_node("Add", ["x", "x"], ["total"]),
+            helper.make_node("Relu", ["total"], ["y"]),
+            helper.make_node("Neg", ["total"], ["side"]),
+        ],
+        outputs=("y", "side", "total"),
+    )
+    rule = RewriteRule("relu-sum", _relu_of_sum, _fused_relu_of_sum)
+    model = load_model(proto)
+    assert apply_rules([model.graph], [rule], rounds=1) == {"relu-sum": 1}
+    assert op_counts(model) == {"Add": 1, "Relu": 1, "Neg": 1}
+    assert [t.name for t in model.graph.outputs] == ["y", "side", "total"]
+    assert max_rel_error(proto, model) == 0
+
+
+def test_a_shared_value_read_outside_without_a_replacement_declines():
+    proto = _model(
+        [
+            helper.make_node("Add", ["x", "x"], ["total"]),
+            helper.make_node("Relu", ["total"], ["y"]),
+            helper.make_node("Neg", ["total"], ["side"]),
+        ],
+        outputs=("y", "side"),
+    )
+    rule = RewriteRule("relu-sum", _relu_of_sum, lambda op, x, y: op.Relu(op.Add(x, y)))
+    model = load_model(proto)
+    assert not apply_rules([model.graph], [rule])
+    assert op_counts(model) == {"Add": 1, "Relu": 1, "Neg": 1}

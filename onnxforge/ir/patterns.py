@@ -12,8 +12,14 @@ A pattern is a function of `op` (a builder) and pattern variables; it reads like
 
 Numbers in a pattern match constants of that value (any shape that broadcasts to a single value);
 `op.const("w")` matches any constant and binds it as `w`; a parameter of the pattern function matches
-any value. Commutative ops (Add, Mul, ...) match their inputs in either order. The replacement gets the
-same builder vocabulary and builds real nodes; `op.const(array)` makes a weight. One matcher serves all.
+any value; `op.either(a, b)` matches whichever of its alternatives matches, tried in order (an optional
+node `f` around `x` is `op.either(f(x), x)`). Commutative ops (Add, Mul, ...) match their inputs in either
+order. The replacement gets the same builder vocabulary and builds real nodes; `op.const(array)` makes a
+weight. One matcher serves all.
+
+Inner values of a match are removed with it, so none may be read outside the pattern, unless the pattern
+marks it `_shared=True` (with a `_name`): the replacement then returns `(output, {name: new_value})` to
+give such a value its replacement wherever it is still read (`match.used_outside(name)` says whether).
 """
 
 from __future__ import annotations
@@ -73,25 +79,46 @@ class OpValue(PatternValue):
     index: int = 0
     outputs: int = 1
     binding: str | None = None
+    shared: bool = False
+
+
+@dataclass(eq=False)
+class Either(PatternValue):
+    """Matches the first of its alternatives that matches (with the rest of the pattern)."""
+
+    alternatives: list[PatternValue]
 
 
 class PatternBuilder:
     """The `op` a pattern function receives: `op.Relu(x)`, `op.Gelu(x, approximate="tanh")`, `op.const("w")`.
 
     Keyword `_domain` sets the op's domain, `_outputs` its output count (a tuple of values is returned),
-    `_name` binds the matched node's output under that name. An attribute given as a callable is a predicate.
+    `_name` binds the matched node's output under that name, `_shared=True` lets that output also be read
+    outside the pattern. An attribute given as a callable is a predicate.
     """
 
     def const(self, name: str) -> ConstVar:
         return ConstVar(name)
 
+    def either(self, *alternatives: Any) -> Either:
+        return Either([_as_pattern(a) for a in alternatives])
+
     def __getattr__(self, op: str) -> Callable[..., Any]:
         if op.startswith("_"):
             raise AttributeError(op)
 
-        def make(*inputs, _domain: str | None = None, _outputs: int = 1, _name: str | None = None, **attrs):
+        def make(
+            *inputs,
+            _domain: str | None = None,
+            _outputs: int = 1,
+            _name: str | None = None,
+            _shared: bool = False,
+            **attrs,
+        ):
+            if _shared and not _name:
+                raise TypeError(f"a shared {op} needs a _name")
             values = [_as_pattern(v) for v in inputs]
-            first = OpValue(op, values, attrs, _domain, 0, _outputs, _name)
+            first = OpValue(op, values, attrs, _domain, 0, _outputs, _name, _shared)
             if _outputs == 1:
                 return first
             return tuple(
@@ -130,6 +157,7 @@ class Match:
     output: gs.Tensor
     bindings: dict[str, Any]
     nodes: list[gs.Node] = field(default_factory=list)
+    shared: tuple[str, ...] = ()
 
     def value(self, name: str) -> np.ndarray:
         """The constant values bound to `name`."""
@@ -138,16 +166,39 @@ class Match:
     def is_constant(self, name: str) -> bool:
         return isinstance(self.bindings[name], gs.Constant)
 
+    def used_outside(self, name: str) -> bool:
+        """Whether the value bound to `name` is read by a node outside the match or is a graph output."""
+        tensor = self.bindings[name]
+        inside = {id(n) for n in self.nodes}
+        return tensor in self.graph.outputs or any(id(c) not in inside for c in tensor.outputs)
+
 
 def match_pattern(root: OpValue, node: gs.Node, graph: gs.Graph) -> Match | None:
     """Match the pattern whose output is `root` against the output of `node` in `graph`."""
     if len(node.outputs) <= root.index:
         return None
     output = node.outputs[root.index]
+    shared_names = tuple(_shared_names(root))
     for bindings, nodes in _match_value(root, output, {}, []):
-        if _self_contained(nodes, output, graph):
-            return Match(graph, node, output, bindings, nodes)
+        shared = tuple(name for name in shared_names if name in bindings)  # an `either` may not bind all
+        if _self_contained(nodes, [output, *(bindings[name] for name in shared)], graph):
+            return Match(graph, node, output, bindings, nodes, shared)
     return None
+
+
+def _shared_names(pattern: PatternValue | None) -> Iterator[str]:
+    """The names of the values a pattern marks as shared (each once)."""
+    seen: set[str] = set()
+    stack = [pattern]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Either):
+            stack.extend(value.alternatives)
+        elif isinstance(value, OpValue):
+            if value.shared and value.binding not in seen:
+                seen.add(value.binding)
+                yield value.binding
+            stack.extend(value.inputs)
 
 
 def _match_value(
@@ -159,6 +210,10 @@ def _match_value(
             yield bindings, nodes
         return
     if tensor is None or tensor.name == "":
+        return
+    if isinstance(pattern, Either):
+        for alternative in pattern.alternatives:
+            yield from _match_value(alternative, tensor, bindings, nodes)
         return
     if isinstance(pattern, (Var, ConstVar)):
         if isinstance(pattern, ConstVar) and not isinstance(tensor, gs.Constant):
@@ -235,13 +290,14 @@ def _all_equal(tensor: gs.Constant, value: float) -> bool:
     return bool(np.allclose(values.astype(np.float64), value, rtol=LITERAL_RTOL, atol=1e-12))
 
 
-def _self_contained(nodes: list[gs.Node], output: gs.Tensor, graph: gs.Graph) -> bool:
-    """Only the pattern's output may be read outside the matched nodes (the rest is removed)."""
+def _self_contained(nodes: list[gs.Node], exits: list[gs.Tensor], graph: gs.Graph) -> bool:
+    """Only the pattern's output and shared values may be read outside the matched nodes (the rest is removed)."""
     inside = {id(n) for n in nodes}
     graph_outputs = {id(t) for t in graph.outputs}
+    allowed = {id(t) for t in exits}
     for node in nodes:
         for tensor in node.outputs:
-            if tensor is output:
+            if id(tensor) in allowed:
                 continue
             if id(tensor) in graph_outputs or any(id(c) not in inside for c in tensor.outputs):
                 return False
@@ -305,7 +361,8 @@ class RewriteRule:
     Either function may also take `match` (the Match) and `context` (what `apply_rules` was given).
 
     `patterns` may list several spellings of the same math (exporters differ); each is tried in turn.
-    A replacement returning None declines the match.
+    A replacement returning None declines the match; one that returns `(output, {name: value})` gives
+    shared values their replacements (a shared value still read outside and not given declines the match).
     """
 
     name: str
@@ -334,7 +391,10 @@ class RewriteRule:
             result = _call(self.replacement, builder, found, context)
             if result is None:
                 continue
-            _splice(graph, found, builder, result)
+            output, shared = result if isinstance(result, tuple) else (result, {})
+            if any(found.used_outside(name) and name not in shared for name in found.shared):
+                continue
+            _splice(graph, found, builder, output, shared)
             return True
         return False
 
@@ -350,10 +410,12 @@ def _call(fn: Callable[..., Any], first: Any, found: Match, context: Any) -> Any
     return fn(first, **kwargs)
 
 
-def _splice(graph: gs.Graph, found: Match, builder: GraphBuilder, result: gs.Tensor) -> None:
-    """Put the built nodes in place of the matched ones; the pattern's output tensor keeps its name."""
-    output = found.output
-    producer = next((n for n in builder.nodes if any(t is result for t in n.outputs)), None)
+def _splice(
+    graph: gs.Graph, found: Match, builder: GraphBuilder, result: gs.Tensor, shared: dict[str, gs.Tensor]
+) -> None:
+    """Put the built nodes in place of the matched ones; the output and shared values keep their names."""
+    replaced = [(found.output, result)]
+    replaced += [(found.bindings[name], value) for name, value in shared.items() if found.used_outside(name)]
     for node in found.nodes:
         node.inputs.clear()
         node.outputs.clear()
@@ -362,13 +424,16 @@ def _splice(graph: gs.Graph, found: Match, builder: GraphBuilder, result: gs.Ten
     kept = [n for n in graph.nodes[:position] if id(n) not in matched]
     rest = [n for n in graph.nodes[position:] if id(n) not in matched]
     extra: list[gs.Node] = []
-    if producer is not None:
-        producer.outputs[next(i for i, t in enumerate(producer.outputs) if t is result)] = output
-    elif output in graph.outputs:
-        # The result is an existing value: a graph output must still be produced under its name.
-        extra = [gs.Node("Identity", builder._name(f"{builder.prefix}/Identity"), {}, [result], [output])]
-    else:
-        replace_uses(graph, output, result)
+    for old, new in replaced:
+        producer = next((n for n in builder.nodes if any(t is new for t in n.outputs)), None)
+        if producer is not None:
+            replace_uses(graph, new, old)  # built nodes that read the new value read it under the old name
+            producer.outputs[next(i for i, t in enumerate(producer.outputs) if t is new)] = old
+        elif old in graph.outputs:
+            # The result is an existing value: a graph output must still be produced under its name.
+            extra.append(gs.Node("Identity", builder._name(f"{builder.prefix}/Identity"), {}, [new], [old]))
+        else:
+            replace_uses(graph, old, new)
     graph.nodes = kept + builder.nodes + extra + rest
 
 
@@ -402,6 +467,7 @@ def apply_rules(
 
 __all__ = [
     "ConstVar",
+    "Either",
     "GraphBuilder",
     "Literal",
     "Match",

@@ -1,0 +1,146 @@
+"""Fuse the residual LayerNorm and the biased GELU of transformer blocks into onnxruntime's contrib ops.
+
+- `fuse-skip-layernorm`: LayerNormalization(x + skip [+ bias]) over the last axis becomes
+  com.microsoft.SkipLayerNormalization; a projection's bias added just before is taken in too. Where the
+  sum is also read elsewhere (the residual path of pre-norm blocks), the op's fourth output gives it.
+- `fuse-bias-gelu`: Gelu(x + bias) becomes com.microsoft.BiasGelu, its tanh approximation FastGelu(x, bias).
+
+Both need onnxruntime (other backends decline: standard ONNX has neither op), float32 and a bias or
+scale that is one vector over the last axis.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.ir.patterns import Match, RewriteRule
+from onnxforge.passes.fusion.base import CONTRIB_DOMAIN, FusionContext, RuleBasedPass
+from onnxforge.passes.registry import register_pass
+
+# --- SkipLayerNormalization -----------------------------------------------------------------------------
+
+
+def _add_layernorm(biased: bool, with_beta: bool):
+    def pattern(op, x, skip, gamma, beta):
+        total = op.Add(op.Add(x, op.const("bias")) if biased else x, skip, _name="sum", _shared=True)
+        return op.LayerNormalization(total, gamma, *([beta] if with_beta else []), _name="normalized")
+
+    pattern.__name__ = f"{'biased_' if biased else ''}add_layernorm{'' if with_beta else '_without_beta'}"
+    return pattern
+
+
+def _vector_over(tensor: gs.Tensor, width) -> bool:
+    """A float32 tensor of shape [width]."""
+    return tensor.dtype == np.float32 and tensor.shape is not None and list(tensor.shape) == [width]
+
+
+def _known_same_shape(a: gs.Tensor, b: gs.Tensor) -> bool:
+    """Provably the same shape: equal static sizes or equally named symbolic dimensions, nothing unknown."""
+    if a.shape is None or b.shape is None or len(a.shape) != len(b.shape):
+        return False
+    known = [(isinstance(d, int) and d >= 0) or (isinstance(d, str) and d != "") for d in a.shape]
+    return all(known) and list(a.shape) == list(b.shape)
+
+
+def _skip_layernorm(op, match: Match, context: FusionContext, x, skip, gamma, beta=None):
+    """SkipLayerNormalization(x, skip, gamma, beta, bias), with the sum as fourth output where it is read."""
+    b = match.bindings
+    layernorm = b["normalized"].inputs[0]
+    shape = x.shape
+    if (
+        not context.contrib_ops
+        or not _known_same_shape(x, skip)
+        or len(shape) not in (2, 3)
+        or x.dtype != np.float32
+        or skip.dtype != np.float32
+        or layernorm.attrs.get("axis", -1) not in (-1, len(shape) - 1)
+        or layernorm.attrs.get("stash_type", 1) != 1
+    ):
+        return None
+    width = shape[-1]
+    vectors = [gamma] + ([beta] if beta is not None else []) + ([b["bias"]] if "bias" in b else [])
+    if not isinstance(width, int) or not all(_vector_over(v, width) for v in vectors):
+        return None
+    inputs = [x, skip, gamma, beta, b.get("bias")]
+    while inputs[-1] is None:
+        inputs.pop()
+    epsilon = float(layernorm.attrs.get("epsilon", 1e-5))
+    if not match.used_outside("sum"):
+        return op.SkipLayerNormalization(*inputs, _domain=CONTRIB_DOMAIN, epsilon=epsilon)
+    normalized, *_, total = op.SkipLayerNormalization(*inputs, _domain=CONTRIB_DOMAIN, _outputs=4, epsilon=epsilon)
+    node = op.nodes[-1]
+    node.outputs[1], node.outputs[2] = gs.Variable.empty(), gs.Variable.empty()  # mean, inverse std: unused
+    return normalized, {"sum": total}
+
+
+SKIP_LAYERNORM = RewriteRule(
+    "skip-layernorm",
+    [_add_layernorm(biased, with_beta) for biased in (True, False) for with_beta in (True, False)],
+    _skip_layernorm,
+)
+
+
+# --- BiasGelu / FastGelu with bias ----------------------------------------------------------------------
+
+
+def _exact_gelu(op, x):
+    return op.Gelu(op.Add(x, op.const("bias")), approximate=lambda a: a in (None, "none"))
+
+
+def _contrib_gelu(op, x):
+    return op.Gelu(op.Add(x, op.const("bias")), _domain=CONTRIB_DOMAIN)
+
+
+def _tanh_gelu(op, x):
+    return op.Gelu(op.Add(x, op.const("bias")), approximate="tanh")
+
+
+def _contrib_fast_gelu(op, x):
+    return op.FastGelu(op.Add(x, op.const("bias")), _domain=CONTRIB_DOMAIN)
+
+
+def _last_axis_bias(x: gs.Tensor, bias: gs.Constant) -> np.ndarray | None:
+    """The bias as a [width] vector when it adds one value per element of x's last axis; else None."""
+    values = np.asarray(bias.values)
+    if x.shape is None or not x.shape or values.dtype != np.float32 or x.dtype != np.float32:
+        return None
+    width = x.shape[-1]
+    leading = values.shape[:-1]
+    if not isinstance(width, int) or values.ndim == 0 or values.shape[-1] != width or any(d != 1 for d in leading):
+        return None
+    if values.ndim > len(x.shape):  # the bias would add leading axes to the sum
+        return None
+    return values.reshape(width)
+
+
+def _biased(contrib_op: str):
+    def replacement(op, x, bias, context: FusionContext):
+        vector = _last_axis_bias(x, bias)
+        if not context.contrib_ops or vector is None:
+            return None
+        return getattr(op, contrib_op)(x, op.const(vector, "bias"), _domain=CONTRIB_DOMAIN)
+
+    return replacement
+
+
+BIAS_GELU = RewriteRule("bias-gelu", [_exact_gelu, _contrib_gelu], _biased("BiasGelu"))
+BIAS_FAST_GELU = RewriteRule("bias-fast-gelu", [_tanh_gelu, _contrib_fast_gelu], _biased("FastGelu"))
+
+
+@register_pass("fuse-skip-layernorm")
+class FuseSkipLayerNorm(RuleBasedPass):
+    """Fuse Add (residual, optionally a bias too) + LayerNormalization into SkipLayerNormalization (onnxruntime)."""
+
+    rules = (SKIP_LAYERNORM,)
+    order = 60
+    needs_shapes = True
+
+
+@register_pass("fuse-bias-gelu")
+class FuseBiasGelu(RuleBasedPass):
+    """Fuse a bias Add + Gelu into BiasGelu, or into FastGelu for the tanh approximation (onnxruntime)."""
+
+    rules = (BIAS_GELU, BIAS_FAST_GELU)
+    order = 60
+    needs_shapes = True
