@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
-import math
 import os
 import sys
 import tempfile
@@ -23,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime
 
@@ -34,9 +31,10 @@ from onnxforge.data import random_inputs
 from onnxforge.examples import build_example_model
 from onnxforge.ir import Model, load_model, save_model
 from onnxforge.ir.shapes import skeleton_proto
-from onnxforge.measure import LatencyStats, latency_stats_from_times
 from onnxforge.report import environment, write_json
 from onnxforge.verify import compare_outputs
+from paired_timing import Timing, file_bytes, paired_timing
+from torch_models import residual_cnn, transformer_encoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
@@ -53,16 +51,6 @@ class Case:
     build: Callable[[], Model]
 
 
-@dataclass
-class Timing:
-    """How long to time: `blocks` pairs of blocks, each at least `block_s` seconds and `min_runs` runs."""
-
-    blocks: int
-    block_s: float
-    min_runs: int
-    warmup: int
-
-
 def cases(quick: bool) -> list[Case]:
     """The models of this benchmark; the PyTorch ones only when torch is installed."""
     found = [Case("example", "onnxforge.examples.build_example_model()", lambda: load_model(build_example_model()))]
@@ -76,7 +64,7 @@ def cases(quick: bool) -> list[Case]:
                 "encoder",
                 "torch.nn.TransformerEncoder, 6 layers, d_model 256, 4 heads, ff 1024, input 1x128x256, "
                 "from_torch (TorchScript exporter, opset 17, static shapes)",
-                _torch_encoder,
+                transformer_encoder,
             )
         )
         found.append(
@@ -84,7 +72,7 @@ def cases(quick: bool) -> list[Case]:
                 "cnn",
                 "10-conv residual CNN with BatchNorm, input 1x3x224x224, "
                 "from_torch (TorchScript exporter, opset 17, static shapes)",
-                _torch_cnn,
+                residual_cnn,
             )
         )
     for name in LIGHT_MODELS[:2] if quick else LIGHT_MODELS:
@@ -98,124 +86,6 @@ def cases(quick: bool) -> list[Case]:
 
 def _loader(path: Path) -> Callable[[], Model]:
     return lambda: load_model(path)
-
-
-def _torch_encoder() -> Model:
-    import torch
-
-    from onnxforge.frontends.torch import from_torch
-
-    torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(d_model=256, nhead=4, dim_feedforward=1024, batch_first=True)
-    encoder = torch.nn.TransformerEncoder(layer, num_layers=6, enable_nested_tensor=False)
-    # TransformerEncoder deep-copies one layer, so all layers start equal and the exporter would store one
-    # set of weights shared through Identity nodes; after training they differ, so draw each layer's anew.
-    with torch.no_grad():
-        for parameter in encoder.parameters():
-            if parameter.dim() > 1:
-                torch.nn.init.xavier_uniform_(parameter)
-            else:
-                parameter.uniform_(-0.1, 0.1)
-    return from_torch(encoder, torch.randn(1, 128, 256), input_names=["x"], output_names=["y"])
-
-
-def _torch_cnn() -> Model:
-    import torch
-    from torch import nn
-
-    from onnxforge.frontends.torch import from_torch
-
-    def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int):
-            super().__init__()
-            self.a = conv_bn(cin, cout, 2)
-            self.b = nn.Sequential(nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            y = self.a(x)
-            return torch.relu(self.b(y) + y)
-
-    class Cnn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = conv_bn(3, 32, 2)
-            self.stages = nn.Sequential(Block(32, 48), Block(48, 96), Block(96, 160), Block(160, 256))
-            self.extra = conv_bn(256, 256)
-            self.pool = nn.AdaptiveAvgPool2d(1)
-            self.drop = nn.Dropout(0.2)
-            self.fc = nn.Linear(256, 1000)
-
-        def forward(self, x):
-            x = self.pool(self.extra(self.stages(self.stem(x))))
-            return self.fc(self.drop(x.view(x.size(0), -1)))
-
-    torch.manual_seed(0)
-    net = Cnn()
-    with torch.no_grad():  # BatchNorm statistics that are not the identity, as after training
-        for module in net.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    return from_torch(net, torch.randn(1, 3, 224, 224), input_names=["x"], output_names=["logits"])
-
-
-def file_bytes(path: Path) -> int:
-    """Size of a saved model, its external data file included."""
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-def time_block(session: onnxruntime.InferenceSession, feed: dict, runs: int) -> list[float]:
-    """Run `session` `runs` times; return each run's seconds."""
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter_ns()
-        session.run(None, feed)
-        times.append((time.perf_counter_ns() - start) / 1e9)
-    return times
-
-
-def paired_timing(before, after, feed: dict, timing: Timing) -> dict:
-    """Time two prepared models in interleaved blocks A, B, A, B, ...; return both summaries and the ratio."""
-    a, b = before.session, after.session
-    for _ in range(timing.warmup):
-        a.run(None, feed)
-        b.run(None, feed)
-    # Both models get the same number of runs per block, sized so the original's block lasts block_s.
-    probe = float(np.median(time_block(a, feed, 3)))
-    runs = max(timing.min_runs, math.ceil(timing.block_s / max(probe, 1e-6)))
-    times_a: list[float] = []
-    times_b: list[float] = []
-    block_ratios: list[float] = []
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(timing.blocks):
-            block_a = time_block(a, feed, runs)
-            block_b = time_block(b, feed, runs)
-            times_a += block_a
-            times_b += block_b
-            block_ratios.append(float(np.median(block_a) / np.median(block_b)))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    stats_a = latency_stats_from_times(times_a, warmup=timing.warmup)
-    stats_b = latency_stats_from_times(times_b, warmup=timing.warmup)
-    # The ratio within a block pair cancels slow drift; the median over pairs ignores the pairs that another
-    # process on the machine disturbed on one side only.
-    q25, q50, q75 = np.percentile(block_ratios, [25, 50, 75])
-    return {
-        "before": stats_a.to_dict(),
-        "after": stats_b.to_dict(),
-        "speedup": float(q50),
-        "speedup_iqr": [round(float(q25), 4), round(float(q75), 4)],
-        "speedup_of_pooled_medians": stats_a.median_ms / stats_b.median_ms,
-        "block_speedups": [round(r, 4) for r in block_ratios],
-        "runs_per_block": runs,
-    }
 
 
 def bench_case(case: Case, timing: Timing, threads: int | None, workdir: Path) -> dict:

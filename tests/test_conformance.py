@@ -1,0 +1,195 @@
+"""The ONNX single-operator conformance cases still give their expected outputs after `cleanup,fuse`.
+
+`onnx.backend.test.case.node.collect_testcases` yields every node test of the installed onnx package (1,884
+with onnx 1.23): a model with one operator, input data and the expected outputs. Each case is run in
+onnxruntime as is and after `onnxforge.optimize(model, "cleanup,fuse", verify=False)`, and compared with the
+expected outputs the way the ONNX backend tests compare them (onnx's `Runner.assert_similar_outputs`: same
+shapes and dtypes, `assert_allclose` with the case's rtol and atol, 1e-3 and 1e-7 unless a case says
+otherwise; strings equal; sequences element by element). Cases onnxruntime already fails as they are
+(load, run or wrong output) are excluded; the list, with reasons, is computed here and printed (`pytest -s`).
+
+All cases run once, in one module fixture, in under a minute on 2 cores: per-case pytest overhead and
+collecting the cases at import time would cost more than the checks. Each case is run after `cleanup` and
+then after `fuse` on that result (the same as `cleanup,fuse`), so a failure is attributed to the family that
+caused it: `fuse` must break nothing that passes after `cleanup`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime
+import pytest
+from onnx import numpy_helper
+from onnx.backend.test.case.node import collect_testcases
+from onnx.backend.test.case.test_case import TestCase
+
+from onnxforge import optimize
+
+@dataclass
+class Outcomes:
+    """What became of each case: excluded (the original fails), or failing after cleanup, or after cleanup,fuse."""
+
+    total: int
+    excluded: dict[str, str] = field(default_factory=dict)
+    after_cleanup: dict[str, str] = field(default_factory=dict)
+    after_fuse: dict[str, str] = field(default_factory=dict)
+    statuses: Counter = field(default_factory=Counter)
+    rewrites: Counter = field(default_factory=Counter)  # fuse's counters summed over the cases
+
+    @property
+    def checked(self) -> int:
+        return self.total - len(self.excluded)
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> Outcomes:
+    with _quiet():
+        cases = collect_testcases(None)
+        found = Outcomes(total=len(cases))
+        for case in cases:
+            reason = _fails(case.model, case)
+            if reason:
+                found.excluded[case.name] = reason
+                continue
+            # cleanup, then fuse on its result: the same as "cleanup,fuse", and it tells whose failure it is.
+            cleaned = case.model
+            for passes, failures in (("cleanup", found.after_cleanup), ("fuse", found.after_fuse)):
+                try:
+                    optimized, report = optimize(cleaned, passes, verify=False)
+                    cleaned = optimized.to_proto()
+                except Exception as exc:  # a crash of ours on a valid model: a failure, not an exclusion
+                    failures[case.name] = f"optimize raised {type(exc).__name__}: {_first_line(exc)}"
+                    break
+                found.statuses.update(f"{r.name} {r.status}" for r in report.passes)
+                if passes == "fuse":
+                    found.rewrites.update({k: v for r in report.passes for k, v in r.stats.items() if v})
+                for record in report.passes:
+                    if record.status == "rolled_back":  # not wrong, but a pass that raised: worth a look
+                        print(f"  {case.name}: {record.name} rolled back: {record.error}")
+                reason = _fails(cleaned, case)
+                if reason:
+                    failures[case.name] = reason
+            if case.name in found.after_cleanup and case.name not in found.after_fuse:
+                found.after_fuse[case.name] = found.after_cleanup[case.name]
+    print(f"\n{found.total} ONNX node conformance cases; {len(found.excluded)} excluded (onnxruntime fails them):")
+    for name, reason in sorted(found.excluded.items()):
+        print(f"  excluded {name}: {reason}")
+    print(f"{found.checked} checked; pass outcomes: {dict(sorted(found.statuses.items()))}")
+    print(f"fuse rewrites over all checked cases: {dict(sorted(found.rewrites.items()))}")
+    for name, reason in sorted(found.after_fuse.items()):
+        where = "after cleanup" if name in found.after_cleanup else "after fuse"
+        print(f"  FAILED {where} {name}: {reason}")
+    return found
+
+
+def test_onnxruntime_runs_most_conformance_cases_as_they_are(outcomes):
+    assert outcomes.total > 1000, "fewer conformance cases than expected: is onnx installed fully?"
+    assert outcomes.checked > 0.8 * outcomes.total
+
+
+def test_fuse_breaks_no_conformance_case_that_passes_after_cleanup(outcomes):
+    broken = {name: reason for name, reason in outcomes.after_fuse.items() if name not in outcomes.after_cleanup}
+    assert not broken, f"{len(broken)} of {outcomes.checked} cases fail after cleanup,fuse only: " + "; ".join(
+        f"{name}: {reason}" for name, reason in sorted(broken.items())
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known, outside fusion: Model.copy() drops sequence types of values (graphsurgeon's Tensor.copy), "
+    "optional-typed values cannot be exported, cleanup folds Range's scalar inputs to 1-D in affine_grid",
+)
+def test_every_conformance_case_passes_after_cleanup_and_fuse(outcomes):
+    assert not outcomes.after_fuse, f"{len(outcomes.after_fuse)} of {outcomes.checked} cases fail: " + "; ".join(
+        f"{name}: {reason}" for name, reason in sorted(outcomes.after_fuse.items())
+    )
+
+
+def _fails(model: onnx.ModelProto, case: TestCase) -> str | None:
+    """Why onnxruntime does not give `case`'s expected outputs on `model`; None when it does."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    try:
+        session = onnxruntime.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        return f"load: {_first_line(exc)}"
+    initializers = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in initializers]
+    for inputs, expected in case.data_sets:
+        feed = {name: _normalize(value) for name, value in zip(names, inputs)}
+        try:
+            outputs = session.run(None, feed)
+        except Exception as exc:
+            return f"run: {_first_line(exc)}"
+        if len(outputs) != len(expected):
+            return f"wrong output: {len(outputs)} outputs, expected {len(expected)}"
+        for index, (want, got) in enumerate(zip(expected, outputs)):
+            try:
+                _assert_similar(_normalize(want), got, case.rtol, case.atol)
+            except AssertionError as exc:
+                return f"wrong output {index}: {_first_line(exc)}"
+    return None
+
+
+def _assert_similar(expected, actual, rtol: float, atol: float) -> None:
+    """onnx's Runner.assert_similar_outputs for one output, with sequences and empty optionals compared whole."""
+    if expected is None or actual is None:
+        assert expected is None and actual is None, f"expected {expected!r}, got {actual!r}"
+        return
+    if isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), "sequences differ in type or length"
+        for want, got in zip(expected, actual):
+            _assert_similar(want, got, rtol, atol)
+        return
+    actual = np.asarray(actual)
+    assert actual.shape == expected.shape, f"shape {actual.shape}, expected {expected.shape}"
+    if expected.dtype == object:
+        np.testing.assert_array_equal(actual, expected)
+        return
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype}, expected {expected.dtype}"
+    if expected.dtype.name == "bfloat16":
+        rtol = max(rtol, 2**-6)  # two bfloat16 ULPs, as the ONNX runner allows
+        actual, expected = actual.astype(np.float32), expected.astype(np.float32)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+def _normalize(value):
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    if isinstance(value, (list, tuple)):
+        return [_normalize(v) for v in value]
+    if isinstance(value, np.generic):
+        return np.asarray(value)
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the case generators' numpy warnings, onnxruntime's kernel errors and graphsurgeon's notes."""
+    severity = gs.logger.G_LOGGER.severity
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+    onnxruntime.set_default_logger_severity(4)
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        onnxruntime.set_default_logger_severity(2)
+        gs.logger.G_LOGGER.severity = severity
