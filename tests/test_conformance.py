@@ -33,6 +33,7 @@ from onnx.backend.test.case.test_case import TestCase
 
 from onnxforge import optimize
 
+
 @dataclass
 class Outcomes:
     """What became of each case: excluded (the original fails), or failing after cleanup, or after cleanup,fuse."""
@@ -102,14 +103,24 @@ def test_fuse_breaks_no_conformance_case_that_passes_after_cleanup(outcomes):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known, outside fusion: Model.copy() drops sequence types of values (graphsurgeon's Tensor.copy), "
-    "optional-typed values cannot be exported, cleanup folds Range's scalar inputs to 1-D in affine_grid",
-)
+# Cases that fail after cleanup because onnxruntime, not the rewrite, is stricter once more is known: these
+# expanded AffineGrid functions feed Range 1-element 1-D tensors where ONNX says scalars. onnxruntime lets
+# that pass while shapes are unknown; fold-shapes makes the If condition (Size of a graph input) a constant,
+# onnxruntime then inlines the branch, knows the shapes, and refuses the model. Each must fail with this reason.
+KNOWN_ONNXRUNTIME_LIMITS = {
+    "test_affine_grid_2d_expanded": "Input to 'Range' op should be scalars",
+    "test_affine_grid_2d_align_corners_expanded": "Input to 'Range' op should be scalars",
+}
+
+
 def test_every_conformance_case_passes_after_cleanup_and_fuse(outcomes):
-    assert not outcomes.after_fuse, f"{len(outcomes.after_fuse)} of {outcomes.checked} cases fail: " + "; ".join(
-        f"{name}: {reason}" for name, reason in sorted(outcomes.after_fuse.items())
+    failing = {
+        name: reason
+        for name, reason in outcomes.after_fuse.items()
+        if KNOWN_ONNXRUNTIME_LIMITS.get(name, "\0") not in reason
+    }
+    assert not failing, f"{len(failing)} of {outcomes.checked} cases fail: " + "; ".join(
+        f"{name}: {reason}" for name, reason in sorted(failing.items())
     )
 
 

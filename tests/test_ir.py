@@ -268,3 +268,35 @@ def test_copy_is_independent_of_the_original():
 def test_stats_count_nodes_params_and_bytes():
     stats = load_model(_mlp(8)).stats()
     assert (stats.nodes, stats.params, stats.bytes) == (3, 128, 512)
+
+
+def test_sequence_and_optional_values_survive_copy_and_export():
+    # y = SequenceAt(SplitToSequence(x), 0); o = Optional(type=tensor(float)) with no input, checked for a value.
+    optional_type = helper.make_optional_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, [2]))
+    graph = helper.make_graph(
+        [
+            helper.make_node("SplitToSequence", ["x"], ["seq"], axis=0),
+            helper.make_node("SequenceAt", ["seq", "zero"], ["y"]),
+            helper.make_node("Optional", [], ["opt"], type=helper.make_tensor_type_proto(TensorProto.FLOAT, [2])),
+            helper.make_node("OptionalHasElement", ["opt"], ["has"]),
+        ],
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
+            helper.make_tensor_value_info("has", TensorProto.BOOL, []),
+            helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, [1, 2]),
+            helper.make_value_info("opt", optional_type),
+        ],
+        [numpy_helper.from_array(np.array(0, np.int64), "zero")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    copied = load_model(proto).copy()
+    onnx.checker.check_model(proto)
+    exported = copied.to_proto()
+    onnx.checker.check_model(exported)
+    assert [a.name for a in exported.graph.node[2].attribute] == ["type"]
+    out = get_backend("ort").prepare(copied).run({"x": np.arange(6, dtype=np.float32).reshape(3, 2)})
+    np.testing.assert_array_equal(out["y"], [[0, 1]])
+    assert not out["has"]
+    assert len(out["seq"]) == 3

@@ -16,7 +16,7 @@ from onnx.external_data_helper import uses_external_data
 
 from onnxforge.errors import ModelLoadError
 from onnxforge.ir.external import ExternalValues, external_source
-from onnxforge.ir.model import PROTOBUF_LIMIT_BYTES, Model, header_of
+from onnxforge.ir.model import PROTOBUF_LIMIT_BYTES, Model, header_of, paired_nodes, special_value_types
 
 # Tensors at least this large go to the external data file when saving with external data.
 EXTERNAL_THRESHOLD_BYTES = 1024
@@ -57,7 +57,16 @@ def _from_proto(proto: onnx.ModelProto, base_dir: Path | None) -> Model:
         graph = gs.import_onnx(proto)
     except Exception as exc:  # graphsurgeon raises assorted errors on malformed graphs
         raise ModelLoadError(f"cannot read the model graph: {str(exc).splitlines()[0]}") from None
-    model = Model(graph, header_of(proto))
+    model = Model(graph, header_of(proto), special_value_types(proto.graph))
+    for node, node_proto in paired_nodes(graph, proto.graph):
+        type_kinds = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
+        dropped = [a for a in node_proto.attribute if a.type in type_kinds]  # graphsurgeon skips these
+        if dropped:
+            model.type_attributes[id(node)] = (node, dropped)
+    for g in model.graphs():
+        for name, tensor in g.tensors().items():
+            if name in model.value_types and isinstance(tensor, gs.Variable):
+                tensor.dtype = None  # graphsurgeon put a TypeProto here; the real type is in value_types
     for g in model.graphs():
         for tensor in g.tensors().values():
             if isinstance(tensor, gs.Constant) and _is_external(tensor):

@@ -37,14 +37,30 @@ class Model:
     into a weight array in place, because snapshots for rollback share those arrays.
     """
 
-    def __init__(self, graph: gs.Graph, header: onnx.ModelProto):
+    def __init__(
+        self, graph: gs.Graph, header: onnx.ModelProto, value_types: dict[str, onnx.TypeProto] | None = None
+    ):
         self.graph = graph
         # The ModelProto without its graph and functions: ir_version, opset_import, metadata_props, ...
         self.header = header
+        # Types graphsurgeon cannot carry (optional, map, opaque), by value name; restored on export.
+        self.value_types = value_types or {}
+        # Attributes graphsurgeon drops (TYPE_PROTO, as on Optional): id(node) -> (node, attributes).
+        self.type_attributes: dict[int, tuple[gs.Node, list[onnx.AttributeProto]]] = {}
 
     def copy(self) -> Model:
         """Return an independent copy of the graph structure (weight arrays are shared, not copied)."""
-        return Model(self.graph.copy(), _copy_header(self.header))
+        copy = Model(self.graph.copy(), _copy_header(self.header), dict(self.value_types))
+        # graphsurgeon's copy forgets which values are sequences or optionals: carry their kind over.
+        for original, copied in zip(self.graphs(), copy.graphs()):
+            kinds = {name: t.type for name, t in original.tensors().items() if isinstance(t, gs.Variable)}
+            for name, tensor in copied.tensors().items():
+                if isinstance(tensor, gs.Variable) and name in kinds:
+                    tensor.type = kinds[name]
+            for node, twin in zip(original.nodes, copied.nodes):
+                if id(node) in self.type_attributes:
+                    copy.type_attributes[id(twin)] = (twin, self.type_attributes[id(node)][1])
+        return copy
 
     def graphs(self) -> Iterator[gs.Graph]:
         """Yield the main graph and every nested subgraph (If/Loop/Scan bodies), outer first."""
@@ -85,6 +101,14 @@ class Model:
                 if source:
                     tensor._values = source  # export as an external reference, not a copy
         proto = gs.export_onnx(graph, do_type_check=False)
+        for node, node_proto in paired_nodes(graph, proto.graph):
+            entry = self.type_attributes.get(id(node))
+            if entry is not None and entry[0] is node:
+                node_proto.attribute.extend(entry[1])
+        if self.value_types:
+            for info in _all_value_infos(proto.graph):
+                if info.name in self.value_types:
+                    info.type.CopyFrom(self.value_types[info.name])
         header = self.header
         opsets = {o.domain: o.version for o in header.opset_import}
         opsets.update({o.domain: o.version for o in proto.opset_import if o.domain not in opsets})
@@ -144,6 +168,38 @@ def _subgraphs(graph: gs.Graph) -> Iterator[gs.Graph]:
                 if isinstance(sub, gs.Graph):
                     yield sub
                     yield from _subgraphs(sub)
+
+
+def paired_nodes(graph: gs.Graph, proto: onnx.GraphProto) -> Iterator[tuple[gs.Node, onnx.NodeProto]]:
+    """Each node with its proto, subgraphs included (graphsurgeon imports and exports nodes in order)."""
+    for node, node_proto in zip(graph.nodes, proto.node):
+        yield node, node_proto
+        for attr in node_proto.attribute:
+            sub = node.attrs.get(attr.name)
+            if attr.type == onnx.AttributeProto.GRAPH and isinstance(sub, gs.Graph):
+                yield from paired_nodes(sub, attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS and isinstance(sub, list):
+                for sub_graph, sub_proto in zip(sub, attr.graphs):
+                    yield from paired_nodes(sub_graph, sub_proto)
+
+
+def special_value_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    """Values of `graph` (subgraphs included) whose type graphsurgeon cannot represent: optional, map, opaque."""
+    return {
+        info.name: info.type
+        for info in _all_value_infos(graph)
+        if info.type.WhichOneof("value") not in ("tensor_type", "sequence_type", "sparse_tensor_type", None)
+    }
+
+
+def _all_value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
+    yield from graph.input
+    yield from graph.output
+    yield from graph.value_info
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _all_value_infos(sub)
 
 
 def _all_proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:

@@ -123,7 +123,8 @@ def _run_nodes(nodes: list[gs.Node], model: Model, known: dict[str, np.ndarray])
     options.log_severity_level = 3
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {})))
+    # Sequences and optionals cannot become weights: only tensors are folded.
+    return {name: value for name, value in zip(names, session.run(names, {})) if isinstance(value, np.ndarray)}
 
 
 def _largest_constant(model: Model) -> int:
