@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.backends import BackendOptions, get_backend
 from onnxforge.data import random_inputs
@@ -40,3 +42,17 @@ def max_rel_error(
     backend, options = get_backend("ort"), BackendOptions(graph_optimization=graph_optimization)
     ref, new = backend.prepare(before_model, options), backend.prepare(after, options)
     return compare_outputs([ref.run(x) for x in inputs], [new.run(x) for x in inputs]).max_rel
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:
+    """A one-graph model of `nodes` at the given default-domain opset."""
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def value_info(name, shape, dtype=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def constant(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)

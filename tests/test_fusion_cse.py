@@ -6,6 +6,9 @@ import numpy as np
 import onnx
 import pytest
 from graph_checks import apply, max_rel_error, op_counts
+from graph_checks import constant as _const
+from graph_checks import make_model as _model
+from graph_checks import value_info as _vi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_builders import torch_cases
@@ -17,19 +20,6 @@ from onnxforge.ir import load_model
 from onnxforge.passes.fusion import fusion_passes
 
 FLOAT = TensorProto.FLOAT
-
-
-def _model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-
-
-def _vi(name, shape, dtype=FLOAT):
-    return helper.make_tensor_value_info(name, dtype, shape)
-
-
-def _const(name, array):
-    return numpy_helper.from_array(np.asarray(array), name)
 
 
 def test_cse_runs_first_inside_fuse():
