@@ -35,9 +35,9 @@ from onnxforge import optimize
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import BackendOptions
 from onnxforge.ir import Model, save_model
-from onnxforge.report import environment, write_json
+from onnxforge.report import environment
 from onnxforge.verify import compare_outputs
-from paired_timing import Timing, file_bytes, interleaved_timing
+from paired_timing import Timing, file_bytes, write_results, interleaved_timing
 from torch_models import bert_like, residual_cnn, transformer_encoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -386,13 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     setup["seconds_total"] = round(time.perf_counter() - started, 1)
     name = "fusion-quick" if args.quick else "fusion"
-    write_json(args.out / f"{name}.json", {"setup": setup, "environment": env, "results": results})
-    page = markdown(results, setup, env)
-    tmp_md = args.out / f".{name}.md.tmp"
-    tmp_md.write_text(page)
-    tmp_md.replace(args.out / f"{name}.md")
-    print(page)
-    print(f"wrote {args.out / (name + '.json')} and {name}.md in {setup['seconds_total']} s", file=sys.stderr)
+    payload = {"setup": setup, "environment": env, "results": results}
+    write_results(args.out, name, payload, markdown(results, setup, env))
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxforge.measure import latency_stats_from_times
+from onnxforge.report import write_json
 
 
 @dataclass
@@ -101,3 +103,14 @@ def file_bytes(path: Path) -> int:
     """Size of a saved model, its external data file included."""
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def write_results(out: Path, name: str, payload: dict, page: str) -> None:
+    """Write `name`.json (the payload) and `name`.md (the page) into `out`, each atomically, and print the page."""
+    write_json(out / f"{name}.json", payload)
+    tmp_md = out / f".{name}.md.tmp"
+    tmp_md.write_text(page)
+    tmp_md.replace(out / f"{name}.md")
+    print(page)
+    print(f"wrote {out / (name + '.json')} and {name}.md in {payload['setup']['seconds_total']} s", file=sys.stderr)
+
