@@ -9,14 +9,14 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from graph_checks import max_rel_error, op_counts
+from graph_checks import apply, max_rel_error, op_counts
 from model_builders import torch_cases
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import onnxforge
 from onnxforge.frontends.torch import from_torch
-from onnxforge.ir import Model, load_model
+from onnxforge.ir import Model
 from onnxforge.passes import PassContext, create_passes
 
 
@@ -55,9 +55,8 @@ def _exported(module: nn.Module, opset: int) -> Model:
 
 def _fused(model: Model | onnx.ModelProto, backend: str = "ort") -> tuple[Model, dict]:
     """A fused copy of the model, and the pass's counters."""
-    fused = load_model(model.to_proto() if isinstance(model, Model) else model)
-    (pass_,) = create_passes("fuse-activations")
-    return fused, pass_.run(fused, PassContext(backend=backend)).stats
+    fused, result = apply("fuse-activations", model, backend)
+    return fused, result.stats
 
 
 def _graph(nodes, opset=17, initializers=(), dtype=TensorProto.FLOAT) -> onnx.ModelProto:

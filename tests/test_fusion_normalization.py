@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from graph_checks import max_rel_error, op_counts
+from graph_checks import apply, max_rel_error, op_counts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper, version_converter
@@ -64,9 +64,8 @@ def _exported(module: nn.Module, opset: int) -> Model:
 
 def _fused(model: Model | onnx.ModelProto, backend: str = "ort") -> tuple[Model, dict]:
     """A fused copy of the model, and the pass's counters."""
-    fused = load_model(model.to_proto() if isinstance(model, Model) else model)
-    (pass_,) = create_passes("fuse-normalization")
-    return fused, pass_.run(fused, PassContext(backend=backend)).stats
+    fused, result = apply("fuse-normalization", model, backend)
+    return fused, result.stats
 
 
 def _error(before: Model | onnx.ModelProto, after: Model) -> float:

@@ -103,15 +103,19 @@ def _layer_norm_pattern(mean: Pattern, square: Pattern) -> Pattern:
     return pattern
 
 
-def _layer_norm(op, x, mean, variance, epsilon, context: FusionContext):
-    """LayerNormalization with a unit scale over the averaged trailing axes; None to decline."""
-    k = _trailing_count(x, mean, variance)
-    if context.opset < LAYER_NORM_MIN_OPSET or x.dtype != np.float32 or k is None:
-        return None
-    eps = _epsilon(epsilon, len(x.shape))
-    if eps is None:
-        return None
-    return op.LayerNormalization(x, _unit_scale(op, x, k), axis=-k, epsilon=eps)
+def _normalization(op_type: str, min_opset: int):
+    """The replacement building `op_type` with a unit scale over the averaged trailing axes (None declines)."""
+
+    def replacement(op, x, variance, epsilon, context: FusionContext, mean=None):
+        k = _trailing_count(x, variance) if mean is None else _trailing_count(x, mean, variance)
+        if context.opset < min_opset or x.dtype != np.float32 or k is None:
+            return None
+        eps = _epsilon(epsilon, len(x.shape))
+        if eps is None:
+            return None
+        return getattr(op, op_type)(x, _unit_scale(op, x, k), axis=-k, epsilon=eps)
+
+    return replacement
 
 
 LAYER_NORM = RewriteRule(
@@ -121,7 +125,7 @@ LAYER_NORM = RewriteRule(
         for mean in (_mean_with_axes_attribute, _mean_with_axes_input)
         for square in (_pow_2, _times_itself)
     ],
-    _layer_norm,
+    _normalization("LayerNormalization", LAYER_NORM_MIN_OPSET),
 )
 
 
@@ -147,15 +151,6 @@ def _rms_norm_pattern(mean: Pattern, square: Pattern, divide: Pattern) -> Patter
     return pattern
 
 
-def _rms_norm(op, x, variance, epsilon, context: FusionContext):
-    """RMSNormalization with a unit scale over the averaged trailing axes; None to decline."""
-    k = _trailing_count(x, variance)
-    if context.opset < RMS_NORM_MIN_OPSET or x.dtype != np.float32 or k is None:
-        return None
-    eps = _epsilon(epsilon, len(x.shape))
-    if eps is None:
-        return None
-    return op.RMSNormalization(x, _unit_scale(op, x, k), axis=-k, epsilon=eps)
 
 
 RMS_NORM = RewriteRule(
@@ -166,7 +161,7 @@ RMS_NORM = RewriteRule(
         for square in (_pow_2, _times_itself)
         for divide in (_divided, _times_reciprocal, _times_one_over)
     ],
-    _rms_norm,
+    _normalization("RMSNormalization", RMS_NORM_MIN_OPSET),
 )
 
 
