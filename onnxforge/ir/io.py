@@ -16,7 +16,14 @@ from onnx.external_data_helper import uses_external_data
 
 from onnxforge.errors import ModelLoadError
 from onnxforge.ir.external import ExternalValues, external_source
-from onnxforge.ir.model import PROTOBUF_LIMIT_BYTES, Model, header_of, paired_nodes, special_value_types
+from onnxforge.ir.model import (
+    PROTOBUF_LIMIT_BYTES,
+    Model,
+    header_of,
+    paired_nodes,
+    proto_graphs,
+    special_value_types,
+)
 
 # Tensors at least this large go to the external data file when saving with external data.
 EXTERNAL_THRESHOLD_BYTES = 1024
@@ -213,13 +220,7 @@ def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: 
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_tensors(sub)
+    for g in proto_graphs(graph):
+        yield from g.initializer
+        for node in g.node:
+            yield from (attr.t for attr in node.attribute if attr.type == onnx.AttributeProto.TENSOR)

@@ -192,22 +192,25 @@ def special_value_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
     }
 
 
-def _all_value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
-    yield from graph.input
-    yield from graph.output
-    yield from graph.value_info
+def proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """`graph` and every graph nested in its nodes' attributes (If/Loop/Scan bodies), outer first."""
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                yield from _all_value_infos(sub)
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from proto_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from proto_graphs(sub)
+
+
+def _all_value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
+    for g in proto_graphs(graph):
+        yield from g.input
+        yield from g.output
+        yield from g.value_info
 
 
 def _all_proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_proto_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_proto_nodes(g)
+    for g in proto_graphs(graph):
+        yield from g.node

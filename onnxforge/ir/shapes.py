@@ -9,7 +9,7 @@ import onnx.external_data_helper
 import onnx.shape_inference
 import onnx_graphsurgeon as gs
 
-from onnxforge.ir.model import Model
+from onnxforge.ir.model import Model, proto_graphs
 
 
 # Where the skeleton's large weights claim to be; nothing is ever read from it.
@@ -75,20 +75,14 @@ def skeleton_proto(model: Model) -> onnx.ModelProto:
 
 
 def _initializers(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                yield from _initializers(sub)
+    for g in proto_graphs(graph):
+        yield from g.initializer
 
 
 def _collect_value_infos(graph: onnx.GraphProto, infos: dict) -> None:
-    for info in list(graph.value_info) + list(graph.output) + list(graph.input):
-        infos.setdefault(info.name, info)
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                _collect_value_infos(sub, infos)
+    for g in proto_graphs(graph):
+        for info in [*g.value_info, *g.output, *g.input]:
+            infos.setdefault(info.name, info)
 
 
 def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
