@@ -8,78 +8,33 @@ medians, which cancels slow drift of the machine. Create the sessions with threa
 
 from __future__ import annotations
 
-import gc
-import math
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from onnxforge.measure import latency_stats_from_times
+from onnxforge.measure import InterleavedTiming as Timing
+from onnxforge.measure import interleaved_latency
 from onnxforge.report import write_json
 
 
-@dataclass
-class Timing:
-    """How long to time: `blocks` rounds of blocks, each at least `block_s` seconds and `min_runs` runs."""
-
-    blocks: int
-    block_s: float
-    min_runs: int
-    warmup: int
-
-
-def time_block(session, feed: dict, runs: int) -> list[float]:
-    """Run an onnxruntime session `runs` times; return each run's seconds."""
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter_ns()
-        session.run(None, feed)
-        times.append((time.perf_counter_ns() - start) / 1e9)
-    return times
-
-
 def interleaved_timing(sessions: Sequence, feed: dict, timing: Timing) -> list[dict]:
-    """Time sessions in interleaved blocks; the first is the baseline the others' speedups are relative to.
+    """Time onnxruntime sessions in interleaved blocks; the first is the baseline the others' speedups are relative to.
 
     Returns one dict per session: `stats` (latency over all its runs) and, for all but the first, `speedup`
     (median over rounds of baseline block median / this block median; above 1 is faster), `speedup_iqr`,
     `speedup_of_pooled_medians` and `block_speedups`.
     """
-    for _ in range(timing.warmup):
-        for session in sessions:
-            session.run(None, feed)
-    # Every session gets the same number of runs per block, sized so the baseline's block lasts block_s.
-    probe = float(np.median(time_block(sessions[0], feed, 3)))
-    runs = max(timing.min_runs, math.ceil(timing.block_s / max(probe, 1e-6)))
-    times: list[list[float]] = [[] for _ in sessions]
-    ratios: list[list[float]] = [[] for _ in sessions]
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(timing.blocks):
-            blocks = [time_block(session, feed, runs) for session in sessions]
-            for index, block in enumerate(blocks):
-                times[index] += block
-                ratios[index].append(float(np.median(blocks[0]) / np.median(block)))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    stats = [latency_stats_from_times(t, warmup=timing.warmup) for t in times]
+    runs = [lambda session=session: session.run(None, feed) for session in sessions]
+    timed = interleaved_latency(runs, timing)
     results = []
-    for index, summary in enumerate(stats):
-        result = {"stats": summary.to_dict(), "runs_per_block": runs}
+    for index, model in enumerate(timed):
+        result = {"stats": model.stats.to_dict(), "runs_per_block": model.runs_per_block}
         if index > 0:
-            # The median over rounds ignores the rounds another process disturbed on one side only.
-            q25, q50, q75 = np.percentile(ratios[index], [25, 50, 75])
             result.update(
-                speedup=float(q50),
-                speedup_iqr=[round(float(q25), 4), round(float(q75), 4)],
-                speedup_of_pooled_medians=stats[0].median_ms / summary.median_ms,
-                block_speedups=[round(r, 4) for r in ratios[index]],
+                speedup=model.speedup,
+                speedup_iqr=[round(q, 4) for q in model.speedup_iqr],
+                speedup_of_pooled_medians=timed[0].stats.median_ms / model.stats.median_ms,
+                block_speedups=list(model.block_speedups),
             )
         results.append(result)
     return results

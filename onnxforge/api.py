@@ -65,7 +65,7 @@ def optimize(
     pipeline = create_passes(passes)
     samples = _samples(data, original)
     verify_options = VerifyOptions(enabled=verify, rtol=rtol, seed=seed, shapes=shapes, backend=backend)
-    context = PassContext(data=samples, backend=backend, target=target)
+    context = PassContext(data=samples, backend=backend, target=target, threads=threads)
     manager = PassManager(pipeline, verify=verify_options, on_error=on_error, instruments=instruments, context=context)
     result, records = manager.run(original)
     report = OptimizationReport(

@@ -102,6 +102,7 @@ def _add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--external-data", choices=["auto", "yes", "no"], help="store weights beside the model (default auto)"
     )
+    parser.add_argument("--explain", action="store_true", help="print why each pass changed what it changed")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     _add_model_input_arguments(parser)
 
@@ -158,6 +159,8 @@ def _optimize(args: argparse.Namespace) -> int:
         print(report.summary())
         if not output:
             print("  (no -o given: the optimized model was not saved)")
+    if args.explain:
+        print(report.explanation())
     return 0
 
 

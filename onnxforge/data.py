@@ -155,6 +155,18 @@ def load_samples(path: str | os.PathLike[str], model: onnx.ModelProto) -> list[S
     return samples
 
 
+def split_samples(samples: Sequence[Sample], held_out_fraction: float = 0.25) -> tuple[list[Sample], list[Sample]]:
+    """Split samples into a calibration part and a held-out part that judges fidelity (the last quarter).
+
+    With fewer than 4 samples there is nothing to spare: both parts are all the samples.
+    """
+    samples = list(samples)
+    if len(samples) < 4:
+        return samples, samples
+    held_out = max(1, round(len(samples) * held_out_fraction))
+    return samples[:-held_out], samples[-held_out:]
+
+
 def save_samples(path: str | os.PathLike[str], samples: Sequence[Mapping[str, np.ndarray]]) -> None:
     """Write samples that keep the model's batch axis to one `.npz` that `load_samples` reads back."""
     if not samples:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,3 +118,74 @@ def measure_latency(run: Callable[[], object], options: MeasureOptions = Measure
         if gc_was_enabled:
             gc.enable()
     return latency_stats_from_times([t / 1e9 for t in times_ns], warmup=options.warmup)
+
+
+@dataclass(frozen=True)
+class InterleavedTiming:
+    """How to time models against each other: `blocks` rounds of one block per model, each block at least
+    `block_s` seconds (sized on the first model) and `min_runs` runs, after `warmup` runs of each."""
+
+    blocks: int = 5
+    block_s: float = 0.2
+    min_runs: int = 3
+    warmup: int = 3
+
+
+@dataclass(frozen=True)
+class RelativeLatency:
+    """One model's latency in an interleaved run, and its speed relative to the first model (above 1: faster).
+
+    `speedup` is the median over rounds of (first model's block median / this block median), which cancels
+    slow drift of the machine; `speedup_iqr` its quartiles over rounds. The first model's speedup is 1.
+    """
+
+    stats: LatencyStats
+    speedup: float
+    speedup_iqr: tuple[float, float]
+    block_speedups: tuple[float, ...]
+    runs_per_block: int
+
+
+def interleaved_latency(runs: Sequence[Callable[[], object]], timing: InterleavedTiming) -> list[RelativeLatency]:
+    """Time several models in interleaved blocks (A, B, C, A, B, C, ...); the first is the baseline.
+
+    Each model must sleep its idle threads (no spinning): a spinning pool steals the cores of the model
+    timed after it and makes the ratios wrong (shared/notes/cpu-arm.md, "Timing two models").
+    """
+    for _ in range(timing.warmup):
+        for run in runs:
+            run()
+    probe = float(np.median([_timed(runs[0]) for _ in range(3)]))
+    count = max(timing.min_runs, math.ceil(timing.block_s / max(probe, 1e-6)))
+    times: list[list[float]] = [[] for _ in runs]
+    ratios: list[list[float]] = [[] for _ in runs]
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(timing.blocks):
+            blocks = [[_timed(run) for _ in range(count)] for run in runs]
+            for index, block in enumerate(blocks):
+                times[index] += block
+                ratios[index].append(float(np.median(blocks[0]) / np.median(block)))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    results = []
+    for index, model_times in enumerate(times):
+        q25, q50, q75 = np.percentile(ratios[index], [25, 50, 75])
+        results.append(
+            RelativeLatency(
+                stats=latency_stats_from_times(model_times, warmup=timing.warmup),
+                speedup=float(q50),
+                speedup_iqr=(float(q25), float(q75)),
+                block_speedups=tuple(round(r, 4) for r in ratios[index]),
+                runs_per_block=count,
+            )
+        )
+    return results
+
+
+def _timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter_ns()
+    run()
+    return (time.perf_counter_ns() - start) / 1e9

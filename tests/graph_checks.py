@@ -21,11 +21,13 @@ def op_counts(model: Model) -> Counter:
     return Counter(node.op for graph in model.graphs() for node in graph.nodes)
 
 
-def apply(pass_spec: str, source: onnx.ModelProto | Model, backend: str = "ort") -> tuple[Model, PassResult]:
+def apply(
+    pass_spec: str, source: onnx.ModelProto | Model, backend: str = "ort", data: list[dict] | None = None
+) -> tuple[Model, PassResult]:
     """Run one pass (e.g. 'fold-constants:max_bytes=64') directly on a fresh IR model of `source`."""
     (pass_,) = create_passes(pass_spec)
     model = load_model(source.to_proto() if isinstance(source, Model) else source)
-    return model, pass_.run(model, PassContext(backend=backend))
+    return model, pass_.run(model, PassContext(data=data, backend=backend))
 
 
 def max_rel_error(

@@ -3,7 +3,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onnxforge.errors import OnnxforgeError
-from onnxforge.measure import LatencyStats, MeasureOptions, latency_stats_from_times, measure_latency
+import time
+
+from onnxforge.measure import (
+    InterleavedTiming,
+    LatencyStats,
+    MeasureOptions,
+    interleaved_latency,
+    latency_stats_from_times,
+    measure_latency,
+)
 
 
 def test_stats_from_known_times_are_exact():
@@ -103,3 +112,21 @@ def test_measure_stops_at_max_time_before_min_repeats():
 def test_bad_measure_options_raise_user_error(kwargs):
     with pytest.raises(OnnxforgeError):
         MeasureOptions(**kwargs)
+
+
+def test_interleaved_latency_runs_every_model_alike_and_gives_speedups_against_the_first():
+    calls = {"fast": 0, "slow": 0}
+
+    def run(name: str, seconds: float):
+        def call():
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return call
+
+    timing = InterleavedTiming(blocks=3, block_s=0.01, min_runs=2, warmup=1)
+    slow, fast = interleaved_latency([run("slow", 0.004), run("fast", 0.002)], timing)
+    assert calls["slow"] == calls["fast"] + 3  # the same warm-up and runs per block, plus the baseline's probe
+    assert slow.speedup == 1.0 and len(fast.block_speedups) == 3
+    assert 1.3 < fast.speedup < 2.5  # 4 ms against 2 ms of sleep, give or take the scheduler
+    assert fast.stats.repeats == fast.runs_per_block * 3

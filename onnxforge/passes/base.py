@@ -5,23 +5,32 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
+import numpy as np
+
+from onnxforge.backends.base import BackendOptions, Prepared
 from onnxforge.errors import PassError
 from onnxforge.ir import Model
+from onnxforge.measure import InterleavedTiming, RelativeLatency, interleaved_latency
 
 T = TypeVar("T")
 
 
 @dataclass
 class PassResult:
-    """What a pass did: whether it changed the model, counters for the report, and analyses it kept valid."""
+    """What a pass did: whether it changed the model, counters for the report, and analyses it kept valid.
+
+    `notes` say in plain words what the pass decided and why (which layers it changed, which it left alone);
+    `optimize --explain` prints them.
+    """
 
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
     preserved: tuple[type[Analysis], ...] = ()
+    notes: list[str] = field(default_factory=list)
 
 
 class Analysis:
@@ -36,13 +45,38 @@ class Analysis:
 
 
 class PassContext:
-    """Per-run state shared by passes: the analysis cache, sample data and the names of backend and target."""
+    """Per-run state shared by passes: the analysis cache, sample data, and the backend and target to run on.
 
-    def __init__(self, data: list[dict] | None = None, backend: str = "ort", target: str = "cpu"):
+    Passes that run or time models (calibration, measured choices) do it through `prepare` and
+    `time_models`, so that no pass imports a backend.
+    """
+
+    def __init__(
+        self,
+        data: list[dict] | None = None,
+        backend: str = "ort",
+        target: str = "cpu",
+        threads: int | None = None,
+        timing: InterleavedTiming | None = None,
+    ):
         self.data = data
         self.backend = backend
         self.target = target
+        self.threads = threads
+        self.timing = timing or InterleavedTiming()
         self._cache: dict[type[Analysis], tuple[int, Any]] = {}
+
+    def prepare(self, model: Model | bytes, graph_optimization: str = "all") -> Prepared:
+        """Load or compile `model` on this run's backend and target, ready to run or time."""
+        from onnxforge.backends import get_backend
+
+        options = BackendOptions(target=self.target, threads=self.threads, graph_optimization=graph_optimization)
+        return get_backend(self.backend).prepare(model, options)
+
+    def time_models(self, prepared: Sequence[Prepared], inputs: Mapping[str, np.ndarray]) -> list[RelativeLatency]:
+        """Time prepared models against each other in interleaved blocks; speedups are relative to the first."""
+        feed = dict(inputs)
+        return interleaved_latency([lambda p=p: p.run(feed) for p in prepared], self.timing)
 
     def analysis(self, kind: type[Analysis], model: Model) -> Any:
         """Return `kind` computed on `model`, from the cache when still valid."""

@@ -32,6 +32,7 @@ class PassRecord:
     stats: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     max_rel_error: float | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +44,7 @@ class PassRecord:
             "stats": self.stats,
             "error": self.error,
             "max_rel_error_vs_previous": self.max_rel_error,
+            "notes": self.notes,
         }
 
 
@@ -115,6 +117,8 @@ class PassManager:
             result.changed = True
             result.stats = {**result.stats, "unreported_change": True}
         record = PassRecord(pass_.describe(), "unchanged", seconds, before, before)
+        if not error:
+            record.notes = list(result.notes)
         if not error and result.changed:
             self.context.invalidate(result.preserved)
             record.stats = result.stats

@@ -107,7 +107,8 @@ def parse_pass_list(text: str) -> list[tuple[str, dict[str, str]]]:
     """Parse `prune:ratio=0.3:method=l1,quant:bits=4` into [(name, {option: value}), ...].
 
     Options follow their pass after ':'; a comma-separated item holding '=' continues the previous pass's
-    options, so `prune:ratio=0.3,method=l1` works too. List values are joined with '+'.
+    options, so `prune:ratio=0.3,method=l1` works too. List values are joined with '+'. A part without '='
+    continues the previous value, so `quant:granularity=block:32:bits=4` gives granularity 'block:32'.
     """
     steps: list[tuple[str, dict[str, str]]] = []
     for item in (part.strip() for part in text.split(",")):
@@ -120,11 +121,16 @@ def parse_pass_list(text: str) -> list[tuple[str, dict[str, str]]]:
             option_texts = [head, *option_texts]
         else:
             steps.append((head.strip(), {}))
+        key = ""
         for option in option_texts:
+            if "=" not in option and key:  # a value holding ':' itself, as in granularity=block:32
+                steps[-1][1][key] += f":{option.strip()}"
+                continue
             key, sep, value = option.partition("=")
-            if not sep or not key.strip():
+            key = key.strip()
+            if not sep or not key:
                 raise PassError(f"bad pass option '{option}' in '{item}': write key=value")
-            steps[-1][1][key.strip()] = value.strip()
+            steps[-1][1][key] = value.strip()
     return steps
 
 
@@ -151,3 +157,4 @@ def _load_builtins() -> None:
     # Importing the pass families runs their @register_pass decorators.
     import onnxforge.passes.cleanup  # noqa: F401
     import onnxforge.passes.fusion  # noqa: F401
+    import onnxforge.passes.quantization  # noqa: F401

@@ -67,12 +67,25 @@ class OptimizationReport:
         """Write the report atomically."""
         write_json(path, self.to_dict())
 
+    def explanation(self) -> str:
+        """Each pass's notes on what it decided and why (what `optimize --explain` prints)."""
+        lines = []
+        for record in self.passes:
+            if record.notes:
+                lines.append(f"{record.name} ({record.status}):")
+                lines.extend(f"  {note}" for note in record.notes)
+        return "\n".join(lines) if lines else "no pass left notes"
+
     def summary(self) -> str:
         """A few lines a person reads on the terminal after a run."""
         lines = []
         width = max([24, *(len(record.name) for record in self.passes)])
         for record in self.passes:
-            counters = ", ".join(f"{k}={v}" for k, v in record.stats.items() if v not in (0, "", None))
+            counters = ", ".join(
+                f"{k}={v}"
+                for k, v in record.stats.items()
+                if isinstance(v, (int, float, str)) and v not in (0, "", None)
+            )
             line = f"  {record.name:<{width}} {record.status:<12} {record.seconds * 1000:8.1f} ms"
             line += f"  nodes {record.before.nodes} -> {record.after.nodes}"
             if counters:

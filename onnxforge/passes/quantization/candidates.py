@@ -1,0 +1,81 @@
+"""Quantized copies of one model for any choice of layers, with each weight quantized only once."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+from onnxforge.ir import Model
+from onnxforge.passes.quantization.layers import Layer, find_layers
+from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, LayerRewriter
+from onnxforge.passes.quantization.weights import QuantizedWeight, QuantSpec, gptq_quantize, quantize_weight
+
+Plan = Mapping[int, LayerFormat]  # layer index (its node's position in the main graph) -> format
+
+
+class WeightQuantizer:
+    """Quantizes layer weights by round-to-nearest, an error-minimizing search, or GPTQ; caches every result.
+
+    `hessians` (for GPTQ) and `input_energy` (for the search) come from calibration activations, by weight name.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        hessians: Mapping[str, np.ndarray] | None = None,
+        input_energy: Mapping[str, np.ndarray] | None = None,
+    ):
+        self.method = method
+        self.hessians = hessians or {}
+        self.input_energy = input_energy or {}
+        self._cache: dict[tuple[str, QuantSpec], QuantizedWeight] = {}
+
+    def __call__(self, layer: Layer, spec: QuantSpec) -> QuantizedWeight:
+        key = (layer.weight.name, spec)
+        if key not in self._cache:
+            self._cache[key] = self._quantize(layer, spec)
+        return self._cache[key]
+
+    def _quantize(self, layer: Layer, spec: QuantSpec) -> QuantizedWeight:
+        values = np.asarray(layer.weight.values, np.float32)
+        axis = layer.in_axis if spec.granularity == "block" else layer.out_axis
+        name = layer.weight.name
+        if self.method == "gptq" and layer.op == "MatMul" and name in self.hessians:
+            return gptq_quantize(values, self.hessians[name], spec)
+        if self.method in ("search", "gptq"):
+            energy = self.input_energy.get(name) if layer.op == "MatMul" else None
+            return quantize_weight(values, spec, axis, method="search", input_energy=energy)
+        return quantize_weight(values, spec, axis)
+
+
+class CandidateBuilder:
+    """Builds quantized copies of `model` (whose layers are `layers`) for any plan."""
+
+    def __init__(
+        self,
+        model: Model,
+        weights: WeightQuantizer,
+        activations: Mapping[str, ActivationQuantization],
+        contrib_ops: bool,
+    ):
+        self.model = model
+        self.weights = weights
+        self.activations = activations
+        self.contrib_ops = contrib_ops
+        position = {id(node): index for index, node in enumerate(model.graph.nodes)}
+        self.layers = {position[id(layer.node)]: layer for layer in find_layers(model.graph)}
+
+    def build(self, plan: Plan) -> Model:
+        """A copy of the model with the layers of `plan` quantized as it says; the model itself is untouched."""
+        copy = self.model.copy()
+        rewriter = LayerRewriter(copy.graph, self.weights, self.activations, self.contrib_ops)
+        nodes = list(copy.graph.nodes)
+        for index, fmt in sorted(plan.items()):
+            original = self.layers[index]
+            layer = dataclasses.replace(original, node=nodes[index])
+            rewriter.rewrite(layer, fmt)
+        copy.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return copy
+

@@ -1,0 +1,88 @@
+"""Measured choice: quantize a layer type only in a format that the target runs faster than float."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxforge.passes.base import PassContext
+from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
+from onnxforge.passes.quantization.rewrite import LayerFormat
+
+
+@dataclass
+class TypeMeasurement:
+    """What timing said of one layer type: each candidate format's speedup over float, and the one kept."""
+
+    op: str
+    members: list[int]
+    speedups: list[tuple[LayerFormat, float]] = field(default_factory=list)
+    chosen: LayerFormat | None = None
+
+    @property
+    def layers(self) -> int:
+        return len(self.members)
+
+    @property
+    def best_speedup(self) -> float | None:
+        return max((s for _, s in self.speedups), default=None)
+
+
+@dataclass
+class MeasuredChoice:
+    """The plan measurement left, what it measured per layer type, and the whole plan's speedup."""
+
+    plan: dict[int, LayerFormat]
+    by_type: dict[str, TypeMeasurement]
+    speedup: float | None = None
+    dropped_after_combining: list[str] = field(default_factory=list)
+
+
+def choose_by_measurement(
+    builder: CandidateBuilder,
+    plan: Plan,
+    candidates: Mapping[str, Sequence[LayerFormat]],
+    ctx: PassContext,
+    feed: Mapping[str, np.ndarray],
+    min_speedup: float,
+    thresholds: Mapping[str, float] | None = None,
+) -> MeasuredChoice:
+    """Time, per layer type, the model with only that type quantized in each candidate format against float.
+
+    A type keeps the fastest candidate if it reaches `min_speedup` (or its own entry in `thresholds`); then
+    the types kept are timed together, and while the whole is slower than float the type that gained least
+    goes back to float.
+    """
+    thresholds = thresholds or {}
+    baseline = ctx.prepare(builder.model)
+    ops = {index: builder.layers[index].op for index in plan}
+    by_type: dict[str, TypeMeasurement] = {}
+    for op in sorted(set(ops.values())):
+        members = [index for index in plan if ops[index] == op]
+        formats = list(candidates.get(op, ())) or [plan[members[0]]]
+        measurement = TypeMeasurement(op, members)
+        prepared = [ctx.prepare(builder.build({i: fmt for i in members})) for fmt in formats]
+        timed = ctx.time_models([baseline, *prepared], feed)
+        measurement.speedups = [(fmt, result.speedup) for fmt, result in zip(formats, timed[1:])]
+        best_format, best = max(measurement.speedups, key=lambda pair: pair[1])
+        if best >= thresholds.get(op, min_speedup):
+            measurement.chosen = best_format
+        by_type[op] = measurement
+    chosen = {op: m for op, m in by_type.items() if m.chosen is not None}
+    result = MeasuredChoice({}, by_type)
+    while chosen:
+        combined = {i: chosen[ops[i]].chosen for i in plan if ops[i] in chosen}
+        if len(chosen) == 1:
+            result.plan, result.speedup = combined, next(iter(chosen.values())).best_speedup
+            break
+        speedup = ctx.time_models([baseline, ctx.prepare(builder.build(combined))], feed)[1].speedup
+        if speedup >= 1.0:
+            result.plan, result.speedup = combined, speedup
+            break
+        weakest = min(chosen, key=lambda op: chosen[op].best_speedup)
+        chosen.pop(weakest)
+        by_type[weakest].chosen = None
+        result.dropped_after_combining.append(weakest)
+    return result

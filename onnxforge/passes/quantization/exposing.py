@@ -1,0 +1,117 @@
+"""Expose weights to quantization: Gemm as MatMul + Add, and fused Attention's Q/K/V projection as a MatMul.
+
+onnxruntime fuses DequantizeLinear -> MatMul into its integer kernels, but runs DequantizeLinear -> Gemm in
+float, dequantizing the weight on every run; its optimizer fuses MatMul + Add back into Gemm where the MatMul
+stays float, so nothing is lost on layers that end up unquantized.
+
+onnxruntime's com.microsoft.Attention multiplies by its packed [E, 3E] weight inside the op, where no
+quantization pass sees it. MultiHeadAttention takes Q, K and V already projected (and adds their bias
+itself), so Attention(x, W, b, attention_bias) becomes Split(MatMul(x, W)) -> MultiHeadAttention(q, k, v, b).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.ir.edit import unique_name
+
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+def split_gemms(graph: gs.Graph) -> int:
+    """Replace each Gemm with a constant weight, no transposed input and a constant or absent C; return how many."""
+    return _replace_each(graph, _gemm_splittable, _gemm_as_matmul)
+
+
+def split_attention_projections(graph: gs.Graph) -> int:
+    """Rewrite every splittable com.microsoft.Attention of `graph`; return how many were rewritten.
+
+    An Attention is left alone when it has a mask index or past state (MultiHeadAttention spells those
+    differently), a non-constant weight, or unequal Q/K/V widths.
+    """
+    return _replace_each(graph, _attention_splittable, _attention_as_projection)
+
+
+def _replace_each(
+    graph: gs.Graph, select: Callable[[gs.Node], bool], write: Callable[[gs.Graph, gs.Node], None]
+) -> int:
+    """Write a replacement for every selected node, which then drops out of the graph; return how many."""
+    count = 0
+    for node in list(graph.nodes):
+        if select(node):
+            write(graph, node)
+            node.inputs.clear()
+            node.outputs.clear()
+            count += 1
+    if count:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return count
+
+
+def _gemm_splittable(node: gs.Node) -> bool:
+    if node.op != "Gemm" or node.domain not in (None, "", "ai.onnx") or node.attrs.get("transA", 0):
+        return False
+    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        return False
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    return bias is None or not bias.name or isinstance(bias, gs.Constant)
+
+
+def _gemm_as_matmul(graph: gs.Graph, node: gs.Node) -> None:
+    x, weight = node.inputs[0], node.inputs[1]
+    alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
+    if node.attrs.get("transB", 0) or alpha != 1.0:
+        values = np.asarray(weight.values, np.float32)
+        values = (values.T if node.attrs.get("transB", 0) else values) * np.float32(alpha)
+        weight = gs.Constant(unique_name(graph, f"{weight.name}_as_matmul"), np.ascontiguousarray(values))
+    output = node.outputs[0]
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    product = output if bias is None else gs.Variable(unique_name(graph, f"{output.name}_matmul"), np.float32)
+    name = node.name or unique_name(graph, f"{output.name}_MatMul")
+    graph.nodes.append(gs.Node("MatMul", name=name, inputs=[x, weight], outputs=[product]))
+    if bias is not None:
+        if beta != 1.0:
+            bias = gs.Constant(unique_name(graph, f"{bias.name}_scaled"), bias.values * np.float32(beta))
+        graph.nodes.append(gs.Node("Add", name=f"{name}_bias", inputs=[product, bias], outputs=[output]))
+
+
+def _attention_splittable(node: gs.Node) -> bool:
+    if node.op != "Attention" or node.domain != CONTRIB_DOMAIN:
+        return False
+    inputs = node.inputs
+    if len(inputs) < 3 or not isinstance(inputs[1], gs.Constant) or len(inputs[1].shape) != 2:
+        return False
+    if any(t.name for t in inputs[3:5]) or len(inputs) > 6 or node.attrs.get("qkv_hidden_sizes"):
+        return False
+    if node.attrs.get("unidirectional", 0) or node.attrs.get("do_rotary", 0):
+        return False
+    return inputs[1].shape[1] % 3 == 0
+
+
+def _attention_as_projection(graph: gs.Graph, node: gs.Node) -> None:
+    x, weight, bias = node.inputs[0], node.inputs[1], node.inputs[2]
+    attention_bias = node.inputs[5] if len(node.inputs) > 5 else None
+    hidden = weight.shape[1] // 3
+    packed = gs.Variable(unique_name(graph, f"{node.name or 'attention'}_qkv"), np.float32)
+    parts = [gs.Variable(unique_name(graph, f"{packed.name}_{part}"), np.float32) for part in "qkv"]
+    split_sizes = np.array([hidden] * 3, np.int64)
+    # Split takes its sizes as an input from opset 13, as an attribute before.
+    split_inputs = [packed, gs.Constant(unique_name(graph, f"{packed.name}_sizes"), split_sizes)]
+    split_attrs = {"axis": -1}
+    if graph.opset < 13:
+        split_inputs, split_attrs = [packed], {"axis": -1, "split": split_sizes.tolist()}
+    attrs = {"num_heads": node.attrs["num_heads"]}
+    if "scale" in node.attrs:
+        attrs["scale"] = node.attrs["scale"]
+    inputs = [*parts, bias if isinstance(bias, gs.Tensor) and bias.name else gs.Variable.empty()]
+    if attention_bias is not None and attention_bias.name:
+        inputs += [gs.Variable.empty(), attention_bias]
+    name = unique_name(graph, f"{packed.name}_MatMul")
+    projection = gs.Node("MatMul", name=name, inputs=[x, weight], outputs=[packed])
+    split = gs.Node("Split", inputs=split_inputs, outputs=parts, attrs=split_attrs)
+    outputs = list(node.outputs)
+    attention = gs.Node("MultiHeadAttention", node.name, attrs, inputs, outputs, domain=CONTRIB_DOMAIN)
+    graph.nodes.extend([projection, split, attention])

@@ -1,0 +1,112 @@
+"""Which nodes quantization can act on: layers with a constant weight, and models that are quantized already."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+# Ops that only appear in a model someone (or some tool) has quantized already.
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+        "MatMulNBits",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "QAttention",
+        "QGemm",
+        "DynamicQuantizeLSTM",
+        "GatherBlockQuantized",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A node with a constant float weight: which input holds it, and how the weight's axes are used.
+
+    `out_axis` is the weight's output-channel axis (one scale per channel); `in_axis` the axis summed over
+    (blocks of block quantization run along it). For an embedding Gather, rows are the channels and the
+    activation is the indices.
+    """
+
+    node: gs.Node
+    weight_input: int
+    out_axis: int
+    in_axis: int
+    activation_input: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name
+
+    @property
+    def op(self) -> str:
+        return self.node.op
+
+    @property
+    def weight(self) -> gs.Constant:
+        return self.node.inputs[self.weight_input]
+
+    @property
+    def activation(self) -> gs.Tensor:
+        return self.node.inputs[self.activation_input]
+
+
+def find_layers(graph: gs.Graph) -> list[Layer]:
+    """The MatMul, Gemm, Conv and embedding Gather nodes of `graph` with a float32 constant weight."""
+    layers = []
+    for node in graph.nodes:
+        layer = _as_layer(node)
+        if layer is not None:
+            layers.append(layer)
+    return layers
+
+
+def _as_layer(node: gs.Node) -> Layer | None:
+    if (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    if node.op == "Gather":
+        table, indices = node.inputs
+        if _is_float32_constant(table) and len(table.shape) == 2 and not isinstance(indices, gs.Constant):
+            if node.attrs.get("axis", 0) == 0:
+                return Layer(node, 0, out_axis=0, in_axis=1, activation_input=1)
+        return None
+    activation, weight = node.inputs[0], node.inputs[1]
+    if isinstance(activation, gs.Constant) or not _is_float32_constant(weight):
+        return None
+    rank = len(weight.shape)
+    if node.op == "MatMul" and rank == 2:
+        return Layer(node, 1, out_axis=1, in_axis=0)
+    if node.op == "Gemm" and rank == 2 and not node.attrs.get("transA", 0):
+        if node.attrs.get("transB", 0):
+            return Layer(node, 1, out_axis=0, in_axis=1)
+        return Layer(node, 1, out_axis=1, in_axis=0)
+    if node.op == "Conv" and rank >= 3:
+        return Layer(node, 1, out_axis=0, in_axis=1)
+    return None
+
+
+def _is_float32_constant(tensor: gs.Tensor) -> bool:
+    return isinstance(tensor, gs.Constant) and np.dtype(tensor.dtype) == np.float32
+
+
+def quantized_ops(graphs: Iterable[gs.Graph]) -> set[str]:
+    """Op types in the graphs that show the model is quantized already."""
+    return {node.op for graph in graphs for node in graph.nodes if node.op in QUANTIZED_OPS}
+
+
+def shared_weights(layers: Iterable[Layer]) -> dict[int, list[Layer]]:
+    """Layers grouped by the weight constant they read (id of the constant): a shared weight is quantized once."""
+    groups: dict[int, list[Layer]] = {}
+    for layer in layers:
+        groups.setdefault(id(layer.weight), []).append(layer)
+    return groups

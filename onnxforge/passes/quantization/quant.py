@@ -1,0 +1,301 @@
+"""The `quant` pass: int8 or int4 weights, and int8 activations where it pays, chosen by measuring the target."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from onnxforge.data import random_inputs, split_samples
+from onnxforge.errors import PassError
+from onnxforge.ir import Model
+from onnxforge.ir.shapes import skeleton_proto
+from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.quantization.activations import Sample, observe_tensors, run_model
+from onnxforge.passes.quantization.exposing import split_attention_projections, split_gemms
+from onnxforge.passes.quantization.calibration import RangeObserver, scale_and_zero_point
+from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer
+from onnxforge.passes.quantization.choice import MeasuredChoice, choose_by_measurement
+from onnxforge.passes.quantization.layers import Layer, find_layers, quantized_ops
+from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, quantized_output
+from onnxforge.passes.quantization.sensitivity import BudgetFit, ErrorBudget, fit_error_budget
+from onnxforge.passes.quantization.weights import QuantSpec
+from onnxforge.passes.registry import register_pass
+from onnxforge.verify import Comparison, compare_outputs
+
+# Layer types each mode can quantize; embedding tables (Gather) are weight-only int8 rows in every mode.
+MODE_OPS = {
+    "dynamic": ("MatMul", "Conv", "Gather"),
+    "static": ("MatMul", "Conv", "Gather"),
+    "weight-only": ("MatMul", "Gather"),
+}
+EMBEDDING_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, granularity="per-channel")
+_BLOCK = re.compile(r"^block:(\d+)$")
+
+
+@register_pass("quant")
+class Quantize(Pass):
+    """Quantize weights to int8/int4 (and activations where it pays), keeping only what the target runs faster.
+
+    mode: dynamic (activations quantized at run time), static (calibrated on --data) or weight-only
+    (int4/int8 MatMul weights, MatMulNBits on onnxruntime); auto is weight-only for 4 bits, else dynamic.
+    With measure=true (the default) each layer type is timed on the pass's backend in each candidate
+    format and stays float unless it gets faster by min_speedup. With data and max_error or min_cosine,
+    the most sensitive layers stay float until the held-out error is within that budget.
+    """
+
+    lossless = False
+
+    @dataclass
+    class Options:
+        bits: int = 8
+        mode: Literal["auto", "dynamic", "static", "weight-only"] = "auto"
+        granularity: str = "auto"  # per-channel, per-tensor or block:N
+        symmetric: bool = True
+        format: Literal["auto", "qdq", "qoperator"] = "auto"
+        exclude: list[str] = field(default_factory=list)  # op types, node names or name patterns
+        calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+        percentile: float = 99.999
+        weight_method: Literal["rtn", "search", "gptq"] = "rtn"
+        measure: bool = True
+        min_speedup: float = 1.02
+        max_error: float | None = None
+        min_cosine: float | None = None
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        already = quantized_ops(model.graphs())
+        if already:
+            note = f"the model is quantized already ({', '.join(sorted(already))}); left alone"
+            return PassResult(False, stats={"already_quantized": True}, notes=[note])
+        fmt = resolve_format(self.options, model.graph.opset, contrib_ops=ctx.backend == "ort")
+        budget = ErrorBudget(self.options.max_error, self.options.min_cosine)
+        self._check_data(fmt, budget, ctx)
+        work = model.copy()
+        split_attention_projections(work.graph)
+        split_gemms(work.graph)
+        layers = find_layers(work.graph)
+        position = {id(node): index for index, node in enumerate(work.graph.nodes)}
+        indexed = {position[id(layer.node)]: layer for layer in layers}
+        notes: dict[int, str] = {}
+        plan = {}
+        for index, layer in indexed.items():
+            reason = self._reason_to_skip(layer, fmt)
+            if reason:
+                notes[index] = f"kept float: {reason}"
+            elif layer.op == "Gather":
+                plan[index] = LayerFormat("weight-only", fmt.form, EMBEDDING_SPEC)
+            else:
+                plan[index] = fmt
+        calibration, held_out = split_samples(ctx.data or [])
+        builder = CandidateBuilder(
+            work,
+            self._weight_quantizer(work, [indexed[i] for i in plan], calibration, ctx),
+            self._calibrate(work, [indexed[i] for i in plan], calibration, ctx) if fmt.mode == "static" else {},
+            contrib_ops=ctx.backend == "ort",
+        )
+        stats: dict = {"layers": len(indexed)}
+        feed = (ctx.data or [random_inputs(skeleton_proto(work), seed=0)])[0]
+        type_lines: list[str] = []
+        if plan and self.options.measure:
+            # An embedding's lookup costs next to nothing: it is quantized for size, unless it slows the model.
+            thresholds = {"Gather": 2.0 - self.options.min_speedup}
+            choice = choose_by_measurement(
+                builder, plan, self._candidates(fmt, ctx), ctx, feed, self.options.min_speedup, thresholds
+            )
+            type_lines, measured_notes = _measurement_notes(choice, ctx, self.options.min_speedup, thresholds)
+            notes.update(measured_notes)
+            plan = choice.plan
+        if plan and budget.given:
+            fit = fit_error_budget(builder, plan, budget, ctx, calibration, held_out)
+            notes.update(_budget_notes(fit, budget))
+            plan = fit.plan
+        for index, layer_fmt in plan.items():
+            notes[index] = f"quantized: {_describe(indexed[index], layer_fmt, ctx)}"
+        stats.update(layers_quantized=len(plan), layers_float=len(indexed) - len(plan))
+        lines = type_lines + [f"{indexed[i].op} {indexed[i].name}: {notes[i]}" for i in sorted(notes)]
+        if not plan:
+            lines.append("nothing quantized: the model is left as it was")
+            return PassResult(False, stats=stats, notes=lines)
+        quantized = builder.build(plan)
+        if held_out:
+            error = compare_outputs(run_model(model, held_out, ctx), run_model(quantized, held_out, ctx))
+            stats.update(held_out_max_rel_error=error.max_rel, held_out_min_cosine=error.min_cosine)
+            lines.append(f"error on {len(held_out)} held-out samples: {_describe_error(error)}")
+        if self.options.measure:
+            timed = ctx.time_models([ctx.prepare(model), ctx.prepare(quantized)], feed)
+            stats["measured_speedup"] = round(timed[1].speedup, 4)
+            lines.append(f"whole model measured {timed[1].speedup:.2f}x against float on {ctx.backend}/{ctx.target}")
+            if timed[1].speedup < 1.0:
+                lines.append("slower than float as a whole: the model is left as it was")
+                return PassResult(False, stats=stats, notes=lines)
+        model.graph = quantized.graph
+        return PassResult(True, stats=stats, notes=lines)
+
+    def _check_data(self, fmt: LayerFormat, budget: ErrorBudget, ctx: PassContext) -> None:
+        needs = []
+        if fmt.mode == "static":
+            needs.append("static quantization calibrates activations on samples")
+        if self.options.weight_method == "gptq":
+            needs.append("weight_method=gptq fits weights to calibration activations")
+        if budget.given:
+            needs.append("an error budget (max_error, min_cosine) is judged on samples")
+        if needs and not ctx.data:
+            raise PassError(f"quant: {needs[0]}: give sample inputs with --data (data= in the Python API)")
+
+    def _reason_to_skip(self, layer: Layer, fmt: LayerFormat) -> str:
+        for pattern in self.options.exclude:
+            if pattern == layer.op or fnmatch.fnmatchcase(layer.name, pattern):
+                return f"excluded by exclude={pattern}"
+        if layer.op not in MODE_OPS[fmt.mode]:
+            return f"{fmt.mode} quantization applies to {' and '.join(MODE_OPS[fmt.mode])} layers only"
+        weight_shape = layer.weight.shape
+        if fmt.spec.granularity == "block" and layer.op == "MatMul" and weight_shape[0] < fmt.spec.block_size:
+            return f"its weight has {weight_shape[0]} input features, fewer than a block ({fmt.spec.block_size})"
+        return ""
+
+    def _candidates(self, fmt: LayerFormat, ctx: PassContext) -> dict[str, list[LayerFormat]]:
+        """Formats to time per layer type: MatMulNBits at both of its compute types, otherwise `fmt` alone."""
+        if fmt.mode == "weight-only" and fmt.form == "qoperator" and ctx.backend == "ort":
+            return {"MatMul": [fmt, LayerFormat(fmt.mode, fmt.form, fmt.spec, accuracy_level=0)]}
+        return {}
+
+    def _calibrate(
+        self, model: Model, layers: list[Layer], samples: list[Sample], ctx: PassContext
+    ) -> dict[str, ActivationQuantization]:
+        names = sorted({t.name for layer in layers for t in (layer.activation, quantized_output(layer))})
+        observers = {name: RangeObserver() for name in names}
+        observe_tensors(model, names, samples, ctx, lambda name, value: observers[name].observe(value))
+        result = {}
+        for name, observer in observers.items():
+            low, high = observer.range(self.options.calibration, percentile=self.options.percentile)
+            scale, zero_point = scale_and_zero_point(low, high, bits=8, signed=False, symmetric=False)
+            result[name] = ActivationQuantization(np.float32(scale), np.array(zero_point, np.uint8))
+        return result
+
+    def _weight_quantizer(
+        self, model: Model, layers: list[Layer], samples: list[Sample], ctx: PassContext
+    ) -> WeightQuantizer:
+        method = self.options.weight_method
+        if method == "rtn" or not samples:
+            return WeightQuantizer(method)
+        matmuls = [layer for layer in layers if layer.op == "MatMul"]
+        by_input: dict[str, list[str]] = {}
+        for layer in matmuls:
+            by_input.setdefault(layer.activation.name, []).append(layer.weight.name)
+        hessians: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+
+        def accumulate(name: str, value: np.ndarray) -> None:
+            rows = value.reshape(-1, value.shape[-1]).astype(np.float64)
+            gram = rows.T @ rows
+            for weight in by_input[name]:
+                hessians[weight] = hessians.get(weight, 0) + gram
+                counts[weight] = counts.get(weight, 0) + len(rows)
+
+        observe_tensors(model, sorted(by_input), samples, ctx, accumulate)
+        energy = {name: np.diag(h) / max(counts[name], 1) for name, h in hessians.items()}
+        return WeightQuantizer(method, hessians=hessians, input_energy=energy)
+
+
+def resolve_format(options: Quantize.Options, opset: int, contrib_ops: bool) -> LayerFormat:
+    """The layer format the options ask for, with 'auto' resolved; PassError for combinations that cannot work."""
+    bits = options.bits
+    if bits not in (4, 8):
+        raise PassError(f"quant:bits={bits} is not supported: choose 8 or 4")
+    mode = options.mode if options.mode != "auto" else ("weight-only" if bits == 4 else "dynamic")
+    if bits == 4 and mode != "weight-only":
+        raise PassError(f"quant: 4-bit {mode} quantization has no kernels; use bits=4 with mode=weight-only")
+    form = options.format
+    if form == "auto":
+        # onnxruntime 1.32 does not fuse a dynamic QDQ MatMul followed by Relu: write its kernel directly.
+        form = "qoperator" if mode in ("weight-only", "dynamic") and contrib_ops else "qdq"
+    if form == "qoperator" and mode == "static":
+        raise PassError(
+            "quant: static mode writes QDQ only (onnxruntime fuses it into QLinearConv/QLinearMatMul at load); "
+            "use format=qdq"
+        )
+    granularity, block_size = _granularity(options.granularity, bits, mode, form, contrib_ops)
+    spec = QuantSpec(bits, signed=True, symmetric=options.symmetric, granularity=granularity, block_size=block_size)
+    needed = 21 if (granularity == "block" or bits == 4) and form == "qdq" else 13 if form == "qdq" else 11
+    if opset < needed:
+        raise PassError(
+            f"quant: {spec.bits}-bit {granularity} weights in QDQ form need opset {needed}, the model has "
+            f"opset {opset}; use format=qoperator or a model exported at opset {needed} or later"
+        )
+    return LayerFormat(mode, form, spec)
+
+
+def _granularity(text: str, bits: int, mode: str, form: str, contrib_ops: bool) -> tuple[str, int]:
+    nbits = mode == "weight-only" and form == "qoperator" and contrib_ops
+    if text == "auto":
+        if bits == 4 or nbits:
+            return "block", 32 if bits == 4 else 128
+        return "per-channel", 0
+    match = _BLOCK.match(text)
+    if match:
+        size = int(match.group(1))
+        if size < 16 or size & (size - 1):
+            raise PassError(f"quant:granularity={text}: the block size must be a power of two, 16 or more")
+        if mode != "weight-only":
+            raise PassError(f"quant:granularity={text}: block quantization is for mode=weight-only")
+        return "block", size
+    if text not in ("per-channel", "per-tensor"):
+        raise PassError(f"quant:granularity={text}: choose per-channel, per-tensor or block:N (N = 32, 64, 128, ...)")
+    if nbits:
+        raise PassError(f"quant: MatMulNBits quantizes in blocks: use granularity=block:N, or format=qdq for {text}")
+    if bits == 4:
+        raise PassError("quant: 4-bit weights are quantized in blocks: use granularity=block:N (32, 64, 128)")
+    return text, 0
+
+
+def _describe_error(error: Comparison) -> str:
+    cosine = f", worst cosine {error.min_cosine:.5f}" if error.min_cosine is not None else ""
+    return f"worst relative error {error.max_rel:.3g}{cosine}"
+
+
+def _describe(layer: Layer, fmt: LayerFormat, ctx: PassContext) -> str:
+    if layer.op == "Gather":
+        return "int8 rows with one scale each (embedding table)"
+    return fmt.describe(contrib_ops=ctx.backend == "ort")
+
+
+def _measurement_notes(
+    choice: MeasuredChoice, ctx: PassContext, min_speedup: float, thresholds: dict[str, float]
+) -> tuple[list[str], dict[int, str]]:
+    """One line per layer type with its timings, and the reason for each layer measurement left float."""
+    where = f"{ctx.backend}/{ctx.target}"
+    lines, notes = [], {}
+    for op, measured in choice.by_type.items():
+        timings = ", ".join(f"{s:.2f}x as {fmt.describe(ctx.backend == 'ort')}" for fmt, s in measured.speedups)
+        needed = thresholds.get(op, min_speedup)
+        if measured.chosen is not None:
+            verdict = "quantized"
+        elif op in choice.dropped_after_combining:
+            verdict = "kept float: the whole model was slower than float with them quantized"
+        else:
+            verdict = f"kept float: below the required {needed:.2f}x (min_speedup)"
+        lines.append(f"{op} layers ({measured.layers}) measured {timings} against float on {where}: {verdict}")
+        if measured.chosen is None:
+            for index in measured.members:
+                notes[index] = f"kept float: {op} layers were not faster quantized on {where}"
+    return lines, notes
+
+
+def _budget_notes(fit: BudgetFit, budget: ErrorBudget) -> dict[int, str]:
+    limits = " and ".join(
+        text
+        for text in (
+            f"max_error={budget.max_error}" if budget.max_error is not None else "",
+            f"min_cosine={budget.min_cosine}" if budget.min_cosine is not None else "",
+        )
+        if text
+    )
+    count = len(fit.kept_float)
+    return {
+        index: f"kept float: one of the {count} most sensitive layers (error {fit.sensitivity[index]:.3g} "
+        f"when quantized alone), left float to meet {limits}"
+        for index in fit.kept_float
+    }

@@ -1,0 +1,277 @@
+"""Rewrite layers into quantized form: QDQ (standard ONNX ops) or onnxruntime's quantized operators.
+
+QDQ keeps every op as it was and surrounds it with DequantizeLinear nodes (and QuantizeLinear for
+activations); onnxruntime fuses such groups into its integer kernels at load, and other backends read them
+as plain ONNX. The "qoperator" form writes onnxruntime's fused operators directly (DynamicQuantizeMatMul,
+MatMulNBits), or, for other backends, MatMulInteger and its rescaling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from onnxforge.ir.edit import unique_name
+from onnxforge.passes.quantization.layers import Layer
+from onnxforge.passes.quantization.weights import QuantizedWeight, QuantSpec, int4_tensor, pack_matmul_nbits
+
+Mode = Literal["dynamic", "static", "weight-only"]
+Form = Literal["qdq", "qoperator"]
+CONTRIB_DOMAIN = "com.microsoft"
+# An activation (Relu, Clip) right after a layer is quantized at its output, where onnxruntime fuses it.
+FUSED_ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclass(frozen=True)
+class LayerFormat:
+    """How one layer is quantized: the mode, the ONNX form written, and how its weight is quantized.
+
+    `accuracy_level` is MatMulNBits' compute type: 4 multiplies in int8 (fast with VNNI), 0 in float.
+    """
+
+    mode: Mode
+    form: Form
+    spec: QuantSpec
+    accuracy_level: int = 4
+
+    def describe(self, contrib_ops: bool) -> str:
+        """A few words for reports: 'int8 dynamic, per-channel weights, QDQ'."""
+        spec = self.spec
+        grain = f"block {spec.block_size}" if spec.granularity == "block" else spec.granularity
+        what = f"int{spec.bits} {self.mode}, {grain} {'symmetric' if spec.symmetric else 'asymmetric'} weights"
+        if self.form == "qdq":
+            return f"{what}, QDQ"
+        if self.mode == "weight-only" and contrib_ops:
+            return f"{what}, MatMulNBits (accuracy level {self.accuracy_level})"
+        if self.mode == "dynamic" and contrib_ops:
+            return f"{what}, DynamicQuantizeMatMul"
+        return f"{what}, MatMulInteger"
+
+
+@dataclass(frozen=True)
+class ActivationQuantization:
+    """The calibrated scale and zero point of one activation tensor (static mode)."""
+
+    scale: np.float32
+    zero_point: np.ndarray  # a 0-d uint8 or int8 array: its dtype is the code type
+
+
+class LayerRewriter:
+    """Quantizes layers of one graph, sharing each quantized weight and activation between the layers using it.
+
+    `quantize_weight(layer, spec)` returns the layer's quantized weight (the caller caches it across candidate
+    models); `activations` holds static mode's calibrated tensors by name.
+    """
+
+    def __init__(
+        self,
+        graph: gs.Graph,
+        quantize_weight: Callable[[Layer, QuantSpec], QuantizedWeight],
+        activations: Mapping[str, ActivationQuantization],
+        contrib_ops: bool,
+    ):
+        self.graph = graph
+        self.quantize_weight = quantize_weight
+        self.activations = activations
+        self.contrib_ops = contrib_ops
+        self._dequantized_weights: dict[tuple[int, QuantSpec], gs.Variable] = {}
+        self._static_tensors: dict[str, gs.Variable] = {}
+        self._static_sources: dict[str, str] = {}  # dequantized tensor -> the float tensor it stands for
+        self._constants: dict[tuple, list[gs.Constant]] = {}
+
+    def rewrite(self, layer: Layer, fmt: LayerFormat) -> None:
+        """Quantize `layer` as `fmt` says (the layer must be MatMul or Conv; Gemm is made a MatMul first)."""
+        if layer.op == "Gather":
+            self._gather_rows(layer, fmt)
+        elif fmt.mode == "weight-only" and fmt.form == "qoperator" and self.contrib_ops:
+            self._matmul_nbits(layer, fmt)
+        elif fmt.mode == "dynamic" and fmt.form == "qoperator" and layer.op == "MatMul":
+            self._dynamic_matmul_operator(layer, fmt)
+        else:
+            self._qdq(layer, fmt)
+
+    # --- QDQ --------------------------------------------------------------------------------------------
+
+    def _qdq(self, layer: Layer, fmt: LayerFormat) -> None:
+        node = layer.node
+        weight = self._dequantized_weight(layer, fmt.spec)
+        if fmt.mode == "dynamic":
+            node.inputs[0] = self._dynamic_activation(layer.activation)
+        elif fmt.mode == "static":
+            x_scale = self.activations[self._static_source(layer.activation)].scale
+            self._static_activation(layer.activation)
+            if node.op == "Conv" and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+                node.inputs[2] = self._int32_bias(layer, x_scale, fmt.spec)
+            self._static_activation(quantized_output(layer))
+        node.inputs[layer.weight_input] = weight
+
+    def _dequantized_weight(self, layer: Layer, spec: QuantSpec) -> gs.Variable:
+        key = (id(layer.weight), spec)
+        if key in self._dequantized_weights:
+            return self._dequantized_weights[key]
+        quantized = self.quantize_weight(layer, spec)
+        base = layer.weight.name
+        attrs: dict = {}
+        if quantized.axis is not None:
+            attrs["axis"] = quantized.axis
+        if spec.granularity == "block":
+            attrs["block_size"] = spec.block_size
+        codes, scale, zero_point = self._weight_constants(layer, spec, "codes")
+        output = gs.Variable(unique_name(self.graph, f"{base}_dequantized"), np.float32, list(layer.weight.shape))
+        self._add("DequantizeLinear", [codes, scale, zero_point], [output], attrs)
+        self._dequantized_weights[key] = output
+        return output
+
+    def _weight_constants(self, layer: Layer, spec: QuantSpec, layout: str) -> list[gs.Constant]:
+        """The constants holding `layer`'s quantized weight in `layout`, made once for all layers sharing it.
+
+        Layouts: "codes" (codes, scale, zero point: DequantizeLinear and DynamicQuantizeMatMul inputs),
+        "nbits" (MatMulNBits' packed codes, scales, zero points), "rows" (codes, one scale per row).
+        """
+        key = (id(layer.weight), spec, layout)
+        if key not in self._constants:
+            quantized = self.quantize_weight(layer, spec)
+            if layout == "nbits":
+                arrays = dict(zip(("packed", "scales", "zero_points"), pack_matmul_nbits(quantized)))
+            elif layout == "rows":
+                arrays = {"quantized": quantized.codes, "row_scales": quantized.scale.reshape(-1, 1)}
+            else:
+                arrays = {"quantized": quantized.codes, "scale": quantized.scale, "zero_point": quantized.zero_point}
+            constants = []
+            for suffix, values in arrays.items():
+                name = unique_name(self.graph, f"{layer.weight.name}_{suffix}")
+                if spec.bits == 4 and layout == "codes" and suffix != "scale":
+                    constants.append(gs.Constant(name, LazyValues(int4_tensor(name, values, spec.signed))))
+                else:
+                    values = values.astype(np.float32) if values.dtype.kind == "f" else values
+                    constants.append(gs.Constant(name, values))
+            self._constants[key] = constants
+        return self._constants[key]
+
+    def _dynamic_activation(self, x: gs.Tensor) -> gs.Variable:
+        # One DynamicQuantizeLinear per layer: onnxruntime fuses it into a single consumer's integer kernel.
+        quantized, scale, zero_point = (
+            gs.Variable(unique_name(self.graph, f"{x.name}_{part}"), dtype)
+            for part, dtype in (("quantized", np.uint8), ("scale", np.float32), ("zero_point", np.uint8))
+        )
+        self._add("DynamicQuantizeLinear", [x], [quantized, scale, zero_point])
+        output = gs.Variable(unique_name(self.graph, f"{x.name}_dequantized"), np.float32, x.shape)
+        self._add("DequantizeLinear", [quantized, scale, zero_point], [output])
+        return output
+
+    def _static_source(self, x: gs.Tensor) -> str:
+        """The name of the float tensor `x` is, or dequantizes (a consumer may have been rewired already)."""
+        return self._static_sources.get(x.name, x.name)
+
+    def _static_activation(self, x: gs.Tensor) -> gs.Variable:
+        """Quantize `x` once with its calibrated scale; every consumer then reads the dequantized value."""
+        if x.name in self._static_sources:
+            return x
+        if x.name in self._static_tensors:
+            return self._static_tensors[x.name]
+        calibrated = self.activations[x.name]
+        scale = gs.Constant(unique_name(self.graph, f"{x.name}_scale"), np.array(calibrated.scale, np.float32))
+        zero_point = gs.Constant(unique_name(self.graph, f"{x.name}_zero_point"), calibrated.zero_point)
+        quantized = gs.Variable(unique_name(self.graph, f"{x.name}_quantized"), calibrated.zero_point.dtype, x.shape)
+        output = gs.Variable(unique_name(self.graph, f"{x.name}_dequantized"), np.float32, x.shape)
+        consumers = list(x.outputs)
+        quantize = self._add("QuantizeLinear", [x, scale, zero_point], [quantized])
+        self._add("DequantizeLinear", [quantized, scale, zero_point], [output])
+        for consumer in consumers:
+            if consumer is not quantize:
+                for index, tensor in enumerate(consumer.inputs):
+                    if tensor is x:
+                        consumer.inputs[index] = output
+        self._static_tensors[x.name] = output
+        self._static_sources[output.name] = x.name
+        return output
+
+    def _int32_bias(self, layer: Layer, x_scale: np.float32, spec: QuantSpec) -> gs.Variable:
+        """The bias as int32 codes on scale x_scale * w_scale, the form onnxruntime's QLinearConv takes."""
+        bias = layer.node.inputs[2]
+        w_scale = np.broadcast_to(self.quantize_weight(layer, spec).scale.reshape(-1), bias.shape)
+        scale = (np.float32(x_scale) * w_scale).astype(np.float32)
+        codes = np.round(bias.values / scale).clip(-(2**31), 2**31 - 1).astype(np.int32)
+        output = gs.Variable(unique_name(self.graph, f"{bias.name}_dequantized"), np.float32, list(bias.shape))
+        inputs = [
+            gs.Constant(unique_name(self.graph, f"{bias.name}_quantized"), codes),
+            gs.Constant(unique_name(self.graph, f"{bias.name}_scale"), scale),
+            gs.Constant(unique_name(self.graph, f"{bias.name}_zero_point"), np.zeros(bias.shape, np.int32)),
+        ]
+        self._add("DequantizeLinear", inputs, [output], {"axis": 0})
+        return output
+
+    # --- operators ----------------------------------------------------------------------------------------
+
+    def _matmul_nbits(self, layer: Layer, fmt: LayerFormat) -> None:
+        k, n = layer.weight.shape
+        inputs = [layer.activation, *self._weight_constants(layer, fmt.spec, "nbits")]
+        attrs = {
+            "K": int(k),
+            "N": int(n),
+            "bits": fmt.spec.bits,
+            "block_size": fmt.spec.block_size,
+            "accuracy_level": fmt.accuracy_level,
+        }
+        self._replace(layer.node, "MatMulNBits", inputs, attrs, CONTRIB_DOMAIN)
+
+    def _gather_rows(self, layer: Layer, fmt: LayerFormat) -> None:
+        """An embedding as int8 rows with one scale each: gather the codes and scales, multiply."""
+        node, indices, output = layer.node, layer.activation, layer.node.outputs[0]
+        codes, scales = self._weight_constants(layer, fmt.spec, "rows")
+        rows = gs.Variable(unique_name(self.graph, f"{output.name}_codes"), codes.dtype)
+        self._add("Gather", [codes, indices], [rows], {"axis": 0})
+        row_scales = gs.Variable(unique_name(self.graph, f"{output.name}_scales"), np.float32)
+        self._add("Gather", [scales, indices], [row_scales], {"axis": 0})
+        as_float = gs.Variable(unique_name(self.graph, f"{output.name}_float"), np.float32)
+        self._add("Cast", [rows], [as_float], {"to": onnx.TensorProto.FLOAT})
+        self._replace(node, "Mul", [as_float, row_scales], {}, "")
+
+    def _dynamic_matmul_operator(self, layer: Layer, fmt: LayerFormat) -> None:
+        codes, scale, zero_point = self._weight_constants(layer, fmt.spec, "codes")
+        if self.contrib_ops:
+            inputs = [layer.activation, codes, scale, zero_point]
+            self._replace(layer.node, "DynamicQuantizeMatMul", inputs, {}, CONTRIB_DOMAIN)
+            return
+        x = layer.activation
+        parts = [
+            gs.Variable(unique_name(self.graph, f"{x.name}_{part}"), dtype)
+            for part, dtype in (("quantized", np.uint8), ("scale", np.float32), ("zero_point", np.uint8))
+        ]
+        self._add("DynamicQuantizeLinear", [x], parts)
+        accumulated = gs.Variable(unique_name(self.graph, f"{layer.name}_int32"), np.int32)
+        self._add("MatMulInteger", [parts[0], codes, parts[2], zero_point], [accumulated])
+        as_float = gs.Variable(unique_name(self.graph, f"{layer.name}_float"), np.float32)
+        self._add("Cast", [accumulated], [as_float], {"to": onnx.TensorProto.FLOAT})
+        combined = gs.Variable(unique_name(self.graph, f"{layer.name}_scale"), np.float32)
+        self._add("Mul", [parts[1], scale], [combined])
+        self._replace(layer.node, "Mul", [as_float, combined], {}, "")
+
+    # --- graph edits --------------------------------------------------------------------------------------
+
+    def _add(self, op: str, inputs: list, outputs: list, attrs: dict | None = None, domain: str = "") -> gs.Node:
+        name = unique_name(self.graph, f"{outputs[0].name}_{op}")
+        node = gs.Node(op, name=name, inputs=inputs, outputs=outputs, attrs=attrs or {}, domain=domain or None)
+        self.graph.nodes.append(node)
+        return node
+
+    def _replace(self, node: gs.Node, op: str, inputs: list, attrs: dict, domain: str) -> None:
+        node.op, node.domain, node.attrs = op, domain or None, attrs
+        node.inputs.clear()
+        node.inputs.extend(inputs)
+
+
+def quantized_output(layer: Layer) -> gs.Tensor:
+    """The tensor static mode quantizes after `layer`: its output, or that of a Relu/Clip right after it."""
+    output = layer.node.outputs[0]
+    consumers = list(output.outputs)
+    if len(consumers) == 1 and consumers[0].op in FUSED_ACTIVATIONS:
+        return consumers[0].outputs[0]
+    return output
+
