@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ def optimize(
     model: str | os.PathLike | onnx.ModelProto | bytes | Model,
     passes: str | Sequence[str | Pass] = "cleanup",
     *,
-    data: str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | None = None,
+    data: str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | Callable[[], Iterable[Mapping]] | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
     verify: bool = True,
     rtol: float = 1e-4,
@@ -52,8 +52,9 @@ def optimize(
 ) -> tuple[Model, OptimizationReport]:
     """Run `passes` on `model` and return the optimized model and the report of the run.
 
-    data: sample inputs (an .npz, a folder of them, or a list of input dicts) for passes that use data and
-    for the report's error on real inputs. measure: time the model before and after on `backend`/`target`.
+    data: sample inputs (an .npz, a folder of them, a list of input dicts, or a function returning an iterable
+    of them) for passes that use data and for the report's error on real inputs.
+    measure: time the model before and after on `backend`/`target`.
     The input model is never modified.
     """
     # Refuse an unknown backend or target now, not only when verification or timing first needs it.
@@ -117,6 +118,8 @@ def _samples(data: Any, model: Model) -> Samples | None:
         return None
     if isinstance(data, (str, os.PathLike)):
         return load_samples(Path(data), skeleton_proto(model))
+    if callable(data):  # a function that yields samples, such as a calibration data reader
+        data = data()
     return [dict(sample) for sample in data]
 
 

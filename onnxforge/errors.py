@@ -10,7 +10,15 @@ class ModelLoadError(OnnxforgeError):
 
 
 class PassError(OnnxforgeError):
-    """An unknown pass, a bad pass option, or a plugin that cannot be loaded."""
+    """An unknown pass, a bad pass option, a plugin that cannot be loaded, or a model a pass cannot handle.
+
+    Raised from a running pass, the pass is rolled back and the run goes on.
+    """
+
+
+class PassUsageError(PassError):
+    """A pass was asked for what it cannot do with any model: options that do not fit together, or data it
+    needs but was not given. Raised from a running pass, it stops the run: no rollback fixes the request."""
 
 
 class BackendError(OnnxforgeError):

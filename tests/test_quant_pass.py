@@ -267,3 +267,35 @@ def test_measured_choice_explains_each_layer_type_and_never_keeps_a_slower_model
 def test_impossible_options_are_refused_with_a_reason(spec, message):
     with pytest.raises(PassError, match=message):
         apply(spec, _mlp())
+
+
+def test_optimize_takes_calibration_data_from_a_function():
+    model, report = optimize(
+        _conv_net(), "quant:mode=static:measure=false", data=lambda: iter(_samples([1, 16, 12, 12], 8))
+    )
+    assert report.passes[0].status == "applied"
+    assert "Conv conv1: quantized: int8 static" in report.explanation()
+
+
+def test_cli_quantizes_with_data_and_explains(tmp_path):
+    from test_cli import OPTIMIZE, run_cli, succeeded
+
+    from onnxforge.data import save_samples
+
+    source, data, out = tmp_path / "net.onnx", tmp_path / "calibration.npz", tmp_path / "net.int8.onnx"
+    onnx.save(_conv_net(), source)
+    save_samples(data, _samples([1, 16, 12, 12], 8))
+    passes = "quant:mode=static:measure=false"
+    result = succeeded(run_cli(OPTIMIZE, source, "--passes", passes, "--data", data, "-o", out, "--explain"))
+    assert "Conv conv2: quantized: int8 static" in result.stdout
+    assert out.stat().st_size < 0.4 * source.stat().st_size
+
+
+def test_cli_stops_with_one_line_when_static_quantization_has_no_data(tmp_path):
+    from test_cli import OPTIMIZE, only_error_line, run_cli
+
+    source, out = tmp_path / "net.onnx", tmp_path / "out.onnx"
+    onnx.save(_conv_net(), source)
+    result = run_cli(OPTIMIZE, source, "--passes", "cleanup,quant:mode=static", "-o", out)
+    assert result.returncode != 0 and "give sample inputs with --data" in only_error_line(result)
+    assert not out.exists()

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from onnxforge.errors import OnnxforgeError
+from onnxforge.errors import OnnxforgeError, PassUsageError
 from onnxforge.ir import Model, ModelStats
 from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.verifier import Verifier, VerifyOptions
@@ -63,7 +63,8 @@ class PassManager:
 
     After each pass that changed the model, the verifier checks it (valid ONNX, loads, same outputs for
     lossless passes). A failing or crashing pass is rolled back and the run continues, or with
-    on_error="stop" the run ends with PassFailedError.
+    on_error="stop" the run ends with PassFailedError. A pass raising PassUsageError (asked for what it
+    cannot do with any model) ends the run with that error either way.
     """
 
     def __init__(
@@ -92,7 +93,14 @@ class PassManager:
         for index, pass_ in enumerate(self.passes, start=1):
             for instrument in self.instruments:
                 instrument.before_pass(index, total, pass_, current)
-            current, reference, record = self._run_one(pass_, current, reference)
+            try:
+                current, reference, record = self._run_one(pass_, current, reference)
+            except PassUsageError as exc:
+                stats = current.stats()
+                failed = PassRecord(pass_.describe(), "failed", 0.0, stats, stats, error=str(exc))
+                for instrument in self.instruments:
+                    instrument.after_pass(index, total, failed)
+                raise
             records.append(record)
             for instrument in self.instruments:
                 instrument.after_pass(index, total, record)
@@ -107,6 +115,8 @@ class PassManager:
         try:
             result = pass_.run(model, self.context)
             error = "" if isinstance(result, PassResult) else f"returned {type(result).__name__}, not PassResult"
+        except PassUsageError:
+            raise
         except OnnxforgeError as exc:
             result, error = None, str(exc)
         except Exception as exc:  # a crashing pass is reported and rolled back like a breaking one

@@ -11,7 +11,7 @@ import onnx
 
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import Backend, BackendOptions
-from onnxforge.data import random_inputs
+from onnxforge.data import input_specs, random_inputs
 from onnxforge.errors import BackendError, OnnxforgeError
 from onnxforge.ir import Model
 from onnxforge.ir.shapes import skeleton_proto
@@ -76,9 +76,17 @@ class Verifier:
         return self.reference_outputs
 
     def run(self, model: Model) -> Outputs:
-        """Outputs of `model` on this run's random inputs."""
+        """Outputs of `model` on this run's random inputs, cast to the float types its inputs declare.
+
+        A pass may change an input's float type (fp16 without keep_io_types): it gets the same values.
+        """
+        dtypes = {spec.name: spec.dtype for spec in input_specs(skeleton_proto(model))}
+        inputs = [
+            {name: _as_declared(value, dtypes.get(name)) for name, value in sample.items()} for sample in self.inputs
+        ]
         with model.runtime_source() as source:
-            return self._run(source)
+            prepared = self.backend.prepare(source, BackendOptions())
+            return [prepared.run(sample) for sample in inputs]
 
     def check(self, model: Model, reference: Outputs, lossless: bool) -> Verdict:
         """Check `model` after a pass; `reference` are the outputs of the model before it."""
@@ -99,9 +107,12 @@ class Verifier:
             )
         return Verdict(True, "", outputs, comparison)
 
-    def _run(self, source: bytes | str) -> Outputs:
-        prepared = self.backend.prepare(source, BackendOptions())
-        return [prepared.run(inputs) for inputs in self.inputs]
+
+
+def _as_declared(value: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    if dtype is None or value.dtype == dtype or value.dtype.kind != "f" or np.dtype(dtype).kind != "f":
+        return value
+    return value.astype(dtype)
 
 
 def _first_line(exc: Exception) -> str:

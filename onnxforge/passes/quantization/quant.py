@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 
 from onnxforge.data import random_inputs, split_samples
-from onnxforge.errors import PassError
+from onnxforge.errors import PassError, PassUsageError
 from onnxforge.ir import Model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.passes.base import Pass, PassContext, PassResult
@@ -143,7 +143,7 @@ class Quantize(Pass):
         if budget.given:
             needs.append("an error budget (max_error, min_cosine) is judged on samples")
         if needs and not ctx.data:
-            raise PassError(f"quant: {needs[0]}: give sample inputs with --data (data= in the Python API)")
+            raise PassUsageError(f"quant: {needs[0]}: give sample inputs with --data (data= in the Python API)")
 
     def _reason_to_skip(self, layer: Layer, fmt: LayerFormat) -> str:
         for pattern in self.options.exclude:
@@ -201,19 +201,20 @@ class Quantize(Pass):
 
 
 def resolve_format(options: Quantize.Options, opset: int, contrib_ops: bool) -> LayerFormat:
-    """The layer format the options ask for, with 'auto' resolved; PassError for combinations that cannot work."""
+    """The layer format the options ask for, 'auto' resolved; PassUsageError for combinations that cannot work,
+    PassError where the model's opset is too old for them."""
     bits = options.bits
     if bits not in (4, 8):
-        raise PassError(f"quant:bits={bits} is not supported: choose 8 or 4")
+        raise PassUsageError(f"quant:bits={bits} is not supported: choose 8 or 4")
     mode = options.mode if options.mode != "auto" else ("weight-only" if bits == 4 else "dynamic")
     if bits == 4 and mode != "weight-only":
-        raise PassError(f"quant: 4-bit {mode} quantization has no kernels; use bits=4 with mode=weight-only")
+        raise PassUsageError(f"quant: 4-bit {mode} quantization has no kernels: use bits=4 with mode=weight-only")
     form = options.format
     if form == "auto":
         # onnxruntime 1.32 does not fuse a dynamic QDQ MatMul followed by Relu: write its kernel directly.
         form = "qoperator" if mode in ("weight-only", "dynamic") and contrib_ops else "qdq"
     if form == "qoperator" and mode == "static":
-        raise PassError(
+        raise PassUsageError(
             "quant: static mode writes QDQ only (onnxruntime fuses it into QLinearConv/QLinearMatMul at load); "
             "use format=qdq"
         )
@@ -238,16 +239,16 @@ def _granularity(text: str, bits: int, mode: str, form: str, contrib_ops: bool) 
     if match:
         size = int(match.group(1))
         if size < 16 or size & (size - 1):
-            raise PassError(f"quant:granularity={text}: the block size must be a power of two, 16 or more")
+            raise PassUsageError(f"quant:granularity={text}: the block size must be a power of two, 16 or more")
         if mode != "weight-only":
-            raise PassError(f"quant:granularity={text}: block quantization is for mode=weight-only")
+            raise PassUsageError(f"quant:granularity={text}: block quantization is for mode=weight-only")
         return "block", size
     if text not in ("per-channel", "per-tensor"):
-        raise PassError(f"quant:granularity={text}: choose per-channel, per-tensor or block:N (N = 32, 64, 128, ...)")
+        raise PassUsageError(f"quant:granularity={text}: choose per-channel, per-tensor or block:N (N = 32, 64, ...)")
     if nbits:
-        raise PassError(f"quant: MatMulNBits quantizes in blocks: use granularity=block:N, or format=qdq for {text}")
+        raise PassUsageError("quant: MatMulNBits quantizes in blocks: use granularity=block:N, or format=qdq")
     if bits == 4:
-        raise PassError("quant: 4-bit weights are quantized in blocks: use granularity=block:N (32, 64, 128)")
+        raise PassUsageError("quant: 4-bit weights are quantized in blocks: use granularity=block:N (32, 64, 128)")
     return text, 0
 
 
