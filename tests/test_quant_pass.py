@@ -192,20 +192,26 @@ def test_gemm_is_quantized_as_matmul_plus_bias():
     assert max_rel_error(gemm, model) < 0.03
 
 
-def test_embedding_table_becomes_int8_rows():
-    table = RNG.standard_normal((100, 24)).astype(np.float32)
+def _embedding_model() -> onnx.ModelProto:
+    table = RNG.standard_normal((100, 64)).astype(np.float32)
     nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])]
-    model_proto = make_model(
+    return make_model(
         nodes,
         [value_info("ids", [2, 5], TensorProto.INT64)],
         [value_info("y", [2, 5, 8])],
-        [constant("table", table), constant("w", RNG.standard_normal((24, 8)).astype(np.float32))],
-        17,
+        [constant("table", table), constant("w", RNG.standard_normal((64, 8)).astype(np.float32))],
+        21,
     )
-    model, result = apply("quant:measure=false", model_proto)
+
+
+@pytest.mark.parametrize("bits, lookup_ops, tolerance", [(8, {"Gather": 2}, 0.03), (4, {"GatherBlockQuantized": 1}, 0.2)])
+def test_embedding_table_is_quantized_by_rows(bits, lookup_ops, tolerance):
+    source = _embedding_model()
+    model, result = apply(f"quant:bits={bits}:measure=false", source)
     assert result.stats["layers_quantized"] == 2
-    assert op_counts(model)["Gather"] == 2  # the codes and the row scales
-    assert max_rel_error(model_proto, model) < 0.03
+    counts = op_counts(model)
+    assert all(counts[op] == count for op, count in lookup_ops.items())
+    assert max_rel_error(source, model) < tolerance
 
 
 def test_fused_attention_projection_is_split_out_and_quantized():

@@ -33,6 +33,7 @@ MODE_OPS = {
     "weight-only": ("MatMul", "Gather"),
 }
 EMBEDDING_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, granularity="per-channel")
+EMBEDDING_INT4_SPEC = QuantSpec(bits=4, signed=True, symmetric=True, granularity="block", block_size=32)
 _BLOCK = re.compile(r"^block:(\d+)$")
 
 
@@ -86,7 +87,7 @@ class Quantize(Pass):
             if reason:
                 notes[index] = f"kept float: {reason}"
             elif layer.op == "Gather":
-                plan[index] = LayerFormat("weight-only", fmt.form, EMBEDDING_SPEC)
+                plan[index] = embedding_format(fmt, contrib_ops=ctx.backend == "ort")
             else:
                 plan[index] = fmt
         calibration, held_out = split_samples(ctx.data or [])
@@ -229,6 +230,14 @@ def resolve_format(options: Quantize.Options, opset: int, contrib_ops: bool) -> 
     return LayerFormat(mode, form, spec)
 
 
+def embedding_format(fmt: LayerFormat, contrib_ops: bool) -> LayerFormat:
+    """How an embedding table is stored: int8 rows with a scale each, or for 4-bit on onnxruntime int4 blocks
+    of 32 along each row (GatherBlockQuantized)."""
+    if fmt.spec.bits == 4 and contrib_ops:
+        return LayerFormat("weight-only", "qoperator", EMBEDDING_INT4_SPEC)
+    return LayerFormat("weight-only", "qdq", EMBEDDING_SPEC)
+
+
 def _granularity(text: str, bits: int, mode: str, form: str, contrib_ops: bool) -> tuple[str, int]:
     nbits = mode == "weight-only" and form == "qoperator" and contrib_ops
     if text == "auto":
@@ -258,6 +267,8 @@ def _describe_error(error: Comparison) -> str:
 
 
 def _describe(layer: Layer, fmt: LayerFormat, ctx: PassContext) -> str:
+    if layer.op == "Gather" and fmt.spec.bits == 4:
+        return "int4 rows in blocks of 32, GatherBlockQuantized (embedding table)"
     if layer.op == "Gather":
         return "int8 rows with one scale each (embedding table)"
     return fmt.describe(contrib_ops=ctx.backend == "ort")

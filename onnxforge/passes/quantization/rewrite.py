@@ -87,7 +87,9 @@ class LayerRewriter:
 
     def rewrite(self, layer: Layer, fmt: LayerFormat) -> None:
         """Quantize `layer` as `fmt` says (the layer must be MatMul or Conv; Gemm is made a MatMul first)."""
-        if layer.op == "Gather":
+        if layer.op == "Gather" and fmt.spec.granularity == "block":
+            self._gather_blocks(layer, fmt)
+        elif layer.op == "Gather":
             self._gather_rows(layer, fmt)
         elif fmt.mode == "weight-only" and fmt.form == "qoperator" and self.contrib_ops:
             self._matmul_nbits(layer, fmt)
@@ -211,7 +213,9 @@ class LayerRewriter:
 
     def _matmul_nbits(self, layer: Layer, fmt: LayerFormat) -> None:
         k, n = layer.weight.shape
-        inputs = [layer.activation, *self._weight_constants(layer, fmt.spec, "nbits")]
+        packed, scales, zero_points = self._weight_constants(layer, fmt.spec, "nbits")
+        # Without zero points MatMulNBits centres the codes itself (at 8 or 128): symmetric weights need none.
+        inputs = [layer.activation, packed, scales] + ([] if fmt.spec.symmetric else [zero_points])
         attrs = {
             "K": int(k),
             "N": int(n),
@@ -232,6 +236,12 @@ class LayerRewriter:
         as_float = gs.Variable(unique_name(self.graph, f"{output.name}_float"), np.float32)
         self._add("Cast", [rows], [as_float], {"to": onnx.TensorProto.FLOAT})
         self._replace(node, "Mul", [as_float, row_scales], {}, "")
+
+    def _gather_blocks(self, layer: Layer, fmt: LayerFormat) -> None:
+        """An embedding as int4 blocks along each row: onnxruntime's GatherBlockQuantized."""
+        codes, scales, _ = self._weight_constants(layer, fmt.spec, "codes")
+        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": fmt.spec.block_size, "bits": fmt.spec.bits}
+        self._replace(layer.node, "GatherBlockQuantized", [codes, layer.activation, scales], attrs, CONTRIB_DOMAIN)
 
     def _dynamic_matmul_operator(self, layer: Layer, fmt: LayerFormat) -> None:
         codes, scale, zero_point = self._weight_constants(layer, fmt.spec, "codes")
