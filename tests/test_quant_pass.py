@@ -204,7 +204,9 @@ def _embedding_model() -> onnx.ModelProto:
     )
 
 
-@pytest.mark.parametrize("bits, lookup_ops, tolerance", [(8, {"Gather": 2}, 0.03), (4, {"GatherBlockQuantized": 1}, 0.2)])
+@pytest.mark.parametrize(
+    "bits, lookup_ops, tolerance", [(8, {"Gather": 2}, 0.03), (4, {"GatherBlockQuantized": 1}, 0.2)]
+)
 def test_embedding_table_is_quantized_by_rows(bits, lookup_ops, tolerance):
     source = _embedding_model()
     model, result = apply(f"quant:bits={bits}:measure=false", source)
