@@ -65,7 +65,9 @@ def optimize(
     original = from_onnx(model)
     pipeline = create_passes(passes)
     samples = _samples(data, original)
-    verify_options = VerifyOptions(enabled=verify, rtol=rtol, seed=seed, shapes=shapes, backend=backend)
+    verify_options = VerifyOptions(
+        enabled=verify, rtol=rtol, seed=seed, shapes=shapes, backend=backend, data=samples
+    )
     context = PassContext(data=samples, backend=backend, target=target, threads=threads)
     manager = PassManager(pipeline, verify=verify_options, on_error=on_error, instruments=instruments, context=context)
     result, records = manager.run(original)
@@ -79,7 +81,7 @@ def optimize(
             "rtol": rtol,
             "seed": manager.verifier.seed if manager.verifier else None,
             "samples": verify_options.samples,
-            "metric": "max|new - old| / max|old| per output, on random inputs",
+            "metric": "max|new - old| / max|old| per output, on " + ("--data samples" if samples else "random inputs"),
         },
     )
     if manager.verifier:

@@ -6,8 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxforge import optimize
+from onnxforge.errors import OnnxforgeError
 from onnxforge.ir import Model, load_model
 from onnxforge.passes import Analysis, Instrument, Pass, PassContext, PassManager, PassResult
 from onnxforge.passes.analyses import GraphView
@@ -144,3 +147,22 @@ def test_a_change_the_pass_did_not_report_is_still_verified():
     model, (record,) = PassManager([SilentChange()]).run(_model())
     assert record.status == "rolled_back"
     assert [n.op for n in model.graph.nodes] == ["MatMul", "Sigmoid"]
+
+
+def test_with_data_the_checks_run_on_real_samples_where_random_inputs_would_fail():
+    # Two table rows: random indices in [0, 8) would be out of range, the real samples are not.
+    table = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["table"], ["t"]), helper.make_node("Gather", ["t", "ids"], ["y"])],
+        "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    samples = [{"ids": np.array([[0, 1]], np.int64)}, {"ids": np.array([[1, 1]], np.int64)}]
+    _, report = optimize(model, "cleanup", data=samples)
+    assert report.passes[0].status == "applied"
+    assert report.verification["metric"].endswith("--data samples")
+    with pytest.raises(OnnxforgeError, match="fails on random inputs"):
+        optimize(model, "cleanup")

@@ -25,8 +25,9 @@ Outputs = list[dict[str, np.ndarray]]
 class VerifyOptions:
     """How the pass manager checks each pass.
 
-    rtol bounds max|new - old| / max|old| per output for lossless passes; `samples` random input sets are
-    drawn once per run from `seed` (a fresh seed when None), with dynamic dims taken from `shapes`.
+    rtol bounds max|new - old| / max|old| per output for lossless passes. The checks run on the last `samples`
+    of `data` (real inputs) when given, else on `samples` random input sets drawn once per run from `seed`
+    (a fresh seed when None), with dynamic dims taken from `shapes`.
     """
 
     enabled: bool = True
@@ -35,6 +36,7 @@ class VerifyOptions:
     seed: int | None = None
     shapes: Mapping[str, Sequence[int]] | None = None
     backend: str = "ort"
+    data: Sequence[Mapping[str, np.ndarray]] | None = None
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Verdict:
 
 
 class Verifier:
-    """Runs a model on fixed random inputs and compares it with the last accepted model's outputs."""
+    """Runs a model on fixed inputs (real or random) and compares it with the last accepted model's outputs."""
 
     def __init__(self, options: VerifyOptions, backend: Backend | None = None):
         self.options = options
@@ -58,15 +60,20 @@ class Verifier:
         self.reference_outputs: Outputs = []
 
     def reference(self, model: Model) -> Outputs:
-        """Draw this run's random inputs from `model`'s input shapes and return its outputs on them."""
-        proto = skeleton_proto(model)
-        self.inputs = [
-            random_inputs(proto, shapes=self.options.shapes, seed=self.seed + i) for i in range(self.options.samples)
-        ]
+        """Take this run's inputs (real samples, or random ones drawn from `model`'s input shapes) and return
+        `model`'s outputs on them."""
+        if self.options.data:
+            self.inputs = [dict(sample) for sample in self.options.data[-self.options.samples :]]
+        else:
+            proto = skeleton_proto(model)
+            self.inputs = [
+                random_inputs(proto, shapes=self.options.shapes, seed=self.seed + i)
+                for i in range(self.options.samples)
+            ]
         try:
             self.reference_outputs = self.run(model)
         except BackendError as exc:
-            if "cannot run" not in str(exc):
+            if "cannot run" not in str(exc) or self.options.data:
                 raise
             shapes = ", ".join(f"{name}={'x'.join(map(str, x.shape))}" for name, x in self.inputs[0].items())
             raise BackendError(

@@ -98,13 +98,16 @@ class OptimizationReport:
             f"params {self.before.params} -> {self.after.params}, "
             f"weights {_megabytes(self.before.bytes)} -> {_megabytes(self.after.bytes)}"
         )
-        if self.error is not None:
+        if self.error is not None and self.data_error is None:
             lines.append(
                 f"  error vs original (random inputs): max rel {self.error.max_rel:.3g}"
                 + (f", min cosine {self.error.min_cosine:.6f}" if self.error.min_cosine is not None else "")
             )
         if self.data_error is not None:
-            lines.append(f"  error vs original (--data samples): max rel {self.data_error.max_rel:.3g}")
+            lines.append(
+                f"  error vs original (--data samples): max rel {self.data_error.max_rel:.3g}"
+                + (f", min cosine {self.data_error.min_cosine:.6f}" if self.data_error.min_cosine is not None else "")
+            )
         if self.latency_before is not None and self.latency_after is not None:
             lines.append(
                 f"  latency median {self.latency_before.median_ms:.3f} ms -> {self.latency_after.median_ms:.3f} ms"

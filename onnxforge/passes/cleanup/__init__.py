@@ -10,10 +10,19 @@ from onnxforge.passes.cleanup.constant_folding import FoldConstants
 from onnxforge.passes.cleanup.dead_code import RemoveDeadCode
 from onnxforge.passes.cleanup.identity import RemoveIdentity
 from onnxforge.passes.cleanup.initializer_merging import MergeDuplicateInitializers
+from onnxforge.passes.cleanup.opset_upgrade import UpgradeOpset
 from onnxforge.passes.cleanup.shape_folding import FoldShapes
 from onnxforge.passes.registry import register_pass
 
-__all__ = ["Cleanup", "FoldConstants", "FoldShapes", "MergeDuplicateInitializers", "RemoveDeadCode", "RemoveIdentity"]
+__all__ = [
+    "Cleanup",
+    "FoldConstants",
+    "FoldShapes",
+    "MergeDuplicateInitializers",
+    "RemoveDeadCode",
+    "RemoveIdentity",
+    "UpgradeOpset",
+]
 
 
 @register_pass("cleanup")

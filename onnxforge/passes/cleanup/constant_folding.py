@@ -128,8 +128,15 @@ def _run_nodes(nodes: list[gs.Node], model: Model, known: dict[str, np.ndarray])
 
 
 def _largest_constant(model: Model) -> int:
+    """The largest weight, whether an initializer or a Constant node's value (some exporters use only those)."""
     sizes = [
         int(t._values.nbytes) for g in model.graphs() for t in g.tensors().values() if isinstance(t, gs.Constant)
+    ]
+    sizes += [
+        int(node.attrs["value"]._values.nbytes)
+        for g in model.graphs()
+        for node in g.nodes
+        if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant)
     ]
     return max(sizes, default=0)
 

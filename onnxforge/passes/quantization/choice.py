@@ -52,8 +52,8 @@ def choose_by_measurement(
     """Time, per layer type, the model with only that type quantized in each candidate format against float.
 
     A type keeps the fastest candidate if it reaches `min_speedup` (or its own entry in `thresholds`); then
-    the types kept are timed together, and while the whole is slower than float the type that gained least
-    goes back to float.
+    the types kept are timed together, and while the whole is slower than float (or than `min_speedup`, when
+    below 1: a size-first choice) the type that gained least goes back to float.
     """
     thresholds = thresholds or {}
     baseline = ctx.prepare(builder.model)
@@ -78,7 +78,7 @@ def choose_by_measurement(
             result.plan, result.speedup = combined, next(iter(chosen.values())).best_speedup
             break
         speedup = ctx.time_models([baseline, ctx.prepare(builder.build(combined))], feed)[1].speedup
-        if speedup >= 1.0:
+        if speedup >= min(1.0, min_speedup):
             result.plan, result.speedup = combined, speedup
             break
         weakest = min(chosen, key=lambda op: chosen[op].best_speedup)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ MODE_OPS = {
 }
 EMBEDDING_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, granularity="per-channel")
 EMBEDDING_INT4_SPEC = QuantSpec(bits=4, signed=True, symmetric=True, granularity="block", block_size=32)
+# An embedding's lookup costs next to nothing: it is quantized for size unless the model gets slower than this.
+EMBEDDING_MIN_SPEEDUP = 0.98
 _BLOCK = re.compile(r"^block:(\d+)$")
 
 
@@ -88,6 +91,8 @@ class Quantize(Pass):
                 notes[index] = f"kept float: {reason}"
             elif layer.op == "Gather":
                 plan[index] = embedding_format(fmt, contrib_ops=ctx.backend == "ort")
+            elif layer.op == "Conv":  # onnxruntime has no dynamic Conv kernel to write directly: QDQ
+                plan[index] = dataclasses.replace(fmt, form="qdq")
             else:
                 plan[index] = fmt
         calibration, held_out = split_samples(ctx.data or [])
@@ -101,8 +106,7 @@ class Quantize(Pass):
         feed = (ctx.data or [random_inputs(skeleton_proto(work), seed=0)])[0]
         type_lines: list[str] = []
         if plan and self.options.measure:
-            # An embedding's lookup costs next to nothing: it is quantized for size, unless it slows the model.
-            thresholds = {"Gather": 2.0 - self.options.min_speedup}
+            thresholds = {"Gather": min(self.options.min_speedup, EMBEDDING_MIN_SPEEDUP)}
             choice = choose_by_measurement(
                 builder, plan, self._candidates(fmt, ctx), ctx, feed, self.options.min_speedup, thresholds
             )
@@ -129,7 +133,7 @@ class Quantize(Pass):
             timed = ctx.time_models([ctx.prepare(model), ctx.prepare(quantized)], feed)
             stats["measured_speedup"] = round(timed[1].speedup, 4)
             lines.append(f"whole model measured {timed[1].speedup:.2f}x against float on {ctx.backend}/{ctx.target}")
-            if timed[1].speedup < 1.0:
+            if timed[1].speedup < min(1.0, self.options.min_speedup):
                 lines.append("slower than float as a whole: the model is left as it was")
                 return PassResult(False, stats=stats, notes=lines)
         model.graph = quantized.graph

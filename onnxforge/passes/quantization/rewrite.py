@@ -126,7 +126,9 @@ class LayerRewriter:
             attrs["block_size"] = spec.block_size
         codes, scale, zero_point = self._weight_constants(layer, spec, "codes")
         output = gs.Variable(unique_name(self.graph, f"{base}_dequantized"), np.float32, list(layer.weight.shape))
-        self._add("DequantizeLinear", [codes, scale, zero_point], [output], attrs)
+        # A signed symmetric weight's zero points are all 0, DequantizeLinear's default: not stored.
+        inputs = [codes, scale] if spec.signed and spec.symmetric else [codes, scale, zero_point]
+        self._add("DequantizeLinear", inputs, [output], attrs)
         self._dequantized_weights[key] = output
         return output
 
@@ -199,7 +201,9 @@ class LayerRewriter:
         bias = layer.node.inputs[2]
         w_scale = np.broadcast_to(self.quantize_weight(layer, spec).scale.reshape(-1), bias.shape)
         scale = (np.float32(x_scale) * w_scale).astype(np.float32)
-        codes = np.round(bias.values / scale).clip(-(2**31), 2**31 - 1).astype(np.int32)
+        # A product of scales that underflows to 0 can hold no bias: those codes are 0.
+        safe = np.where(scale > 0, scale, np.float32(1))
+        codes = np.where(scale > 0, np.round(bias.values / safe), 0).clip(-(2**31), 2**31 - 1).astype(np.int32)
         output = gs.Variable(unique_name(self.graph, f"{bias.name}_dequantized"), np.float32, list(bias.shape))
         inputs = [
             gs.Constant(unique_name(self.graph, f"{bias.name}_quantized"), codes),
