@@ -101,10 +101,15 @@ def test_int4_qdq_needs_opset_21():
         apply("quant:bits=4:measure=false:format=qdq", _mlp(opset=17))
 
 
-def test_int4_weights_shrink_the_model_to_under_a_fifth():
-    model, _ = apply("quant:bits=4:measure=false", _mlp())
+@pytest.mark.parametrize("form", ["qoperator", "qdq"])
+def test_int4_weights_shrink_the_model_to_under_a_fifth(form, tmp_path):
+    from onnxforge.ir import save_model
+
+    model, _ = apply(f"quant:bits=4:measure=false:format={form}", _mlp())
     before = W1.nbytes + W2.nbytes
     assert model.stats().bytes < 0.2 * before
+    save_model(model, tmp_path / "int4.onnx")
+    assert (tmp_path / "int4.onnx").stat().st_size < 0.2 * before + 2000  # the graph itself takes a little
 
 
 def test_static_int8_quantizes_convs_and_onnxruntime_fuses_qlinearconv(tmp_path):

@@ -79,8 +79,9 @@ class Model:
                 if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
                     seen.add(id(tensor))
                     values = tensor._values
-                    params += math.prod(values.shape)
-                    nbytes += int(values.nbytes)
+                    count = math.prod(values.shape)
+                    params += count
+                    nbytes += (count + 1) // 2 if _is_4bit(values) else int(values.nbytes)
         return ModelStats(nodes=nodes, params=params, bytes=nbytes)
 
     @property
@@ -140,6 +141,12 @@ class Model:
 
         with tempfile.TemporaryDirectory(prefix="onnxforge-") as tmp:
             yield str(save_for_runtime(self, Path(tmp)))
+
+
+def _is_4bit(values) -> bool:
+    """Whether lazily loaded values are INT4/UINT4, which numpy counts as a byte each though two share one."""
+    tensor = getattr(values, "tensor", None)
+    return tensor is not None and tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 
 
 def _copy_header(header: onnx.ModelProto) -> onnx.ModelProto:

@@ -236,9 +236,10 @@ def resolve_format(options: Quantize.Options, opset: int, contrib_ops: bool) -> 
 
 def embedding_format(fmt: LayerFormat, contrib_ops: bool) -> LayerFormat:
     """How an embedding table is stored: int8 rows with a scale each, or for 4-bit on onnxruntime int4 blocks
-    of 32 along each row (GatherBlockQuantized)."""
+    along each row, as large as the weights' blocks (GatherBlockQuantized)."""
     if fmt.spec.bits == 4 and contrib_ops:
-        return LayerFormat("weight-only", "qoperator", EMBEDDING_INT4_SPEC)
+        spec = dataclasses.replace(EMBEDDING_INT4_SPEC, block_size=fmt.spec.block_size)
+        return LayerFormat("weight-only", "qoperator", spec)
     return LayerFormat("weight-only", "qdq", EMBEDDING_SPEC)
 
 
@@ -272,7 +273,7 @@ def _describe_error(error: Comparison) -> str:
 
 def _describe(layer: Layer, fmt: LayerFormat, ctx: PassContext) -> str:
     if layer.op == "Gather" and fmt.spec.bits == 4:
-        return "int4 rows in blocks of 32, GatherBlockQuantized (embedding table)"
+        return f"int4 rows in blocks of {fmt.spec.block_size}, GatherBlockQuantized (embedding table)"
     if layer.op == "Gather":
         return "int8 rows with one scale each (embedding table)"
     return fmt.describe(contrib_ops=ctx.backend == "ort")

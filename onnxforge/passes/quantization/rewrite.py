@@ -202,7 +202,8 @@ class LayerRewriter:
         w_scale = np.broadcast_to(self.quantize_weight(layer, spec).scale.reshape(-1), bias.shape)
         scale = (np.float32(x_scale) * w_scale).astype(np.float32)
         # A product of scales that underflows to 0 can hold no bias: those codes are 0.
-        safe = np.where(scale > 0, scale, np.float32(1))
+        # In float64: float32 cannot hold 2**31 - 1, the clip bound, and would round it out of int32's range.
+        safe = np.where(scale > 0, scale, 1).astype(np.float64)
         codes = np.where(scale > 0, np.round(bias.values / safe), 0).clip(-(2**31), 2**31 - 1).astype(np.int32)
         output = gs.Variable(unique_name(self.graph, f"{bias.name}_dequantized"), np.float32, list(bias.shape))
         inputs = [

@@ -301,6 +301,12 @@ def _pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def int4_tensor(name: str, codes: np.ndarray, signed: bool) -> onnx.TensorProto:
-    """An ONNX INT4 (signed) or UINT4 TensorProto (opset 21) holding 4-bit codes, packed two a byte."""
+    """An ONNX INT4 (signed) or UINT4 TensorProto (opset 21) holding 4-bit codes, packed two a byte.
+
+    The bytes go in raw_data: onnx.helper.make_tensor would store each packed byte as an int32 varint (up to
+    twice the size).
+    """
     data_type = onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
-    return onnx.helper.make_tensor(name, data_type, codes.shape, np.asarray(codes).ravel().tolist())
+    flat = (np.asarray(codes).ravel().astype(np.int64) & 0xF).astype(np.uint8)
+    packed = _pack_low_first(flat.reshape(1, -1), bits=4).ravel()
+    return onnx.helper.make_tensor(name, data_type, codes.shape, packed.tobytes(), raw=True)
