@@ -312,3 +312,24 @@ def test_cli_stops_with_one_line_when_static_quantization_has_no_data(tmp_path):
     result = run_cli(OPTIMIZE, source, "--passes", "cleanup,quant:mode=static", "-o", out)
     assert result.returncode != 0 and "give sample inputs with --data" in only_error_line(result)
     assert not out.exists()
+
+
+def test_lstm_weights_become_int8_for_onnxruntimes_dynamic_lstm():
+    hidden, features = 16, 8
+    w = (RNG.standard_normal((1, 4 * hidden, features)) * 0.3).astype(np.float32)
+    r = (RNG.standard_normal((1, 4 * hidden, hidden)) * 0.3).astype(np.float32)
+    b = (RNG.standard_normal((1, 8 * hidden)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("LSTM", ["x", "w", "r", "b"], ["y", "y_h"], hidden_size=hidden)]
+    source = make_model(
+        nodes,
+        [value_info("x", [5, 1, features])],
+        [value_info("y", None), value_info("y_h", None)],
+        [constant("w", w), constant("r", r), constant("b", b)],
+        17,
+    )
+    model, result = apply("quant:measure=false", source)
+    assert op_counts(model) == {"DynamicQuantizeLSTM": 1}
+    assert _initializer_types(model).count(TensorProto.INT8) == 4  # W and R codes, and their zero points
+    assert max_rel_error(source, model) < 0.03
+    _, elsewhere = apply("quant:measure=false", source, backend="tvm")
+    assert not elsewhere.changed and "DynamicQuantizeLSTM" in elsewhere.notes[0]

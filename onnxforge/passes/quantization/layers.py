@@ -62,7 +62,7 @@ class Layer:
 
 
 def find_layers(graph: gs.Graph) -> list[Layer]:
-    """The MatMul, Gemm, Conv and embedding Gather nodes of `graph` with a float32 constant weight."""
+    """The MatMul, Gemm, Conv, LSTM and embedding Gather nodes of `graph` with float32 constant weights."""
     layers = []
     for node in graph.nodes:
         layer = _as_layer(node)
@@ -79,6 +79,11 @@ def _as_layer(node: gs.Node) -> Layer | None:
         if _is_float32_constant(table) and len(table.shape) == 2 and not isinstance(indices, gs.Constant):
             if node.attrs.get("axis", 0) == 0:
                 return Layer(node, 0, out_axis=0, in_axis=1, activation_input=1)
+        return None
+    if node.op == "LSTM":
+        weights = node.inputs[1:3]
+        if all(_is_float32_constant(w) for w in weights) and not node.attrs.get("layout", 0):
+            return Layer(node, 1, out_axis=1, in_axis=2)  # W [directions, 4 * hidden, input]; R alike
         return None
     activation, weight = node.inputs[0], node.inputs[1]
     if isinstance(activation, gs.Constant) or not _is_float32_constant(weight):

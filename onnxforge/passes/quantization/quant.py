@@ -29,11 +29,11 @@ from onnxforge.verify import Comparison, compare_outputs
 
 # Layer types each mode can quantize; embedding tables (Gather) are weight-only int8 rows in every mode.
 MODE_OPS = {
-    "dynamic": ("MatMul", "Conv", "Gather"),
-    "static": ("MatMul", "Conv", "Gather"),
+    "dynamic": ("MatMul", "Conv", "Gather", "LSTM"),
+    "static": ("MatMul", "Conv", "Gather", "LSTM"),
     "weight-only": ("MatMul", "Gather"),
 }
-EMBEDDING_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, granularity="per-channel")
+PER_CHANNEL_INT8 = QuantSpec(bits=8, signed=True, symmetric=True, granularity="per-channel")
 EMBEDDING_INT4_SPEC = QuantSpec(bits=4, signed=True, symmetric=True, granularity="block", block_size=32)
 # An embedding's lookup costs next to nothing: it is quantized for size unless the model gets slower than this.
 EMBEDDING_MIN_SPEEDUP = 0.98
@@ -86,13 +86,15 @@ class Quantize(Pass):
         notes: dict[int, str] = {}
         plan = {}
         for index, layer in indexed.items():
-            reason = self._reason_to_skip(layer, fmt)
+            reason = self._reason_to_skip(layer, fmt, contrib_ops=ctx.backend == "ort")
             if reason:
                 notes[index] = f"kept float: {reason}"
             elif layer.op == "Gather":
                 plan[index] = embedding_format(fmt, contrib_ops=ctx.backend == "ort")
             elif layer.op == "Conv":  # onnxruntime has no dynamic Conv kernel to write directly: QDQ
                 plan[index] = dataclasses.replace(fmt, form="qdq")
+            elif layer.op == "LSTM":  # weights only: the kernel quantizes its inputs at run time
+                plan[index] = LayerFormat("dynamic", "qoperator", PER_CHANNEL_INT8)
             else:
                 plan[index] = fmt
         calibration, held_out = split_samples(ctx.data or [])
@@ -110,7 +112,7 @@ class Quantize(Pass):
             choice = choose_by_measurement(
                 builder, plan, self._candidates(fmt, ctx), ctx, feed, self.options.min_speedup, thresholds
             )
-            type_lines, measured_notes = _measurement_notes(choice, ctx, self.options.min_speedup, thresholds)
+            type_lines, measured_notes = _measurement_notes(choice, indexed, ctx, self.options.min_speedup, thresholds)
             notes.update(measured_notes)
             plan = choice.plan
         if plan and budget.given:
@@ -150,12 +152,14 @@ class Quantize(Pass):
         if needs and not ctx.data:
             raise PassUsageError(f"quant: {needs[0]}: give sample inputs with --data (data= in the Python API)")
 
-    def _reason_to_skip(self, layer: Layer, fmt: LayerFormat) -> str:
+    def _reason_to_skip(self, layer: Layer, fmt: LayerFormat, contrib_ops: bool) -> str:
         for pattern in self.options.exclude:
             if pattern == layer.op or fnmatch.fnmatchcase(layer.name, pattern):
                 return f"excluded by exclude={pattern}"
         if layer.op not in MODE_OPS[fmt.mode]:
-            return f"{fmt.mode} quantization applies to {' and '.join(MODE_OPS[fmt.mode])} layers only"
+            return f"{fmt.mode} quantization applies to {', '.join(MODE_OPS[fmt.mode])} layers only"
+        if layer.op == "LSTM" and not contrib_ops:
+            return "int8 LSTM needs onnxruntime's DynamicQuantizeLSTM (backend ort)"
         weight_shape = layer.weight.shape
         if fmt.spec.granularity == "block" and layer.op == "MatMul" and weight_shape[0] < fmt.spec.block_size:
             return f"its weight has {weight_shape[0]} input features, fewer than a block ({fmt.spec.block_size})"
@@ -240,7 +244,7 @@ def embedding_format(fmt: LayerFormat, contrib_ops: bool) -> LayerFormat:
     if fmt.spec.bits == 4 and contrib_ops:
         spec = dataclasses.replace(EMBEDDING_INT4_SPEC, block_size=fmt.spec.block_size)
         return LayerFormat("weight-only", "qoperator", spec)
-    return LayerFormat("weight-only", "qdq", EMBEDDING_SPEC)
+    return LayerFormat("weight-only", "qdq", PER_CHANNEL_INT8)
 
 
 def _granularity(text: str, bits: int, mode: str, form: str, contrib_ops: bool) -> tuple[str, int]:
@@ -276,17 +280,24 @@ def _describe(layer: Layer, fmt: LayerFormat, ctx: PassContext) -> str:
         return f"int4 rows in blocks of {fmt.spec.block_size}, GatherBlockQuantized (embedding table)"
     if layer.op == "Gather":
         return "int8 rows with one scale each (embedding table)"
+    if layer.op == "LSTM":
+        return "int8 W and R, one scale per gate column, DynamicQuantizeLSTM"
     return fmt.describe(contrib_ops=ctx.backend == "ort")
 
 
 def _measurement_notes(
-    choice: MeasuredChoice, ctx: PassContext, min_speedup: float, thresholds: dict[str, float]
+    choice: MeasuredChoice,
+    layers: dict[int, Layer],
+    ctx: PassContext,
+    min_speedup: float,
+    thresholds: dict[str, float],
 ) -> tuple[list[str], dict[int, str]]:
     """One line per layer type with its timings, and the reason for each layer measurement left float."""
     where = f"{ctx.backend}/{ctx.target}"
     lines, notes = [], {}
     for op, measured in choice.by_type.items():
-        timings = ", ".join(f"{s:.2f}x as {fmt.describe(ctx.backend == 'ort')}" for fmt, s in measured.speedups)
+        example = layers[measured.members[0]]
+        timings = ", ".join(f"{s:.2f}x as {_describe(example, fmt, ctx)}" for fmt, s in measured.speedups)
         needed = thresholds.get(op, min_speedup)
         if measured.chosen is not None:
             verdict = "quantized"

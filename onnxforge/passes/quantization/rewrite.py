@@ -8,6 +8,7 @@ MatMulNBits), or, for other backends, MatMulInteger and its rescaling.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -91,6 +92,8 @@ class LayerRewriter:
             self._gather_blocks(layer, fmt)
         elif layer.op == "Gather":
             self._gather_rows(layer, fmt)
+        elif layer.op == "LSTM":
+            self._dynamic_lstm(layer, fmt)
         elif fmt.mode == "weight-only" and fmt.form == "qoperator" and self.contrib_ops:
             self._matmul_nbits(layer, fmt)
         elif fmt.mode == "dynamic" and fmt.form == "qoperator" and layer.op == "MatMul":
@@ -206,10 +209,9 @@ class LayerRewriter:
         safe = np.where(scale > 0, scale, 1).astype(np.float64)
         codes = np.where(scale > 0, np.round(bias.values / safe), 0).clip(-(2**31), 2**31 - 1).astype(np.int32)
         output = gs.Variable(unique_name(self.graph, f"{bias.name}_dequantized"), np.float32, list(bias.shape))
-        inputs = [
+        inputs = [  # the zero point is 0, DequantizeLinear's default: not stored
             gs.Constant(unique_name(self.graph, f"{bias.name}_quantized"), codes),
             gs.Constant(unique_name(self.graph, f"{bias.name}_scale"), scale),
-            gs.Constant(unique_name(self.graph, f"{bias.name}_zero_point"), np.zeros(bias.shape, np.int32)),
         ]
         self._add("DequantizeLinear", inputs, [output], {"axis": 0})
         return output
@@ -247,6 +249,21 @@ class LayerRewriter:
         codes, scales, _ = self._weight_constants(layer, fmt.spec, "codes")
         attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": fmt.spec.block_size, "bits": fmt.spec.bits}
         self._replace(layer.node, "GatherBlockQuantized", [codes, layer.activation, scales], attrs, CONTRIB_DOMAIN)
+
+    def _dynamic_lstm(self, layer: Layer, fmt: LayerFormat) -> None:
+        """onnxruntime's DynamicQuantizeLSTM: int8 W and R, one scale per gate column, stored transposed."""
+        inputs = list(layer.node.inputs) + [gs.Variable.empty()] * (8 - len(layer.node.inputs))
+        for index in (1, 2):
+            weight = dataclasses.replace(layer, weight_input=index)
+            quantized = self.quantize_weight(weight, fmt.spec)
+            name = weight.weight.name
+            directions = quantized.codes.shape[0]
+            codes = np.ascontiguousarray(quantized.codes.transpose(0, 2, 1))  # [directions, input, 4 * hidden]
+            scale = np.broadcast_to(quantized.scale.reshape(1, -1), (directions, quantized.scale.size))
+            inputs[index] = gs.Constant(unique_name(self.graph, f"{name}_quantized"), codes)
+            inputs.append(gs.Constant(unique_name(self.graph, f"{name}_scale"), scale.astype(np.float32)))
+            inputs.append(gs.Constant(unique_name(self.graph, f"{name}_zero_point"), np.zeros(scale.shape, np.int8)))
+        self._replace(layer.node, "DynamicQuantizeLSTM", inputs, dict(layer.node.attrs), CONTRIB_DOMAIN)
 
     def _dynamic_matmul_operator(self, layer: Layer, fmt: LayerFormat) -> None:
         codes, scale, zero_point = self._weight_constants(layer, fmt.spec, "codes")
