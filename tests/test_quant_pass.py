@@ -333,3 +333,24 @@ def test_lstm_weights_become_int8_for_onnxruntimes_dynamic_lstm():
     assert max_rel_error(source, model) < 0.03
     _, elsewhere = apply("quant:measure=false", source, backend="tvm")
     assert not elsewhere.changed and "DynamicQuantizeLSTM" in elsewhere.notes[0]
+
+
+def test_error_budget_first_tries_finer_activation_blocks_before_float():
+    # Two input channels a hundred times larger than the rest: one activation scale per tensor wastes
+    # nearly all int8 codes on them, blocks of 128 features confine them to one block.
+    rng = np.random.default_rng(3)
+    weight = (rng.standard_normal((256, 64)) * 0.05).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")]
+    source = make_model(nodes, [value_info("x", [16, 256])], [value_info("y", [16, 64])], [constant("w", weight)], 21)
+
+    def sample():
+        x = rng.standard_normal((16, 256)).astype(np.float32)
+        x[:, :2] *= 100
+        return {"x": x}
+
+    data = [sample() for _ in range(12)]
+    _, plain = apply("quant:measure=false", source, data=data)
+    budget = plain.stats["held_out_min_cosine"] + (1 - plain.stats["held_out_min_cosine"]) / 2
+    _, result = apply(f"quant:measure=false:min_cosine={budget}", source, data=data)
+    assert result.stats["layers_quantized"] == 1 and result.stats["held_out_min_cosine"] >= budget
+    assert any("given finer activation blocks" in note for note in result.notes)

@@ -34,6 +34,7 @@ MODE_OPS = {
     "weight-only": ("MatMul", "Gather"),
 }
 PER_CHANNEL_INT8 = QuantSpec(bits=8, signed=True, symmetric=True, granularity="per-channel")
+GENTLER_MATMUL = LayerFormat("weight-only", "qoperator", QuantSpec(8, True, True, "block", 128), accuracy_level=4)
 EMBEDDING_INT4_SPEC = QuantSpec(bits=4, signed=True, symmetric=True, granularity="block", block_size=32)
 # An embedding's lookup costs next to nothing: it is quantized for size unless the model gets slower than this.
 EMBEDDING_MIN_SPEEDUP = 0.98
@@ -116,11 +117,12 @@ class Quantize(Pass):
             notes.update(measured_notes)
             plan = choice.plan
         if plan and budget.given:
-            fit = fit_error_budget(builder, plan, budget, ctx, calibration, held_out)
-            notes.update(_budget_notes(fit, budget))
+            gentler = gentler_formats(plan, indexed, contrib_ops=ctx.backend == "ort")
+            fit = fit_error_budget(builder, plan, budget, ctx, calibration, held_out, gentler)
+            notes.update(_budget_notes(fit, budget, indexed, ctx))
             plan = fit.plan
         for index, layer_fmt in plan.items():
-            notes[index] = f"quantized: {_describe(indexed[index], layer_fmt, ctx)}"
+            notes.setdefault(index, f"quantized: {_describe(indexed[index], layer_fmt, ctx)}")
         stats.update(layers_quantized=len(plan), layers_float=len(indexed) - len(plan))
         lines = type_lines + [f"{indexed[i].op} {indexed[i].name}: {notes[i]}" for i in sorted(notes)]
         if not plan:
@@ -312,7 +314,26 @@ def _measurement_notes(
     return lines, notes
 
 
-def _budget_notes(fit: BudgetFit, budget: ErrorBudget) -> dict[int, str]:
+def gentler_formats(
+    plan: dict[int, LayerFormat], layers: dict[int, Layer], contrib_ops: bool
+) -> dict[int, LayerFormat]:
+    """Formats that lose less than dynamic int8, for the error budget to try before float.
+
+    onnxruntime's MatMulNBits at accuracy level 4 quantizes the activations in blocks of the weight's block
+    size along K instead of one scale per tensor, so an outlier channel spoils one block, not the whole row.
+    """
+    if not contrib_ops:
+        return {}
+    return {
+        index: GENTLER_MATMUL
+        for index, fmt in plan.items()
+        if fmt.mode == "dynamic" and layers[index].op == "MatMul" and layers[index].weight.shape[0] >= 128
+    }
+
+
+def _budget_notes(
+    fit: BudgetFit, budget: ErrorBudget, layers: dict[int, Layer], ctx: PassContext
+) -> dict[int, str]:
     limits = " and ".join(
         text
         for text in (
@@ -321,9 +342,13 @@ def _budget_notes(fit: BudgetFit, budget: ErrorBudget) -> dict[int, str]:
         )
         if text
     )
-    count = len(fit.kept_float)
-    return {
-        index: f"kept float: one of the {count} most sensitive layers (error {fit.sensitivity[index]:.3g} "
-        f"when quantized alone), left float to meet {limits}"
-        for index in fit.kept_float
+    moved = len(fit.kept_float) + len(fit.gentler)
+    why = {
+        index: f"one of the {moved} most sensitive layers (error {fit.sensitivity[index]:.3g} when quantized alone)"
+        for index in [*fit.kept_float, *fit.gentler]
     }
+    notes = {index: f"kept float: {why[index]}, left float to meet {limits}" for index in fit.kept_float}
+    for index in fit.gentler:
+        described = _describe(layers[index], fit.plan[index], ctx)
+        notes[index] = f"quantized: {described}: {why[index]}, given finer activation blocks to meet {limits}"
+    return notes

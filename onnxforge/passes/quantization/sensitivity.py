@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from onnxforge.passes.base import PassContext
@@ -41,10 +41,12 @@ class ErrorBudget:
 
 @dataclass
 class BudgetFit:
-    """The plan within budget, each layer's sensitivity, the layers left in float for it, and the final error."""
+    """The plan within budget, each layer's sensitivity, the layers moved to a gentler format or left in float
+    for it, and the final error on the held-out samples."""
 
     plan: dict[int, LayerFormat]
     sensitivity: dict[int, float] = field(default_factory=dict)
+    gentler: list[int] = field(default_factory=list)
     kept_float: list[int] = field(default_factory=list)
     error: Comparison | None = None
 
@@ -56,13 +58,18 @@ def fit_error_budget(
     ctx: PassContext,
     calibration: Sequence[Sample],
     held_out: Sequence[Sample],
+    gentler: Mapping[int, LayerFormat] | None = None,
 ) -> BudgetFit:
-    """Keep the most sensitive layers of `plan` in float, as few as the budget allows on the held-out samples.
+    """Move the most sensitive layers of `plan` to a gentler format, or else to float, as few as the budget
+    allows on the held-out samples.
 
     A layer's sensitivity is the error of the model with only that layer quantized, on the calibration
-    samples. The number of layers left in float is found by bisection, which assumes that leaving more
-    of the most sensitive layers in float never makes the error worse.
+    samples. `gentler` gives layers a format that loses less (and gains less speed); when moving every layer
+    that has one there cannot meet the budget, the most sensitive layers are left in float instead. How many
+    layers move is found by bisection, which assumes that moving more of the most sensitive layers never
+    makes the error worse.
     """
+    gentler = gentler or {}
     reference_held_out = run_model(builder.model, held_out, ctx)
 
     def error_on_held_out(candidate: Plan) -> Comparison:
@@ -77,20 +84,46 @@ def fit_error_budget(
         for index, fmt in plan.items()
     }
     order = sorted(plan, key=lambda index: sensitivity[index], reverse=True)
-    low, high = 1, len(order)  # the fewest layers left in float that meet the budget lies in [low, high]
-    errors = {len(order): compare_outputs(reference_held_out, reference_held_out)}
+
+    def softened(count: int) -> dict[int, LayerFormat]:
+        moved = {i: gentler[i] for i in order[:count] if i in gentler}
+        return {i: moved.get(i, plan[i]) for i in order if i in moved or i not in order[:count]}
+
+    def floated(count: int) -> dict[int, LayerFormat]:
+        return {i: plan[i] for i in order[count:]}
+
+    for make in (softened, floated) if gentler else (floated,):
+        count, error = _fewest_moved(lambda k: error_on_held_out(make(k)), len(order), budget)
+        if count is not None:
+            moved = order[:count]
+            if make is softened:
+                return BudgetFit(
+                    make(count),
+                    sensitivity,
+                    gentler=[i for i in moved if i in gentler],
+                    kept_float=[i for i in moved if i not in gentler],
+                    error=error,
+                )
+            return BudgetFit(make(count), sensitivity, kept_float=moved, error=error)
+    return BudgetFit({}, sensitivity, kept_float=order, error=compare_outputs(reference_held_out, reference_held_out))
+
+
+def _fewest_moved(error_of: Callable[[int], Comparison], total: int, budget: ErrorBudget) -> tuple:
+    """The fewest of `total` layers to move for `error_of(count)` to meet the budget, and that error;
+    (None, None) when moving all of them does not meet it either."""
+    errors = {total: error_of(total)}
+    if not budget.met(errors[total]):
+        return None, None
+    low, high = 1, total
     while low < high:
         middle = (low + high) // 2
-        errors[middle] = error_on_held_out({i: plan[i] for i in order[middle:]})
+        errors[middle] = error_of(middle)
         if budget.met(errors[middle]):
             high = middle
         else:
             low = middle + 1
     if low not in errors:
-        errors[low] = error_on_held_out({i: plan[i] for i in order[low:]})
-    if not budget.met(errors[low]):  # the error did not shrink steadily: only all-float is sure to meet it
-        low = len(order)
-    return BudgetFit(
-        {i: plan[i] for i in order[low:]}, sensitivity=sensitivity, kept_float=order[:low], error=errors[low]
-    )
-
+        errors[low] = error_of(low)
+    if not budget.met(errors[low]):  # the error did not shrink steadily: moving all is what is sure to meet it
+        low = total
+    return low, errors[low]
