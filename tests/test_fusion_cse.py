@@ -45,6 +45,28 @@ def test_duplicate_transposes_of_one_input_become_one_and_their_consumers_follow
     assert max_rel_error(proto, model) == 0
 
 
+def test_commutative_ops_match_with_their_inputs_swapped_and_others_do_not():
+    scale = _const("c", np.array([2.0, 3.0], np.float32))
+    proto = _model(
+        [
+            helper.make_node("Add", ["x", "z"], ["a1"]),
+            helper.make_node("Add", ["z", "x"], ["a2"]),
+            helper.make_node("Mul", ["x", "c"], ["m1"]),
+            helper.make_node("Mul", ["c", "x"], ["m2"]),
+            helper.make_node("Sub", ["x", "z"], ["s1"]),
+            helper.make_node("Sub", ["z", "x"], ["s2"]),  # not commutative: both stay
+            helper.make_node("Concat", ["a1", "a2", "m1", "m2", "s1", "s2"], ["y"], axis=0),
+        ],
+        [_vi("x", [3, 2]), _vi("z", [3, 2])],
+        [_vi("y", [18, 2])],
+        [scale],
+    )
+    model, result = apply("cse", proto)
+    assert op_counts(model) == {"Add": 1, "Mul": 1, "Sub": 2, "Concat": 1}
+    assert result.stats == {"cse_nodes_merged": 2}
+    assert max_rel_error(proto, model) == 0
+
+
 def test_other_attributes_keep_nodes_apart():
     proto = _model(
         [

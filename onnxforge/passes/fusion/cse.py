@@ -24,6 +24,10 @@ PURE_DOMAINS = ("", "ai.onnx.ml", CONTRIB_DOMAIN)
 # Dropout is never merged, even in inference mode, where cleanup's remove-identity removes it anyway.
 RANDOM_OPS = ("Random", "Dropout", "Bernoulli", "Multinomial")
 MAX_SWEEPS = 8
+# Standard ops whose result does not depend on the order of their inputs.
+COMMUTATIVE_OPS = frozenset(
+    {"Add", "Mul", "Max", "Min", "Sum", "Mean", "And", "Or", "Xor", "Equal", "BitwiseAnd", "BitwiseOr", "BitwiseXor"}
+)
 
 
 @register_pass("cse")
@@ -79,9 +83,16 @@ def _node_key(node: gs.Node) -> Hashable | None:
         if value is None:
             return None
         attrs.append((name, value))
-    inputs = tuple(_input_key(t) for t in node.inputs)
+    inputs = tuple(_input_key(t) for t in _ordered_inputs(node))
     present = tuple(bool(t.name) for t in node.outputs)
     return (domain, node.op, tuple(attrs), inputs, present)
+
+
+def _ordered_inputs(node: gs.Node) -> list[gs.Tensor]:
+    """The node's inputs, in a canonical order for commutative ops, so that Add(a, b) matches Add(b, a)."""
+    if node.op not in COMMUTATIVE_OPS or (node.domain or "") not in ONNX_DOMAINS:
+        return list(node.inputs)
+    return sorted(node.inputs, key=lambda tensor: repr(_input_key(tensor)))
 
 
 def _input_key(tensor: gs.Tensor | None) -> Hashable:
@@ -123,7 +134,7 @@ def _same_constant_inputs(a: gs.Node, b: gs.Node) -> bool:
     """Inputs that are constants hold the same dtype, shape and bytes (the keys already matched the rest)."""
     return all(
         x is y or not isinstance(x, gs.Constant) or _same_values(_peek(x), _peek(y))
-        for x, y in zip(a.inputs, b.inputs)
+        for x, y in zip(_ordered_inputs(a), _ordered_inputs(b))
     )
 
 
