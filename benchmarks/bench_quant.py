@@ -49,6 +49,7 @@ OURS: dict[str, dict[str, str]] = {
     },
     "ocr-detector": {
         "onnxforge int8 static": "upgrade-opset:to=17,cleanup,fuse,quant:mode=static",
+        "onnxforge int8 static, float_prefix": "upgrade-opset:to=17,cleanup,fuse,quant:mode=static:float_prefix=true",
         "onnxforge int8 static, min_cosine=0.99": (
             "upgrade-opset:to=17,cleanup,fuse,quant:mode=static:min_cosine=0.99"
         ),

@@ -354,3 +354,10 @@ def test_error_budget_first_tries_finer_activation_blocks_before_float():
     _, result = apply(f"quant:measure=false:min_cosine={budget}", source, data=data)
     assert result.stats["layers_quantized"] == 1 and result.stats["held_out_min_cosine"] >= budget
     assert any("given finer activation blocks" in note for note in result.notes)
+
+
+def test_float_prefix_refinement_times_the_first_layers_in_float_and_explains_it():
+    data = _samples([1, 16, 12, 12], 8)
+    model, result = apply("quant:mode=static:float_prefix=true:min_speedup=0.5", _conv_net(), data=data)
+    assert any(note.startswith("float prefixes timed against the plan (first 1: ") for note in result.notes)
+    assert result.stats["layers_quantized"] + result.stats["layers_float"] == 2

@@ -92,3 +92,44 @@ def choose_by_measurement(
         by_type[weakest].chosen = None
         result.dropped_after_combining.append(weakest)
     return result
+
+
+@dataclass
+class PrefixRefinement:
+    """What timing float prefixes changed: the plan, how many of the first layers went back to float, and the
+    speedup that measured against the plan before; `tried` maps each prefix length timed to its speedup."""
+
+    plan: dict[int, LayerFormat]
+    kept_float: list[int] = field(default_factory=list)
+    speedup: float = 1.0
+    tried: dict[int, float] = field(default_factory=dict)
+
+
+def refine_by_float_prefix(
+    builder: CandidateBuilder, plan: Plan, ctx: PassContext, feed: Mapping[str, np.ndarray], min_gain: float
+) -> PrefixRefinement:
+    """Leave the first layers in float where int8 starting later runs faster: the first 1, 2, 4, ... layers
+    (fewer than half) are timed in float against the plan, and the fastest prefix that gains `min_gain` in
+    two timings is kept.
+
+    Early layers see the largest activations with the fewest channels: quantizing the input and running
+    int8 there can cost more than it saves, which timing one layer type as a whole does not show.
+    """
+    order = sorted(plan)
+    prepared = ctx.prepare(builder.build(plan))
+    result = PrefixRefinement(dict(plan))
+    count = 1
+    while count <= len(order) // 2:
+        trial = ctx.prepare(builder.build({i: plan[i] for i in order[count:]}))
+        result.tried[count] = ctx.time_models([prepared, trial], feed)[1].speedup
+        count *= 2
+    best = max(result.tried, key=result.tried.get, default=None)
+    if best is None or result.tried[best] < min_gain:
+        return result
+    trial = ctx.prepare(builder.build({i: plan[i] for i in order[best:]}))
+    again = ctx.time_models([prepared, trial], feed)[1].speedup
+    if again >= min_gain:
+        result.plan = {i: plan[i] for i in order[best:]}
+        result.kept_float = order[:best]
+        result.speedup = min(again, result.tried[best])
+    return result

@@ -19,7 +19,7 @@ from onnxforge.passes.quantization.activations import Sample, observe_tensors, r
 from onnxforge.passes.quantization.exposing import split_attention_projections, split_gemms
 from onnxforge.passes.quantization.calibration import RangeObserver, scale_and_zero_point
 from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer
-from onnxforge.passes.quantization.choice import MeasuredChoice, choose_by_measurement
+from onnxforge.passes.quantization.choice import MeasuredChoice, choose_by_measurement, refine_by_float_prefix
 from onnxforge.passes.quantization.layers import Layer, find_layers, quantized_ops
 from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, quantized_output
 from onnxforge.passes.quantization.sensitivity import BudgetFit, ErrorBudget, fit_error_budget
@@ -66,6 +66,7 @@ class Quantize(Pass):
         percentile: float = 99.999
         weight_method: Literal["rtn", "search", "gptq"] = "rtn"
         measure: bool = True
+        float_prefix: bool = False  # after the per-type choice, time the first layers back in float
         min_speedup: float = 1.02
         max_error: float | None = None
         min_cosine: float | None = None
@@ -116,6 +117,16 @@ class Quantize(Pass):
             type_lines, measured_notes = _measurement_notes(choice, indexed, ctx, self.options.min_speedup, thresholds)
             notes.update(measured_notes)
             plan = choice.plan
+            if plan and self.options.float_prefix:
+                refined = refine_by_float_prefix(builder, plan, ctx, feed, min_gain=self.options.min_speedup)
+                tried = ", ".join(f"first {k}: {s:.2f}x" for k, s in refined.tried.items())
+                type_lines.append(f"float prefixes timed against the plan ({tried or 'none: too few layers'})")
+                for index in refined.kept_float:
+                    notes[index] = (
+                        f"kept float: one of the first {len(refined.kept_float)} layers, which ran "
+                        f"{refined.speedup:.2f}x as fast in float with the rest quantized"
+                    )
+                plan = refined.plan
         if plan and budget.given:
             gentler = gentler_formats(plan, indexed, contrib_ops=ctx.backend == "ort")
             fit = fit_error_budget(builder, plan, budget, ctx, calibration, held_out, gentler)
