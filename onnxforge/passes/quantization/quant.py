@@ -76,66 +76,37 @@ class Quantize(Pass):
         if already:
             note = f"the model is quantized already ({', '.join(sorted(already))}); left alone"
             return PassResult(False, stats={"already_quantized": True}, notes=[note])
-        fmt = resolve_format(self.options, model.graph.opset, contrib_ops=ctx.backend == "ort")
+        contrib_ops = ctx.backend == "ort"
+        fmt = resolve_format(self.options, model.graph.opset, contrib_ops)
         budget = ErrorBudget(self.options.max_error, self.options.min_cosine)
         self._check_data(fmt, budget, ctx)
         work = model.copy()
         split_attention_projections(work.graph)
         split_gemms(work.graph)
-        layers = find_layers(work.graph)
         position = {id(node): index for index, node in enumerate(work.graph.nodes)}
-        indexed = {position[id(layer.node)]: layer for layer in layers}
-        notes: dict[int, str] = {}
-        plan = {}
-        for index, layer in indexed.items():
-            reason = self._reason_to_skip(layer, fmt, contrib_ops=ctx.backend == "ort")
-            if reason:
-                notes[index] = f"kept float: {reason}"
-            elif layer.op == "Gather":
-                plan[index] = embedding_format(fmt, contrib_ops=ctx.backend == "ort")
-            elif layer.op == "Conv":  # onnxruntime has no dynamic Conv kernel to write directly: QDQ
-                plan[index] = dataclasses.replace(fmt, form="qdq")
-            elif layer.op == "LSTM":  # weights only: the kernel quantizes its inputs at run time
-                plan[index] = LayerFormat("dynamic", "qoperator", PER_CHANNEL_INT8)
-            else:
-                plan[index] = fmt
+        layers = {position[id(layer.node)]: layer for layer in find_layers(work.graph)}
+        plan, notes = self._initial_plan(layers, fmt, contrib_ops)
         calibration, held_out = split_samples(ctx.data or [])
+        planned = [layers[i] for i in plan]
         builder = CandidateBuilder(
             work,
-            self._weight_quantizer(work, [indexed[i] for i in plan], calibration, ctx),
-            self._calibrate(work, [indexed[i] for i in plan], calibration, ctx) if fmt.mode == "static" else {},
-            contrib_ops=ctx.backend == "ort",
+            self._weight_quantizer(work, planned, calibration, ctx),
+            self._calibrate(work, planned, calibration, ctx) if fmt.mode == "static" else {},
+            contrib_ops,
         )
-        stats: dict = {"layers": len(indexed)}
         feed = (ctx.data or [random_inputs(skeleton_proto(work), seed=0)])[0]
-        type_lines: list[str] = []
+        lines: list[str] = []
         if plan and self.options.measure:
-            thresholds = {"Gather": min(self.options.min_speedup, EMBEDDING_MIN_SPEEDUP)}
-            choice = choose_by_measurement(
-                builder, plan, self._candidates(fmt, ctx), ctx, feed, self.options.min_speedup, thresholds
-            )
-            type_lines, measured_notes = _measurement_notes(choice, indexed, ctx, self.options.min_speedup, thresholds)
-            notes.update(measured_notes)
-            plan = choice.plan
-            if plan and self.options.float_prefix:
-                refined = refine_by_float_prefix(builder, plan, ctx, feed, min_gain=self.options.min_speedup)
-                tried = ", ".join(f"first {k}: {s:.2f}x" for k, s in refined.tried.items())
-                type_lines.append(f"float prefixes timed against the plan ({tried or 'none: too few layers'})")
-                for index in refined.kept_float:
-                    notes[index] = (
-                        f"kept float: one of the first {len(refined.kept_float)} layers, which ran "
-                        f"{refined.speedup:.2f}x as fast in float with the rest quantized"
-                    )
-                plan = refined.plan
+            plan = self._measured_plan(builder, plan, layers, fmt, ctx, feed, notes, lines)
         if plan and budget.given:
-            gentler = gentler_formats(plan, indexed, contrib_ops=ctx.backend == "ort")
+            gentler = gentler_formats(plan, layers, contrib_ops)
             fit = fit_error_budget(builder, plan, budget, ctx, calibration, held_out, gentler)
-            notes.update(_budget_notes(fit, budget, indexed, ctx))
+            notes.update(_budget_notes(fit, budget, layers, ctx))
             plan = fit.plan
         for index, layer_fmt in plan.items():
-            notes.setdefault(index, f"quantized: {_describe(indexed[index], layer_fmt, ctx)}")
-        stats.update(layers_quantized=len(plan), layers_float=len(indexed) - len(plan))
-        lines = type_lines + [f"{indexed[i].op} {indexed[i].name}: {notes[i]}" for i in sorted(notes)]
+            notes.setdefault(index, f"quantized: {_describe(layers[index], layer_fmt, ctx)}")
+        stats: dict = {"layers": len(layers), "layers_quantized": len(plan), "layers_float": len(layers) - len(plan)}
+        lines += [f"{layers[i].op} {layers[i].name}: {notes[i]}" for i in sorted(notes)]
         if not plan:
             lines.append("nothing quantized: the model is left as it was")
             return PassResult(False, stats=stats, notes=lines)
@@ -153,6 +124,56 @@ class Quantize(Pass):
                 return PassResult(False, stats=stats, notes=lines)
         model.graph = quantized.graph
         return PassResult(True, stats=stats, notes=lines)
+
+    def _initial_plan(
+        self, layers: dict[int, Layer], fmt: LayerFormat, contrib_ops: bool
+    ) -> tuple[dict[int, LayerFormat], dict[int, str]]:
+        """Every layer the options allow, in the format its type takes; why each other layer stays float."""
+        plan, notes = {}, {}
+        for index, layer in layers.items():
+            reason = self._reason_to_skip(layer, fmt, contrib_ops)
+            if reason:
+                notes[index] = f"kept float: {reason}"
+            elif layer.op == "Gather":
+                plan[index] = embedding_format(fmt, contrib_ops)
+            elif layer.op == "Conv":  # onnxruntime has no dynamic Conv kernel to write directly: QDQ
+                plan[index] = dataclasses.replace(fmt, form="qdq")
+            elif layer.op == "LSTM":  # weights only: the kernel quantizes its inputs at run time
+                plan[index] = LayerFormat("dynamic", "qoperator", PER_CHANNEL_INT8)
+            else:
+                plan[index] = fmt
+        return plan, notes
+
+    def _measured_plan(
+        self,
+        builder: CandidateBuilder,
+        plan: dict[int, LayerFormat],
+        layers: dict[int, Layer],
+        fmt: LayerFormat,
+        ctx: PassContext,
+        feed: dict,
+        notes: dict[int, str],
+        lines: list[str],
+    ) -> dict[int, LayerFormat]:
+        """The plan timing keeps (per layer type, then optionally a float prefix); notes and lines say why."""
+        min_speedup = self.options.min_speedup
+        thresholds = {"Gather": min(min_speedup, EMBEDDING_MIN_SPEEDUP)}
+        choice = choose_by_measurement(builder, plan, self._candidates(fmt, ctx), ctx, feed, min_speedup, thresholds)
+        type_lines, measured_notes = _measurement_notes(choice, layers, ctx, min_speedup, thresholds)
+        lines += type_lines
+        notes.update(measured_notes)
+        plan = choice.plan
+        if plan and self.options.float_prefix:
+            refined = refine_by_float_prefix(builder, plan, ctx, feed, min_gain=min_speedup)
+            tried = ", ".join(f"first {k}: {s:.2f}x" for k, s in refined.tried.items())
+            lines.append(f"float prefixes timed against the plan ({tried or 'none: too few layers'})")
+            for index in refined.kept_float:
+                notes[index] = (
+                    f"kept float: one of the first {len(refined.kept_float)} layers, which ran "
+                    f"{refined.speedup:.2f}x as fast in float with the rest quantized"
+                )
+            plan = refined.plan
+        return plan
 
     def _check_data(self, fmt: LayerFormat, budget: ErrorBudget, ctx: PassContext) -> None:
         needs = []
