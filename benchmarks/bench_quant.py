@@ -46,8 +46,8 @@ OURS: dict[str, dict[str, str]] = {
         "onnxforge int4 block 128, GPTQ": "cleanup,fuse,quant:bits=4:granularity=block:128:weight_method=gptq",
     },
     "silero-vad": {
-        "onnxforge int8": "cleanup,fuse,quant",
-        "onnxforge int8 static": "cleanup,fuse,quant:mode=static",
+        "onnxforge int8 (auto: static Conv, int8 LSTM)": "cleanup,fuse,quant",
+        "onnxforge int8, mode=dynamic": "cleanup,fuse,quant:mode=dynamic",
     },
     "ocr-detector": {
         "onnxforge int8 static": "upgrade-opset:to=17,cleanup,fuse,quant:mode=static",

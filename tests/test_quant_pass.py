@@ -361,3 +361,13 @@ def test_float_prefix_refinement_times_the_first_layers_in_float_and_explains_it
     model, result = apply("quant:mode=static:float_prefix=true:min_speedup=0.5", _conv_net(), data=data)
     assert any(note.startswith("float prefixes timed against the plan (first 1: ") for note in result.notes)
     assert result.stats["layers_quantized"] + result.stats["layers_float"] == 2
+
+
+def test_auto_mode_quantizes_convs_static_with_data_and_matmuls_dynamic():
+    data = _samples([1, 16, 12, 12], 8)
+    with_data, _ = apply("quant:measure=false", _conv_net(), data=data)
+    assert op_counts(with_data)["QuantizeLinear"] == 3 and op_counts(with_data)["DynamicQuantizeLinear"] == 0
+    without, _ = apply("quant:measure=false", _conv_net())
+    assert op_counts(without)["QuantizeLinear"] == 0 and op_counts(without)["DynamicQuantizeLinear"] == 2
+    mlp, _ = apply("quant:measure=false", _mlp(), data=_samples([8, 64], 4))
+    assert op_counts(mlp)["DynamicQuantizeMatMul"] == 2

@@ -46,7 +46,8 @@ class Quantize(Pass):
     """Quantize weights to int8/int4 (and activations where it pays), keeping only what the target runs faster.
 
     mode: dynamic (activations quantized at run time), static (calibrated on --data) or weight-only
-    (int4/int8 MatMul weights, MatMulNBits on onnxruntime); auto is weight-only for 4 bits, else dynamic.
+    (int4/int8 MatMul weights, MatMulNBits on onnxruntime); auto is weight-only for 4 bits, else dynamic,
+    with Conv layers static when --data is given.
     With measure=true (the default) each layer type is timed on the pass's backend in each candidate
     format and stays float unless it gets faster by min_speedup. With data and max_error or min_cosine,
     the most sensitive layers stay float until the held-out error is within that budget.
@@ -85,13 +86,13 @@ class Quantize(Pass):
         split_gemms(work.graph)
         position = {id(node): index for index, node in enumerate(work.graph.nodes)}
         layers = {position[id(layer.node)]: layer for layer in find_layers(work.graph)}
-        plan, notes = self._initial_plan(layers, fmt, contrib_ops)
+        plan, notes = self._initial_plan(layers, fmt, contrib_ops, has_data=bool(ctx.data))
         calibration, held_out = split_samples(ctx.data or [])
-        planned = [layers[i] for i in plan]
+        static = [layers[i] for i, layer_fmt in plan.items() if layer_fmt.mode == "static"]
         builder = CandidateBuilder(
             work,
-            self._weight_quantizer(work, planned, calibration, ctx),
-            self._calibrate(work, planned, calibration, ctx) if fmt.mode == "static" else {},
+            self._weight_quantizer(work, [layers[i] for i in plan], calibration, ctx),
+            self._calibrate(work, static, calibration, ctx) if static else {},
             contrib_ops,
         )
         feed = (ctx.data or [random_inputs(skeleton_proto(work), seed=0)])[0]
@@ -126,9 +127,13 @@ class Quantize(Pass):
         return PassResult(True, stats=stats, notes=lines)
 
     def _initial_plan(
-        self, layers: dict[int, Layer], fmt: LayerFormat, contrib_ops: bool
+        self, layers: dict[int, Layer], fmt: LayerFormat, contrib_ops: bool, has_data: bool
     ) -> tuple[dict[int, LayerFormat], dict[int, str]]:
-        """Every layer the options allow, in the format its type takes; why each other layer stays float."""
+        """Every layer the options allow, in the format its type takes; why each other layer stays float.
+
+        With mode=auto and sample data, Conv layers are quantized static (the form integer Conv kernels
+        are fast in) while MatMuls stay dynamic (which keeps transformers accurate).
+        """
         plan, notes = {}, {}
         for index, layer in layers.items():
             reason = self._reason_to_skip(layer, fmt, contrib_ops)
@@ -136,6 +141,8 @@ class Quantize(Pass):
                 notes[index] = f"kept float: {reason}"
             elif layer.op == "Gather":
                 plan[index] = embedding_format(fmt, contrib_ops)
+            elif layer.op == "Conv" and self.options.mode == "auto" and has_data and fmt.mode == "dynamic":
+                plan[index] = LayerFormat("static", "qdq", fmt.spec)
             elif layer.op == "Conv":  # onnxruntime has no dynamic Conv kernel to write directly: QDQ
                 plan[index] = dataclasses.replace(fmt, form="qdq")
             elif layer.op == "LSTM":  # weights only: the kernel quantizes its inputs at run time
