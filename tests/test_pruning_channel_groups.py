@@ -258,7 +258,7 @@ def test_removing_half_the_channels_gives_a_valid_smaller_model(exported):
         removed = group.channels - group.channels // 2
         sizes = [s.tensor.shape[s.axis] for s in fresh.slots]
         keep = np.sort(np.random.default_rng(index).choice(group.channels, group.channels // 2, replace=False))
-        remove_channels(model, fresh, keep)
+        remove_channels(model, [(fresh, keep)])
         for slot, size in zip(fresh.slots, sizes):
             assert slot.tensor.shape[slot.axis] == size - removed * slot.repeat
         onnx.checker.check_model(model.to_proto(), full_check=True)
@@ -270,7 +270,7 @@ def test_keeping_every_channel_leaves_outputs_unchanged(exported):
     for index, group in enumerate(groups):
         if group.prunable:
             model = load_model(exported)
-            remove_channels(model, ChannelGroups.compute(model)[index], np.arange(group.channels))
+            remove_channels(model, [(ChannelGroups.compute(model)[index], np.arange(group.channels))])
             assert max_rel_error(exported, model) < RTOL
 
 
@@ -287,7 +287,8 @@ def test_removing_channels_no_consumer_reads_leaves_outputs_unchanged(exported):
             values.swapaxes(0, slot.axis)[slot.positions(removed)] = 0
             slot.node.inputs[slot.input_index] = make_constant(model.graph, slot.tensor.name, values)
         reference = model.to_proto()
-        remove_channels(model, ChannelGroups.compute(model)[index], np.setdiff1d(np.arange(group.channels), removed))
+        kept = np.setdiff1d(np.arange(group.channels), removed)
+        remove_channels(model, [(ChannelGroups.compute(model)[index], kept)])
         assert max_rel_error(reference, model) < RTOL
 
 
@@ -300,6 +301,6 @@ def test_removing_channels_with_zero_weights_leaves_outputs_unchanged():
         module[0].bias[[1, 4]] = 0
     proto = apply("cleanup", from_torch(module, torch.randn(1, 3, 8, 8)))[0].to_proto()
     model, (group, _) = _groups(proto)
-    remove_channels(model, group, np.array([0, 2, 3, 5]))
+    remove_channels(model, [(group, np.array([0, 2, 3, 5]))])
     assert model.graph.nodes[2].inputs[1].shape == (4, 4, 3, 3)
     assert max_rel_error(proto, model) < RTOL

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -10,34 +12,41 @@ from onnxforge.ir.edit import make_constant
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelSlot
 
 
-def remove_channels(model: Model, group: ChannelGroup, keep: np.ndarray) -> None:
-    """Keep only the channels `keep` (sorted indices) of a prunable `group` of `model`'s main graph, in place.
+def remove_channels(model: Model, choices: Sequence[tuple[ChannelGroup, np.ndarray]]) -> None:
+    """Keep only the channels `keep` (sorted indices) of each prunable group of `model`'s main graph, in place.
 
-    Producers, followers and consumers get new sliced constants (existing arrays are never written to);
-    depthwise Convs get their group count lowered; tensor shapes are inferred again.
+    All groups are cut in one go: groups side by side in one Concat read their consumer's weight at offsets
+    of the unpruned model. Producers, followers and consumers get new sliced constants (existing arrays
+    are never written to); depthwise Convs get their group count lowered; tensor shapes are inferred again.
     """
+    # One input may hold several groups (a Concat), one group twice (a tensor concatenated with itself), or
+    # the output channels of one group and the input channels of another (on two axes).
+    dropped: dict[tuple[int, int], tuple[ChannelSlot, dict[int, list[np.ndarray]]]] = {}
+    depthwise: list[tuple[gs.Node, int]] = []
+    for group, keep in choices:
+        removed = _removed_channels(group, keep)
+        for slot in group.slots:
+            entry = dropped.setdefault((id(slot.node), slot.input_index), (slot, {}))
+            entry[1].setdefault(slot.axis, []).append(slot.positions(removed))
+        # A Conv whose weight follows the channels (on its output axis) is depthwise: one group per channel.
+        depthwise += [(s.node, removed.size) for s in group.followers if s.node.op == "Conv" and s.input_index == 1]
+    for slot, by_axis in dropped.values():
+        values = slot.tensor.values
+        for axis, positions in by_axis.items():
+            values = values.take(np.delete(np.arange(values.shape[axis]), np.concatenate(positions)), axis)
+        slot.node.inputs[slot.input_index] = make_constant(model.graph, slot.tensor.name, values)
+    for node, count in depthwise:
+        node.attrs["group"] -= count
+    _refresh_shapes(model)
+
+
+def _removed_channels(group: ChannelGroup, keep: np.ndarray) -> np.ndarray:
     keep = np.asarray(keep, dtype=np.int64)
     if not group.prunable:
         raise ValueError(f"the group is not prunable: {group.reason}")
     if keep.ndim != 1 or keep.size == 0 or np.any(np.diff(keep) <= 0) or keep[0] < 0 or keep[-1] >= group.channels:
         raise ValueError(f"keep must be sorted, distinct, non-empty channel indices below {group.channels}")
-    removed = np.setdiff1d(np.arange(group.channels), keep)
-    # One input may hold the group several times (a Concat of a tensor with itself): slice it once.
-    dropped: dict[tuple[int, int], tuple[ChannelSlot, list[np.ndarray]]] = {}
-    for slot in group.slots:
-        entry = dropped.setdefault((id(slot.node), slot.input_index), (slot, []))
-        if entry[0].axis != slot.axis:
-            raise ValueError(f"input {slot.input_index} of '{slot.node.name}' is sliced on two axes")
-        entry[1].append(slot.positions(removed))
-    for slot, positions in dropped.values():
-        values = slot.tensor.values
-        kept = np.delete(np.arange(values.shape[slot.axis]), np.concatenate(positions))
-        slot.node.inputs[slot.input_index] = make_constant(model.graph, slot.tensor.name, values.take(kept, slot.axis))
-    for slot in group.followers:
-        # A Conv whose weight follows the channels (on its output axis) is depthwise: one group per channel.
-        if slot.node.op == "Conv" and slot.input_index == 1:
-            slot.node.attrs["group"] -= removed.size
-    _refresh_shapes(model)
+    return np.setdiff1d(np.arange(group.channels), keep)
 
 
 def _refresh_shapes(model: Model) -> None:

@@ -1,0 +1,117 @@
+"""The `prune` pass: remove the least important output channels, with every weight that reads them."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from onnxforge.errors import PassUsageError
+from onnxforge.ir import Model
+from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelGroups
+from onnxforge.passes.pruning.channel_surgery import remove_channels
+from onnxforge.passes.registry import register_pass
+
+
+@register_pass("prune")
+class ChannelPruning(Pass):
+    """Remove the least important output channels of Conv, Gemm and MatMul layers, and their readers' inputs.
+
+    Channels that must go together (residual adds, depthwise convs, concats, flatten into a Gemm) are
+    found as groups; a channel's importance is the norm of its producers' weights (l1 or l2), each producer
+    scaled by its mean so that layers compare. scope=layer removes `ratio` of every group's channels,
+    scope=global the `ratio` least important channels of all groups together (at least one kept per group).
+    """
+
+    lossless = False
+
+    @dataclass
+    class Options:
+        ratio: float = 0.3
+        method: Literal["l1", "l2"] = "l1"
+        scope: Literal["layer", "global"] = "layer"
+        structure: Literal["channel"] = "channel"
+        exclude: list[str] = field(default_factory=list)  # op types, node names or name patterns
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        ratio = self.options.ratio
+        if not 0 <= ratio < 1:
+            raise PassUsageError(f"prune:ratio={ratio}: give the fraction of channels to remove, from 0 to below 1")
+        groups = ctx.analysis(ChannelGroups, model)
+        notes, candidates = [], []
+        for group in groups:
+            title = _title(group)
+            if not group.prunable:
+                notes.append(f"{title}: kept: {group.reason}")
+            elif self._excluded(group):
+                notes.append(f"{title}: kept: excluded by exclude=")
+            else:
+                candidates.append(group)
+        scores = [channel_importance(group, self.options.method) for group in candidates]
+        removed = self._choose(scores)
+        choices = []
+        for group, score, count in zip(candidates, scores, removed):
+            keep = np.sort(np.argsort(score, kind="stable")[count:])
+            notes.append(f"{_title(group)}: {group.channels} -> {keep.size} channels ({self.options.method})")
+            if count:
+                choices.append((group, keep))
+        before = model.stats().params
+        if choices:
+            remove_channels(model, choices)
+        removed_total = int(sum(removed))
+        return PassResult(
+            changed=bool(choices),
+            stats={
+                "groups": len(groups),
+                "groups_pruned": len(choices),
+                "channels_removed": removed_total,
+                "params_removed": before - model.stats().params,
+            },
+            notes=notes,
+        )
+
+    def _excluded(self, group: ChannelGroup) -> bool:
+        names = [slot.node.name for slot in group.producers]
+        ops = [slot.node.op for slot in group.producers]
+        return any(
+            pattern in ops or any(fnmatch.fnmatchcase(name, pattern) for name in names)
+            for pattern in self.options.exclude
+        )
+
+    def _choose(self, scores: list[np.ndarray]) -> list[int]:
+        """How many channels to remove from each group: `ratio` of each, or the least important overall."""
+        ratio = self.options.ratio
+        if self.options.scope == "layer":
+            return [min(int(ratio * s.size), s.size - 1) for s in scores]
+        total = sum(s.size for s in scores)
+        ranked = sorted(
+            ((float(value), index) for index, s in enumerate(scores) for value in s / max(float(s.mean()), 1e-30)),
+        )
+        removed = [0] * len(scores)
+        for _, index in ranked:
+            if sum(removed) >= int(ratio * total):
+                break
+            if removed[index] < scores[index].size - 1:
+                removed[index] += 1
+        return removed
+
+
+def channel_importance(group: ChannelGroup, method: str) -> np.ndarray:
+    """Each channel's importance: the l1 or l2 norm of its producers' weights, each producer scaled to mean 1."""
+    total = np.zeros(group.channels)
+    for slot in group.producers:
+        values = np.asarray(slot.tensor.values, np.float64)
+        rows = np.moveaxis(values, slot.axis, 0).reshape(values.shape[slot.axis], -1)
+        per_position = np.abs(rows).sum(1) if method == "l1" else np.sqrt(np.square(rows).sum(1))
+        norms = per_position[slot.positions(np.arange(group.channels))].reshape(group.channels, -1).sum(1)
+        total += norms / max(float(norms.mean()), 1e-30)
+    return total
+
+
+def _title(group: ChannelGroup) -> str:
+    names = ", ".join(slot.node.name or slot.node.op for slot in group.producers[:3])
+    more = f" and {len(group.producers) - 3} more" if len(group.producers) > 3 else ""
+    return f"channels of {names}{more}"
