@@ -74,3 +74,33 @@ def test_a_ratio_outside_zero_to_one_is_refused(ratio):
 
 def test_every_test_model_is_known():
     assert set(PRUNABLE) <= set(MODELS)
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    return {n.name: np.asarray(n.inputs[1].values) for n in model.graph.nodes if n.op in ("Conv", "MatMul", "Gemm")}
+
+
+def test_two_of_four_zeros_two_of_every_four_inputs_and_says_it_does_not_speed_up_dense_kernels():
+    source = _exported("ffn", fold_bn=False)
+    model, result = apply("prune:structure=2:4", source)
+    assert result.changed and result.stats["sparsity"] == 0.5
+    for name, weight in _weights(model).items():
+        groups = np.moveaxis(weight, 0, -1).reshape(-1, 4)  # MatMul weights: inputs along axis 0
+        assert np.all(np.count_nonzero(groups, axis=1) <= 2), name
+    assert "dense CPU kernels" in result.notes[0]
+    assert max_rel_error(source, model) < 1.0  # lossy: half the weights are gone, but it still runs
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.7])
+def test_unstructured_zeros_the_smallest_weights_of_each_layer(ratio):
+    source = _exported("conv_head", fold_bn=True)
+    before = _weights(load_model(source))
+    model, result = apply(f"prune:structure=unstructured:ratio={ratio}", source)
+    assert result.changed == (ratio > 0)
+    for name, weight in _weights(model).items():
+        original = before[name]
+        assert weight.shape == original.shape
+        assert abs(np.mean(weight == 0) - ratio) < 0.02
+        kept = weight != 0
+        if ratio:  # every zeroed weight is no larger than any kept one
+            assert np.abs(original[~kept]).max() <= np.abs(original[kept]).min()

@@ -7,13 +7,19 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model
+from onnxforge.ir.edit import make_constant
 from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.layers import find_layers
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelGroups
 from onnxforge.passes.pruning.channel_surgery import remove_channels
+from onnxforge.passes.pruning.sparsity import SPEED_NOTE, magnitude_mask, two_of_four_mask
 from onnxforge.passes.registry import register_pass
+
+SPARSE_OPS = ("MatMul", "Gemm", "Conv")
 
 
 @register_pass("prune")
@@ -24,6 +30,8 @@ class ChannelPruning(Pass):
     found as groups; a channel's importance is the norm of its producers' weights (l1 or l2), each producer
     scaled by its mean so that layers compare. scope=layer removes `ratio` of every group's channels,
     scope=global the `ratio` least important channels of all groups together (at least one kept per group).
+    structure=unstructured zeros the `ratio` smallest weights of each layer and structure=2:4 two of every
+    four along the input axis: shapes stay, so only the compressed file shrinks on dense kernels.
     """
 
     lossless = False
@@ -33,13 +41,15 @@ class ChannelPruning(Pass):
         ratio: float = 0.3
         method: Literal["l1", "l2"] = "l1"
         scope: Literal["layer", "global"] = "layer"
-        structure: Literal["channel"] = "channel"
+        structure: Literal["channel", "unstructured", "2:4"] = "channel"
         exclude: list[str] = field(default_factory=list)  # op types, node names or name patterns
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         ratio = self.options.ratio
         if not 0 <= ratio < 1:
             raise PassUsageError(f"prune:ratio={ratio}: give the fraction of channels to remove, from 0 to below 1")
+        if self.options.structure != "channel":
+            return self._sparsify(model)
         groups = ctx.analysis(ChannelGroups, model)
         notes, candidates = [], []
         for group in groups:
@@ -74,12 +84,41 @@ class ChannelPruning(Pass):
         )
 
     def _excluded(self, group: ChannelGroup) -> bool:
-        names = [slot.node.name for slot in group.producers]
-        ops = [slot.node.op for slot in group.producers]
-        return any(
-            pattern in ops or any(fnmatch.fnmatchcase(name, pattern) for name in names)
-            for pattern in self.options.exclude
-        )
+        return any(self._excludes(slot.node) for slot in group.producers)
+
+    def _excludes(self, node: gs.Node) -> bool:
+        return any(node.op == p or fnmatch.fnmatchcase(node.name, p) for p in self.options.exclude)
+
+    def _sparsify(self, model: Model) -> PassResult:
+        """Zero weights in place of removing channels: unstructured by magnitude, or 2 of every 4 inputs."""
+        notes, done = [SPEED_NOTE], {}
+        zeros_before = zeros_after = total = 0
+        for layer in find_layers(model.graph):
+            if layer.op not in SPARSE_OPS or self._excludes(layer.node):
+                continue
+            if id(layer.weight) in done:  # a shared weight is pruned once
+                layer.node.inputs[layer.weight_input] = done[id(layer.weight)]
+                continue
+            values = np.asarray(layer.weight.values)
+            if self.options.structure == "2:4":
+                mask = two_of_four_mask(values, layer.in_axis)
+                if mask is None:
+                    inputs = values.shape[layer.in_axis]
+                    notes.append(f"{layer.op} {layer.name}: kept: {inputs} inputs do not split into groups of 4")
+                    continue
+            else:
+                mask = magnitude_mask(values, self.options.ratio)
+            sparse = np.where(mask, values, 0).astype(values.dtype)
+            zeros_before += int(np.count_nonzero(values == 0))
+            zeros_after += int(np.count_nonzero(sparse == 0))
+            total += values.size
+            replacement = make_constant(model.graph, layer.weight.name, sparse)
+            done[id(layer.weight)] = replacement
+            layer.node.inputs[layer.weight_input] = replacement
+            notes.append(f"{layer.op} {layer.name}: {np.count_nonzero(sparse == 0) / values.size:.1%} zeros")
+        changed = zeros_after > zeros_before
+        stats = {"layers_sparsified": len(done), "sparsity": round(zeros_after / total, 4) if total else 0.0}
+        return PassResult(changed=changed, stats=stats, notes=notes)
 
     def _choose(self, scores: list[np.ndarray]) -> list[int]:
         """How many channels to remove from each group: `ratio` of each, or the least important overall."""

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from onnxforge.ir import Model
-from onnxforge.passes.quantization.layers import Layer, find_layers
+from onnxforge.passes.layers import Layer, find_layers
 from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, LayerRewriter
 from onnxforge.passes.quantization.weights import QuantizedWeight, QuantSpec, gptq_quantize, quantize_weight
 

@@ -20,7 +20,8 @@ from onnxforge.passes.quantization.exposing import split_attention_projections, 
 from onnxforge.passes.quantization.calibration import RangeObserver, scale_and_zero_point
 from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer
 from onnxforge.passes.quantization.choice import MeasuredChoice, choose_by_measurement, refine_by_float_prefix
-from onnxforge.passes.quantization.layers import Layer, find_layers, quantized_ops
+from onnxforge.passes.layers import Layer, find_layers
+from onnxforge.passes.quantization.quantized_ops import quantized_ops
 from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, quantized_output
 from onnxforge.passes.quantization.sensitivity import BudgetFit, ErrorBudget, fit_error_budget
 from onnxforge.passes.quantization.weights import QuantSpec

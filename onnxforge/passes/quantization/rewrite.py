@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxforge.ir.edit import unique_name
-from onnxforge.passes.quantization.layers import Layer
+from onnxforge.passes.layers import Layer
 from onnxforge.passes.quantization.weights import QuantizedWeight, QuantSpec, int4_tensor, pack_matmul_nbits
 
 Mode = Literal["dynamic", "static", "weight-only"]

@@ -1,32 +1,11 @@
-"""Which nodes quantization can act on: layers with a constant weight, and models that are quantized already."""
+"""Layers: nodes whose constant float weights passes can rewrite (quantize, prune, factorize)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-# Ops that only appear in a model someone (or some tool) has quantized already.
-QUANTIZED_OPS = frozenset(
-    {
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "DynamicQuantizeLinear",
-        "QLinearConv",
-        "QLinearMatMul",
-        "MatMulInteger",
-        "ConvInteger",
-        "MatMulNBits",
-        "DynamicQuantizeMatMul",
-        "MatMulIntegerToFloat",
-        "QAttention",
-        "QGemm",
-        "DynamicQuantizeLSTM",
-        "GatherBlockQuantized",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -102,16 +81,3 @@ def _as_layer(node: gs.Node) -> Layer | None:
 
 def _is_float32_constant(tensor: gs.Tensor) -> bool:
     return isinstance(tensor, gs.Constant) and np.dtype(tensor.dtype) == np.float32
-
-
-def quantized_ops(graphs: Iterable[gs.Graph]) -> set[str]:
-    """Op types in the graphs that show the model is quantized already."""
-    return {node.op for graph in graphs for node in graph.nodes if node.op in QUANTIZED_OPS}
-
-
-def shared_weights(layers: Iterable[Layer]) -> dict[int, list[Layer]]:
-    """Layers grouped by the weight constant they read (id of the constant): a shared weight is quantized once."""
-    groups: dict[int, list[Layer]] = {}
-    for layer in layers:
-        groups.setdefault(id(layer.weight), []).append(layer)
-    return groups
