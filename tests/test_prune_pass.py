@@ -8,8 +8,11 @@ from graph_checks import apply, max_rel_error
 from test_pruning_channel_groups import MODELS, _exported
 
 from onnxforge import optimize
+from onnxforge.backends import BackendOptions, get_backend
+from onnxforge.data import random_inputs
 from onnxforge.errors import PassError
 from onnxforge.ir import load_model
+from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.passes.pruning import ChannelGroups
 from onnxforge.passes.pruning.prune import channel_importance
 
@@ -104,3 +107,38 @@ def test_unstructured_zeros_the_smallest_weights_of_each_layer(ratio):
         kept = weight != 0
         if ratio:  # every zeroed weight is no larger than any kept one
             assert np.abs(original[~kept]).max() <= np.abs(original[kept]).min()
+
+
+@pytest.mark.parametrize("name", ["ffn", "conv_head", "residual", "depthwise", "dense"])
+def test_recovery_reduces_the_output_error_on_held_out_inputs(name):
+    source = _exported(name, fold_bn=True)
+    # Enough samples for the Gemm after a Flatten: one row per sample, one unknown per kept feature.
+    calibration, held_out = _random_samples(source, 160, seed=1), _random_samples(source, 8, seed=1000)
+    plain, _ = apply("prune:ratio=0.5", source)
+    recovered, result = apply("prune:ratio=0.5:recover=true", source, data=calibration)
+    assert any(note.startswith("recovery: ") for note in result.notes)
+    plain_error = relative_error(source, plain, held_out)
+    assert relative_error(source, recovered, held_out) < plain_error
+
+
+def test_recovery_needs_data():
+    with pytest.raises(PassError, match="give them with --data"):
+        apply("prune:ratio=0.5:recover=true", _exported("ffn", fold_bn=False))
+
+
+def _random_samples(proto, count: int, seed: int) -> list[dict]:
+    skeleton = skeleton_proto(load_model(proto))
+    return [random_inputs(skeleton, seed=seed + i) for i in range(count)]
+
+
+def relative_error(source, model, samples) -> float:
+    """||new - old|| / ||old|| over all outputs and samples."""
+    options = BackendOptions(graph_optimization="disable")
+    before, after = get_backend("ort").prepare(source, options), get_backend("ort").prepare(model, options)
+    squared_error = squared_norm = 0.0
+    for sample in samples:
+        for name, old in before.run(sample).items():
+            new = after.run(sample)[name]
+            squared_error += float(np.sum((new.astype(np.float64) - old) ** 2))
+            squared_norm += float(np.sum(old.astype(np.float64) ** 2))
+    return (squared_error / squared_norm) ** 0.5

@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxforge.data import split_samples
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model
 from onnxforge.ir.edit import make_constant
@@ -16,6 +17,7 @@ from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.layers import find_layers
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelGroups
 from onnxforge.passes.pruning.channel_surgery import remove_channels
+from onnxforge.passes.pruning.recovery import consumer_targets, keep_outputs, refit_consumers
 from onnxforge.passes.pruning.sparsity import SPEED_NOTE, magnitude_mask, two_of_four_mask
 from onnxforge.passes.registry import register_pass
 
@@ -43,11 +45,14 @@ class ChannelPruning(Pass):
         scope: Literal["layer", "global"] = "layer"
         structure: Literal["channel", "unstructured", "2:4"] = "channel"
         exclude: list[str] = field(default_factory=list)  # op types, node names or name patterns
+        recover: bool = False  # refit the consumers of pruned channels on --data by least squares
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         ratio = self.options.ratio
         if not 0 <= ratio < 1:
             raise PassUsageError(f"prune:ratio={ratio}: give the fraction of channels to remove, from 0 to below 1")
+        if self.options.recover and not ctx.data:
+            raise PassUsageError("prune:recover=true refits layers on samples: give them with --data")
         if self.options.structure != "channel":
             return self._sparsify(model)
         groups = ctx.analysis(ChannelGroups, model)
@@ -69,7 +74,9 @@ class ChannelPruning(Pass):
             if count:
                 choices.append((group, keep))
         before = model.stats().params
-        if choices:
+        if choices and self.options.recover:
+            notes.append(self._remove_and_recover(model, choices, ctx))
+        elif choices:
             remove_channels(model, choices)
         removed_total = int(sum(removed))
         return PassResult(
@@ -81,6 +88,22 @@ class ChannelPruning(Pass):
                 "params_removed": before - model.stats().params,
             },
             notes=notes,
+        )
+
+    def _remove_and_recover(self, model: Model, choices: list, ctx: PassContext) -> str:
+        """Remove the chosen channels, then refit every consumer of them to the unpruned model's outputs."""
+        calibration, _ = split_samples(ctx.data)
+        consumers = list({id(slot.node): slot.node for group, _ in choices for slot in group.consumers}.values())
+        targets = consumer_targets(model, consumers, calibration, ctx)
+        for group, keep in choices:
+            for slot in group.producers:
+                if id(slot.node) in targets:
+                    keep_outputs(targets, slot.node, slot.positions(keep))
+        remove_channels(model, choices)
+        refitted = refit_consumers(model, consumers, targets, calibration, ctx)
+        return (
+            f"recovery: {refitted} of {len(consumers)} layers reading pruned channels refitted on "
+            f"{len(calibration)} samples"
         )
 
     def _excluded(self, group: ChannelGroup) -> bool:

@@ -15,7 +15,7 @@ from onnxforge.errors import PassError, PassUsageError
 from onnxforge.ir import Model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.passes.base import Pass, PassContext, PassResult
-from onnxforge.passes.quantization.activations import Sample, observe_tensors, run_model
+from onnxforge.passes.activations import Sample, observe_tensors, run_model
 from onnxforge.passes.quantization.exposing import split_attention_projections, split_gemms
 from onnxforge.passes.quantization.calibration import RangeObserver, scale_and_zero_point
 from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer

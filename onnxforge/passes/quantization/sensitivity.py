@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from onnxforge.passes.base import PassContext
-from onnxforge.passes.quantization.activations import Sample, run_model
+from onnxforge.passes.activations import Sample, run_model
 from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
 from onnxforge.passes.quantization.rewrite import LayerFormat
 from onnxforge.verify import Comparison, compare_outputs
