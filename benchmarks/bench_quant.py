@@ -14,27 +14,17 @@ Writes benchmarks/results/quantization.json and .md (quantization-quick.* with -
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import logging
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import onnx
 import onnx.version_converter
-import onnxruntime
 
-from onnxforge import optimize
-from onnxforge.ir import save_model
-from onnxforge.report import environment
+from case_variants import judge_and_time, page_header, run_benchmark, run_pipeline, variant_table
 from ort_quantization import ort_quantize_dynamic, ort_quantize_static
-from paired_timing import Timing, file_bytes, interleaved_timing, write_results
-from trained_models import CASE_BUILDERS, TrainedCase, missing_packages, ort_session, trained_cases
+from paired_timing import Timing, file_bytes
+from trained_models import CASE_BUILDERS, TrainedCase
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # onnxforge's pipelines per case. The OCR detector ships at opset 12; per-channel QDQ needs 13.
 OURS: dict[str, dict[str, str]] = {
@@ -89,22 +79,9 @@ def bench_case(case: TrainedCase, timing: Timing, work: Path) -> dict:
         }
     for label, passes in OURS[case.name].items():
         out = work / f"{case.name}.{len(variants)}.onnx"
-        variants[label] = {"tool": f"optimize --passes {passes} --data CALIBRATION", **_ours(case, passes, out)}
-    usable = [label for label, v in variants.items() if v["path"] is not None]
-    sessions = {label: ort_session(variants[label]["path"]) for label in usable}
-    reference = case.evaluate(sessions["fp32"])
-    for label in usable:
-        variants[label]["agreement"] = case.agreement(reference, case.evaluate(sessions[label]))
-        variants[label]["bytes"] = file_bytes(Path(variants[label]["path"]))
-    timed = interleaved_timing([sessions[label] for label in usable], case.timing_feed, timing)
-    for label, summary in zip(usable, timed):
-        variants[label].update(
-            median_ms=summary["stats"]["median_ms"],
-            speedup=summary.get("speedup", 1.0),
-            speedup_iqr=summary.get("speedup_iqr"),
-        )
-    for variant in variants.values():
-        variant["path"] = str(variant["path"]) if variant["path"] else None
+        tool = f"optimize --passes {passes} --data CALIBRATION"
+        variants[label] = {"tool": tool, **run_pipeline(case, passes, out, RTOL.get(case.name, 1e-4))}
+    judge_and_time(case, variants, timing, ("bytes", file_bytes))
     return {"case": case.name, "description": case.description, "headline": case.headline, "variants": variants}
 
 
@@ -114,40 +91,18 @@ def onnx_opset(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _ours(case: TrainedCase, passes: str, out: Path) -> dict:
-    started = time.perf_counter()
-    model, report = optimize(str(case.model_path), passes, data=case.calibration, rtol=RTOL.get(case.name, 1e-4))
-    seconds = time.perf_counter() - started
-    save_model(model, out)
-    failed = [f"{r.name}: {r.status} ({r.error})" for r in report.passes if r.status not in ("applied", "unchanged")]
-    notes = report.explanation()
-    return {"path": out, "failure": "; ".join(failed) or None, "seconds": round(seconds, 1), "notes": notes}
-
-
 def markdown(results: list[dict], setup: dict, env: dict) -> str:
-    lines = [
-        "# Quantization of trained models: onnxforge against onnxruntime's own tools",
-        "",
-        f"Measured {setup['date']} on {env.get('processor', 'this machine')} ({env.get('cpu_count', '?')} cores), "
-        f"onnxruntime {onnxruntime.__version__}. {setup['description']}",
-        "",
+    lines = page_header(
+        "Quantization of trained models: onnxforge against onnxruntime's own tools",
+        setup,
+        env,
         "Speed is fp32's median latency over the variant's (above 1: faster), the median over rounds of the ratio of "
         "block medians, with its quartiles. Size is the model file(s) against fp32's. Agreement is measured on "
         "held-out inputs that no tool calibrated on; the headline metric is first.",
-    ]
+    )
     for result in results:
         lines += ["", f"## {result['case']}", "", result["description"], ""]
-        lines += ["| variant | speed vs fp32 (IQR) | latency | size | agreement | quantize time |", "|---" * 6 + "|"]
-        fp32_bytes = result["variants"]["fp32"]["bytes"]
-        for label, v in result["variants"].items():
-            if v["path"] is None:
-                lines.append(f"| {label} | failed: {v['failure']} | | | | {v['seconds']} s |")
-                continue
-            iqr = v.get("speedup_iqr")
-            speed = f"{v['speedup']:.2f}x" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
-            agreement = ", ".join(f"{k} {val:.4f}" for k, val in v["agreement"].items())
-            size = f"{v['bytes'] / 1e6:.2f} MB ({100 * v['bytes'] / fp32_bytes:.1f}%)"
-            lines.append(f"| {label} | {speed} | {v['median_ms']:.2f} ms | {size} | {agreement} | {v['seconds']} s |")
+        lines += variant_table(result["variants"], "size", _size)
         lines += ["", "What each variant is:", ""]
         for label, v in result["variants"].items():
             failed = f" (not applied: {v['failure']})" if v.get("failure") and v["path"] else ""
@@ -158,6 +113,10 @@ def markdown(results: list[dict], setup: dict, env: dict) -> str:
             if v.get("notes"):
                 lines += [f"### {result['case']}: {label}", "", "```", _summarized(v["notes"]), "```", ""]
     return "\n".join(lines) + "\n"
+
+
+def _size(variant: dict, fp32: dict) -> str:
+    return f"{variant['bytes'] / 1e6:.2f} MB ({100 * variant['bytes'] / fp32['bytes']:.1f}%)"
 
 
 def _summarized(notes: str, per_layer: int = 8) -> str:
@@ -174,41 +133,7 @@ def _summarized(notes: str, per_layer: int = 8) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(CASE_BUILDERS), help="comma-separated case names")
-    parser.add_argument("--quick", action="store_true", help="fewer and shorter timing blocks (a smoke run)")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "onnxforge-trained")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default results/)")
-    args = parser.parse_args(argv)
-    onnxruntime.set_default_logger_severity(3)
-    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns once per tensor
-    timing = Timing(blocks=4 if args.quick else 15, block_s=0.1 if args.quick else 0.3, min_runs=3, warmup=3)
-    started, load_before = time.perf_counter(), os.getloadavg()
-    results, skipped = [], {}
-    for name in args.cases.split(","):
-        missing = missing_packages(name)
-        if missing:
-            skipped[name] = f"not installed: {', '.join(missing)}"
-            print(f"skipping {name}: {skipped[name]}", file=sys.stderr)
-            continue
-        (case,) = trained_cases(args.work, [name])
-        results.append(bench_case(case, timing, args.work))
-    setup = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "quick": args.quick,
-        "skipped": skipped,
-        "description": (
-            f"Batch 1; every model of a case timed in {timing.blocks} rounds of interleaved blocks of the same number "
-            f"of runs (each at least {timing.block_s} s of fp32), onnxruntime's default threads, thread spinning off."
-        ),
-        "seconds_total": round(time.perf_counter() - started, 1),
-        "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
-    }
-    env = environment()
-    name = "quantization-quick" if args.quick else "quantization"
-    payload = {"setup": setup, "environment": env, "results": results}
-    write_results(args.out, name, payload, markdown(results, setup, env))
-    return 0
+    return run_benchmark(argv, __doc__.splitlines()[0], list(CASE_BUILDERS), bench_case, markdown, "quantization")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""Variants of trained cases: make them with onnxforge, judge, size and time them in one run; the benchmarks'
+command line."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import onnxruntime
+
+from onnxforge import optimize
+from onnxforge.ir import save_model
+from onnxforge.report import environment
+from paired_timing import Timing, interleaved_timing, write_results
+from trained_models import TrainedCase, missing_packages, ort_session, trained_cases
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_pipeline(case: TrainedCase, passes: str, out: Path, rtol: float) -> dict:
+    """Run `passes` on the case's model with its calibration samples as data; save the result to `out`.
+
+    Returns the path, a failure line naming passes that did not apply (rolled back), the seconds taken and the
+    passes' notes (`optimize --explain`).
+    """
+    started = time.perf_counter()
+    model, report = optimize(str(case.model_path), passes, data=case.calibration, rtol=rtol)
+    seconds = time.perf_counter() - started
+    save_model(model, out)
+    failed = [f"{r.name}: {r.status} ({r.error})" for r in report.passes if r.status not in ("applied", "unchanged")]
+    notes = report.explanation()
+    return {"path": out, "failure": "; ".join(failed) or None, "seconds": round(seconds, 1), "notes": notes}
+
+
+def judge_and_time(
+    case: TrainedCase, variants: dict[str, dict], timing: Timing, size: tuple[str, Callable[[Path], int]]
+) -> None:
+    """Add to each variant with a model its agreement with fp32 (the first variant) on the held-out inputs,
+    its size under `size`'s name, and its latency and speedup from one interleaved run of all of them."""
+    usable = [label for label, v in variants.items() if v["path"] is not None]
+    sessions = {label: ort_session(variants[label]["path"]) for label in usable}
+    reference = case.evaluate(sessions[usable[0]])
+    name, measure = size
+    for label in usable:
+        variants[label]["agreement"] = case.agreement(reference, case.evaluate(sessions[label]))
+        variants[label][name] = measure(Path(variants[label]["path"]))
+    timed = interleaved_timing([sessions[label] for label in usable], case.timing_feed, timing)
+    for label, summary in zip(usable, timed):
+        variants[label].update(
+            median_ms=summary["stats"]["median_ms"],
+            speedup=summary.get("speedup", 1.0),
+            speedup_iqr=summary.get("speedup_iqr"),
+        )
+    for variant in variants.values():
+        variant["path"] = str(variant["path"]) if variant["path"] else None
+
+
+def run_benchmark(
+    argv: list[str] | None,
+    description: str,
+    cases: Sequence[str],
+    bench_case: Callable[[TrainedCase, Timing, Path], dict],
+    markdown: Callable[[list[dict], dict, dict], str],
+    name: str,
+) -> int:
+    """The command line shared by the trained-model benchmarks: pick cases, build them, bench each, write
+    `name`.json and .md (`name`-quick.* with --quick) into results/ or --out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cases", default=",".join(cases), help="comma-separated case names")
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter timing blocks (a smoke run)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "onnxforge-trained")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default results/)")
+    args = parser.parse_args(argv)
+    onnxruntime.set_default_logger_severity(3)
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns once per tensor
+    timing = Timing(blocks=4 if args.quick else 15, block_s=0.1 if args.quick else 0.3, min_runs=3, warmup=3)
+    started, load_before = time.perf_counter(), os.getloadavg()
+    results, skipped = [], {}
+    for case_name in args.cases.split(","):
+        missing = missing_packages(case_name)
+        if missing:
+            skipped[case_name] = f"not installed: {', '.join(missing)}"
+            print(f"skipping {case_name}: {skipped[case_name]}", file=sys.stderr)
+            continue
+        (case,) = trained_cases(args.work, [case_name])
+        results.append(bench_case(case, timing, args.work))
+    setup = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": args.quick,
+        "skipped": skipped,
+        "description": (
+            f"Batch 1; every model of a case timed in {timing.blocks} rounds of interleaved blocks of the same number "
+            f"of runs (each at least {timing.block_s} s of fp32), onnxruntime's default threads, thread spinning off."
+        ),
+        "seconds_total": round(time.perf_counter() - started, 1),
+        "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
+    }
+    env = environment()
+    payload = {"setup": setup, "environment": env, "results": results}
+    write_results(args.out, f"{name}-quick" if args.quick else name, payload, markdown(results, setup, env))
+    return 0
+
+
+def page_header(title: str, setup: dict, env: dict, reading: str) -> list[str]:
+    """The first lines of a results page: title, machine, versions, how timing was done, how to read it."""
+    machine = f"{env.get('processor', 'this machine')} ({env.get('cpu_count', '?')} cores)"
+    measured = f"Measured {setup['date']} on {machine}, onnxruntime {onnxruntime.__version__}."
+    return [f"# {title}", "", f"{measured} {setup['description']}", "", reading]
+
+
+def variant_table(variants: dict[str, dict], size: str, describe_size: Callable[[dict, dict], str]) -> list[str]:
+    """One table row per variant: speed against fp32 with its quartiles, latency, size, agreement, time taken.
+
+    `describe_size(variant, fp32)` writes the size cell from the variant's and fp32's `size` entries.
+    """
+    lines = [f"| variant | speed vs fp32 (IQR) | latency | {size} | agreement | time taken |", "|---" * 6 + "|"]
+    fp32 = next(iter(variants.values()))
+    for label, v in variants.items():
+        if v["path"] is None:
+            lines.append(f"| {label} | failed: {v['failure']} | | | | {v['seconds']} s |")
+            continue
+        iqr = v.get("speedup_iqr")
+        speed = f"{v['speedup']:.2f}x" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
+        agreement = ", ".join(f"{k} {val:.4f}" for k, val in v["agreement"].items())
+        cells = [label, speed, f"{v['median_ms']:.2f} ms", describe_size(v, fp32), agreement, f"{v['seconds']} s"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
