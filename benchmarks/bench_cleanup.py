@@ -12,11 +12,9 @@ models in one process"). Writes benchmarks/results/cleanup.json and cleanup.md (
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +29,8 @@ from onnxforge.data import random_inputs
 from onnxforge.examples import build_example_model
 from onnxforge.ir import Model, load_model, save_model
 from onnxforge.ir.shapes import skeleton_proto
-from onnxforge.report import environment
 from onnxforge.verify import compare_outputs
-from paired_timing import Timing, file_bytes, write_results, paired_timing
+from paired_timing import BenchmarkRun, Timing, file_bytes, paired_timing
 from torch_models import residual_cnn, transformer_encoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -196,16 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.models:
         wanted = {m.strip() for m in args.models.split(",")}
         selected = [c for c in selected if c.name in wanted]
-    started = time.perf_counter()
-    load_before = os.getloadavg()
+    run = BenchmarkRun()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-cleanup-") as tmp:
         for case in selected:
             results.append(bench_case(case, timing, args.threads, Path(tmp)))
-    env = environment()
-    setup = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "quick": args.quick,
+    fields = {
         "blocks": timing.blocks,
         "block_seconds": timing.block_s,
         "min_runs_per_block": timing.min_runs,
@@ -217,14 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             f"each block at least {timing.block_s} s of the original model (and {timing.min_runs} runs); "
             "one random input, the same for both models; the process also runs the other models, one at a time."
         ),
-        "seconds_total": None,
-        # Other processes on the machine share its cores; a high load average makes every figure less certain.
-        "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
     }
-    setup["seconds_total"] = round(time.perf_counter() - started, 1)
-    name = "cleanup-quick" if args.quick else "cleanup"
-    payload = {"setup": setup, "environment": env, "results": results}
-    write_results(args.out, name, payload, markdown(results, setup, env))
+    run.write(args.out, "cleanup", args.quick, fields, results, markdown)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import logging
 import os
@@ -35,9 +34,8 @@ from onnxforge import optimize
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import BackendOptions
 from onnxforge.ir import Model, save_model
-from onnxforge.report import environment
 from onnxforge.verify import compare_outputs
-from paired_timing import Timing, file_bytes, write_results, interleaved_timing
+from paired_timing import BenchmarkRun, Timing, file_bytes, interleaved_timing
 from torch_models import bert_like, residual_cnn, transformer_encoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -360,14 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.models:
         wanted = {m.strip() for m in args.models.split(",")}
         selected = [c for c in selected if c.name in wanted]
-    started = time.perf_counter()
-    load_before = os.getloadavg()
+    run = BenchmarkRun()
     with tempfile.TemporaryDirectory(prefix="bench-fusion-") as tmp:
         results = [bench_case(case, timing, args.threads, Path(tmp)) for case in selected]
-    env = environment()
-    setup = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "quick": args.quick,
+    fields = {
         "passes": PASSES,
         "blocks": timing.blocks,
         "block_seconds": timing.block_s,
@@ -381,13 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{timing.block_s} s of the original (and {timing.min_runs} runs); one input, the same for all variants; "
             "batch 1."
         ),
-        "seconds_total": None,
-        "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
     }
-    setup["seconds_total"] = round(time.perf_counter() - started, 1)
-    name = "fusion-quick" if args.quick else "fusion"
-    payload = {"setup": setup, "environment": env, "results": results}
-    write_results(args.out, name, payload, markdown(results, setup, env))
+    run.write(args.out, "fusion", args.quick, fields, results, markdown)
     return 0
 
 

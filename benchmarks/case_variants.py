@@ -4,9 +4,7 @@ command line."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -17,8 +15,7 @@ import onnxruntime
 
 from onnxforge import optimize
 from onnxforge.ir import save_model
-from onnxforge.report import environment
-from paired_timing import Timing, interleaved_timing, write_results
+from paired_timing import BenchmarkRun, Timing, interleaved_timing
 from trained_models import TrainedCase, missing_packages, ort_session, trained_cases
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,7 +78,7 @@ def run_benchmark(
     onnxruntime.set_default_logger_severity(3)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns once per tensor
     timing = Timing(blocks=4 if args.quick else 15, block_s=0.1 if args.quick else 0.3, min_runs=3, warmup=3)
-    started, load_before = time.perf_counter(), os.getloadavg()
+    run = BenchmarkRun()
     results, skipped = [], {}
     for case_name in args.cases.split(","):
         missing = missing_packages(case_name)
@@ -91,20 +88,14 @@ def run_benchmark(
             continue
         (case,) = trained_cases(args.work, [case_name])
         results.append(bench_case(case, timing, args.work))
-    setup = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "quick": args.quick,
+    fields = {
         "skipped": skipped,
         "description": (
             f"Batch 1; every model of a case timed in {timing.blocks} rounds of interleaved blocks of the same number "
             f"of runs (each at least {timing.block_s} s of fp32), onnxruntime's default threads, thread spinning off."
         ),
-        "seconds_total": round(time.perf_counter() - started, 1),
-        "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
     }
-    env = environment()
-    payload = {"setup": setup, "environment": env, "results": results}
-    write_results(args.out, f"{name}-quick" if args.quick else name, payload, markdown(results, setup, env))
+    run.write(args.out, name, args.quick, fields, results, markdown)
     return 0
 
 

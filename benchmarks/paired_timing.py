@@ -8,13 +8,17 @@ medians, which cancels slow drift of the machine. Create the sessions with threa
 
 from __future__ import annotations
 
+import datetime
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxforge.measure import InterleavedTiming as Timing
 from onnxforge.measure import interleaved_latency
-from onnxforge.report import write_json
+from onnxforge.report import environment, write_json
 
 
 def interleaved_timing(sessions: Sequence, feed: dict, timing: Timing) -> list[dict]:
@@ -60,12 +64,39 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def write_results(out: Path, name: str, payload: dict, page: str) -> None:
-    """Write `name`.json (the payload) and `name`.md (the page) into `out`, each atomically, and print the page."""
-    write_json(out / f"{name}.json", payload)
-    tmp_md = out / f".{name}.md.tmp"
-    tmp_md.write_text(page)
-    tmp_md.replace(out / f"{name}.md")
-    print(page)
-    print(f"wrote {out / (name + '.json')} and {name}.md in {payload['setup']['seconds_total']} s", file=sys.stderr)
+@dataclass
+class BenchmarkRun:
+    """One run of a benchmark: when it started and how loaded the machine was; writes its results."""
+
+    started: float = field(default_factory=time.perf_counter)
+    load_before: float = field(default_factory=lambda: os.getloadavg()[0])
+
+    def write(
+        self,
+        out: Path,
+        name: str,
+        quick: bool,
+        fields: dict,
+        results: list[dict],
+        markdown: Callable[[list[dict], dict, dict], str],
+    ) -> None:
+        """Write `name`.json and `name`.md (`name`-quick.* for a quick run) into `out`, each atomically, and
+        print the page; the setup holds `fields` with the date, the run's length and the load average."""
+        setup = {
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "quick": quick,
+            **fields,
+            "seconds_total": round(time.perf_counter() - self.started, 1),
+            # Other processes on the machine share its cores; a high load average makes every figure less certain.
+            "load_average_1min": {"start": round(self.load_before, 2), "end": round(os.getloadavg()[0], 2)},
+        }
+        env = environment()
+        name = f"{name}-quick" if quick else name
+        write_json(out / f"{name}.json", {"setup": setup, "environment": env, "results": results})
+        page = markdown(results, setup, env)
+        tmp_md = out / f".{name}.md.tmp"
+        tmp_md.write_text(page)
+        tmp_md.replace(out / f"{name}.md")
+        print(page)
+        print(f"wrote {out / (name + '.json')} and {name}.md in {setup['seconds_total']} s", file=sys.stderr)
 
