@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 ONNX_DOMAINS = (None, "", "ai.onnx")
+CONTRIB_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators
 
 
 def is_onnx_op(node: gs.Node, *op_types: str) -> bool:

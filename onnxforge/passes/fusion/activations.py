@@ -14,8 +14,9 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxforge.ir.ops import CONTRIB_DOMAIN
 from onnxforge.ir.patterns import PatternBuilder, PatternValue, RewriteRule
-from onnxforge.passes.fusion.base import CONTRIB_DOMAIN, FusionContext, RuleBasedPass
+from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
 from onnxforge.passes.registry import register_pass
 
 GELU_MIN_OPSET = 20

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxforge.ir.ops import CONTRIB_DOMAIN
 from onnxforge.ir.patterns import GraphBuilder, Match, RewriteRule
-from onnxforge.passes.fusion.base import CONTRIB_DOMAIN, FusionContext, RuleBasedPass
+from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
 from onnxforge.passes.registry import register_pass
 
 STANDARD_ATTENTION_OPSET = 23

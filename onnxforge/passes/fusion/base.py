@@ -10,8 +10,6 @@ from onnxforge.ir import Model, infer_shapes
 from onnxforge.ir.patterns import RewriteRule, apply_rules
 from onnxforge.passes.base import Pass, PassContext, PassResult
 
-CONTRIB_DOMAIN = "com.microsoft"
-
 
 @dataclass(frozen=True)
 class FusionContext:

@@ -12,9 +12,9 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxforge.ir import Model
 from onnxforge.ir.edit import replace_uses
-from onnxforge.ir.ops import ONNX_DOMAINS
+from onnxforge.ir.ops import CONTRIB_DOMAIN, ONNX_DOMAINS
 from onnxforge.passes.base import PassContext, PassResult
-from onnxforge.passes.fusion.base import CONTRIB_DOMAIN, RuleBasedPass
+from onnxforge.passes.fusion.base import RuleBasedPass
 from onnxforge.passes.registry import register_pass
 
 # Domains whose operators are pure functions of their inputs and attributes, random ops aside.

@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxforge.ir.ops import CONTRIB_DOMAIN
 from onnxforge.ir.patterns import Match, RewriteRule
-from onnxforge.passes.fusion.base import CONTRIB_DOMAIN, FusionContext, RuleBasedPass
+from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
 from onnxforge.passes.registry import register_pass
 
 # --- SkipLayerNormalization -----------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxforge.ir.edit import unique_name
+from onnxforge.ir.ops import CONTRIB_DOMAIN
 
-CONTRIB_DOMAIN = "com.microsoft"
 
 
 def split_gemms(graph: gs.Graph) -> int:

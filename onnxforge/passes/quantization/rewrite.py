@@ -19,12 +19,12 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxforge.ir.edit import unique_name
+from onnxforge.ir.ops import CONTRIB_DOMAIN
 from onnxforge.passes.layers import Layer
 from onnxforge.passes.quantization.weights import QuantizedWeight, QuantSpec, int4_tensor, pack_matmul_nbits
 
 Mode = Literal["dynamic", "static", "weight-only"]
 Form = Literal["qdq", "qoperator"]
-CONTRIB_DOMAIN = "com.microsoft"
 # An activation (Relu, Clip) right after a layer is quantized at its output, where onnxruntime fuses it.
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 
@@ -163,14 +163,19 @@ class LayerRewriter:
 
     def _dynamic_activation(self, x: gs.Tensor) -> gs.Variable:
         # One DynamicQuantizeLinear per layer: onnxruntime fuses it into a single consumer's integer kernel.
-        quantized, scale, zero_point = (
+        quantized = self._dynamic_quantize(x)
+        output = gs.Variable(unique_name(self.graph, f"{x.name}_dequantized"), np.float32, x.shape)
+        self._add("DequantizeLinear", quantized, [output])
+        return output
+
+    def _dynamic_quantize(self, x: gs.Tensor) -> list[gs.Variable]:
+        """DynamicQuantizeLinear of `x`: its uint8 codes, scale and zero point."""
+        parts = [
             gs.Variable(unique_name(self.graph, f"{x.name}_{part}"), dtype)
             for part, dtype in (("quantized", np.uint8), ("scale", np.float32), ("zero_point", np.uint8))
-        )
-        self._add("DynamicQuantizeLinear", [x], [quantized, scale, zero_point])
-        output = gs.Variable(unique_name(self.graph, f"{x.name}_dequantized"), np.float32, x.shape)
-        self._add("DequantizeLinear", [quantized, scale, zero_point], [output])
-        return output
+        ]
+        self._add("DynamicQuantizeLinear", [x], parts)
+        return parts
 
     def _static_source(self, x: gs.Tensor) -> str:
         """The name of the float tensor `x` is, or dequantizes (a consumer may have been rewired already)."""
@@ -271,12 +276,7 @@ class LayerRewriter:
             inputs = [layer.activation, codes, scale, zero_point]
             self._replace(layer.node, "DynamicQuantizeMatMul", inputs, {}, CONTRIB_DOMAIN)
             return
-        x = layer.activation
-        parts = [
-            gs.Variable(unique_name(self.graph, f"{x.name}_{part}"), dtype)
-            for part, dtype in (("quantized", np.uint8), ("scale", np.float32), ("zero_point", np.uint8))
-        ]
-        self._add("DynamicQuantizeLinear", [x], parts)
+        parts = self._dynamic_quantize(layer.activation)
         accumulated = gs.Variable(unique_name(self.graph, f"{layer.name}_int32"), np.int32)
         self._add("MatMulInteger", [parts[0], codes, parts[2], zero_point], [accumulated])
         as_float = gs.Variable(unique_name(self.graph, f"{layer.name}_float"), np.float32)
