@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+import torch
 from graph_checks import apply, max_rel_error
+from model_builders import BertLike
 from test_pruning_channel_groups import MODELS, _exported
 
 from onnxforge import optimize
 from onnxforge.backends import BackendOptions, get_backend
 from onnxforge.data import random_inputs
 from onnxforge.errors import PassError
+from onnxforge.frontends.torch import from_torch
 from onnxforge.ir import load_model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.passes.pruning import ChannelGroups
@@ -142,3 +146,51 @@ def relative_error(source, model, samples) -> float:
             squared_error += float(np.sum((new.astype(np.float64) - old) ** 2))
             squared_norm += float(np.sum(old.astype(np.float64) ** 2))
     return (squared_error / squared_norm) ** 0.5
+
+
+# --- attention heads -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bert_like() -> dict[str, onnx.ModelProto]:
+    """A two-layer BERT-like encoder (4 heads of 8) after cleanup, with attention as exported and fused."""
+    torch.manual_seed(0)
+    module = BertLike().eval()
+    ids, mask = torch.randint(0, 32, (1, 16)), torch.ones(1, 16, dtype=torch.int64)
+    exported = from_torch(module, (ids, mask), input_names=["input_ids", "attention_mask"])
+    unfused, _ = apply("cleanup", exported)
+    fused, _ = apply("fuse", unfused)
+    assert "Attention" in {n.op for n in fused.graph.nodes}
+    return {"unfused": unfused.to_proto(), "fused": fused.to_proto()}
+
+
+@pytest.mark.parametrize("form", ["unfused", "fused"])
+def test_each_layers_attention_heads_are_one_group(bert_like, form):
+    groups = ChannelGroups.compute(load_model(bert_like[form]))
+    heads = [g for g in groups if g.unit == "heads"]
+    assert len(heads) == 2 and all(g.prunable and g.channels == 4 for g in heads)
+    for group in heads:
+        # The Q, K and V weights (three MatMuls, or the three parts of the packed weight) hold 8 columns a head.
+        assert len(group.producers) == 3 and {s.repeat for s in group.producers} == {8}
+        assert [s.node.op for s in group.consumers] == ["MatMul"]  # the output projection, 8 rows a head
+        if form == "unfused":  # the three reshapes to heads and the one back state the head count
+            assert sorted(c.node.op for c in group.counts) == ["Reshape"] * 4
+        else:
+            assert [(c.node.op, c.attribute) for c in group.counts] == [("Attention", "num_heads")]
+
+
+def test_pruning_heads_gives_the_same_model_whether_or_not_attention_was_fused(bert_like):
+    pruned = {}
+    for form, source in bert_like.items():
+        pruned[form], result = apply("prune:ratio=0.5", source)
+        assert sum("4 -> 2 heads" in note for note in result.notes) == 2, result.notes
+        counts = {n.attrs["num_heads"] for n in pruned[form].graph.nodes if n.op == "Attention"}
+        assert counts == ({2} if form == "fused" else set())
+    # Same heads removed from the same weights: the two pruned models compute the same function.
+    assert max_rel_error(pruned["unfused"].to_proto(), pruned["fused"]) < 1e-4
+    assert max_rel_error(bert_like["unfused"], pruned["unfused"]) > 0.01  # and it did change
+
+
+def test_ratio_zero_leaves_heads_unchanged(bert_like):
+    model, result = apply("prune:ratio=0", bert_like["fused"])
+    assert not result.changed and max_rel_error(bert_like["fused"], model) == 0

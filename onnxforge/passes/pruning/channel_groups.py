@@ -4,11 +4,15 @@ The walk goes through the main graph in topological order and follows every prod
 (Conv, ConvTranspose, Gemm, MatMul outputs) through ops that keep channels apart, until layers read them
 as input channels. Channels that meet in an element-wise op (a residual Add) couple their groups;
 a Concat places several groups side by side; a Flatten into a Gemm gives each channel a block of features.
+Attention heads are groups too: a Reshape that splits the hidden features into (heads, head size) makes its
+group count heads, the per-head products (Q @ K^T, P @ V) couple the Q, K and V groups, and the Reshape that
+merges the heads back gives each head a block of features; onnxruntime's fused Attention is a head group itself.
 Whatever the walk does not understand makes the groups involved not prunable, with the reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -17,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxforge.ir import Model, infer_shapes, to_networkx
-from onnxforge.ir.ops import is_onnx_op
+from onnxforge.ir.ops import CONTRIB_DOMAIN, is_onnx_op
 from onnxforge.passes.base import Analysis
 
 # Ops that compute each element from the same element of their one data input.
@@ -30,6 +34,8 @@ ELEMENTWISE_UNARY = frozenset(
 )  # fmt: skip
 # Ops that combine inputs element by element after numpy broadcasting.
 ELEMENTWISE_NARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Mean"})
+# onnxruntime's element-wise contrib ops: an activation of the input plus an optional bias along the channels.
+CONTRIB_ELEMENTWISE = frozenset({"BiasGelu", "FastGelu", "Gelu", "QuickGelu"})
 # NCHW ops that work on the spatial axes of each channel separately.
 SPATIAL = frozenset(
     {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Pad", "Resize"}
@@ -70,21 +76,39 @@ class ChannelSlot:
         return (starts[:, None] + np.arange(self.repeat)).ravel()
 
 
+@dataclass(frozen=True, eq=False)
+class CountSlot:
+    """A number in the graph that says how many channels a group has, times `unit`: entry `index` of a
+    Reshape's constant target (input 1), or the node's `attribute` (an attention node's num_heads)."""
+
+    node: gs.Node
+    index: int
+    unit: int
+    attribute: str = ""
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        return id(self.node), self.index, self.attribute
+
+
 @dataclass
 class ChannelGroup:
     """Output channels of one or more producers that can only be removed together, and everyone that reads them.
 
     `producers` hold the output channels (weights sliced on their output axis), `consumers` read them as
     input channels, `followers` are per-channel parameters on the way (biases, BatchNormalization,
-    depthwise Conv weights, per-channel constants of element-wise ops). All are sliced alike.
+    depthwise Conv weights, per-channel constants of element-wise ops). All are sliced alike; `counts` are
+    rewritten with the new channel count. A group of attention heads (`unit` "heads") has one channel per head.
     """
 
     channels: int
     producers: list[ChannelSlot] = field(default_factory=list)
     consumers: list[ChannelSlot] = field(default_factory=list)
     followers: list[ChannelSlot] = field(default_factory=list)
+    counts: list[CountSlot] = field(default_factory=list)
     prunable: bool = True
     reason: str = ""
+    unit: str = "channels"
 
     @property
     def slots(self) -> list[ChannelSlot]:
@@ -171,12 +195,44 @@ class _ChannelWalk:
         first, second = (a, b) if a < b else (b, a)
         kept, merged = self.groups[first], self.groups[second]
         self.parent[second] = first
-        for role in ("producers", "consumers", "followers"):
+        for role in ("producers", "consumers", "followers", "counts"):
             slots = getattr(kept, role)
             keys = {s.key for s in slots}
             slots += [s for s in getattr(merged, role) if s.key not in keys]
+        if merged.unit != kept.unit:
+            self._fail_group(first, f"{merged.unit} meet {kept.unit}")
         if not merged.prunable:
             self._fail_group(first, merged.reason)
+
+    def _new_group(self, channels: int, unit: str = "channels") -> int:
+        self.parent.append(len(self.groups))
+        self.groups.append(ChannelGroup(channels, unit=unit))
+        return len(self.groups) - 1
+
+    def _into_heads(self, layout: _Layout, size: int, where: str) -> int | None:
+        """Make the one group of `layout` count heads of `size` channels; its index, or None if it cannot."""
+        (segment,) = layout.segments
+        root = self._find(segment.group)
+        group = self.groups[root]
+        if group.unit != "channels" or group.channels % size or any(s.offset % size for s in group.slots):
+            self._fail_group(root, f"{where} splits channels that are not whole heads")
+            return None
+        for name, other in list(self.layouts.items()):
+            if any(s.group is not None and self._find(s.group) == root for s in other.segments):
+                if len(other.segments) != 1:
+                    self._fail_group(root, f"{where} splits heads out of channels that '{name}' concatenates")
+                    return None
+                self.layouts[name] = _Layout(
+                    other.axis, (_Segment(other.segments[0].group, 0, group.channels // size),), other.repeat * size
+                )
+        for role in ("producers", "consumers", "followers"):
+            setattr(group, role, [
+                dataclasses.replace(s, offset=s.offset // size, repeat=s.repeat * size) for s in getattr(group, role)
+            ])  # fmt: skip
+        group.counts = [dataclasses.replace(c, unit=c.unit * size) for c in group.counts]
+        group.channels //= size
+        group.unit = "heads"
+        return root
 
     def _fail_group(self, group: int, reason: str) -> None:
         target = self.groups[self._find(group)]
@@ -201,14 +257,14 @@ class _ChannelWalk:
 
     def _produce(self, node: gs.Node) -> None:
         """Start a group for the output channels of a Conv, ConvTranspose, Gemm or MatMul with a constant weight."""
+        if _is_packed_attention(node):
+            return self._attention_heads(node)
         found = _producer_axes(node)
         if found is None:
             return
         weight_axis, output_axis = found
         channels = node.inputs[1].shape[weight_axis]
-        self.parent.append(len(self.groups))
-        self.groups.append(ChannelGroup(channels))
-        layout = _Layout(output_axis, (_Segment(len(self.groups) - 1, 0, channels),))
+        layout = _Layout(output_axis, (_Segment(self._new_group(channels), 0, channels),))
         self._add("producers", layout, node, 1, weight_axis)
         if len(node.inputs) > 2 and node.inputs[2].name:
             if node.op == "Gemm":
@@ -219,10 +275,27 @@ class _ChannelWalk:
                 self._fail(layout, f"{node.op} '{node.name}' has a non-constant bias")
         self.layouts[node.outputs[0].name] = layout
 
+    def _attention_heads(self, node: gs.Node) -> None:
+        """onnxruntime's Attention: its heads are a group, held by the Q, K and V parts of its packed weight."""
+        heads = node.attrs["num_heads"]
+        size = node.inputs[1].shape[1] // (3 * heads)
+        group = self._new_group(heads, "heads")
+        self.groups[group].counts.append(CountSlot(node, 0, 1, "num_heads"))
+        for part in range(3):
+            slot = _Layout(-1, (_Segment(group, part * heads, heads),), size)
+            self._add("producers", slot, node, 1, 1)
+            if len(node.inputs) > 2 and node.inputs[2].name:
+                self._add("followers", slot, node, 2, 0)
+        self._pass(node, _Layout(-1, (_Segment(group, 0, heads),), size))
+
     # -- readers --------------------------------------------------------------------------------------
 
     def _read(self, node: gs.Node, tracked: dict[int, _Layout]) -> None:
         """Follow the channels of the tracked inputs through `node`, or record it as their consumer."""
+        if _is_packed_attention(node) and list(tracked) == [0] and tracked[0].axis == -1:
+            return self._add("consumers", tracked[0], node, 1, 0)
+        if node.domain == CONTRIB_DOMAIN and node.op in CONTRIB_ELEMENTWISE:
+            return self._combine(node, tracked)
         if not is_onnx_op(node):
             return self._fail_all(tracked, f"custom op {node.op} '{node.name}' reads the channels")
         if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
@@ -243,8 +316,10 @@ class _ChannelWalk:
             return self._pass(node, layout)
         if node.op in SPATIAL or node.op in CHANNEL_NORMALIZATIONS:
             return self._per_channel(node, layout, rank)
-        if node.op in ("Flatten", "Reshape"):
+        if node.op == "Flatten":
             return self._flatten(node, layout, rank)
+        if node.op == "Reshape":
+            return self._reshape(node, layout, rank)
         if node.op == "Transpose" and rank is not None:
             perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
             return self._pass(node, _Layout(perm.index(rank + layout.axis) - rank, layout.segments, layout.repeat))
@@ -262,6 +337,8 @@ class _ChannelWalk:
         self.layouts[node.outputs[0].name] = layout
 
     def _consume(self, node: gs.Node, tracked: dict[int, _Layout]) -> None:
+        if node.op == "MatMul" and len(tracked) == 2:
+            return self._per_head_product(node, tracked)
         weight = node.inputs[1]
         if list(tracked) != [0] or not isinstance(weight, gs.Constant):
             return self._fail_all(tracked, f"{node.op} '{node.name}' reads the channels with a non-constant weight")
@@ -284,6 +361,14 @@ class _ChannelWalk:
         if rank < 2:
             return self._fail(layout, f"MatMul '{node.name}' reads the channels with a 1-D weight")
         self._add("consumers", layout, node, 1, rank - 2)
+
+    def _per_head_product(self, node: gs.Node, tracked: dict[int, _Layout]) -> None:
+        """A MatMul of two walked tensors (Q @ K^T, P @ V) multiplies head by head when both carry their heads
+        on the same batch axis: it couples their groups, and its product keeps the heads there."""
+        ranks = {_rank(t) for t in node.inputs}
+        if len(ranks) != 1 or None in ranks or any(layout.axis > -3 for layout in tracked.values()):
+            return self._fail_all(tracked, f"MatMul '{node.name}' multiplies the channels with each other")
+        self._combine(node, tracked)
 
     def _depthwise(self, node: gs.Node, layout: _Layout, multiplier: int) -> None:
         """A depthwise Conv keeps channels apart: its weight and bias follow, its output continues the walk."""
@@ -368,14 +453,49 @@ class _ChannelWalk:
         shape = node.inputs[0].shape
         if rank is None or any(not isinstance(d, int) for d in shape[rank + layout.axis :]):
             return self._fail(layout, f"{node.op} '{node.name}' flattens dimensions of unknown size")
-        axis = rank + layout.axis
-        if node.op == "Flatten":
-            if node.attrs.get("axis", 1) % rank != axis:
-                return self._fail(layout, f"Flatten '{node.name}' mixes the channels with other axes")
-        elif not _merges_channels_with_rest(node, axis):
-            return self._fail(layout, f"Reshape '{node.name}' mixes the channels or hard-codes their count")
-        block = math.prod(shape[axis + 1 :])
+        if node.attrs.get("axis", 1) % rank != rank + layout.axis:
+            return self._fail(layout, f"Flatten '{node.name}' mixes the channels with other axes")
+        block = math.prod(shape[rank + layout.axis + 1 :])
         self._pass(node, _Layout(-1, layout.segments, layout.repeat * block))
+
+    def _reshape(self, node: gs.Node, layout: _Layout, rank: int | None) -> None:
+        """A Reshape to a constant target that merges the channel axis with the axes after it (each channel gets
+        a block of features), or splits it into (heads, head size); its target's channel entry must be
+        explicit (it is rewritten) or -1."""
+        target, before, after = node.inputs[1], node.inputs[0].shape, node.outputs[0].shape
+        known = rank is not None and after is not None and all(isinstance(d, int) for d in [*before, *after])
+        if not isinstance(target, gs.Constant) or not known or target.values.ndim != 1:
+            return self._fail(layout, f"Reshape '{node.name}' has a computed target or unknown shapes")
+        axis, entries = rank + layout.axis, [int(v) for v in target.values]
+        if list(after[:axis]) != list(before[:axis]) or len(entries) != len(after) or entries[axis] == 0:
+            return self._fail(layout, f"Reshape '{node.name}' mixes the channels with other axes")
+        if len(after) == rank + 1 and list(after[axis + 2 :]) == list(before[axis + 1 :]):
+            return self._split_heads(node, layout, axis, after[axis + 1], entries)
+        merged = rank - len(after) + 1
+        if merged < 1 or list(after[axis + 1 :]) != list(before[axis + merged :]):
+            return self._fail(layout, f"Reshape '{node.name}' mixes the channels with other axes")
+        block = math.prod(before[axis + 1 : axis + merged])
+        merged_layout = _Layout(axis - len(after), layout.segments, layout.repeat * block)
+        if entries[axis] != -1:
+            if len(layout.segments) != 1 or layout.segments[0].group is None:
+                return self._fail(layout, f"Reshape '{node.name}' hard-codes the count of channels of several groups")
+            group = self.groups[self._find(layout.segments[0].group)]
+            group.counts.append(CountSlot(node, axis, merged_layout.repeat))
+        self._pass(node, merged_layout)
+
+    def _split_heads(self, node: gs.Node, layout: _Layout, axis: int, size: int, entries: list[int]) -> None:
+        """The channel axis split into (heads, `size`): the group now counts heads of `size` channels."""
+        if layout.repeat != 1 or len(layout.segments) != 1 or layout.segments[0].group is None:
+            return self._fail(layout, f"Reshape '{node.name}' splits channels of several groups")
+        if entries[axis + 1] != size:
+            return self._fail(layout, f"Reshape '{node.name}' does not state the head size")
+        root = self._into_heads(layout, size, f"Reshape '{node.name}'")
+        if root is None:
+            return
+        heads = self.groups[root].channels
+        if entries[axis] != -1:
+            self.groups[root].counts.append(CountSlot(node, axis, 1))
+        self._pass(node, _Layout(axis - len(entries), (_Segment(layout.segments[0].group, 0, heads),)))
 
 
 def _producer_axes(node: gs.Node) -> tuple[int, int] | None:
@@ -395,13 +515,16 @@ def _producer_axes(node: gs.Node) -> tuple[int, int] | None:
     return None
 
 
-def _merges_channels_with_rest(node: gs.Node, axis: int) -> bool:
-    """Whether a Reshape keeps the axes before `axis` and merges `axis` with all after it (target size -1)."""
-    target = node.inputs[1]
-    if not isinstance(target, gs.Constant) or target.values.ndim != 1 or len(target.values) != axis + 1:
+def _is_packed_attention(node: gs.Node) -> bool:
+    """onnxruntime's Attention with one constant packed Q, K, V weight of equal parts and no past state."""
+    if node.op != "Attention" or node.domain != CONTRIB_DOMAIN or "qkv_hidden_sizes" in node.attrs:
         return False
-    before, after = node.inputs[0].shape, node.outputs[0].shape
-    return target.values[axis] == -1 and after is not None and list(after[:axis]) == list(before[:axis])
+    weight, heads = node.inputs[1] if len(node.inputs) > 1 else None, node.attrs.get("num_heads")
+    if not isinstance(weight, gs.Constant) or len(weight.shape) != 2 or not heads or weight.shape[1] % (3 * heads):
+        return False
+    bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)
+    no_past = all(not t.name for t in node.inputs[4:5]) and all(not t.outputs for t in node.outputs[1:])
+    return bias_ok and no_past
 
 
 def _rank(tensor: gs.Tensor) -> int | None:

@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.ir import Model, infer_shapes
 from onnxforge.ir.edit import make_constant
-from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelSlot
+from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelSlot, CountSlot
 
 
 def remove_channels(model: Model, choices: Sequence[tuple[ChannelGroup, np.ndarray]]) -> None:
@@ -17,14 +17,16 @@ def remove_channels(model: Model, choices: Sequence[tuple[ChannelGroup, np.ndarr
 
     All groups are cut in one go: groups side by side in one Concat read their consumer's weight at offsets
     of the unpruned model. Producers, followers and consumers get new sliced constants (existing arrays
-    are never written to); depthwise Convs get their group count lowered; tensor shapes are inferred again.
+    are never written to); depthwise Convs get their group count lowered, Reshape targets and attention
+    nodes their channel or head count; tensor shapes are inferred again.
     """
     # One input may hold several groups (a Concat), one group twice (a tensor concatenated with itself), or
     # the output channels of one group and the input channels of another (on two axes).
     dropped: dict[tuple[int, int], tuple[ChannelSlot, dict[int, list[np.ndarray]]]] = {}
     depthwise: list[tuple[gs.Node, int]] = []
-    for group, keep in choices:
-        removed = _removed_channels(group, keep)
+    for group, removed in [(group, _removed_channels(group, keep)) for group, keep in choices]:
+        for count in group.counts:
+            _set_count(model, count, (group.channels - removed.size) * count.unit)
         for slot in group.slots:
             entry = dropped.setdefault((id(slot.node), slot.input_index), (slot, {}))
             entry[1].setdefault(slot.axis, []).append(slot.positions(removed))
@@ -38,6 +40,16 @@ def remove_channels(model: Model, choices: Sequence[tuple[ChannelGroup, np.ndarr
     for node, count in depthwise:
         node.attrs["group"] -= count
     _refresh_shapes(model)
+
+
+def _set_count(model: Model, count: CountSlot, value: int) -> None:
+    if count.attribute:
+        count.node.attrs[count.attribute] = value
+        return
+    target = count.node.inputs[1]
+    entries = np.array(target.values, copy=True)
+    entries[count.index] = value
+    count.node.inputs[1] = make_constant(model.graph, target.name, entries)
 
 
 def _removed_channels(group: ChannelGroup, keep: np.ndarray) -> np.ndarray:

@@ -70,7 +70,7 @@ class ChannelPruning(Pass):
         choices = []
         for group, score, count in zip(candidates, scores, removed):
             keep = np.sort(np.argsort(score, kind="stable")[count:])
-            notes.append(f"{_title(group)}: {group.channels} -> {keep.size} channels ({self.options.method})")
+            notes.append(f"{_title(group)}: {group.channels} -> {keep.size} {group.unit} ({self.options.method})")
             if count:
                 choices.append((group, keep))
         before = model.stats().params
@@ -174,6 +174,6 @@ def channel_importance(group: ChannelGroup, method: str) -> np.ndarray:
 
 
 def _title(group: ChannelGroup) -> str:
-    names = ", ".join(slot.node.name or slot.node.op for slot in group.producers[:3])
-    more = f" and {len(group.producers) - 3} more" if len(group.producers) > 3 else ""
-    return f"channels of {names}{more}"
+    names = list(dict.fromkeys(slot.node.name or slot.node.op for slot in group.producers))
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"{group.unit} of {', '.join(names[:3])}{more}"
