@@ -29,8 +29,8 @@ import onnx
 
 Feed = dict[str, np.ndarray]
 
-# Real English text of varied length and topic. The encoder calibrates on the first 16 and is judged on the rest;
-# the VAD speaks the first 16 for its calibration stretch and the other sentences for its evaluation stream.
+# Real English text of varied length and topic. The encoder calibrates on the first 64 and is judged on the rest;
+# the VAD speaks the first 64 for its calibration stretch and the other sentences for its evaluation stream.
 SENTENCES: tuple[str, ...] = (
     "The museum will be closed on Monday for the installation of a new exhibition on ancient Egyptian jewellery.",
     "Preheat the oven to 200 degrees, then roast the vegetables for about forty minutes, turning them once.",
@@ -51,6 +51,57 @@ SENTENCES: tuple[str, ...] = (
     "Where did you park the car?",
     "Our quarterly revenue grew by eight percent, mostly thanks to subscriptions in Asia.",
     "The volcano last erupted in 1912, covering the valley in ash more than a metre deep.",
+    # More calibration text, of the same mix of topics and lengths; the held-out sentences follow it.
+    "The train to Edinburgh is delayed by twenty minutes because of a signal failure near York.",
+    "Stir the sauce gently so that it does not stick to the bottom of the pan.",
+    "Did anyone see where I left my reading glasses?",
+    "The committee will publish its final report on the causes of the blackout before the end of the year.",
+    "Okay, see you later.",
+    "Mitochondria produce most of the energy a cell needs by breaking down sugars and fats.",
+    "The fire spread quickly through the dry forest, forcing hundreds of families to leave their homes overnight.",
+    "The goalkeeper saved two penalties in the shoot-out and was carried off the pitch by her teammates.",
+    "Your password must contain at least twelve characters, including a number and a symbol.",
+    "The judge postponed the hearing because one of the key witnesses was ill.",
+    "Let's meet at the café by the station; it's quieter than the one on the square.",
+    "Eating more fibre can reduce the risk of heart disease and type two diabetes.",
+    "The biography describes how a shy boy from a mining village became one of the most famous surgeons of his "
+    "time, pioneering techniques that are still taught today, while never quite escaping the doubts of his youth.",
+    "Have you fed the cat yet?",
+    "Sales of the new phone were lower than expected, and the company cut its forecast for the year.",
+    "Glaciers in the Alps have lost more than half of their volume since the middle of the last century.",
+    "To change the language settings, open the menu in the top corner and choose preferences.",
+    "Reading to children every evening helps them build a larger vocabulary.",
+    "The choir performed a programme of medieval carols by candlelight in the old cathedral.",
+    "Octopuses can change the colour and texture of their skin in a fraction of a second.",
+    "The tunnel under the mountain shortened the journey between the two valleys by almost an hour.",
+    "She thanked the staff for their patience and promised to answer every complaint personally.",
+    "Neural networks learn by adjusting millions of weights to reduce their errors on examples.",
+    "Let the bread dough rise in a warm place until it has doubled in size.",
+    "The regional government announced free public transport for students from September.",
+    "Excuse me, is there a post office near here?",
+    "Archaeologists uncovered a Viking ship buried beneath a farm field in Norway.",
+    "The lift in our building has been out of order for two weeks.",
+    "Although the negotiations dragged on for months and nearly collapsed twice, the unions eventually accepted a "
+    "pay rise of four percent and a shorter working week.",
+    "Antibiotics kill bacteria but have no effect on viruses such as the common cold.",
+    "The sailors waited in the harbour for three days until the storm finally passed.",
+    "Don't forget to lock the back door before you go to bed.",
+    "The airline will add direct flights to Lisbon and Athens next summer.",
+    "Beethoven continued to compose even after he had lost almost all of his hearing.",
+    "Take the first exit at the roundabout and follow the signs for the hospital.",
+    "Demand for solar panels has doubled as electricity prices have risen.",
+    "The puppy chewed through the cable of my headphones.",
+    "Expect strong winds along the coast tonight, with gusts of up to ninety kilometres an hour.",
+    "The engineers tested the software for months before they allowed it to control the trains.",
+    "Would you mind closing the window?",
+    "The Great Wall was built over many centuries by successive dynasties to guard the northern frontier.",
+    "My neighbour grows enormous pumpkins and enters them in the county fair every autumn.",
+    "The umpire stopped the match when it became too dark to see the ball.",
+    "Premature optimization is the root of much unnecessary complexity in software.",
+    "The museum café serves lunch until three, and the gift shop stays open until six.",
+    "Rainforests produce a large share of the world's oxygen and store vast amounts of carbon.",
+    "We regret to inform you that your application was not successful this time.",
+    "The peace agreement ended a war that had lasted more than a decade.",
     "To reset the router, hold the small button on the back for ten seconds until the lights flash.",
     "A good night's sleep is the best preparation for an exam.",
     "The orchestra opened the season with Mahler's second symphony, and the audience gave it a long ovation.",
@@ -105,7 +156,7 @@ SENTENCES: tuple[str, ...] = (
     "and paraffin. When the light was automated in 1987, the last keeper locked the door, handed the key to an "
     "engineer, and said that he would miss the silence more than anything else.",
 )
-CALIBRATION_COUNT = 16  # the first 16 sentences calibrate, the rest are held out
+CALIBRATION_COUNT = 64  # the first 64 sentences calibrate, the rest are held out
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""prune: structured channel pruning through the pass interface, on the channel-group test models."""
+"""prune:measure=false: structured channel pruning through the pass interface, on the channel-group test models."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
 from graph_checks import apply, max_rel_error
 from model_builders import BertLike
 from test_pruning_channel_groups import MODELS, _exported
@@ -17,16 +18,18 @@ from onnxforge.errors import PassError
 from onnxforge.frontends.torch import from_torch
 from onnxforge.ir import load_model
 from onnxforge.ir.shapes import skeleton_proto
-from onnxforge.passes.pruning import ChannelGroups
-from onnxforge.passes.pruning.prune import channel_importance
+from onnxforge.passes import PassContext
+from onnxforge.passes.activations import observe_tensors
+from onnxforge.passes.pruning import ChannelGroups, recovery
+from onnxforge.passes.pruning.importance import channel_importance, input_statistics
 
-PRUNABLE = ["residual", "depthwise", "dense", "conv_head", "ffn"]
+PRUNABLE = ["residual", "depthwise", "dense", "conv_head", "ffn", "upsampling"]
 
 
 @pytest.mark.parametrize("name", PRUNABLE)
 def test_ratio_zero_leaves_the_model_and_its_outputs_unchanged(name):
     source = _exported(name, fold_bn=False)
-    model, result = apply("prune:ratio=0", source)
+    model, result = apply("prune:measure=false:ratio=0", source)
     assert not result.changed and result.stats["channels_removed"] == 0
     assert max_rel_error(source, model) == 0
 
@@ -35,7 +38,7 @@ def test_ratio_zero_leaves_the_model_and_its_outputs_unchanged(name):
 @pytest.mark.parametrize("name", PRUNABLE)
 def test_half_the_channels_go_and_the_model_stays_valid_and_smaller(name, scope):
     source = _exported(name, fold_bn=True)
-    _, report = optimize(source, f"prune:ratio=0.5:scope={scope}", seed=0)
+    _, report = optimize(source, f"prune:measure=false:ratio=0.5:scope={scope}", seed=0)
     [record] = report.passes
     assert record.status == "applied", record.error
     assert record.stats["channels_removed"] > 0 and record.after.params < record.before.params
@@ -45,7 +48,7 @@ def test_layer_scope_removes_the_ratio_of_every_prunable_group_and_names_the_res
     source = _exported("residual", fold_bn=True)
     groups = ChannelGroups.compute(load_model(source))
     prunable = [g for g in groups if g.prunable]
-    _, result = apply("prune:ratio=0.5", source)
+    _, result = apply("prune:measure=false:ratio=0.5", source)
     assert result.stats["channels_removed"] == sum(g.channels // 2 for g in prunable)
     assert any(": kept: " in note for note in result.notes)  # the head reaches the graph output
 
@@ -69,14 +72,14 @@ def test_the_least_important_channels_go_first():
 
 def test_exclude_keeps_a_group_whole():
     source = _exported("ffn", fold_bn=False)
-    _, result = apply("prune:ratio=0.5:exclude=MatMul+Gemm", source)
+    _, result = apply("prune:measure=false:ratio=0.5:exclude=MatMul+Gemm", source)
     assert not result.changed and any("excluded" in note for note in result.notes)
 
 
 @pytest.mark.parametrize("ratio", ["1", "-0.1"])
 def test_a_ratio_outside_zero_to_one_is_refused(ratio):
     with pytest.raises(PassError, match="fraction of channels"):
-        apply(f"prune:ratio={ratio}", _exported("ffn", fold_bn=False))
+        apply(f"prune:measure=false:ratio={ratio}", _exported("ffn", fold_bn=False))
 
 
 def test_every_test_model_is_known():
@@ -89,7 +92,7 @@ def _weights(model) -> dict[str, np.ndarray]:
 
 def test_two_of_four_zeros_two_of_every_four_inputs_and_says_it_does_not_speed_up_dense_kernels():
     source = _exported("ffn", fold_bn=False)
-    model, result = apply("prune:structure=2:4", source)
+    model, result = apply("prune:measure=false:structure=2:4", source)
     assert result.changed and result.stats["sparsity"] == 0.5
     for name, weight in _weights(model).items():
         groups = np.moveaxis(weight, 0, -1).reshape(-1, 4)  # MatMul weights: inputs along axis 0
@@ -102,7 +105,7 @@ def test_two_of_four_zeros_two_of_every_four_inputs_and_says_it_does_not_speed_u
 def test_unstructured_zeros_the_smallest_weights_of_each_layer(ratio):
     source = _exported("conv_head", fold_bn=True)
     before = _weights(load_model(source))
-    model, result = apply(f"prune:structure=unstructured:ratio={ratio}", source)
+    model, result = apply(f"prune:measure=false:structure=unstructured:ratio={ratio}", source)
     assert result.changed == (ratio > 0)
     for name, weight in _weights(model).items():
         original = before[name]
@@ -113,13 +116,13 @@ def test_unstructured_zeros_the_smallest_weights_of_each_layer(ratio):
             assert np.abs(original[~kept]).max() <= np.abs(original[kept]).min()
 
 
-@pytest.mark.parametrize("name", ["ffn", "conv_head", "residual", "depthwise", "dense"])
+@pytest.mark.parametrize("name", PRUNABLE)
 def test_recovery_reduces_the_output_error_on_held_out_inputs(name):
     source = _exported(name, fold_bn=True)
     # Enough samples for the Gemm after a Flatten: one row per sample, one unknown per kept feature.
     calibration, held_out = _random_samples(source, 160, seed=1), _random_samples(source, 8, seed=1000)
-    plain, _ = apply("prune:ratio=0.5", source)
-    recovered, result = apply("prune:ratio=0.5:recover=true", source, data=calibration)
+    plain, _ = apply("prune:measure=false:ratio=0.5", source)
+    recovered, result = apply("prune:measure=false:ratio=0.5:recover=true", source, data=calibration)
     assert any(note.startswith("recovery: ") for note in result.notes)
     plain_error = relative_error(source, plain, held_out)
     assert relative_error(source, recovered, held_out) < plain_error
@@ -127,7 +130,7 @@ def test_recovery_reduces_the_output_error_on_held_out_inputs(name):
 
 def test_recovery_needs_data():
     with pytest.raises(PassError, match="give them with --data"):
-        apply("prune:ratio=0.5:recover=true", _exported("ffn", fold_bn=False))
+        apply("prune:measure=false:ratio=0.5:recover=true", _exported("ffn", fold_bn=False))
 
 
 def _random_samples(proto, count: int, seed: int) -> list[dict]:
@@ -182,7 +185,7 @@ def test_each_layers_attention_heads_are_one_group(bert_like, form):
 def test_pruning_heads_gives_the_same_model_whether_or_not_attention_was_fused(bert_like):
     pruned = {}
     for form, source in bert_like.items():
-        pruned[form], result = apply("prune:ratio=0.5", source)
+        pruned[form], result = apply("prune:measure=false:ratio=0.5", source)
         assert sum("4 -> 2 heads" in note for note in result.notes) == 2, result.notes
         counts = {n.attrs["num_heads"] for n in pruned[form].graph.nodes if n.op == "Attention"}
         assert counts == ({2} if form == "fused" else set())
@@ -192,5 +195,95 @@ def test_pruning_heads_gives_the_same_model_whether_or_not_attention_was_fused(b
 
 
 def test_ratio_zero_leaves_heads_unchanged(bert_like):
-    model, result = apply("prune:ratio=0", bert_like["fused"])
+    model, result = apply("prune:measure=false:ratio=0", bert_like["fused"])
     assert not result.changed and max_rel_error(bert_like["fused"], model) == 0
+
+
+@pytest.mark.parametrize("name", ["upsampling", "conv_head", "ffn", "residual"])
+def test_recovery_design_rows_times_the_weights_give_each_layers_output(name):
+    """The least-squares problem recovery solves is exact at the current weights, for every layer it refits."""
+    model = load_model(_exported(name, fold_bn=True))
+    ctx = PassContext(backend="ort")
+    sample = _random_samples(model.to_proto(), 1, seed=3)
+    layers = [node for node in model.graph.nodes if recovery.refittable(node)]
+    assert layers
+    for node in layers:
+        seen = {}
+        names = [node.inputs[0].name, node.outputs[0].name]
+        observe_tensors(model, names, sample, ctx, lambda tensor, value: seen.setdefault(tensor, value))
+        bias, output = recovery._bias(node), seen[names[1]]
+        y = recovery._channels_last(node, output)
+        x = recovery._design_rows(node, seen[names[0]], np.arange(len(y)), output.shape, bias is not None)
+        assert np.allclose(x @ recovery._design_weights(node, bias), y, rtol=1e-4, atol=1e-4), node.name
+
+
+# --- measured speed and the per-layer report -------------------------------------------------------------
+
+
+def wide_cnn() -> onnx.ModelProto:
+    """Three 3x3 Convs of 64 channels on 32x32: halving their channels cuts the work about 3 times."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU()]
+    module = nn.Sequential(*layers, nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 8, 1)).eval()
+    model, _ = apply("cleanup", from_torch(module, torch.randn(1, 3, 32, 32)))
+    return model.to_proto()
+
+
+def test_pruning_reports_each_layers_size_and_the_measured_speed():
+    source = wide_cnn()
+    model, result = apply("prune:ratio=0.5", source)
+    assert result.changed and result.stats["measured_speedup"] > 1.2  # in fact about 3x: a wide margin for noise
+    conv_lines = [note for note in result.notes if note.startswith("Conv ")]
+    assert len(conv_lines) == 4  # every Conv reads or makes pruned channels
+    assert "params 1792 -> 896, MACs 1.8M -> 884.7K (2.00x fewer)" in conv_lines[0]  # 64 -> 32 outputs of 3x3x3
+    assert "(4.00x fewer)" in conv_lines[1]  # 64 -> 32 inputs and outputs
+    assert any(note.startswith("all 4 layers changed: ") for note in result.notes)
+    assert any(note.startswith("whole model measured ") for note in result.notes)
+
+
+def test_a_pruned_model_below_min_speedup_is_not_kept():
+    source = wide_cnn()
+    model, result = apply("prune:ratio=0.5:min_speedup=100", source)
+    assert not result.changed and result.stats["measured_speedup"] < 100
+    assert "left as it was" in result.notes[-1]
+    assert max_rel_error(source, model) == 0
+
+
+# --- importance from data --------------------------------------------------------------------------------
+
+
+def _set(slot, values) -> None:
+    slot.node.inputs[slot.input_index].values = np.asarray(values, np.float32)
+
+
+def test_data_importance_sees_channels_that_weights_misjudge():
+    source = _exported("ffn", fold_bn=False)
+    model = load_model(source)
+    [group] = [g for g in ChannelGroups.compute(model) if g.prunable]
+    [producer], [consumer], [bias] = group.producers, group.consumers, group.followers
+    dead, unread = np.argsort(channel_importance(group, "l1"))[:2]
+    up = np.array(producer.tensor.values)
+    up[:, [dead, unread]] *= 100  # both now have the largest weights...
+    _set(producer, up)
+    shift = np.array(bias.tensor.values)
+    shift[dead] = -1e4  # ...but GELU zeroes one of them on every input
+    _set(bias, shift)
+    down = np.array(consumer.tensor.values)
+    down[unread] = 0  # ...and the next layer ignores the other
+    _set(consumer, down)
+    samples = _random_samples(source, 8, seed=7)
+    statistics = input_statistics(model, [group], samples, PassContext(backend="ort"))
+    assert set(np.argsort(channel_importance(group, "l1"))[-2:]) == {dead, unread}
+    activation = channel_importance(group, "activation", statistics)
+    assert np.argmin(activation) == dead and activation[dead] < 1e-6
+    taylor = channel_importance(group, "taylor-free", statistics)
+    assert taylor[dead] < 1e-6 and taylor[unread] == 0
+
+
+@pytest.mark.parametrize("method", ["activation", "taylor-free"])
+def test_data_methods_prune_and_need_data(method):
+    source = _exported("residual", fold_bn=True)
+    with pytest.raises(PassError, match="give samples with --data"):
+        apply(f"prune:measure=false:method={method}", source)
+    model, result = apply(f"prune:measure=false:method={method}:ratio=0.5", source, data=_random_samples(source, 4, 1))
+    assert result.changed and any(f"({method})" in note for note in result.notes)

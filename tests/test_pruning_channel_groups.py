@@ -108,6 +108,19 @@ class FeedForward(nn.Module):
         return self.down(nn.functional.gelu(self.up(x)))
 
 
+class UpsamplingHead(nn.Module):
+    """A Conv, a strided ConvTranspose that doubles the resolution (as segmentation heads do), and a 1x1 Conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1)
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.up(torch.relu(self.conv(x)))))
+
+
 class ChannelMixing(nn.Module):
     """One Conv whose output a Reshape splits across channels, another that is a graph output."""
 
@@ -126,6 +139,7 @@ MODELS = {
     "conv_head": (ConvHead, (1, 3, 8, 8)),
     "grouped": (GroupedConvs, (1, 3, 8, 8)),
     "ffn": (FeedForward, (2, 5, 8)),
+    "upsampling": (UpsamplingHead, (1, 3, 8, 8)),
     "mixing": (ChannelMixing, (1, 3, 8, 8)),
 }
 

@@ -9,15 +9,18 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxforge.data import split_samples
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model
 from onnxforge.ir.edit import make_constant
+from onnxforge.data import random_inputs
+from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.layer_costs import LayerCost, describe_change, layer_costs
 from onnxforge.passes.layers import find_layers
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelGroups
 from onnxforge.passes.pruning.channel_surgery import remove_channels
-from onnxforge.passes.pruning.recovery import consumer_targets, keep_outputs, refit_consumers
+from onnxforge.passes.pruning.importance import DATA_METHODS, channel_importance, input_statistics
+from onnxforge.passes.pruning.recovery import layer_targets, layers_reached, refit_layers, refittable
 from onnxforge.passes.pruning.sparsity import SPEED_NOTE, magnitude_mask, two_of_four_mask
 from onnxforge.passes.registry import register_pass
 
@@ -28,9 +31,10 @@ SPARSE_OPS = ("MatMul", "Gemm", "Conv")
 class ChannelPruning(Pass):
     """Remove the least important output channels of Conv, Gemm and MatMul layers, and their readers' inputs.
 
-    Channels that must go together (residual adds, depthwise convs, concats, flatten into a Gemm) are
-    found as groups; a channel's importance is the norm of its producers' weights (l1 or l2), each producer
-    scaled by its mean so that layers compare. scope=layer removes `ratio` of every group's channels,
+    Channels that must go together (residual adds, depthwise convs, concats, flatten into a Gemm, the
+    parts of an attention head) are found as groups; a channel's importance is the norm of its producers'
+    weights (l1, l2) or, on --data, its mean activation or the output change its removal causes
+    (activation, taylor-free; see importance.py). scope=layer removes `ratio` of every group's channels,
     scope=global the `ratio` least important channels of all groups together (at least one kept per group).
     structure=unstructured zeros the `ratio` smallest weights of each layer and structure=2:4 two of every
     four along the input axis: shapes stay, so only the compressed file shrinks on dense kernels.
@@ -41,11 +45,13 @@ class ChannelPruning(Pass):
     @dataclass
     class Options:
         ratio: float = 0.3
-        method: Literal["l1", "l2"] = "l1"
+        method: Literal["l1", "l2", "activation", "taylor-free"] = "l1"
         scope: Literal["layer", "global"] = "layer"
         structure: Literal["channel", "unstructured", "2:4"] = "channel"
         exclude: list[str] = field(default_factory=list)  # op types, node names or name patterns
-        recover: bool = False  # refit the consumers of pruned channels on --data by least squares
+        recover: bool = False  # refit the layers after pruned channels on --data by least squares
+        measure: bool = True  # time the pruned model against the unpruned one on the pass's backend
+        min_speedup: float = 1.0  # measured below this, the unpruned model is kept
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         ratio = self.options.ratio
@@ -53,6 +59,8 @@ class ChannelPruning(Pass):
             raise PassUsageError(f"prune:ratio={ratio}: give the fraction of channels to remove, from 0 to below 1")
         if self.options.recover and not ctx.data:
             raise PassUsageError("prune:recover=true refits layers on samples: give them with --data")
+        if self.options.method in DATA_METHODS and not ctx.data:
+            raise PassUsageError(f"prune:method={self.options.method} measures activations: give samples with --data")
         if self.options.structure != "channel":
             return self._sparsify(model)
         groups = ctx.analysis(ChannelGroups, model)
@@ -63,9 +71,15 @@ class ChannelPruning(Pass):
                 notes.append(f"{title}: kept: {group.reason}")
             elif self._excluded(group):
                 notes.append(f"{title}: kept: excluded by exclude=")
+            elif self.options.recover and not all(refittable(slot.node) for slot in group.consumers):
+                reader = next(slot.node for slot in group.consumers if not refittable(slot.node))
+                notes.append(f"{title}: kept: recovery cannot refit {reader.op} '{reader.name}', which reads them")
             else:
                 candidates.append(group)
-        scores = [channel_importance(group, self.options.method) for group in candidates]
+        statistics = None
+        if self.options.method in DATA_METHODS and candidates:
+            statistics = input_statistics(model, candidates, ctx.data, ctx)
+        scores = [channel_importance(group, self.options.method, statistics) for group in candidates]
         removed = self._choose(scores)
         choices = []
         for group, score, count in zip(candidates, scores, removed):
@@ -73,38 +87,39 @@ class ChannelPruning(Pass):
             notes.append(f"{_title(group)}: {group.channels} -> {keep.size} {group.unit} ({self.options.method})")
             if count:
                 choices.append((group, keep))
-        before = model.stats().params
-        if choices and self.options.recover:
+        stats = {"groups": len(groups), "groups_pruned": len(choices), "channels_removed": int(sum(removed))}
+        if not choices:
+            return PassResult(False, stats={**stats, "params_removed": 0}, notes=notes)
+        original, costs = model.copy(), layer_costs(model.graph)
+        if self.options.recover:
             notes.append(self._remove_and_recover(model, choices, ctx))
-        elif choices:
+        else:
             remove_channels(model, choices)
-        removed_total = int(sum(removed))
-        return PassResult(
-            changed=bool(choices),
-            stats={
-                "groups": len(groups),
-                "groups_pruned": len(choices),
-                "channels_removed": removed_total,
-                "params_removed": before - model.stats().params,
-            },
-            notes=notes,
-        )
+        stats["params_removed"] = original.stats().params - model.stats().params
+        notes += _cost_lines(model, costs)
+        if self.options.measure:
+            feed = (ctx.data or [random_inputs(skeleton_proto(model), seed=0)])[0]
+            speedup = ctx.time_models([ctx.prepare(original), ctx.prepare(model)], feed)[1].speedup
+            stats["measured_speedup"] = round(speedup, 4)
+            notes.append(f"whole model measured {speedup:.2f}x against the unpruned one on {ctx.backend}/{ctx.target}")
+            if speedup < self.options.min_speedup:
+                notes.append(f"below min_speedup={self.options.min_speedup:g}: the model is left as it was")
+                model.graph = original.graph
+                return PassResult(False, stats=stats, notes=notes)
+        return PassResult(True, stats=stats, notes=notes)
 
     def _remove_and_recover(self, model: Model, choices: list, ctx: PassContext) -> str:
-        """Remove the chosen channels, then refit every consumer of them to the unpruned model's outputs."""
-        calibration, _ = split_samples(ctx.data)
-        consumers = list({id(slot.node): slot.node for group, _ in choices for slot in group.consumers}.values())
-        targets = consumer_targets(model, consumers, calibration, ctx)
+        """Remove the chosen channels, then refit the layers they reach to the unpruned model's outputs."""
+        layers = layers_reached(model, [slot.node for group, _ in choices for slot in group.producers])
+        targets = layer_targets(model, layers, ctx.data, ctx)
         for group, keep in choices:
             for slot in group.producers:
                 if id(slot.node) in targets:
-                    keep_outputs(targets, slot.node, slot.positions(keep))
+                    targets[id(slot.node)].keep(slot.positions(keep))
         remove_channels(model, choices)
-        refitted = refit_consumers(model, consumers, targets, calibration, ctx)
-        return (
-            f"recovery: {refitted} of {len(consumers)} layers reading pruned channels refitted on "
-            f"{len(calibration)} samples"
-        )
+        refitted = refit_layers(model, layers, targets, ctx.data, ctx)
+        samples = len(ctx.data)
+        return f"recovery: {refitted} of {len(layers)} layers after the pruned channels refitted on {samples} samples"
 
     def _excluded(self, group: ChannelGroup) -> bool:
         return any(self._excludes(slot.node) for slot in group.producers)
@@ -161,16 +176,20 @@ class ChannelPruning(Pass):
         return removed
 
 
-def channel_importance(group: ChannelGroup, method: str) -> np.ndarray:
-    """Each channel's importance: the l1 or l2 norm of its producers' weights, each producer scaled to mean 1."""
-    total = np.zeros(group.channels)
-    for slot in group.producers:
-        values = np.asarray(slot.tensor.values, np.float64)
-        rows = np.moveaxis(values, slot.axis, 0).reshape(values.shape[slot.axis], -1)
-        per_position = np.abs(rows).sum(1) if method == "l1" else np.sqrt(np.square(rows).sum(1))
-        norms = per_position[slot.positions(np.arange(group.channels))].reshape(group.channels, -1).sum(1)
-        total += norms / max(float(norms.mean()), 1e-30)
-    return total
+def _cost_lines(model: Model, before: dict[int, LayerCost]) -> list[str]:
+    """One line per layer whose size changed (parameters, multiply-accumulates), and one for all of them."""
+    after = layer_costs(model.graph)
+    changed = [node for node in model.graph.nodes if id(node) in after and after[id(node)] != before[id(node)]]
+    lines = [f"{n.op} {n.name or n.outputs[0].name}: {describe_change(before[id(n)], after[id(n)])}" for n in changed]
+    if changed:
+        totals = [_total([costs[id(node)] for node in changed]) for costs in (before, after)]
+        lines.append(f"all {len(changed)} layers changed: {describe_change(*totals)}")
+    return lines
+
+
+def _total(costs: list[LayerCost]) -> LayerCost:
+    macs = [c.macs for c in costs]
+    return LayerCost(sum(c.params for c in costs), None if None in macs else sum(macs))
 
 
 def _title(group: ChannelGroup) -> str:
