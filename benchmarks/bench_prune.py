@@ -1,11 +1,12 @@
 """Prune trained models' channels at 30% and 50%, with and without recovery; time, count and judge them in one run.
 
     pip install ".[bench]"
-    python benchmarks/bench_prune.py            # about 3 minutes on 2 cores
+    python benchmarks/bench_prune.py            # about 8 minutes on 2 cores
     python benchmarks/bench_prune.py --quick
 
 For the text-detection CNN and the sentence encoder of trained_models.py: the fp32 model and `prune` at two
-ratios, plain and with `recover=true` (calibrated on the case's calibration samples), each judged on the
+ratios (the CNN also in both scopes), taylor-free importance, plain and with `recover=true` (both calibrated on
+the case's calibration samples), each judged on the
 held-out inputs against fp32, its parameters counted, and all timed together in interleaved blocks (fp32 first;
 onnxruntime graph optimization "all", thread spinning off). No fine-tuning: this is what pruning a trained model
 costs before any retraining. Writes benchmarks/results/pruning.json and .md (pruning-quick.* with --quick).
@@ -13,6 +14,7 @@ costs before any retraining. Writes benchmarks/results/pruning.json and .md (pru
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -23,10 +25,18 @@ from case_variants import judge_and_time, page_header, run_benchmark, run_pipeli
 from paired_timing import Timing
 from trained_models import TrainedCase
 
-# Prune before fuse on the encoder: the walk does not see through onnxruntime's fused ops (BiasGelu).
+# Channels ranked by taylor-free importance on the calibration samples: the output change their removal causes.
+# The encoder is pruned before fuse: recovery can refit its Q, K and V MatMuls, not the fused Attention.
 PIPELINES = {
-    "ocr-detector": "upgrade-opset:to=17,cleanup,fuse,prune:ratio={ratio}{recover}",
-    "minilm-encoder": "cleanup,prune:ratio={ratio}{recover},fuse",
+    "ocr-detector": "upgrade-opset:to=17,cleanup,fuse,prune:ratio={ratio}:scope={scope}:method=taylor-free{recover}",
+    "minilm-encoder": "cleanup,prune:ratio={ratio}:scope={scope}:method=taylor-free{recover},fuse",
+}
+# Per layer, every group loses the ratio; global, the least important channels of the whole model go.
+SCOPES = {"ocr-detector": ("layer", "global"), "minilm-encoder": ("layer",)}
+# The output error that recovery must at least halve, from a variant's agreement with fp32.
+ERRORS = {
+    "ocr-detector": ("relative L2 error of the probability map", lambda agreement: agreement["relative_l2"]),
+    "minilm-encoder": ("mean 1 - cosine of the embeddings", lambda agreement: 1 - agreement["mean_cosine"]),
 }
 RTOL = {"ocr-detector": 2e-3}  # see bench_quant.py: the detector amplifies float rounding on random inputs
 
@@ -34,13 +44,12 @@ RTOL = {"ocr-detector": 2e-3}  # see bench_quant.py: the detector amplifies floa
 def bench_case(case: TrainedCase, timing: Timing, work: Path) -> dict:
     """Prune one case at each ratio, plain and recovered; judge, count and time every variant."""
     variants: dict[str, dict] = {"fp32": {"tool": "as exported", "path": case.model_path, "seconds": 0.0}}
-    for ratio in (0.3, 0.5):
-        for recover in (False, True):
-            passes = PIPELINES[case.name].format(ratio=ratio, recover=":recover=true" if recover else "")
-            label = f"prune {ratio:.0%}{', recover' if recover else ''}"
-            out = work / f"{case.name}.prune{len(variants)}.onnx"
-            variants[label] = {"tool": f"optimize --passes {passes} --data CALIBRATION"}
-            variants[label].update(run_pipeline(case, passes, out, RTOL.get(case.name, 1e-4)))
+    for scope, ratio, recover in itertools.product(SCOPES[case.name], (0.3, 0.5), (False, True)):
+        passes = PIPELINES[case.name].format(ratio=ratio, scope=scope, recover=":recover=true" if recover else "")
+        label = _label(scope, ratio, recover)
+        out = work / f"{case.name}.prune{len(variants)}.onnx"
+        variants[label] = {"tool": f"optimize --passes {passes} --data CALIBRATION"}
+        variants[label].update(run_pipeline(case, passes, out, RTOL.get(case.name, 1e-4)))
     judge_and_time(case, variants, timing, ("params", parameter_count))
     return {"case": case.name, "description": case.description, "variants": variants}
 
@@ -64,9 +73,27 @@ def markdown(results: list[dict], setup: dict, env: dict) -> str:
     for result in results:
         lines += ["", f"## {result['case']}", "", result["description"], ""]
         lines += variant_table(result["variants"], "parameters", _parameters)
+        lines += ["", *_recovery_lines(result)]
         lines += ["", "Pipelines:", ""]
         lines += [f"- {label}: {v['tool']}" for label, v in result["variants"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _recovery_lines(result: dict) -> list[str]:
+    """How much recovery cut the output error at each ratio."""
+    name, error = ERRORS[result["case"]]
+    variants, lines = result["variants"], [f"Recovery, by the {name}:", ""]
+    for scope, ratio in itertools.product(SCOPES[result["case"]], (0.3, 0.5)):
+        plain, recovered = variants[_label(scope, ratio, False)], variants[_label(scope, ratio, True)]
+        if "agreement" in plain and "agreement" in recovered:
+            before, after = error(plain["agreement"]), error(recovered["agreement"])
+            factor = before / max(after, 1e-12)
+            lines.append(f"- {_label(scope, ratio, False)}: {before:.4f} -> {after:.4f} ({factor:.2f}x smaller)")
+    return lines
+
+
+def _label(scope: str, ratio: float, recover: bool) -> str:
+    return f"prune {ratio:.0%} {scope}{', recover' if recover else ''}"
 
 
 def _parameters(variant: dict, fp32: dict) -> str:

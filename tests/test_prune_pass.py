@@ -192,6 +192,9 @@ def test_pruning_heads_gives_the_same_model_whether_or_not_attention_was_fused(b
     # Same heads removed from the same weights: the two pruned models compute the same function.
     assert max_rel_error(pruned["unfused"].to_proto(), pruned["fused"]) < 1e-4
     assert max_rel_error(bert_like["unfused"], pruned["unfused"]) > 0.01  # and it did change
+    # The pruned exported attention still fuses, with the new head count.
+    fused_after, _ = apply("fuse", pruned["unfused"])
+    assert [n.attrs["num_heads"] for n in fused_after.graph.nodes if n.op == "Attention"] == [2, 2]
 
 
 def test_ratio_zero_leaves_heads_unchanged(bert_like):
