@@ -20,7 +20,8 @@ from onnxforge.ir import load_model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.passes import PassContext
 from onnxforge.passes.activations import observe_tensors
-from onnxforge.passes.pruning import ChannelGroups, recovery
+from onnxforge.passes import refit as recovery
+from onnxforge.passes.pruning import ChannelGroups
 from onnxforge.passes.pruning.importance import channel_importance, input_statistics
 
 PRUNABLE = ["residual", "depthwise", "dense", "conv_head", "ffn", "upsampling"]
@@ -203,7 +204,7 @@ def test_ratio_zero_leaves_heads_unchanged(bert_like):
 
 
 @pytest.mark.parametrize("name", ["upsampling", "conv_head", "ffn", "residual"])
-def test_recovery_design_rows_times_the_weights_give_each_layers_output(name):
+def test_recoveryinput_rows_times_the_weights_give_each_layers_output(name):
     """The least-squares problem recovery solves is exact at the current weights, for every layer it refits."""
     model = load_model(_exported(name, fold_bn=True))
     ctx = PassContext(backend="ort")
@@ -215,8 +216,8 @@ def test_recovery_design_rows_times_the_weights_give_each_layers_output(name):
         names = [node.inputs[0].name, node.outputs[0].name]
         observe_tensors(model, names, sample, ctx, lambda tensor, value: seen.setdefault(tensor, value))
         bias, output = recovery._bias(node), seen[names[1]]
-        y = recovery._channels_last(node, output)
-        x = recovery._design_rows(node, seen[names[0]], np.arange(len(y)), output.shape, bias is not None)
+        y = recovery.channels_last(node, output)
+        x = recovery.input_rows(node, seen[names[0]], np.arange(len(y)), output.shape, bias is not None)
         assert np.allclose(x @ recovery._design_weights(node, bias), y, rtol=1e-4, atol=1e-4), node.name
 
 

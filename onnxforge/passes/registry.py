@@ -157,5 +157,6 @@ def _load_builtins() -> None:
     # Importing the pass families runs their @register_pass decorators.
     import onnxforge.passes.cleanup  # noqa: F401
     import onnxforge.passes.fusion  # noqa: F401
+    import onnxforge.passes.lowrank  # noqa: F401
     import onnxforge.passes.pruning  # noqa: F401
     import onnxforge.passes.quantization  # noqa: F401

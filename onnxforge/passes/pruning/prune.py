@@ -12,17 +12,16 @@ import onnx_graphsurgeon as gs
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model
 from onnxforge.ir.edit import make_constant
-from onnxforge.data import random_inputs
-from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.layer_costs import LayerCost, describe_change, layer_costs
 from onnxforge.passes.layers import find_layers
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelGroups
 from onnxforge.passes.pruning.channel_surgery import remove_channels
 from onnxforge.passes.pruning.importance import DATA_METHODS, channel_importance, input_statistics
-from onnxforge.passes.pruning.recovery import layer_targets, layers_reached, refit_layers, refittable
+from onnxforge.passes.refit import layer_targets, layers_reached, refit_layers, refittable
 from onnxforge.passes.pruning.sparsity import SPEED_NOTE, magnitude_mask, two_of_four_mask
 from onnxforge.passes.registry import register_pass
+from onnxforge.passes.speed_check import kept_if_faster
 
 SPARSE_OPS = ("MatMul", "Gemm", "Conv")
 
@@ -97,15 +96,8 @@ class ChannelPruning(Pass):
             remove_channels(model, choices)
         stats["params_removed"] = original.stats().params - model.stats().params
         notes += _cost_lines(model, costs)
-        if self.options.measure:
-            feed = (ctx.data or [random_inputs(skeleton_proto(model), seed=0)])[0]
-            speedup = ctx.time_models([ctx.prepare(original), ctx.prepare(model)], feed)[1].speedup
-            stats["measured_speedup"] = round(speedup, 4)
-            notes.append(f"whole model measured {speedup:.2f}x against the unpruned one on {ctx.backend}/{ctx.target}")
-            if speedup < self.options.min_speedup:
-                notes.append(f"below min_speedup={self.options.min_speedup:g}: the model is left as it was")
-                model.graph = original.graph
-                return PassResult(False, stats=stats, notes=notes)
+        if self.options.measure and not kept_if_faster(original, model, ctx, self.options.min_speedup, stats, notes):
+            return PassResult(False, stats=stats, notes=notes)
         return PassResult(True, stats=stats, notes=notes)
 
     def _remove_and_recover(self, model: Model, choices: list, ctx: PassContext) -> str:

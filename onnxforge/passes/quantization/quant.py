@@ -37,8 +37,10 @@ MODE_OPS = {
 PER_CHANNEL_INT8 = QuantSpec(bits=8, signed=True, symmetric=True, granularity="per-channel")
 GENTLER_MATMUL = LayerFormat("weight-only", "qoperator", QuantSpec(8, True, True, "block", 128), accuracy_level=4)
 EMBEDDING_INT4_SPEC = QuantSpec(bits=4, signed=True, symmetric=True, granularity="block", block_size=32)
-# An embedding's lookup costs next to nothing: it is quantized for size unless the model gets slower than this.
-EMBEDDING_MIN_SPEEDUP = 0.98
+# Layer types quantized for size unless the model gets slower than this: an embedding's lookup costs next to
+# nothing, and a recurrent layer's speed at small sizes is a tie within noise while its weights are most of the file.
+SIZE_FIRST_TYPES = ("Gather", "LSTM")
+SIZE_FIRST_MIN_SPEEDUP = 0.98
 _BLOCK = re.compile(r"^block:(\d+)$")
 
 
@@ -165,7 +167,7 @@ class Quantize(Pass):
     ) -> dict[int, LayerFormat]:
         """The plan timing keeps (per layer type, then optionally a float prefix); notes and lines say why."""
         min_speedup = self.options.min_speedup
-        thresholds = {"Gather": min(min_speedup, EMBEDDING_MIN_SPEEDUP)}
+        thresholds = {op: min(min_speedup, SIZE_FIRST_MIN_SPEEDUP) for op in SIZE_FIRST_TYPES}
         choice = choose_by_measurement(builder, plan, self._candidates(fmt, ctx), ctx, feed, min_speedup, thresholds)
         type_lines, measured_notes = _measurement_notes(choice, layers, ctx, min_speedup, thresholds)
         lines += type_lines

@@ -1,9 +1,9 @@
-"""Data-aware recovery after pruning (layer-wise distillation): refit the weights of the layers after the pruned
-channels by least squares, so that their outputs on calibration inputs match what the unpruned model computed.
+"""Data-aware recovery (layer-wise distillation): refit the weights of layers by least squares, so that their
+outputs on calibration inputs match what the model computed before a lossy pass (pruning, factorization).
 
-Every layer with a constant weight that the pruned channels reach is refitted, in graph order, each on the
-inputs that earlier refits already changed: the consumers of pruned channels make up for what they lost,
-and the layers after them correct the error that still drifts in.
+Layers are refitted in graph order, each on the inputs that earlier refits already changed: after pruning,
+the readers of pruned channels make up for what they lost, and the layers after them correct the error that
+still drifts in.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def layer_targets(
 
     def add(name: str, value: np.ndarray) -> None:
         node = names[name]
-        rows = _channels_last(node, value)
+        rows = channels_last(node, value)
         positions = np.sort(rng.choice(len(rows), min(per_sample, len(rows)), replace=False))
         targets[id(node)].positions.append(positions)
         targets[id(node)].rows.append(rows[positions].astype(np.float64))
@@ -87,7 +87,7 @@ def refit_layers(
         observe_tensors(model, [node.inputs[0].name], samples, ctx, lambda _, value: inputs.append(value))
         bias, target = _bias(node), targets[id(node)]
         rows = [
-            (_design_rows(node, x, positions, shape, bias is not None), y)
+            (input_rows(node, x, positions, shape, bias is not None), y)
             for x, positions, shape, y in zip(inputs, target.positions, target.shapes, target.rows)
         ]
         fit, check = _split(rows, rng)
@@ -169,14 +169,14 @@ def _bias(node: gs.Node) -> tuple[gs.Node, int] | None:
     return None
 
 
-def _channels_last(node: gs.Node, value: np.ndarray) -> np.ndarray:
+def channels_last(node: gs.Node, value: np.ndarray) -> np.ndarray:
     """A layer output as rows of channels: [positions, channels]."""
     if node.op in CONVOLUTIONS:
         return np.moveaxis(value, 1, -1).reshape(-1, value.shape[1])
     return value.reshape(-1, value.shape[-1])
 
 
-def _design_rows(
+def input_rows(
     node: gs.Node, x: np.ndarray, positions: np.ndarray, output_shape: tuple[int, ...], with_bias: bool
 ) -> np.ndarray:
     """The fit's design rows for the output `positions`: what the layer reads there (a trailing 1 for the bias)."""

@@ -1,0 +1,227 @@
+"""The `lowrank` pass: factor large MatMul, Gemm and Conv weights into two thinner layers where that cuts work."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.errors import PassUsageError
+from onnxforge.ir import Model, infer_shapes
+from onnxforge.ir.edit import make_constant, unique_name
+from onnxforge.passes.activations import observe_tensors
+from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.layer_costs import LayerCost, describe_change, layer_costs
+from onnxforge.passes.layers import Layer, find_layers
+from onnxforge.passes.lowrank.factorization import Spectrum, ranks_for_budget, spectrum
+from onnxforge.passes.refit import MAX_ROWS, input_rows, layer_targets, refit_layers
+from onnxforge.passes.registry import register_pass
+from onnxforge.passes.speed_check import kept_if_faster
+
+# A factorization must cut the layer's parameters (and so its multiply-accumulates) at least this much.
+MAX_KEPT = 0.9
+
+
+@dataclass
+class Candidate:
+    """A layer whose weight is seen as a matrix W [inputs, outputs] (x @ W), and its spectrum."""
+
+    layer: Layer
+    matrix: np.ndarray
+    spectrum: Spectrum | None = None
+    second_moment: np.ndarray | None = None  # of its inputs on --data: XᵀX / rows
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape
+
+    def worth_it(self, rank: int) -> bool:
+        m, n = self.shape
+        return rank * (m + n) <= MAX_KEPT * m * n
+
+
+@register_pass("lowrank")
+class LowRank(Pass):
+    """Replace MatMul, Gemm and Conv weights W by products A @ B of rank r, where r (m + n) < m n by a margin.
+
+    A MatMul becomes two MatMuls, a Gemm two Gemms (the bias on the second), a k x k Conv a k x k Conv with r
+    filters and a 1 x 1 Conv; grouped Convs stay. The rank comes from `rank`, from the singular-value
+    `energy` each layer keeps, or from a global parameter budget `ratio` (what keeps the most energy per
+    parameter). method=whitened (needs --data) factors the layer's outputs on the calibration inputs instead
+    of its weight; recover=true then refits the second factor by least squares to the layer's old outputs.
+    """
+
+    lossless = False
+
+    @dataclass
+    class Options:
+        rank: int = 0  # the rank of every factored layer (0: choose by energy or ratio)
+        energy: float = 0.0  # keep this fraction of each layer's squared singular values
+        ratio: float = 0.0  # keep this fraction of the factored layers' parameters, ranks chosen together
+        method: Literal["svd", "whitened"] = "svd"
+        min_size: int = 4096  # layers with fewer weights stay as they are
+        exclude: list[str] = field(default_factory=list)  # op types, node names or name patterns
+        recover: bool = False  # refit each second factor on --data to the layer's outputs before factoring
+        measure: bool = True  # time the factored model against the one before on the pass's backend
+        min_speedup: float = 1.0  # measured below this, the model is left as it was
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        self._check_options(ctx)
+        infer_shapes(model)
+        candidates = [c for c in (as_candidate(layer) for layer in find_layers(model.graph)) if c is not None]
+        candidates = [c for c in candidates if c.matrix.size >= self.options.min_size and not self._excluded(c)]
+        if ctx.data:
+            _second_moments(model, candidates, ctx)
+        for candidate in candidates:
+            whitening = candidate.second_moment if self.options.method == "whitened" else None
+            candidate.spectrum = spectrum(candidate.matrix, whitening)
+        ranks = self._ranks(candidates)
+        chosen = [(c, r) for c, r in zip(candidates, ranks) if c.worth_it(r)]
+        notes = [_skipped_note(c, r) for c, r in zip(candidates, ranks) if not c.worth_it(r)]
+        stats = {"layers_considered": len(candidates), "layers_factored": len(chosen)}
+        if not chosen:
+            return PassResult(False, stats=stats, notes=notes or ["no layer large enough to factor"])
+        original, costs = model.copy(), layer_costs(model.graph)
+        targets = layer_targets(model, [c.layer.node for c, _ in chosen], ctx.data, ctx) if self.options.recover else {}
+        firsts = {id(c.layer.node): factor_layer(model, c, r) for c, r in chosen}
+        infer_shapes(model)
+        after = layer_costs(model.graph)
+        for candidate, rank in chosen:
+            node = candidate.layer.node
+            before_cost, first_cost = costs[id(node)], after[id(firsts[id(node)])]
+            combined = LayerCost(first_cost.params + after[id(node)].params, _sum_macs(first_cost, after[id(node)]))
+            notes.append(f"{node.op} {candidate.layer.name}: {_describe(candidate, rank)}, "
+                         f"{describe_change(before_cost, combined)}")
+        if self.options.recover:
+            nodes = [c.layer.node for c, _ in chosen]
+            refitted = refit_layers(model, nodes, targets, ctx.data, ctx)
+            notes.append(f"recovery: {refitted} of {len(nodes)} second factors refitted on {len(ctx.data)} samples")
+        stats["params_removed"] = original.stats().params - model.stats().params
+        if self.options.measure and not kept_if_faster(original, model, ctx, self.options.min_speedup, stats, notes):
+            return PassResult(False, stats=stats, notes=notes)
+        return PassResult(True, stats=stats, notes=notes)
+
+    def _check_options(self, ctx: PassContext) -> None:
+        o = self.options
+        given = [name for name, value in (("rank", o.rank), ("energy", o.energy), ("ratio", o.ratio)) if value]
+        if len(given) > 1:
+            raise PassUsageError(f"lowrank: give one of rank=, energy= and ratio=, not {' and '.join(given)}")
+        if o.rank < 0 or not 0 <= o.energy <= 1 or not 0 <= o.ratio <= 1:
+            raise PassUsageError("lowrank: rank= is a positive integer, energy= and ratio= fractions from 0 to 1")
+        if (o.method == "whitened" or o.recover) and not ctx.data:
+            raise PassUsageError("lowrank: method=whitened and recover=true use sample inputs: give them with --data")
+
+    def _ranks(self, candidates: list[Candidate]) -> list[int]:
+        o = self.options
+        if o.rank:
+            return [min(o.rank, c.spectrum.full_rank) for c in candidates]
+        if o.ratio:
+            return ranks_for_budget([c.spectrum for c in candidates], [c.shape for c in candidates], o.ratio)
+        return [c.spectrum.rank_for_energy(o.energy or 0.9) for c in candidates]
+
+    def _excluded(self, candidate: Candidate) -> bool:
+        node = candidate.layer.node
+        return any(node.op == p or fnmatch.fnmatchcase(candidate.layer.name, p) for p in self.options.exclude)
+
+
+def as_candidate(layer: Layer) -> Candidate | None:
+    """The layer's weight as x @ W, for MatMul, Gemm and ungrouped 2-D Convs with explicit padding."""
+    weight = np.asarray(layer.weight.values, np.float64)
+    node = layer.node
+    if layer.op == "MatMul":
+        return Candidate(layer, weight)
+    if layer.op == "Gemm" and node.attrs.get("alpha", 1.0) == 1.0:
+        return Candidate(layer, weight.T if node.attrs.get("transB", 0) else weight)
+    if layer.op == "Conv" and weight.ndim == 4 and node.attrs.get("group", 1) == 1:
+        return Candidate(layer, weight.reshape(len(weight), -1).T)
+    return None
+
+
+def _second_moments(model: Model, candidates: list[Candidate], ctx: PassContext) -> None:
+    """XᵀX / rows of each candidate's inputs over the samples (Conv: its input patches at random positions)."""
+    by_input: dict[str, list[Candidate]] = {}
+    for candidate in candidates:
+        by_input.setdefault(candidate.layer.activation.name, []).append(candidate)
+    sums = {id(c): [np.zeros((c.shape[0], c.shape[0])), 0] for c in candidates}
+    rng = np.random.default_rng(0)
+
+    def add(name: str, value: np.ndarray) -> None:
+        for candidate in by_input[name]:
+            rows = _input_rows(candidate, value, rng, max(MAX_ROWS // len(ctx.data), 1))
+            total = sums[id(candidate)]
+            total[0] += rows.T @ rows
+            total[1] += len(rows)
+
+    observe_tensors(model, list(by_input), ctx.data, ctx, add)
+    for candidate in candidates:
+        gram, rows = sums[id(candidate)]
+        candidate.second_moment = gram / max(rows, 1)
+
+
+def _input_rows(candidate: Candidate, value: np.ndarray, rng: np.random.Generator, limit: int) -> np.ndarray:
+    node = candidate.layer.node
+    if node.op == "Conv":
+        output = node.outputs[0].shape
+        count = value.shape[0] * math.prod(output[2:])
+    else:
+        output, count = None, value.size // value.shape[-1]
+    positions = np.sort(rng.choice(count, min(limit, count), replace=False))
+    return input_rows(node, value, positions, output, with_bias=False)
+
+
+def factor_layer(model: Model, candidate: Candidate, rank: int) -> gs.Node:
+    """Insert the first factor before the layer and make the layer the second; return the first.
+
+    The candidate's spectrum must be computed. Shapes are not inferred again here.
+    """
+    layer, node = candidate.layer, candidate.layer.node
+    a, b = candidate.spectrum.factors(rank)
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    x = layer.activation
+    hidden = gs.Variable(unique_name(model.graph, f"{layer.name}_rank{rank}"))
+    weight_name = layer.weight.name
+    if node.op == "Conv":
+        kernel = layer.weight.shape
+        first_weight = a.T.reshape(rank, *kernel[1:])
+        first = gs.Node("Conv", inputs=[x, make_constant(model.graph, f"{weight_name}_first", first_weight)],
+                        outputs=[hidden], attrs={k: v for k, v in node.attrs.items() if k != "kernel_shape"})
+        node.attrs = {"group": 1}
+        node.inputs[1] = make_constant(model.graph, f"{weight_name}_second", b.T.reshape(kernel[0], rank, 1, 1))
+    else:
+        op = "Gemm" if node.op == "Gemm" else "MatMul"
+        first = gs.Node(op, inputs=[x, make_constant(model.graph, f"{weight_name}_first", a)], outputs=[hidden])
+        second = b.T if node.op == "Gemm" and node.attrs.get("transB", 0) else b
+        node.inputs[1] = make_constant(model.graph, f"{weight_name}_second", second)
+    first.name = unique_name(model.graph, f"{layer.name}_first")
+    node.inputs[layer.activation_input] = hidden
+    model.graph.nodes.append(first)
+    model.graph.toposort()
+    return first
+
+
+def _describe(candidate: Candidate, rank: int) -> str:
+    spec = candidate.spectrum
+    text = f"rank {rank} of {spec.full_rank} ({'output' if spec.unwhiten is not None else 'weight'} energy "
+    text += f"{spec.energy(rank):.3f})"
+    a, b = spec.factors(rank)
+    difference = candidate.matrix - a @ b
+    text += f", weight error {np.linalg.norm(difference) / max(np.linalg.norm(candidate.matrix), 1e-30):.3f}"
+    if candidate.second_moment is not None:
+        error = np.trace(difference.T @ candidate.second_moment @ difference)
+        reference = np.trace(candidate.matrix.T @ candidate.second_moment @ candidate.matrix)
+        text += f", output error {math.sqrt(max(error, 0) / max(reference, 1e-30)):.3f} on --data"
+    return text
+
+
+def _skipped_note(candidate: Candidate, rank: int) -> str:
+    m, n = candidate.shape
+    return (f"{candidate.layer.op} {candidate.layer.name}: kept: rank {rank} of {m}x{n} would keep "
+            f"{rank * (m + n) / (m * n):.0%} of its parameters (factored only at {MAX_KEPT:.0%} or less)")
+
+
+def _sum_macs(first: LayerCost, second: LayerCost) -> int | None:
+    return None if first.macs is None or second.macs is None else first.macs + second.macs
