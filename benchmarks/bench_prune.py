@@ -18,10 +18,16 @@ import itertools
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnx
-
-from case_variants import judge_and_time, page_header, run_benchmark, run_pipeline, variant_table
+from case_variants import (
+    error_cut_lines,
+    judge_and_time,
+    page_header,
+    parameter_count,
+    parameters_cell,
+    run_benchmark,
+    run_pipeline,
+    variant_table,
+)
 from paired_timing import Timing
 from trained_models import TrainedCase
 
@@ -33,11 +39,6 @@ PIPELINES = {
 }
 # Per layer, every group loses the ratio; global, the least important channels of the whole model go.
 SCOPES = {"ocr-detector": ("layer", "global"), "minilm-encoder": ("layer",)}
-# The output error that recovery must at least halve, from a variant's agreement with fp32.
-ERRORS = {
-    "ocr-detector": ("relative L2 error of the probability map", lambda agreement: agreement["relative_l2"]),
-    "minilm-encoder": ("mean 1 - cosine of the embeddings", lambda agreement: 1 - agreement["mean_cosine"]),
-}
 RTOL = {"ocr-detector": 2e-3}  # see bench_quant.py: the detector amplifies float rounding on random inputs
 
 
@@ -54,14 +55,6 @@ def bench_case(case: TrainedCase, timing: Timing, work: Path) -> dict:
     return {"case": case.name, "description": case.description, "variants": variants}
 
 
-def parameter_count(path: Path) -> int:
-    """Weights of a saved model, those of Constant nodes included (some exporters store every weight so)."""
-    model = onnx.load(path)
-    tensors = [*model.graph.initializer]
-    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    return sum(int(np.prod(t.dims)) for t in tensors)
-
-
 def markdown(results: list[dict], setup: dict, env: dict) -> str:
     lines = page_header(
         "Structured pruning of trained models, with and without recovery",
@@ -72,32 +65,19 @@ def markdown(results: list[dict], setup: dict, env: dict) -> str:
     )
     for result in results:
         lines += ["", f"## {result['case']}", "", result["description"], ""]
-        lines += variant_table(result["variants"], "parameters", _parameters)
-        lines += ["", *_recovery_lines(result)]
+        lines += variant_table(result["variants"], "parameters", parameters_cell)
+        pairs = [
+            (_label(scope, ratio, False), _label(scope, ratio, True))
+            for scope, ratio in itertools.product(SCOPES[result["case"]], (0.3, 0.5))
+        ]
+        lines += ["", *error_cut_lines(result, pairs, "Recovery")]
         lines += ["", "Pipelines:", ""]
         lines += [f"- {label}: {v['tool']}" for label, v in result["variants"].items()]
     return "\n".join(lines) + "\n"
 
 
-def _recovery_lines(result: dict) -> list[str]:
-    """How much recovery cut the output error at each ratio."""
-    name, error = ERRORS[result["case"]]
-    variants, lines = result["variants"], [f"Recovery, by the {name}:", ""]
-    for scope, ratio in itertools.product(SCOPES[result["case"]], (0.3, 0.5)):
-        plain, recovered = variants[_label(scope, ratio, False)], variants[_label(scope, ratio, True)]
-        if "agreement" in plain and "agreement" in recovered:
-            before, after = error(plain["agreement"]), error(recovered["agreement"])
-            factor = before / max(after, 1e-12)
-            lines.append(f"- {_label(scope, ratio, False)}: {before:.4f} -> {after:.4f} ({factor:.2f}x smaller)")
-    return lines
-
-
 def _label(scope: str, ratio: float, recover: bool) -> str:
     return f"prune {ratio:.0%} {scope}{', recover' if recover else ''}"
-
-
-def _parameters(variant: dict, fp32: dict) -> str:
-    return f"{variant['params'] / 1e6:.2f} M ({100 * variant['params'] / fp32['params']:.0f}%)"
 
 
 def main(argv: list[str] | None = None) -> int:

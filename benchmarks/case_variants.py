@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+import onnx
 import onnxruntime
 
 from onnxforge import optimize
@@ -19,6 +21,11 @@ from paired_timing import BenchmarkRun, Timing, interleaved_timing
 from trained_models import TrainedCase, missing_packages, ort_session, trained_cases
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Each case's output error, from a variant's agreement with fp32: what recovery or whitening must cut.
+OUTPUT_ERRORS = {
+    "ocr-detector": ("relative L2 error of the probability map", lambda agreement: agreement["relative_l2"]),
+    "minilm-encoder": ("mean 1 - cosine of the embeddings", lambda agreement: 1 - agreement["mean_cosine"]),
+}
 
 
 def run_pipeline(case: TrainedCase, passes: str, out: Path, rtol: float) -> dict:
@@ -123,3 +130,27 @@ def variant_table(variants: dict[str, dict], size: str, describe_size: Callable[
         cells = [label, speed, f"{v['median_ms']:.2f} ms", describe_size(v, fp32), agreement, f"{v['seconds']} s"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def error_cut_lines(result: dict, pairs: Sequence[tuple[str, str]], what: str) -> list[str]:
+    """'<what>, by <the case's output error>:' and, per (before, after) pair of variants, the error of each."""
+    name, error = OUTPUT_ERRORS[result["case"]]
+    variants, lines = result["variants"], [f"{what}, by the {name}:", ""]
+    for first, second in pairs:
+        if "agreement" in variants[first] and "agreement" in variants[second]:
+            before, after = error(variants[first]["agreement"]), error(variants[second]["agreement"])
+            factor = before / max(after, 1e-12)
+            lines.append(f"- {first} -> {second}: {before:.4f} -> {after:.4f} ({factor:.2f}x smaller)")
+    return lines
+
+
+def parameter_count(path: Path) -> int:
+    """Weights of a saved model, those of Constant nodes included (some exporters store every weight so)."""
+    model = onnx.load(path)
+    tensors = [*model.graph.initializer]
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return sum(int(np.prod(t.dims)) for t in tensors)
+
+
+def parameters_cell(variant: dict, fp32: dict) -> str:
+    return f"{variant['params'] / 1e6:.2f} M ({100 * variant['params'] / fp32['params']:.0f}%)"
