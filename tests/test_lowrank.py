@@ -12,7 +12,7 @@ from onnxforge.errors import PassError
 from onnxforge.ir import infer_shapes, load_model
 from onnxforge.passes.layers import find_layers
 from onnxforge.passes.lowrank.factorization import ranks_for_budget, spectrum
-from onnxforge.passes.lowrank.lowrank import as_candidate, factor_layer
+from onnxforge.passes.lowrank.lowrank import as_candidate, factor_layer, spatial_candidate
 from test_prune_pass import relative_error
 
 RNG = np.random.default_rng(0)
@@ -156,3 +156,29 @@ def test_layers_that_would_not_get_smaller_are_kept_and_named():
 def test_bad_options_are_refused_with_one_line(spec, message):
     with pytest.raises(PassError, match=message):
         apply(spec, matmul_model(low_rank(96, 80, 5)))
+
+
+def spatially_separable(out_channels: int, in_channels: int, rank: int, seed: int = 0) -> np.ndarray:
+    """W[o, c, i, j] = sum_k V[k, c, i] H[o, k, j]: a 3 x 1 Conv of `rank` filters, then a 1 x 3 Conv."""
+    rng = np.random.default_rng(seed)
+    vertical, horizontal = rng.standard_normal((rank, in_channels, 3)), rng.standard_normal((out_channels, rank, 3))
+    return np.einsum("kci,okj->ocij", vertical, horizontal).astype(np.float32) / in_channels
+
+
+@pytest.mark.parametrize("attrs", [{}, {"strides": [2, 1], "pads": [1, 1, 1, 1]}, {"dilations": [1, 2]}])
+def test_a_spatially_separable_conv_becomes_a_vertical_and_a_horizontal_conv_where_that_is_cheaper(attrs):
+    source = conv_model(spatially_separable(32, 24, 3), size=16, **attrs)
+    model, result = apply("lowrank:rank=3:measure=false", source)
+    first, second = [n for n in model.graph.nodes if n.op == "Conv"]
+    assert first.inputs[1].shape == (3, 24, 3, 1) and second.inputs[1].shape == (32, 3, 1, 3)
+    assert max_rel_error(source, model) < 1e-4
+
+
+def test_the_spatial_rewrite_is_exact_at_full_rank():
+    source = conv_model(RNG.standard_normal((6, 5, 3, 3)).astype(np.float32), strides=[2, 2], pads=[1, 0, 1, 1])
+    model = load_model(source)
+    infer_shapes(model)
+    [layer] = find_layers(model.graph)
+    spatial = spatial_candidate(as_candidate(layer))
+    factor_layer(model, spatial, spatial.spectrum.full_rank)
+    assert max_rel_error(source, model) < 1e-4

@@ -24,16 +24,22 @@ from onnxforge.passes.speed_check import kept_if_faster
 
 # A factorization must cut the layer's parameters (and so its multiply-accumulates) at least this much.
 MAX_KEPT = 0.9
+DEFAULT_ENERGY = 0.9  # when neither rank, energy nor ratio is given
 
 
 @dataclass
 class Candidate:
-    """A layer whose weight is seen as a matrix W [inputs, outputs] (x @ W), and its spectrum."""
+    """A layer whose weight is seen as a matrix W [inputs, outputs] (x @ W), and its spectrum.
+
+    A Conv's matrix is [C kh kw, O] ("channel": a k x k Conv of r filters, then a 1 x 1 Conv), or
+    [C kh, O kw] ("spatial": a kh x 1 Conv of r filters, then a 1 x kw Conv).
+    """
 
     layer: Layer
     matrix: np.ndarray
     spectrum: Spectrum | None = None
     second_moment: np.ndarray | None = None  # of its inputs on --data: XᵀX / rows
+    form: str = "matrix"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -80,6 +86,8 @@ class LowRank(Pass):
             whitening = candidate.second_moment if self.options.method == "whitened" else None
             candidate.spectrum = spectrum(candidate.matrix, whitening)
         ranks = self._ranks(candidates)
+        if self.options.method == "svd" and not self.options.ratio:
+            candidates, ranks = self._cheaper_conv_forms(candidates, ranks)
         chosen = [(c, r) for c, r in zip(candidates, ranks) if c.worth_it(r)]
         notes = [_skipped_note(c, r) for c, r in zip(candidates, ranks) if not c.worth_it(r)]
         stats = {"layers_considered": len(candidates), "layers_factored": len(chosen)}
@@ -121,7 +129,28 @@ class LowRank(Pass):
             return [min(o.rank, c.spectrum.full_rank) for c in candidates]
         if o.ratio:
             return ranks_for_budget([c.spectrum for c in candidates], [c.shape for c in candidates], o.ratio)
-        return [c.spectrum.rank_for_energy(o.energy or 0.9) for c in candidates]
+        return [c.spectrum.rank_for_energy(o.energy or DEFAULT_ENERGY) for c in candidates]
+
+    def _cheaper_conv_forms(self, candidates: list[Candidate], ranks: list[int]) -> tuple[list, list]:
+        """Each k x k Conv in its spatial form where that is worth it, as faithful, and costs fewer
+        multiply-accumulates."""
+        forms, form_ranks = [], []
+        for candidate, rank in zip(candidates, ranks):
+            spatial = spatial_candidate(candidate)
+            if spatial is not None:
+                spatial_rank = self._ranks([spatial])[0]
+                channel_cost, spatial_cost = conv_macs(candidate, rank), conv_macs(spatial, spatial_rank)
+                cheaper = channel_cost is not None and spatial_cost is not None and spatial_cost < channel_cost
+                # As faithful: at a fixed rank, as much weight energy as the channel form keeps; else the target's.
+                needed = candidate.spectrum.energy(rank)
+                if not self.options.rank:
+                    needed = min(needed, self.options.energy or DEFAULT_ENERGY)
+                faithful = spatial.spectrum.energy(spatial_rank) >= needed - 1e-9
+                if spatial.worth_it(spatial_rank) and faithful and (cheaper or not candidate.worth_it(rank)):
+                    candidate, rank = spatial, spatial_rank
+            forms.append(candidate)
+            form_ranks.append(rank)
+        return forms, form_ranks
 
     def _excluded(self, candidate: Candidate) -> bool:
         node = candidate.layer.node
@@ -137,8 +166,33 @@ def as_candidate(layer: Layer) -> Candidate | None:
     if layer.op == "Gemm" and node.attrs.get("alpha", 1.0) == 1.0:
         return Candidate(layer, weight.T if node.attrs.get("transB", 0) else weight)
     if layer.op == "Conv" and weight.ndim == 4 and node.attrs.get("group", 1) == 1:
-        return Candidate(layer, weight.reshape(len(weight), -1).T)
+        return Candidate(layer, weight.reshape(len(weight), -1).T, form="channel")
     return None
+
+
+def spatial_candidate(candidate: Candidate) -> Candidate | None:
+    """The spatial form of a k x k Conv (both sides above 1, explicit pads), with its plain spectrum."""
+    node, weight = candidate.layer.node, np.asarray(candidate.layer.weight.values, np.float64)
+    explicit = node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET")
+    if candidate.form != "channel" or min(weight.shape[2:]) < 2 or not explicit:
+        return None
+    out_channels, in_channels, kh, kw = weight.shape
+    matrix = weight.transpose(1, 2, 0, 3).reshape(in_channels * kh, out_channels * kw)
+    return Candidate(candidate.layer, matrix, spectrum(matrix), form="spatial")
+
+
+def conv_macs(candidate: Candidate, rank: int) -> int | None:
+    """Multiply-accumulates of a Conv candidate's two factors at `rank`; None where shapes are unknown."""
+    node = candidate.layer.node
+    data, output = node.inputs[0].shape, node.outputs[0].shape
+    if data is None or output is None or not all(isinstance(d, int) for d in [*data, *output]):
+        return None
+    out_channels, in_channels, kh, kw = candidate.layer.weight.shape
+    positions = output[0] * output[2] * output[3]
+    if candidate.form == "channel":
+        return rank * (in_channels * kh * kw + out_channels) * positions
+    # The kh x 1 factor keeps the input's width (no horizontal stride or padding); the 1 x kw factor makes the rest.
+    return rank * in_channels * kh * output[0] * output[2] * data[3] + out_channels * rank * kw * positions
 
 
 def _second_moments(model: Model, candidates: list[Candidate], ctx: PassContext) -> None:
@@ -184,7 +238,9 @@ def factor_layer(model: Model, candidate: Candidate, rank: int) -> gs.Node:
     x = layer.activation
     hidden = gs.Variable(unique_name(model.graph, f"{layer.name}_rank{rank}"))
     weight_name = layer.weight.name
-    if node.op == "Conv":
+    if candidate.form == "spatial":
+        first = _factor_spatially(model, candidate, a, b, hidden)
+    elif node.op == "Conv":
         kernel = layer.weight.shape
         first_weight = a.T.reshape(rank, *kernel[1:])
         first = gs.Node("Conv", inputs=[x, make_constant(model.graph, f"{weight_name}_first", first_weight)],
@@ -200,6 +256,25 @@ def factor_layer(model: Model, candidate: Candidate, rank: int) -> gs.Node:
     node.inputs[layer.activation_input] = hidden
     model.graph.nodes.append(first)
     model.graph.toposort()
+    return first
+
+
+def _factor_spatially(
+    model: Model, candidate: Candidate, a: np.ndarray, b: np.ndarray, hidden: gs.Variable
+) -> gs.Node:
+    """The layer made the 1 x kw Conv (the horizontal stride, padding and dilation, the bias) after a new kh x 1
+    Conv of r filters into `hidden` (the vertical ones), which is returned."""
+    layer, node = candidate.layer, candidate.layer.node
+    out_channels, in_channels, kh, kw = layer.weight.shape
+    rank = a.shape[1]
+    strides, dilations = node.attrs.get("strides", [1, 1]), node.attrs.get("dilations", [1, 1])
+    top, left, bottom, right = node.attrs.get("pads", [0, 0, 0, 0])
+    vertical = make_constant(model.graph, f"{layer.weight.name}_first", a.T.reshape(rank, in_channels, kh, 1))
+    attrs = {"strides": [strides[0], 1], "dilations": [dilations[0], 1], "pads": [top, 0, bottom, 0]}
+    first = gs.Node("Conv", inputs=[layer.activation, vertical], outputs=[hidden], attrs=attrs)
+    horizontal = b.reshape(rank, out_channels, kw).transpose(1, 0, 2).reshape(out_channels, rank, 1, kw)
+    node.attrs = {"strides": [1, strides[1]], "dilations": [1, dilations[1]], "pads": [0, left, 0, right]}
+    node.inputs[1] = make_constant(model.graph, f"{layer.weight.name}_second", horizontal)
     return first
 
 
