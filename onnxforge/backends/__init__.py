@@ -11,6 +11,7 @@ from onnxforge.errors import BackendError
 _BACKENDS: dict[str, str] = {
     "ort": "onnxforge.backends.onnxruntime:OrtBackend",
     "onnxruntime": "onnxforge.backends.onnxruntime:OrtBackend",
+    "tvm": "onnxforge.backends.tvm:TvmBackend",
 }
 
 

@@ -1,0 +1,93 @@
+"""The TVM backend: models exported from PyTorch, and the outputs of `fuse` and int8 `quant`, compiled for the CPU
+and run on TVM's VM, give onnxruntime's outputs; what TVM cannot take is one clear error."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from graph_checks import constant, make_model, value_info
+from model_builders import BertLike, ResidualCNN
+from onnx import helper
+
+from onnxforge import optimize
+from onnxforge.backends import BackendOptions, get_backend
+from onnxforge.data import random_inputs
+from onnxforge.errors import BackendError
+from onnxforge.frontends.torch import from_torch
+from onnxforge.ir import load_model
+from onnxforge.ir.shapes import skeleton_proto
+
+pytest.importorskip("tvm")
+
+RTOL = 1e-4  # TVM and onnxruntime sum in different orders: float32 rounding only
+
+
+def _cnn() -> onnx.ModelProto:
+    torch.manual_seed(0)
+    return from_torch(ResidualCNN().eval(), torch.randn(1, 3, 16, 16)).to_proto()
+
+
+def _encoder() -> onnx.ModelProto:
+    torch.manual_seed(0)
+    ids, mask = torch.randint(0, 32, (1, 16)), torch.ones(1, 16, dtype=torch.int64)
+    return from_torch(BertLike().eval(), (ids, mask), input_names=["input_ids", "attention_mask"]).to_proto()
+
+
+def _agree(model) -> None:
+    """TVM's outputs equal onnxruntime's on two random inputs."""
+    proto = model if isinstance(model, onnx.ModelProto) else model.to_proto()
+    ort, tvm = get_backend("ort").prepare(proto), get_backend("tvm").prepare(proto, BackendOptions(threads=2))
+    for seed in (0, 1):
+        inputs = random_inputs(skeleton_proto(load_model(proto)), seed=seed)
+        expected, actual = ort.run(inputs), tvm.run(inputs)
+        assert list(actual) == list(expected)
+        for name, value in expected.items():
+            scale = max(float(np.abs(value).max()), 1e-6)
+            assert float(np.abs(actual[name] - value).max()) / scale < RTOL, name
+
+
+@pytest.mark.parametrize("build", [_cnn, _encoder], ids=["cnn", "encoder"])
+def test_models_exported_from_pytorch_run_on_tvm_as_on_onnxruntime(build):
+    _agree(build())
+
+
+@pytest.mark.parametrize("build", [_cnn, _encoder], ids=["cnn", "encoder"])
+def test_fused_models_for_tvm_keep_to_standard_ops_and_run(build):
+    model, _ = optimize(build(), "cleanup,fuse", backend="tvm", seed=0)
+    assert all((node.domain or "") in ("", "ai.onnx") for node in model.graph.nodes)
+    _agree(model)
+
+
+def test_static_int8_qdq_models_run_on_tvm():
+    source = _cnn()
+    samples = [random_inputs(skeleton_proto(load_model(source)), seed=s) for s in range(4)]
+    model, _ = optimize(source, "cleanup,quant:mode=static:format=qdq:measure=false", data=samples, seed=0)
+    assert any(node.op == "QuantizeLinear" for node in model.graph.nodes)
+    proto = model.to_proto()
+    inputs = samples[0]
+    expected = get_backend("ort").prepare(proto).run(inputs)
+    actual = get_backend("tvm").prepare(proto).run(inputs)
+    for name, value in expected.items():  # integer kernels round differently: within a few quantization steps
+        assert np.abs(actual[name] - value).max() < 0.05 * np.abs(value).max(), name
+
+
+def test_ops_tvm_cannot_import_are_named_in_one_error():
+    model = make_model(
+        [helper.make_node("FastGelu", ["x", "b"], ["y"], domain="com.microsoft")],
+        [value_info("x", [2, 4])],
+        [value_info("y", [2, 4])],
+        [constant("b", np.zeros(4, np.float32))],
+    )
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    with pytest.raises(BackendError, match="does not support: com.microsoft.FastGelu$"):
+        get_backend("tvm").prepare(model)
+
+
+def test_dynamic_shapes_are_refused_with_the_input_named():
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])], [value_info("x", ["batch", 4])], [value_info("y", ["batch", 4])]
+    )
+    with pytest.raises(BackendError, match="input 'x' has a dynamic dimension"):
+        get_backend("tvm").prepare(model)
