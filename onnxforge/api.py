@@ -110,8 +110,15 @@ def measure_model(
     options: BackendOptions,
     measure_options: MeasureOptions | None = None,
 ) -> LatencyStats:
-    """Prepare `model` on a backend and time it on `inputs`."""
-    prepared = get_backend(backend).prepare(model, options)
+    """Prepare `model` on a backend and time it on `inputs` (bound to their shapes if the backend compiles
+    for static shapes only)."""
+    runtime = get_backend(backend)
+    if runtime.static_shapes:
+        model = model.copy()
+        for tensor in model.graph.inputs:
+            if tensor.name in inputs:
+                tensor.shape = list(np.shape(inputs[tensor.name]))
+    prepared = runtime.prepare(model, options)
     return prepared.measure(inputs, measure_options or MeasureOptions())
 
 

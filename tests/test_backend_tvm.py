@@ -18,6 +18,7 @@ from onnxforge.errors import BackendError
 from onnxforge.frontends.torch import from_torch
 from onnxforge.ir import load_model
 from onnxforge.ir.shapes import skeleton_proto
+from onnxforge.measure import MeasureOptions
 
 pytest.importorskip("tvm")
 
@@ -91,3 +92,13 @@ def test_dynamic_shapes_are_refused_with_the_input_named():
     )
     with pytest.raises(BackendError, match="input 'x' has a dynamic dimension"):
         get_backend("tvm").prepare(model)
+
+
+def test_measure_gives_the_same_statistics_as_onnxruntime_and_checks_the_feed_first():
+    proto = _cnn()
+    prepared = get_backend("tvm").prepare(proto)
+    inputs = random_inputs(skeleton_proto(load_model(proto)), seed=0)
+    stats = prepared.measure(inputs, MeasureOptions(warmup=2, min_repeats=5, min_time_s=0.0))
+    assert stats.repeats >= 5 and stats.warmup == 2 and 0 < stats.min_ms <= stats.median_ms <= stats.max_ms
+    with pytest.raises(BackendError, match="without input"):
+        prepared.measure({}, MeasureOptions(warmup=0, min_repeats=1, min_time_s=0.0))

@@ -494,3 +494,12 @@ def test_on_error_rollback_reports_the_breaking_pass_and_keeps_the_model_numeric
     for seed in range(3):
         x = _x(seed=seed)
         np.testing.assert_allclose(_outputs(out, x), _outputs(model_path, x), rtol=1e-5, atol=1e-6)
+
+
+def test_bench_on_tvm_compiles_and_times_and_takes_the_shape_of_a_dynamic_model(tmp_path):
+    pytest.importorskip("tvm")
+    common = ["--backend", "tvm", "--min-time", "0.05", "--repeats", "5"]
+    static = _save(_model(), tmp_path / "model.onnx")
+    assert "median" in succeeded(run_cli(ONNXFORGE, "bench", static, *common)).stdout
+    dynamic = _save(_model(batch="batch"), tmp_path / "dynamic.onnx")
+    assert "median" in succeeded(run_cli(ONNXFORGE, "bench", dynamic, "--shape", "x=2x8", *common)).stdout

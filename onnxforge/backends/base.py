@@ -76,6 +76,7 @@ class Backend(abc.ABC):
 
     name: str
     targets: tuple[str, ...]
+    static_shapes: bool = False  # compiles for fixed input shapes only: callers bind them before `prepare`
 
     @abc.abstractmethod
     def prepare(self, model: ModelInput, options: BackendOptions | None = None) -> Prepared:

@@ -13,6 +13,7 @@ import onnx
 
 from onnxforge.backends.base import Backend, BackendOptions, ModelInput, Prepared, model_source
 from onnxforge.errors import BackendError
+from onnxforge.measure import LatencyStats, MeasureOptions, measure_latency
 
 try:
     import tvm
@@ -28,6 +29,7 @@ class TvmBackend(Backend):
 
     name = "tvm"
     targets = ("cpu",)
+    static_shapes = True
 
     def prepare(self, model: ModelInput, options: BackendOptions | None = None) -> TvmPrepared:
         """Import and compile `model`; BackendError naming what TVM cannot take (ops, dynamic shapes)."""
@@ -62,16 +64,29 @@ class TvmPrepared(Prepared):
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model once and return its outputs by name; BackendError when an input is missing or wrong."""
-        missing = [name for name in self.input_names if name not in inputs]
-        if missing:
-            raise BackendError(f"TVM model run without input(s) {', '.join(missing)}")
+        arguments = self._arguments(inputs)
         try:
-            arguments = [tvm.runtime.tensor(np.ascontiguousarray(inputs[n]), self.device) for n in self.input_names]
             result = self.vm["main"](*arguments)
         except Exception as exc:
             raise BackendError(f"TVM cannot run the model: {_one_line(exc)}") from exc
         outputs = list(result) if isinstance(result, (list, tuple, tvm.ir.Array)) else [result]
         return {name: value.numpy() for name, value in zip(self.output_names, outputs)}
+
+    def measure(self, inputs: Mapping[str, np.ndarray], options: MeasureOptions = MeasureOptions()) -> LatencyStats:
+        """Time repeated runs (the same warm-up, repeats and statistics as onnxruntime's); the inputs are copied
+        to the device once, so only the compiled model is timed."""
+        self.run(inputs)  # turns a bad feed into a BackendError before timing starts
+        arguments, main = self._arguments(inputs), self.vm["main"]
+        return measure_latency(lambda: main(*arguments), options)
+
+    def _arguments(self, inputs: Mapping[str, np.ndarray]) -> list:
+        missing = [name for name in self.input_names if name not in inputs]
+        if missing:
+            raise BackendError(f"TVM model run without input(s) {', '.join(missing)}")
+        try:
+            return [tvm.runtime.tensor(np.ascontiguousarray(inputs[n]), self.device) for n in self.input_names]
+        except Exception as exc:
+            raise BackendError(f"TVM cannot take the inputs: {_one_line(exc)}") from exc
 
 
 def _load(model: ModelInput) -> onnx.ModelProto:
