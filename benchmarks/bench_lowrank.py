@@ -19,12 +19,10 @@ from pathlib import Path
 
 from case_variants import (
     error_cut_lines,
-    judge_and_time,
     page_header,
-    parameter_count,
     parameters_cell,
+    pruned_variants,
     run_benchmark,
-    run_pipeline,
     variant_table,
 )
 from paired_timing import Timing
@@ -37,20 +35,15 @@ PIPELINES = {
 }
 METHODS = {"svd": "", "whitened": ":method=whitened", "whitened, recover": ":method=whitened:recover=true"}
 RATIOS = (0.75, 0.5)
-RTOL = {"ocr-detector": 2e-3}  # see bench_quant.py: the detector amplifies float rounding on random inputs
 
 
 def bench_case(case: TrainedCase, timing: Timing, work: Path) -> dict:
     """Factor one case at each budget by each method; judge, count and time every variant."""
-    variants: dict[str, dict] = {"fp32": {"tool": "as exported", "path": case.model_path, "seconds": 0.0}}
-    for ratio, method in itertools.product(RATIOS, METHODS):
-        passes = PIPELINES[case.name].format(ratio=ratio, method=METHODS[method])
-        label = _label(ratio, method)
-        out = work / f"{case.name}.lowrank{len(variants)}.onnx"
-        variants[label] = {"tool": f"optimize --passes {passes} --data CALIBRATION"}
-        variants[label].update(run_pipeline(case, passes, out, RTOL.get(case.name, 1e-4)))
-    judge_and_time(case, variants, timing, ("params", parameter_count))
-    return {"case": case.name, "description": case.description, "variants": variants}
+    pipelines = {
+        _label(ratio, method): PIPELINES[case.name].format(ratio=ratio, method=METHODS[method])
+        for ratio, method in itertools.product(RATIOS, METHODS)
+    }
+    return pruned_variants(case, pipelines, timing, work, "lowrank")
 
 
 def markdown(results: list[dict], setup: dict, env: dict) -> str:

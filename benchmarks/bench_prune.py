@@ -20,12 +20,10 @@ from pathlib import Path
 
 from case_variants import (
     error_cut_lines,
-    judge_and_time,
     page_header,
-    parameter_count,
     parameters_cell,
+    pruned_variants,
     run_benchmark,
-    run_pipeline,
     variant_table,
 )
 from paired_timing import Timing
@@ -39,20 +37,17 @@ PIPELINES = {
 }
 # Per layer, every group loses the ratio; global, the least important channels of the whole model go.
 SCOPES = {"ocr-detector": ("layer", "global"), "minilm-encoder": ("layer",)}
-RTOL = {"ocr-detector": 2e-3}  # see bench_quant.py: the detector amplifies float rounding on random inputs
 
 
 def bench_case(case: TrainedCase, timing: Timing, work: Path) -> dict:
     """Prune one case at each ratio, plain and recovered; judge, count and time every variant."""
-    variants: dict[str, dict] = {"fp32": {"tool": "as exported", "path": case.model_path, "seconds": 0.0}}
-    for scope, ratio, recover in itertools.product(SCOPES[case.name], (0.3, 0.5), (False, True)):
-        passes = PIPELINES[case.name].format(ratio=ratio, scope=scope, recover=":recover=true" if recover else "")
-        label = _label(scope, ratio, recover)
-        out = work / f"{case.name}.prune{len(variants)}.onnx"
-        variants[label] = {"tool": f"optimize --passes {passes} --data CALIBRATION"}
-        variants[label].update(run_pipeline(case, passes, out, RTOL.get(case.name, 1e-4)))
-    judge_and_time(case, variants, timing, ("params", parameter_count))
-    return {"case": case.name, "description": case.description, "variants": variants}
+    pipelines = {
+        _label(scope, ratio, recover): PIPELINES[case.name].format(
+            ratio=ratio, scope=scope, recover=":recover=true" if recover else ""
+        )
+        for scope, ratio, recover in itertools.product(SCOPES[case.name], (0.3, 0.5), (False, True))
+    }
+    return pruned_variants(case, pipelines, timing, work, "prune")
 
 
 def markdown(results: list[dict], setup: dict, env: dict) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +40,12 @@ class Layer:
     @property
     def activation(self) -> gs.Tensor:
         return self.node.inputs[self.activation_input]
+
+
+def excluded_by(op: str, name: str, patterns: Sequence[str]) -> str | None:
+    """The first of `patterns` (op types, node names or name patterns, as passes' `exclude=` takes them) that
+    a node of type `op` named `name` matches, or None."""
+    return next((p for p in patterns if p == op or fnmatch.fnmatchcase(name, p)), None)
 
 
 def find_layers(graph: gs.Graph) -> list[Layer]:

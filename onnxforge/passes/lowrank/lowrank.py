@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -16,7 +15,7 @@ from onnxforge.ir.edit import make_constant, unique_name
 from onnxforge.passes.activations import observe_tensors
 from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.layer_costs import LayerCost, describe_change, layer_costs
-from onnxforge.passes.layers import Layer, find_layers
+from onnxforge.passes.layers import Layer, excluded_by, find_layers
 from onnxforge.passes.lowrank.factorization import Spectrum, ranks_for_budget, spectrum
 from onnxforge.passes.refit import MAX_ROWS, input_rows, layer_targets, refit_layers
 from onnxforge.passes.registry import register_pass
@@ -153,8 +152,7 @@ class LowRank(Pass):
         return forms, form_ranks
 
     def _excluded(self, candidate: Candidate) -> bool:
-        node = candidate.layer.node
-        return any(node.op == p or fnmatch.fnmatchcase(candidate.layer.name, p) for p in self.options.exclude)
+        return excluded_by(candidate.layer.op, candidate.layer.name, self.options.exclude) is not None
 
 
 def as_candidate(layer: Layer) -> Candidate | None:

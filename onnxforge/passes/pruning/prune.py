@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,7 +13,7 @@ from onnxforge.ir import Model
 from onnxforge.ir.edit import make_constant
 from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.layer_costs import LayerCost, describe_change, layer_costs
-from onnxforge.passes.layers import find_layers
+from onnxforge.passes.layers import excluded_by, find_layers
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelGroups
 from onnxforge.passes.pruning.channel_surgery import remove_channels
 from onnxforge.passes.pruning.importance import DATA_METHODS, channel_importance, input_statistics
@@ -117,7 +116,7 @@ class ChannelPruning(Pass):
         return any(self._excludes(slot.node) for slot in group.producers)
 
     def _excludes(self, node: gs.Node) -> bool:
-        return any(node.op == p or fnmatch.fnmatchcase(node.name, p) for p in self.options.exclude)
+        return excluded_by(node.op, node.name, self.options.exclude) is not None
 
     def _sparsify(self, model: Model) -> PassResult:
         """Zero weights in place of removing channels: unstructured by magnitude, or 2 of every 4 inputs."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,7 +19,7 @@ from onnxforge.passes.quantization.exposing import split_attention_projections, 
 from onnxforge.passes.quantization.calibration import RangeObserver, scale_and_zero_point
 from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer
 from onnxforge.passes.quantization.choice import MeasuredChoice, choose_by_measurement, refine_by_float_prefix
-from onnxforge.passes.layers import Layer, find_layers
+from onnxforge.passes.layers import Layer, excluded_by, find_layers
 from onnxforge.passes.quantization.quantized_ops import quantized_ops
 from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, quantized_output
 from onnxforge.passes.quantization.sensitivity import BudgetFit, ErrorBudget, fit_error_budget
@@ -197,9 +196,9 @@ class Quantize(Pass):
             raise PassUsageError(f"quant: {needs[0]}: give sample inputs with --data (data= in the Python API)")
 
     def _reason_to_skip(self, layer: Layer, fmt: LayerFormat, contrib_ops: bool) -> str:
-        for pattern in self.options.exclude:
-            if pattern == layer.op or fnmatch.fnmatchcase(layer.name, pattern):
-                return f"excluded by exclude={pattern}"
+        pattern = excluded_by(layer.op, layer.name, self.options.exclude)
+        if pattern is not None:
+            return f"excluded by exclude={pattern}"
         if layer.op not in MODE_OPS[fmt.mode]:
             return f"{fmt.mode} quantization applies to {', '.join(MODE_OPS[fmt.mode])} layers only"
         if layer.op == "LSTM" and not contrib_ops:
