@@ -1,27 +1,40 @@
 """PyTorch models the benchmarks export: a residual CNN with BatchNorm, a transformer encoder, a BERT-like encoder.
 
-Each builder seeds torch, draws weights that look trained (BatchNorm statistics, per-layer weights), and
-exports with `onnxforge.frontends.torch.from_torch` (TorchScript exporter, opset 17, static shapes); keyword
-arguments go to the exporter (`do_constant_folding=False` keeps BatchNormalization nodes in the graph).
+Each `*_module` builder seeds torch and draws weights that look trained (BatchNorm statistics, per-layer weights);
+it needs torch alone, so the GPU machine can rebuild the same modules. The exporting builders export them with
+`onnxforge.frontends.torch.from_torch` (TorchScript exporter, opset 17, static shapes); keyword arguments go to
+the exporter (`do_constant_folding=False` keeps BatchNormalization nodes in the graph).
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from onnxforge.ir import Model
+if TYPE_CHECKING:
+    from onnxforge.ir import Model
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
+
+
+CNN_INPUT = (1, 3, 224, 224)
 
 
 def residual_cnn(**export_options: Any) -> Model:
     """A 10-conv residual CNN with BatchNorm and a Linear head, input 1x3x224x224."""
     import torch
-    from torch import nn
 
     from onnxforge.frontends.torch import from_torch
+
+    net = residual_cnn_module()
+    return from_torch(net, torch.randn(*CNN_INPUT), input_names=["x"], output_names=["logits"], **export_options)
+
+
+def residual_cnn_module():
+    """The CNN of `residual_cnn`, as a torch module in eval mode."""
+    import torch
+    from torch import nn
 
     def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
         return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
@@ -57,7 +70,7 @@ def residual_cnn(**export_options: Any) -> Model:
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
-    return from_torch(net, torch.randn(1, 3, 224, 224), input_names=["x"], output_names=["logits"], **export_options)
+    return net.eval()
 
 
 def transformer_encoder(
@@ -67,6 +80,15 @@ def transformer_encoder(
     import torch
 
     from onnxforge.frontends.torch import from_torch
+
+    encoder = transformer_encoder_module(layers, d_model, heads, ff)
+    example = torch.randn(1, length, d_model)
+    return from_torch(encoder, example, input_names=["x"], output_names=["y"], **export_options)
+
+
+def transformer_encoder_module(layers: int = 6, d_model: int = 256, heads: int = 4, ff: int = 1024):
+    """The encoder of `transformer_encoder`, as a torch module in eval mode."""
+    import torch
 
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(d_model=d_model, nhead=heads, dim_feedforward=ff, batch_first=True)
@@ -79,8 +101,7 @@ def transformer_encoder(
                 torch.nn.init.xavier_uniform_(parameter)
             else:
                 parameter.uniform_(-0.1, 0.1)
-    example = torch.randn(1, length, d_model)
-    return from_torch(encoder, example, input_names=["x"], output_names=["y"], **export_options)
+    return encoder.eval()
 
 
 def bert_like(

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from onnxforge.backends import get_backend
-from onnxforge.backends.base import BackendOptions
+from onnxforge.backends.base import BackendOptions, Compiled
 from onnxforge.data import load_samples, random_inputs
 from onnxforge.frontends import from_onnx
 from onnxforge.ir import Model
@@ -49,12 +49,14 @@ def optimize(
     threads: int | None = None,
     plugins: Sequence[str] = (),
     instruments: Sequence[Instrument] = (),
+    backend_settings: Mapping[str, str] | None = None,
 ) -> tuple[Model, OptimizationReport]:
     """Run `passes` on `model` and return the optimized model and the report of the run.
 
     data: sample inputs (an .npz, a folder of them, a list of input dicts, or a function returning an iterable
     of them) for passes that use data and for the report's error on real inputs.
-    measure: time the model before and after on `backend`/`target`.
+    measure: time the model before and after on `backend`/`target`, with the backend's own `backend_settings`
+    (for tvm: tune_trials, tune_records, rpc).
     The input model is never modified.
     """
     # Refuse an unknown backend or target now, not only when verification or timing first needs it.
@@ -90,7 +92,7 @@ def optimize(
     if samples:
         report.data_error = _error_on(samples, original, result, backend)
     if measure:
-        options = BackendOptions(target=target, threads=threads)
+        options = BackendOptions(target=target, threads=threads, extra=dict(backend_settings or {}))
         inputs = samples[0] if samples else random_inputs(skeleton_proto(original), shapes=shapes, seed=0)
         report.latency_before = measure_model(original, inputs, backend, options, measure_options)
         report.latency_after = measure_model(result, inputs, backend, options, measure_options)
@@ -109,17 +111,45 @@ def measure_model(
     backend: str,
     options: BackendOptions,
     measure_options: MeasureOptions | None = None,
+    artifact: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> LatencyStats:
     """Prepare `model` on a backend and time it on `inputs` (bound to their shapes if the backend compiles
-    for static shapes only)."""
+    for static shapes only). With `artifact`, the compiled model is also exported there (backends that
+    compile ahead of time only); `progress` gets lines during long compiles (tuning)."""
     runtime = get_backend(backend)
     if runtime.static_shapes:
-        model = model.copy()
-        for tensor in model.graph.inputs:
-            if tensor.name in inputs:
-                tensor.shape = list(np.shape(inputs[tensor.name]))
-    prepared = runtime.prepare(model, options)
+        model = with_input_shapes(model, {name: np.shape(value) for name, value in inputs.items()})
+    if artifact is None and progress is None:
+        prepared = runtime.prepare(model, options)
+    else:
+        compiled = runtime.compile(model, options, progress)
+        if artifact is not None:
+            compiled.export(artifact)
+        prepared = runtime.load(compiled, options)
     return prepared.measure(inputs, measure_options or MeasureOptions())
+
+
+def compile_model(
+    model: Model,
+    backend: str,
+    options: BackendOptions,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Compiled:
+    """Compile `model` ahead of time on a backend that can (tvm), its inputs bound to `shapes` where given."""
+    return get_backend(backend).compile(with_input_shapes(model, shapes or {}), options, progress)
+
+
+def with_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> Model:
+    """A copy of `model` whose inputs named in `shapes` have those shapes (the model itself if none)."""
+    if not shapes:
+        return model
+    model = model.copy()
+    for tensor in model.graph.inputs:
+        if tensor.name in shapes:
+            tensor.shape = list(shapes[tensor.name])
+    return model
 
 
 def _samples(data: Any, model: Model) -> Samples | None:

@@ -105,6 +105,37 @@ def _add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explain", action="store_true", help="print why each pass changed what it changed")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     _add_model_input_arguments(parser)
+    _add_compile_arguments(parser)
+
+
+def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of backends that compile ahead of time (tvm): tuning, the exported artifact, remote runs."""
+    parser.add_argument("--artifact", metavar="PATH", help="also export the compiled model here (a .so; tvm)")
+    parser.add_argument("--tune", metavar="trials=N", help="tune with this trial budget (tvm MetaSchedule)")
+    parser.add_argument("--tune-records", metavar="DIR", help="tuning records folder (default ~/.cache/onnxforge)")
+    parser.add_argument("--rpc", metavar="HOST:PORT:KEY", help="run and time on a server of this RPC tracker (tvm)")
+
+
+def _backend_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The backend's own settings (BackendOptions.extra) from --tune, --tune-records and --rpc."""
+    settings = {}
+    if args.tune:
+        key, _, value = args.tune.partition("=")
+        if key != "trials" or not value:
+            raise OnnxforgeError(f"--tune takes trials=N, got {args.tune!r}")
+        settings["tune_trials"] = value
+    if args.tune_records:
+        settings["tune_records"] = args.tune_records
+    if args.rpc:
+        settings["rpc"] = args.rpc
+    return settings
+
+
+def _tuning_progress(args: argparse.Namespace):
+    """Where tuning reports progress: stderr, when tuning was asked for and output is not quiet."""
+    if not args.tune or getattr(args, "quiet", False):
+        return None
+    return lambda line: print(f"  tuning: {line}", file=sys.stderr, flush=True)
 
 
 OPTIMIZE_DEFAULTS = {
@@ -138,7 +169,8 @@ def _optimize_settings(args: argparse.Namespace) -> dict:
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from onnxforge.api import optimize
+    from onnxforge.api import compile_model, optimize
+    from onnxforge.backends.base import BackendOptions
     from onnxforge.ir import save_model
     from onnxforge.report import ProgressPrinter
 
@@ -148,17 +180,32 @@ def _optimize(args: argparse.Namespace) -> int:
         raise OnnxforgeError("no input model given (optimize MODEL --passes ... -o OUT)")
     settings = _optimize_settings(args)
     output, report_path, external = settings.pop("output"), settings.pop("report"), settings.pop("external_data")
-    _check_output_paths({"model": args.model, "data": settings["data"]}, {"-o": output, "--report": report_path})
-    model, report = optimize(args.model, instruments=[] if args.quiet else [ProgressPrinter()], **settings)
+    _check_output_paths(
+        {"model": args.model, "data": settings["data"]},
+        {"-o": output, "--report": report_path, "--artifact": args.artifact},
+    )
+    backend_settings = _backend_settings(args)
+    model, report = optimize(
+        args.model,
+        instruments=[] if args.quiet else [ProgressPrinter()],
+        backend_settings=backend_settings,
+        **settings,
+    )
     if output:
         save_model(model, output, external_data={"auto": None, "yes": True, "no": False}[external])
         report.output = output
+    if args.artifact:
+        options = BackendOptions(target=settings["target"], threads=settings["threads"], extra=backend_settings)
+        compiled = compile_model(model, settings["backend"], options, settings["shapes"], _tuning_progress(args))
+        report.artifact = [str(path) for path in compiled.export(args.artifact)]
     if report_path:
         report.save_json(report_path)
     if not args.quiet:
         print(report.summary())
         if not output:
             print("  (no -o given: the optimized model was not saved)")
+        if report.artifact:
+            print(f"  compiled for {settings['backend']} {settings['target']}: {', '.join(report.artifact)}")
     if args.explain:
         print(report.explanation())
     return 0
@@ -210,22 +257,33 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=20, help="at least this many timed runs (default 20)")
     parser.add_argument("--min-time", type=float, default=1.0, help="and at least this many seconds (default 1)")
     parser.add_argument("--json", metavar="PATH", help="also write the statistics as JSON")
+    parser.add_argument("--compile-only", action="store_true", help="compile (and export) without running (tvm)")
     _add_model_input_arguments(parser)
+    _add_compile_arguments(parser)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from onnxforge.api import measure_model
+    from onnxforge.api import compile_model, measure_model
     from onnxforge.backends.base import BackendOptions
     from onnxforge.frontends import from_onnx
     from onnxforge.measure import MeasureOptions
     from onnxforge.report import environment, write_json
 
-    _check_output_paths({"model": args.model, "data": args.data}, {"--json": args.json})
+    _check_output_paths({"model": args.model, "data": args.data}, {"--json": args.json, "--artifact": args.artifact})
     model = from_onnx(args.model)
     inputs = _inputs(args, model)[0]
-    options = BackendOptions(target=args.target, threads=args.threads, graph_optimization=args.opt_level)
+    options = BackendOptions(
+        target=args.target, threads=args.threads, graph_optimization=args.opt_level, extra=_backend_settings(args)
+    )
+    if args.compile_only:
+        shapes = {name: list(value.shape) for name, value in inputs.items()}
+        compiled = compile_model(model, args.backend, options, shapes, _tuning_progress(args))
+        files = compiled.export(args.artifact) if args.artifact else []
+        print(f"{args.model}: compiled for {args.backend} {args.target}" + (f": {', '.join(map(str, files))}"
+                                                                             if files else " (no --artifact)"))
+        return 0
     measure = MeasureOptions(warmup=args.warmup, min_repeats=args.repeats, min_time_s=args.min_time)
-    stats = measure_model(model, inputs, args.backend, options, measure)
+    stats = measure_model(model, inputs, args.backend, options, measure, args.artifact, _tuning_progress(args))
     print(
         f"{args.model}: {args.backend} {args.target}  median {stats.median_ms:.3f} ms  p90 {stats.p90_ms:.3f} ms  "
         f"min {stats.min_ms:.3f} ms  max {stats.max_ms:.3f} ms  spread {stats.spread * 100:.1f}%  "

@@ -3,6 +3,13 @@ and run on TVM's VM, give onnxruntime's outputs; what TVM cannot take is one cle
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -20,7 +27,10 @@ from onnxforge.ir import load_model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.measure import MeasureOptions
 
-pytest.importorskip("tvm")
+tvm = pytest.importorskip("tvm")
+
+import onnxforge.backends.tvm  # noqa: E402 (needs tvm)
+from onnxforge.backends.tvm.targets import resolve_target  # noqa: E402
 
 RTOL = 1e-4  # TVM and onnxruntime sum in different orders: float32 rounding only
 
@@ -102,3 +112,58 @@ def test_measure_gives_the_same_statistics_as_onnxruntime_and_checks_the_feed_fi
     assert stats.repeats >= 5 and stats.warmup == 2 and 0 < stats.min_ms <= stats.median_ms <= stats.max_ms
     with pytest.raises(BackendError, match="without input"):
         prepared.measure({}, MeasureOptions(warmup=0, min_repeats=1, min_time_s=0.0))
+
+
+def test_targets_by_name_and_unknown_ones_refused():
+    cuda = resolve_target("cuda:sm_80")
+    assert (cuda.device, cuda.target.kind.name, cuda.target.attrs["arch"]) == ("cuda", "cuda", "sm_80")
+    arm = resolve_target("aarch64")
+    assert arm.machine == "aarch64" and "aarch64" in str(arm.target.attrs["mtriple"])
+    assert resolve_target("cpu", threads=1).target.attrs["num-cores"] == 1
+    for wrong, message in (("tpu", "has no target 'tpu'"), ("cuda:ampere", "write it like cuda:sm_90")):
+        with pytest.raises(BackendError, match=message):
+            resolve_target(wrong)
+
+
+def test_cuda_compiles_here_without_a_gpu_and_loading_it_here_is_one_error(tmp_path):
+    compiled = get_backend("tvm").compile(_cnn(), BackendOptions(target="cuda"))
+    library, described = compiled.export(tmp_path / "cnn_cuda.so")
+    meta = json.loads(described.read_text())
+    assert library.stat().st_size > 0 and meta["device"] == "cuda" and '"arch":"sm_90"' in meta["target"]
+    assert [i["shape"] for i in meta["inputs"]] == [[1, 3, 16, 16]] and meta["inputs"][0]["dtype"] == "float32"
+    if not tvm.cuda(0).exist:
+        with pytest.raises(BackendError, match="no CUDA GPU"):
+            compiled.load()
+
+
+def test_exported_cpu_artifact_runs_with_the_tvm_runtime_alone(tmp_path):
+    """The loader, run with a copy of TVM that has no compiler library, gives the compiled model's outputs."""
+    proto = _cnn()
+    compiled = get_backend("tvm").compile(proto, BackendOptions(threads=1))
+    library, _ = compiled.export(tmp_path / "cnn.so")
+    runtime_only = tmp_path / "site"
+    package = Path(tvm.__file__).parent
+    shutil.copytree(package, runtime_only / "tvm", ignore=shutil.ignore_patterns(
+        "libtvm_compiler.so", "3rdparty", "src", "include", "__pycache__"))
+    inputs = random_inputs(skeleton_proto(load_model(proto)), seed=3)
+    np.savez(tmp_path / "in.npz", **inputs)
+    loader = Path(onnxforge.backends.tvm.__file__).parent / "loader.py"
+    command = [sys.executable, str(loader), str(library), "--inputs", str(tmp_path / "in.npz"),
+               "--outputs", str(tmp_path / "out.npz"), "--repeat", "3"]
+    environment = {**os.environ, "PYTHONPATH": str(runtime_only)}
+    script = "import tvm, sys; sys.exit(0 if tvm.__file__.startswith(sys.argv[1]) else 1)"
+    assert subprocess.run([sys.executable, "-c", script, str(runtime_only)], env=environment).returncode == 0
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "median" in result.stdout
+    expected = compiled.load().run(inputs)
+    actual = dict(np.load(tmp_path / "out.npz"))
+    for name, value in expected.items():
+        np.testing.assert_array_equal(actual[name], value)
+
+
+def test_an_artifact_that_cannot_be_written_leaves_no_file(tmp_path):
+    compiled = get_backend("tvm").compile(_cnn())
+    with pytest.raises(BackendError, match="must be a .so"):
+        compiled.export(tmp_path / "cnn.bin")
+    assert not list(tmp_path.iterdir())

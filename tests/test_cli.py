@@ -503,3 +503,23 @@ def test_bench_on_tvm_compiles_and_times_and_takes_the_shape_of_a_dynamic_model(
     assert "median" in succeeded(run_cli(ONNXFORGE, "bench", static, *common)).stdout
     dynamic = _save(_model(batch="batch"), tmp_path / "dynamic.onnx")
     assert "median" in succeeded(run_cli(ONNXFORGE, "bench", dynamic, "--shape", "x=2x8", *common)).stdout
+
+
+def test_tvm_artifacts_from_bench_and_optimize_and_their_usage_errors(tmp_path):
+    pytest.importorskip("tvm")
+    model = _save(_model(), tmp_path / "model.onnx")
+    result = succeeded(run_cli(ONNXFORGE, "bench", model, "--backend", "tvm", "--target", "cuda", "--compile-only",
+                               "--artifact", tmp_path / "m_cuda.so"))
+    assert "compiled for tvm cuda" in result.stdout
+    assert json.loads((tmp_path / "m_cuda.json").read_text())["device"] == "cuda"
+    succeeded(run_cli(OPTIMIZE, model, "--passes", "cleanup", "-o", tmp_path / "out.onnx", "--backend", "tvm",
+                      "--artifact", tmp_path / "out_tvm.so", "--report", tmp_path / "report.json"))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["artifact"] == [str(tmp_path / "out_tvm.so"), str(tmp_path / "out_tvm.json")]
+    for args, message in (
+        (["--backend", "ort", "--compile-only"], "does not compile models ahead of time"),
+        (["--backend", "tvm", "--target", "aarch64"], "built for aarch64"),
+        (["--backend", "tvm", "--tune", "rounds=3"], "--tune takes trials=N"),
+        (["--backend", "tvm", "--compile-only", "--artifact", model], "is the input model"),
+    ):
+        assert message in only_error_line(run_cli(ONNXFORGE, "bench", model, *args))

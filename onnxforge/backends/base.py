@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +71,14 @@ class Prepared(abc.ABC):
         return measure_latency(lambda: self.run(inputs), options)
 
 
+class Compiled(abc.ABC):
+    """A model compiled ahead of time for one target."""
+
+    @abc.abstractmethod
+    def export(self, path: str | os.PathLike) -> list[Path]:
+        """Write the compiled model as an artifact at `path` (and any files it needs beside it); returns them."""
+
+
 class Backend(abc.ABC):
     """A runtime that can prepare ONNX models for one or more targets."""
 
@@ -81,6 +89,18 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def prepare(self, model: ModelInput, options: BackendOptions | None = None) -> Prepared:
         """Load or compile `model` for `options.target` and return it ready to run."""
+
+    def compile(self, model: ModelInput, options: BackendOptions | None = None,
+                progress: Callable[[str], None] | None = None) -> Compiled:
+        """Compile `model` ahead of time for `options.target`, to export it or load it later; `progress` gets
+        a line now and then during long steps (tuning). Backends that compile as they load cannot."""
+        raise BackendError(
+            f"backend {self.name!r} does not compile models ahead of time (no artifacts); use --backend tvm"
+        )
+
+    def load(self, compiled: Compiled, options: BackendOptions | None = None) -> Prepared:
+        """Load what `compile` made, ready to run (here, or where `options` points)."""
+        raise BackendError(f"backend {self.name!r} does not compile models ahead of time")
 
     def check_target(self, target: str) -> None:
         """Raise BackendError unless this backend can prepare models for `target`."""

@@ -31,6 +31,7 @@ class OptimizationReport:
     latency_after: LatencyStats | None = None
     latency_setup: dict[str, Any] = field(default_factory=dict)
     output: str | None = None
+    artifact: list[str] = field(default_factory=list)  # files of the compiled model (--artifact)
 
     @property
     def speedup(self) -> float | None:
@@ -43,6 +44,7 @@ class OptimizationReport:
         return {
             "source": self.source,
             "output": self.output,
+            "artifact": self.artifact,
             "environment": environment(),
             "size": {
                 "before": self.before.to_dict(),

@@ -1,19 +1,20 @@
-"""Apache TVM (Relax) as an onnxforge backend: import the ONNX model, compile it for the target, run it on TVM's VM.
-
-Targets: `cpu`, LLVM for this machine's CPU with its real features (`mcpu` from LLVM's host detection).
-"""
+"""Apache TVM (Relax) as an onnxforge backend: import the ONNX model, compile it for the target (tuned or with
+TVM's default schedules), run it on TVM's VM here, export it for another machine."""
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
-from onnxforge.backends.base import Backend, BackendOptions, ModelInput, Prepared, model_source
+from onnxforge.backends.base import Backend, BackendOptions, Compiled, ModelInput, Prepared, model_source
 from onnxforge.errors import BackendError
-from onnxforge.measure import LatencyStats, MeasureOptions, measure_latency
+from onnxforge.measure import LatencyStats, MeasureOptions, latency_stats_from_times
 
 try:
     import tvm
@@ -23,48 +24,117 @@ try:
 except ImportError as exc:  # get_backend turns this into a one-line error naming the package
     raise ModuleNotFoundError(f"apache-tvm (pip install 'onnxforge[tvm]'): {exc}") from exc
 
+from onnxforge.backends.tvm.artifact import Signature, export_artifact
+from onnxforge.backends.tvm.targets import TARGET_NAMES, TvmTarget, resolve_target
+
+if TYPE_CHECKING:
+    from onnxforge.backends.tvm.tuning import TuningOptions
+
 
 class TvmBackend(Backend):
-    """Compile models with TVM Relax (default schedules, no tuning yet) and run them on its virtual machine."""
+    """Compile models with TVM Relax for `cpu`, `cuda[:sm_NN]` or `aarch64` and run them on its virtual machine.
+
+    Settings in `options.extra`: `tune_trials` (MetaSchedule's trial budget; without it, TVM's default
+    schedules, dlight's on CUDA), `tune_records` (the records folder), `rpc` (`host:port:key` of an RPC tracker:
+    run and time the model on a server of that key instead of here).
+    """
 
     name = "tvm"
-    targets = ("cpu",)
+    targets = TARGET_NAMES
     static_shapes = True
 
-    def prepare(self, model: ModelInput, options: BackendOptions | None = None) -> TvmPrepared:
-        """Import and compile `model`; BackendError naming what TVM cannot take (ops, dynamic shapes)."""
+    def check_target(self, target: str) -> None:
+        resolve_target(target)
+
+    def compile(self, model: ModelInput, options: BackendOptions | None = None,
+                progress: Callable[[str], None] | None = None) -> TvmCompiled:
+        """Import and compile `model` for `options.target` (tuned when `options.extra` says so); BackendError
+        naming what TVM cannot take (ops, dynamic shapes)."""
         options = options or BackendOptions()
-        self.check_target(options.target)
+        target = resolve_target(options.target, options.threads)
+        tuning = tuning_options(options.extra)
         proto = _load(model)
         _check_importable(proto)
         try:
             module = from_onnx(proto, keep_params_in_input=False)
             module = relax.transform.DecomposeOpsForInference()(module)
-            executable = tvm.compile(module, target=cpu_target(options.threads))
         except Exception as exc:  # TVM raises its own error types (TVMError, InternalError, ...)
-            raise BackendError(f"TVM cannot compile the model: {_one_line(exc)}") from exc
-        return TvmPrepared(executable, proto)
+            raise BackendError(f"TVM cannot import the model: {_one_line(exc)}") from exc
+        if tuning is not None:
+            from onnxforge.backends.tvm.tuning import compile_tuned  # MetaSchedule: loaded only when tuning
+
+            executable = compile_tuned(module, target.target, tuning, progress)
+        else:
+            try:
+                executable = tvm.compile(module, target=target.target)
+            except Exception as exc:
+                raise BackendError(f"TVM cannot compile the model: {_one_line(exc)}") from exc
+        return TvmCompiled(executable, target, Signature.of(proto))
+
+    def prepare(self, model: ModelInput, options: BackendOptions | None = None) -> TvmPrepared:
+        """Compile `model` and load it; BackendError when the target cannot run here (and no RPC is given)."""
+        options = options or BackendOptions()
+        return self.load(self.compile(model, options), options)
+
+    def load(self, compiled: TvmCompiled, options: BackendOptions | None = None) -> TvmPrepared:
+        """Load a compiled model here, or on a server of the RPC tracker that `options.extra["rpc"]` names."""
+        address = (options or BackendOptions()).extra.get("rpc")
+        if address:
+            from onnxforge.backends.tvm.rpc import TrackerAddress, prepare_remote
+
+            return prepare_remote(compiled, TrackerAddress.parse(address))
+        return compiled.load()
 
 
-def cpu_target(threads: int | None = None) -> tvm.target.Target:
-    """LLVM for this machine's CPU (its real features), using `threads` cores or all of them."""
-    cpu = tvm.target.codegen.llvm_get_system_cpu()
-    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": threads or os.cpu_count() or 1})
+SETTINGS = ("tune_trials", "tune_records", "rpc")
+
+
+def tuning_options(extra: Mapping[str, str]) -> TuningOptions | None:
+    """The tuning asked for in BackendOptions.extra (`tune_trials`, `tune_records`), or None."""
+    unknown = sorted(set(extra) - set(SETTINGS))
+    if unknown:
+        raise BackendError(f"backend 'tvm' has no setting {', '.join(unknown)}; it knows {', '.join(SETTINGS)}")
+    if "tune_trials" not in extra:
+        return None
+    try:
+        trials = int(extra["tune_trials"])
+    except ValueError:
+        raise BackendError(f"tune trials must be a whole number, got {extra['tune_trials']!r}") from None
+    records = extra.get("tune_records")
+    from onnxforge.backends.tvm.tuning import TuningOptions
+
+    return TuningOptions(trials=trials, records=Path(records) if records else None)
+
+
+class TvmCompiled(Compiled):
+    """A model compiled for a target: export it as an artifact, or load it where the target runs."""
+
+    def __init__(self, executable, target: TvmTarget, signature: Signature) -> None:
+        self.executable, self.target, self.signature = executable, target, signature
+
+    def export(self, path: str | os.PathLike) -> list[Path]:
+        """Write the artifact (library and JSON) to `path`; returns the files written."""
+        return export_artifact(self.executable, self.target, self.signature, path)
+
+    def load(self) -> TvmPrepared:
+        """Load the compiled model on this machine's device for the target."""
+        if not self.target.runs_here():
+            raise BackendError(self.target.why_not_here())
+        device = tvm.cuda(0) if self.target.device == "cuda" else tvm.cpu(0)
+        return TvmPrepared(relax.VirtualMachine(self.executable, device), device, self.signature)
 
 
 class TvmPrepared(Prepared):
-    """A compiled model on TVM's virtual machine (CPU)."""
+    """A compiled model on TVM's virtual machine, on a local or remote device."""
 
-    def __init__(self, executable, proto: onnx.ModelProto) -> None:
-        initializers = {t.name for t in proto.graph.initializer}
-        self.input_names = [i.name for i in proto.graph.input if i.name not in initializers]
-        self.output_names = [o.name for o in proto.graph.output]
-        self.device = tvm.cpu()
-        self.vm = relax.VirtualMachine(executable, self.device)
+    def __init__(self, vm, device, signature: Signature) -> None:
+        self.vm, self.device = vm, device
+        self.input_names = [name for name, _, _ in signature.inputs]
+        self.output_names = list(signature.outputs)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model once and return its outputs by name; BackendError when an input is missing or wrong."""
-        arguments = self._arguments(inputs)
+        arguments = self.arguments(inputs)
         try:
             result = self.vm["main"](*arguments)
         except Exception as exc:
@@ -73,13 +143,21 @@ class TvmPrepared(Prepared):
         return {name: value.numpy() for name, value in zip(self.output_names, outputs)}
 
     def measure(self, inputs: Mapping[str, np.ndarray], options: MeasureOptions = MeasureOptions()) -> LatencyStats:
-        """Time repeated runs (the same warm-up, repeats and statistics as onnxruntime's); the inputs are copied
-        to the device once, so only the compiled model is timed."""
+        """Time single runs with TVM's time evaluator (on the device, or the remote one, itself), after warm-up;
+        as many as `options` asks: at least `min_repeats` and `min_time_s`, at most the maximums."""
         self.run(inputs)  # turns a bad feed into a BackendError before timing starts
-        arguments, main = self._arguments(inputs), self.vm["main"]
-        return measure_latency(lambda: main(*arguments), options)
+        arguments, main = self.arguments(inputs), self.vm["main"]
+        for _ in range(options.warmup):
+            main(*arguments)
+        evaluate = self.vm.time_evaluator("main", self.device, number=1, repeat=1)
+        once = max(float(evaluate(*arguments).results[0]), 1e-7)
+        repeats = max(options.min_repeats, math.ceil(options.min_time_s / once))
+        repeats = max(1, min(repeats, options.max_repeats, math.floor(options.max_time_s / once)))
+        evaluate = self.vm.time_evaluator("main", self.device, number=1, repeat=repeats)
+        return latency_stats_from_times(list(evaluate(*arguments).results), warmup=options.warmup)
 
-    def _arguments(self, inputs: Mapping[str, np.ndarray]) -> list:
+    def arguments(self, inputs: Mapping[str, np.ndarray]) -> list:
+        """The inputs in the model's order, on the device; BackendError naming a missing one."""
         missing = [name for name in self.input_names if name not in inputs]
         if missing:
             raise BackendError(f"TVM model run without input(s) {', '.join(missing)}")
