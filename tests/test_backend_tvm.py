@@ -86,14 +86,26 @@ def test_static_int8_qdq_models_run_on_tvm():
 
 def test_ops_tvm_cannot_import_are_named_in_one_error():
     model = make_model(
-        [helper.make_node("FastGelu", ["x", "b"], ["y"], domain="com.microsoft")],
+        [helper.make_node("FusedMatMul", ["x", "b"], ["y"], domain="com.microsoft")],
         [value_info("x", [2, 4])],
         [value_info("y", [2, 4])],
-        [constant("b", np.zeros(4, np.float32))],
+        [constant("b", np.zeros((4, 4), np.float32))],
     )
     model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    with pytest.raises(BackendError, match="does not support: com.microsoft.FastGelu$"):
+    with pytest.raises(BackendError, match="does not support: com.microsoft.FusedMatMul$"):
         get_backend("tvm").prepare(model)
+
+
+def test_scalar_inputs_and_shape_outputs_round_trip():
+    model = make_model(
+        [helper.make_node("Mul", ["x", "s"], ["y"]), helper.make_node("Shape", ["x"], ["shape"])],
+        [value_info("x", [2, 3]), value_info("s", [])],
+        [value_info("y", [2, 3]), value_info("shape", [2], onnx.TensorProto.INT64)],
+    )
+    inputs = {"x": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.array(2.0, np.float32)}
+    outputs = get_backend("tvm").prepare(model).run(inputs)
+    np.testing.assert_array_equal(outputs["y"], inputs["x"] * 2)
+    np.testing.assert_array_equal(outputs["shape"], [2, 3])
 
 
 def test_dynamic_shapes_are_refused_with_the_input_named():

@@ -18,6 +18,7 @@ from onnxforge.measure import LatencyStats, MeasureOptions, latency_stats_from_t
 
 try:
     import tvm
+    import tvm_ffi
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
@@ -139,8 +140,7 @@ class TvmPrepared(Prepared):
             result = self.vm["main"](*arguments)
         except Exception as exc:
             raise BackendError(f"TVM cannot run the model: {_one_line(exc)}") from exc
-        outputs = list(result) if isinstance(result, (list, tuple, tvm.ir.Array)) else [result]
-        return {name: value.numpy() for name, value in zip(self.output_names, outputs)}
+        return dict(zip(self.output_names, _outputs(result)))
 
     def measure(self, inputs: Mapping[str, np.ndarray], options: MeasureOptions = MeasureOptions()) -> LatencyStats:
         """Time single runs with TVM's time evaluator (on the device, or the remote one, itself), after warm-up;
@@ -162,7 +162,8 @@ class TvmPrepared(Prepared):
         if missing:
             raise BackendError(f"TVM model run without input(s) {', '.join(missing)}")
         try:
-            return [tvm.runtime.tensor(np.ascontiguousarray(inputs[n]), self.device) for n in self.input_names]
+            # ascontiguousarray would make a 0-d input 1-d
+            return [tvm.runtime.tensor(np.require(inputs[n], requirements="C"), self.device) for n in self.input_names]
         except Exception as exc:
             raise BackendError(f"TVM cannot take the inputs: {_one_line(exc)}") from exc
 
@@ -179,15 +180,47 @@ def _load(model: ModelInput) -> onnx.ModelProto:
     return proto
 
 
+# TVM's importer keys its converters by op name alone; these names convert onnxruntime's contrib ops
+# (com.microsoft), not the standard ops of the same name (ONNX's own Attention, opset 23, has other inputs).
+CONTRIB_CONVERTERS = frozenset(
+    {"Attention", "BiasGelu", "EmbedLayerNormalization", "FastGelu", "SkipLayerNormalization"}
+)
+
+
 def _check_importable(proto: onnx.ModelProto) -> None:
-    """One error naming every op of the main graph that TVM's ONNX importer does not convert."""
+    """One error naming every op of the main graph that TVM's ONNX importer does not convert, and every input
+    that is not a tensor (sequences, optionals)."""
     known = _get_convert_map()
-    missing = sorted({f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in proto.graph.node
-                      if n.op_type not in known or n.domain not in ("", "ai.onnx")})
+
+    def converted(node: onnx.NodeProto) -> bool:
+        if node.domain in ("", "ai.onnx"):
+            return node.op_type in known and node.op_type not in CONTRIB_CONVERTERS
+        return node.domain == "com.microsoft" and node.op_type in CONTRIB_CONVERTERS
+
+    missing = sorted(
+        {f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in proto.graph.node if not converted(n)}
+    )
     if missing:
         raise BackendError(f"TVM's ONNX importer does not support: {', '.join(missing)}")
+    for value in proto.graph.input:
+        if not value.type.HasField("tensor_type"):
+            kind = value.type.WhichOneof("value")
+            raise BackendError(f"TVM takes tensor inputs only: input '{value.name}' is a {kind}")
+
+
+def _outputs(result) -> list:
+    """The VM's result as a list of one value per model output (a Shape result is one int64 array)."""
+    if isinstance(result, tvm_ffi.Shape):
+        return [np.asarray(tuple(result), dtype=np.int64)]
+    values = list(result) if isinstance(result, (list, tuple, tvm.ir.Array)) else [result]
+    return [_outputs(v)[0] if isinstance(v, tvm_ffi.Shape) else v.numpy() for v in values]
 
 
 def _one_line(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    """The line of a TVM or Python error that says what went wrong (not TVM's metadata or traceback lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        return type(exc).__name__
+    if type(exc).__module__ == "builtins" and not isinstance(exc, (ValueError, RuntimeError, TypeError)):
+        return f"{type(exc).__name__}: {lines[-1]}"  # KeyError('num_heads') alone says nothing
+    return lines[-1]
