@@ -11,6 +11,7 @@ import onnx
 import tvm
 from onnx import helper
 
+from onnxforge.backends.tvm.errors import one_line
 from onnxforge.backends.tvm.loader import ARTIFACT_FORMAT, metadata_path
 from onnxforge.backends.tvm.targets import TvmTarget, check_compiler
 from onnxforge.errors import BackendError
@@ -67,8 +68,7 @@ def export_artifact(executable, target: TvmTarget, signature: Signature, path: s
         try:
             executable.export_library(str(tmp_library), **({"cc": target.compiler} if target.compiler else {}))
         except Exception as exc:  # the linker's or TVM's own error types
-            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-            raise BackendError(f"TVM cannot export the library: {lines[-1] if lines else exc!r}") from exc
+            raise BackendError(f"TVM cannot export the library: {one_line(exc)}") from exc
         tmp_described.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp_library, library)
         os.replace(tmp_described, described)

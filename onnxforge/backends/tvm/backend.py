@@ -26,6 +26,7 @@ except ImportError as exc:  # get_backend turns this into a one-line error namin
     raise ModuleNotFoundError(f"apache-tvm (pip install 'onnxforge[tvm]'): {exc}") from exc
 
 from onnxforge.backends.tvm.artifact import Signature, export_artifact
+from onnxforge.backends.tvm.errors import one_line
 from onnxforge.backends.tvm.targets import TARGET_NAMES, TvmTarget, resolve_target
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class TvmBackend(Backend):
             module = from_onnx(proto, keep_params_in_input=False)
             module = relax.transform.DecomposeOpsForInference()(module)
         except Exception as exc:  # TVM raises its own error types (TVMError, InternalError, ...)
-            raise BackendError(f"TVM cannot import the model: {_one_line(exc)}") from exc
+            raise BackendError(f"TVM cannot import the model: {one_line(exc)}") from exc
         if tuning is not None:
             from onnxforge.backends.tvm.tuning import compile_tuned  # MetaSchedule: loaded only when tuning
 
@@ -69,7 +70,7 @@ class TvmBackend(Backend):
             try:
                 executable = tvm.compile(module, target=target.target)
             except Exception as exc:
-                raise BackendError(f"TVM cannot compile the model: {_one_line(exc)}") from exc
+                raise BackendError(f"TVM cannot compile the model: {one_line(exc)}") from exc
         return TvmCompiled(executable, target, Signature.of(proto))
 
     def prepare(self, model: ModelInput, options: BackendOptions | None = None) -> TvmPrepared:
@@ -139,7 +140,7 @@ class TvmPrepared(Prepared):
         try:
             result = self.vm["main"](*arguments)
         except Exception as exc:
-            raise BackendError(f"TVM cannot run the model: {_one_line(exc)}") from exc
+            raise BackendError(f"TVM cannot run the model: {one_line(exc)}") from exc
         return dict(zip(self.output_names, _outputs(result)))
 
     def measure(self, inputs: Mapping[str, np.ndarray], options: MeasureOptions = MeasureOptions()) -> LatencyStats:
@@ -165,7 +166,7 @@ class TvmPrepared(Prepared):
             # ascontiguousarray would make a 0-d input 1-d
             return [tvm.runtime.tensor(np.require(inputs[n], requirements="C"), self.device) for n in self.input_names]
         except Exception as exc:
-            raise BackendError(f"TVM cannot take the inputs: {_one_line(exc)}") from exc
+            raise BackendError(f"TVM cannot take the inputs: {one_line(exc)}") from exc
 
 
 def _load(model: ModelInput) -> onnx.ModelProto:
@@ -214,13 +215,3 @@ def _outputs(result) -> list:
         return [np.asarray(tuple(result), dtype=np.int64)]
     values = list(result) if isinstance(result, (list, tuple, tvm.ir.Array)) else [result]
     return [_outputs(v)[0] if isinstance(v, tvm_ffi.Shape) else v.numpy() for v in values]
-
-
-def _one_line(exc: Exception) -> str:
-    """The line of a TVM or Python error that says what went wrong (not TVM's metadata or traceback lines)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.strip().startswith("#")]
-    if not lines:
-        return type(exc).__name__
-    if type(exc).__module__ == "builtins" and not isinstance(exc, (ValueError, RuntimeError, TypeError)):
-        return f"{type(exc).__name__}: {lines[-1]}"  # KeyError('num_heads') alone says nothing
-    return lines[-1]
