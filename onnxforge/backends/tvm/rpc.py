@@ -27,7 +27,8 @@ from tvm import relax, rpc
 from tvm.rpc import base
 
 from onnxforge.backends.tvm.artifact import Signature
-from onnxforge.backends.tvm.backend import TvmCompiled, TvmPrepared, _one_line
+from onnxforge.backends.tvm.backend import TvmCompiled, TvmPrepared
+from onnxforge.backends.tvm.errors import one_line
 from onnxforge.errors import BackendError
 
 LOOPBACK = "127.0.0.1"
@@ -81,7 +82,7 @@ class RemoteTvmPrepared(TvmPrepared):
             get_output, arity = module["get_output"], module["get_output_arity"]("main")
             result = [get_output("main", i) for i in range(arity)] if arity >= 0 else [get_output("main")]
         except Exception as exc:
-            raise BackendError(f"TVM cannot run the model on {self.tracker}: {_one_line(exc)}") from exc
+            raise BackendError(f"TVM cannot run the model on {self.tracker}: {one_line(exc)}") from exc
         outputs = dict(zip(self.output_names, result))
         for name, value in outputs.items():
             if not hasattr(value, "numpy"):  # a Shape: TVM computed the output from the static shapes alone
@@ -110,7 +111,7 @@ def prepare_remote(compiled: TvmCompiled, tracker: TrackerAddress, timeout_s: fl
         except BackendError:
             raise
         except Exception as exc:  # TVM's own error types, raised on the board and carried back
-            raise BackendError(f"the board {tracker} gave cannot load the model: {_one_line(exc)}") from exc
+            raise BackendError(f"the board {tracker} gave cannot load the model: {one_line(exc)}") from exc
     return RemoteTvmPrepared(vm, device, compiled.signature, session, tracker)
 
 
@@ -135,7 +136,7 @@ def request_session(tracker: TrackerAddress, timeout_s: float = 60) -> rpc.RPCSe
     try:
         return rpc.connect(host, port, match_key)
     except Exception as exc:
-        raise BackendError(f"cannot reach the RPC server {host}:{port} that {tracker} gave: {_one_line(exc)}") from exc
+        raise BackendError(f"cannot reach the RPC server {host}:{port} that {tracker} gave: {one_line(exc)}") from exc
 
 
 def free_servers(tracker: TrackerAddress, timeout_s: float = 5) -> int:
