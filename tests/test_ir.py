@@ -232,6 +232,33 @@ def test_shape_inference_skips_unknown_ops_without_crashing():
     assert model.graph.tensors()["r"].shape == [2, 3]
 
 
+def test_save_writes_only_the_value_info_shape_inference_cannot_rebuild(tmp_path):
+    def info(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 3])
+
+    # r is inferred from x; m comes from an op onnx does not know; after is inferred once m is known; back's
+    # shape only data propagation finds (Reshape to Shape(x)).
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Mystery", ["r"], ["m"], domain="vendor"),
+            helper.make_node("Relu", ["m"], ["after"]),
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Reshape", ["after", "shape"], ["back"]),
+            helper.make_node("Relu", ["back"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        value_info=[info("r"), info("m"), info("after"), info("back")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("vendor", 1)])
+    saved = onnx.load(save_model(load_model(proto), tmp_path / "m.onnx"))
+    assert sorted(i.name for i in saved.graph.value_info) == ["back", "m"]
+    inferred = {i.name: i for i in onnx.shape_inference.infer_shapes(saved).graph.value_info}
+    assert all(inferred[i.name] == i for i in graph.value_info)
+
+
 def test_shape_inference_failure_is_reported_not_raised():
     # Static shapes that cannot be multiplied: onnx's inference raises, we report.
     graph = helper.make_graph(

@@ -112,9 +112,9 @@ def test_int4_weights_shrink_the_model_to_under_a_fifth(form, tmp_path):
     assert (tmp_path / "int4.onnx").stat().st_size < 0.2 * before + 2000  # the graph itself takes a little
 
 
-def test_static_int8_quantizes_convs_and_onnxruntime_fuses_qlinearconv(tmp_path):
+def test_static_int8_qdq_quantizes_convs_and_onnxruntime_fuses_qlinearconv(tmp_path):
     data = _samples([1, 16, 12, 12], 8)
-    model, result = apply("quant:mode=static:measure=false", _conv_net(), data=data)
+    model, result = apply("quant:mode=static:measure=false:format=qdq", _conv_net(), data=data)
     assert result.changed and result.stats["layers_quantized"] == 2
     counts = op_counts(model)
     # input, conv1's activated output (conv2's input) and conv2's activated output: three quantized tensors
@@ -274,7 +274,6 @@ def test_measured_choice_explains_each_layer_type_and_never_keeps_a_slower_model
         ("quant:bits=4:mode=dynamic", "mode=weight-only"),
         ("quant:granularity=block:48:mode=weight-only", "power of two"),
         ("quant:granularity=rows", "choose per-channel, per-tensor or block:N"),
-        ("quant:mode=static:format=qoperator", "use format=qdq"),
     ],
 )
 def test_impossible_options_are_refused_with_a_reason(spec, message):
@@ -366,7 +365,7 @@ def test_float_prefix_refinement_times_the_first_layers_in_float_and_explains_it
 def test_auto_mode_quantizes_convs_static_with_data_and_matmuls_dynamic():
     data = _samples([1, 16, 12, 12], 8)
     with_data, _ = apply("quant:measure=false", _conv_net(), data=data)
-    assert op_counts(with_data)["QuantizeLinear"] == 3 and op_counts(with_data)["DynamicQuantizeLinear"] == 0
+    assert op_counts(with_data)["QLinearConv"] == 2 and op_counts(with_data)["DynamicQuantizeLinear"] == 0
     without, _ = apply("quant:measure=false", _conv_net())
     assert op_counts(without)["QuantizeLinear"] == 0 and op_counts(without)["DynamicQuantizeLinear"] == 2
     mlp, _ = apply("quant:measure=false", _mlp(), data=_samples([8, 64], 4))

@@ -24,6 +24,7 @@ from onnxforge.ir.model import (
     proto_graphs,
     special_value_types,
 )
+from onnxforge.ir.shapes import drop_inferable_value_info
 
 # Tensors at least this large go to the external data file when saving with external data.
 EXTERNAL_THRESHOLD_BYTES = 1024
@@ -99,7 +100,8 @@ def save_model(model: Model, path: str | os.PathLike, external_data: bool | None
     """Write the model to `path` atomically (temporary file, then rename).
 
     external_data: True writes weights to `<name>.data` beside the model; None does so only when the model
-    already had external weights or is too large for a single protobuf.
+    already had external weights or is too large for a single protobuf. Types and shapes of intermediate
+    tensors (value_info) are written only where onnx's shape inference would not find them again.
     """
     path = Path(path)
     proto = model.to_proto()
@@ -114,6 +116,7 @@ def save_model(model: Model, path: str | os.PathLike, external_data: bool | None
             tmp_files.append(data_tmp)
             with open(data_tmp, "wb") as out:
                 _move_weights_out(proto, model, out, data_name)
+        drop_inferable_value_info(proto)  # after the weights moved out: inference then copies no weights
         model_tmp = temp_beside(path)
         tmp_files.append(model_tmp)
         with open(model_tmp, "wb") as out:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
+import onnx.defs
 import onnx.external_data_helper
 import onnx.shape_inference
 import onnx_graphsurgeon as gs
@@ -62,6 +63,72 @@ def infer_shapes(model: Model) -> ShapeInferenceResult:
 def skeleton_proto(model: Model) -> onnx.ModelProto:
     """Export the model with large weights marked external (not read), for inference and checking."""
     proto = model.to_proto()
+    _mark_weights_external(proto)
+    return proto
+
+
+def drop_inferable_value_info(proto: onnx.ModelProto) -> int:
+    """Remove from `proto` (in place) the value_info entries onnx's shape inference rebuilds exactly; return how many.
+
+    value_info only caches what inference finds, and runtimes infer again at load. Kept: the entries inference
+    does not rebuild, or rebuilds differently (outputs of ops onnx has no schema for, shapes only data
+    propagation finds, names given to dimensions); an entry inference rebuilds once those are given is dropped.
+    Nothing is dropped if inference fails.
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(proto)
+    _mark_weights_external(skeleton)
+    graphs = list(proto_graphs(skeleton.graph))
+    given = [{info.name: info for info in graph.value_info} for graph in graphs]
+    # Outputs of ops onnx has no schema for (other domains') are never inferred: kept without asking.
+    kept = [_outputs_without_schema(graph) & set(entries) for graph, entries in zip(graphs, given)]
+    while True:
+        for graph, entries, names in zip(graphs, given, kept):
+            del graph.value_info[:]
+            graph.value_info.extend(entries[name] for name in names)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=False)
+        except Exception:  # onnx raises InferenceError, ValidationError or RuntimeError
+            return 0
+        added = 0
+        for graph, inferred_graph, entries, names in zip(graphs, proto_graphs(inferred.graph), given, kept):
+            found = {info.name: info.type for info in inferred_graph.value_info}
+            missed = {name for name, info in entries.items() if name not in names and found.get(name) != info.type}
+            # Keep the first entries missed; those computed from them may be inferred once they are given.
+            first = missed - _downstream(graph, missed)
+            names.update(first)
+            added += len(first)
+        if not added:
+            break
+    dropped = 0
+    for graph, names in zip(proto_graphs(proto.graph), kept):
+        infos = [info for info in graph.value_info if info.name in names]
+        dropped += len(graph.value_info) - len(infos)
+        del graph.value_info[:]
+        graph.value_info.extend(infos)
+    return dropped
+
+
+def _outputs_without_schema(graph: onnx.GraphProto) -> set[str]:
+    return {
+        name
+        for node in graph.node
+        if not onnx.defs.has(node.op_type, "" if node.domain == "ai.onnx" else node.domain)
+        for name in node.output
+    }
+
+
+def _downstream(graph: onnx.GraphProto, names: set[str]) -> set[str]:
+    """The tensors of `graph` computed from any of `names` (its nodes are in topological order)."""
+    reached: set[str] = set()
+    for node in graph.node:
+        if any(name in names or name in reached for name in node.input):
+            reached.update(node.output)
+    return reached
+
+
+def _mark_weights_external(proto: onnx.ModelProto) -> None:
+    """Mark the large weights of `proto` external (their data dropped): shapes and types are all inference reads."""
     for tensor in _initializers(proto.graph):
         if onnx.external_data_helper.uses_external_data(tensor) or (
             tensor.HasField("raw_data") and len(tensor.raw_data) > 1024
@@ -71,7 +138,6 @@ def skeleton_proto(model: Model) -> onnx.ModelProto:
             del tensor.external_data[:]
             entry = tensor.external_data.add()
             entry.key, entry.value = "location", SKELETON_DATA
-    return proto
 
 
 def _initializers(graph: onnx.GraphProto):

@@ -33,6 +33,9 @@ MODE_OPS = {
     "static": ("MatMul", "Conv", "Gather", "LSTM"),
     "weight-only": ("MatMul", "Gather"),
 }
+# Layer types each mode writes as operators in the qoperator form; other layers are written QDQ in it too
+# (onnxruntime has no dynamic Conv kernel to write, and fuses a static QDQ MatMul into QLinearMatMul itself).
+QOPERATOR_OPS = {"dynamic": ("MatMul",), "static": ("Conv",), "weight-only": ("MatMul",)}
 PER_CHANNEL_INT8 = QuantSpec(bits=8, signed=True, symmetric=True, granularity="per-channel")
 GENTLER_MATMUL = LayerFormat("weight-only", "qoperator", QuantSpec(8, True, True, "block", 128), accuracy_level=4)
 EMBEDDING_INT4_SPEC = QuantSpec(bits=4, signed=True, symmetric=True, granularity="block", block_size=32)
@@ -143,14 +146,14 @@ class Quantize(Pass):
                 notes[index] = f"kept float: {reason}"
             elif layer.op == "Gather":
                 plan[index] = embedding_format(fmt, contrib_ops)
-            elif layer.op == "Conv" and self.options.mode == "auto" and has_data and fmt.mode == "dynamic":
-                plan[index] = LayerFormat("static", "qdq", fmt.spec)
-            elif layer.op == "Conv":  # onnxruntime has no dynamic Conv kernel to write directly: QDQ
-                plan[index] = dataclasses.replace(fmt, form="qdq")
             elif layer.op == "LSTM":  # weights only: the kernel quantizes its inputs at run time
                 plan[index] = LayerFormat("dynamic", "qoperator", PER_CHANNEL_INT8)
             else:
-                plan[index] = fmt
+                mode = fmt.mode
+                if layer.op == "Conv" and self.options.mode == "auto" and has_data and mode == "dynamic":
+                    mode = "static"
+                form = fmt.form if layer.op in QOPERATOR_OPS[mode] else "qdq"
+                plan[index] = dataclasses.replace(fmt, mode=mode, form=form)
         return plan, notes
 
     def _measured_plan(
@@ -263,20 +266,19 @@ def resolve_format(options: Quantize.Options, opset: int, contrib_ops: bool) -> 
         raise PassUsageError(f"quant: 4-bit {mode} quantization has no kernels: use bits=4 with mode=weight-only")
     form = options.format
     if form == "auto":
-        # onnxruntime 1.32 does not fuse a dynamic QDQ MatMul followed by Relu: write its kernel directly.
-        form = "qoperator" if mode in ("weight-only", "dynamic") and contrib_ops else "qdq"
-    if form == "qoperator" and mode == "static":
-        raise PassUsageError(
-            "quant: static mode writes QDQ only (onnxruntime fuses it into QLinearConv/QLinearMatMul at load); "
-            "use format=qdq"
-        )
+        # onnxruntime 1.32 does not fuse a dynamic QDQ MatMul followed by Relu: write its kernel directly. A static
+        # Conv is written as the QLinearConv onnxruntime fuses its QDQ group into: the same kernel, a smaller file.
+        form = "qoperator" if contrib_ops else "qdq"
     granularity, block_size = _granularity(options.granularity, bits, mode, form, contrib_ops)
     spec = QuantSpec(bits, signed=True, symmetric=options.symmetric, granularity=granularity, block_size=block_size)
-    needed = 21 if (granularity == "block" or bits == 4) and form == "qdq" else 13 if form == "qdq" else 11
+    # Static activations are QuantizeLinear/DequantizeLinear in either form.
+    qdq = form == "qdq" or mode == "static"
+    needed = 21 if (granularity == "block" or bits == 4) and form == "qdq" else 13 if qdq else 11
     if opset < needed:
+        instead = "format=qoperator or " if form == "qdq" and mode != "static" else ""
         raise PassError(
             f"quant: {spec.bits}-bit {granularity} weights in QDQ form need opset {needed}, the model has "
-            f"opset {opset}; use format=qoperator or a model exported at opset {needed} or later"
+            f"opset {opset}; use {instead}a model exported at opset {needed} or later (upgrade-opset:to={needed})"
         )
     return LayerFormat(mode, form, spec)
 

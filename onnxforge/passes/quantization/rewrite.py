@@ -3,7 +3,8 @@
 QDQ keeps every op as it was and surrounds it with DequantizeLinear nodes (and QuantizeLinear for
 activations); onnxruntime fuses such groups into its integer kernels at load, and other backends read them
 as plain ONNX. The "qoperator" form writes onnxruntime's fused operators directly (DynamicQuantizeMatMul,
-MatMulNBits), or, for other backends, MatMulInteger and its rescaling.
+MatMulNBits), or, for other backends, MatMulInteger and its rescaling; static Conv layers become the
+QLinearConv that onnxruntime would fuse their QDQ group into.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnxforge.ir.edit import unique_name
 from onnxforge.ir.ops import CONTRIB_DOMAIN
 from onnxforge.passes.layers import Layer
+from onnxforge.passes.quantization.qlinear import conv_group, write_qlinear_conv
 from onnxforge.passes.quantization.weights import QuantizedWeight, QuantSpec, int4_tensor, pack_matmul_nbits
 
+# Inserted tensors are named after the tensor they stand for: "<name>_q" holds its integer codes, "<name>_scale" and
+# "<name>_zp" their scale and zero point, "<name>_dq" the codes dequantized (short: a CNN repeats each many times).
 Mode = Literal["dynamic", "static", "weight-only"]
 Form = Literal["qdq", "qoperator"]
 # An activation (Relu, Clip) right after a layer is quantized at its output, where onnxruntime fuses it.
@@ -48,6 +52,8 @@ class LayerFormat:
         what = f"int{spec.bits} {self.mode}, {grain} {'symmetric' if spec.symmetric else 'asymmetric'} weights"
         if self.form == "qdq":
             return f"{what}, QDQ"
+        if self.mode == "static":
+            return f"{what}, QLinearConv"
         if self.mode == "weight-only" and contrib_ops:
             return f"{what}, MatMulNBits (accuracy level {self.accuracy_level})"
         if self.mode == "dynamic" and contrib_ops:
@@ -98,6 +104,8 @@ class LayerRewriter:
             self._matmul_nbits(layer, fmt)
         elif fmt.mode == "dynamic" and fmt.form == "qoperator" and layer.op == "MatMul":
             self._dynamic_matmul_operator(layer, fmt)
+        elif fmt.mode == "static" and fmt.form == "qoperator" and layer.op == "Conv":
+            self._qlinear_conv(layer, fmt)
         else:
             self._qdq(layer, fmt)
 
@@ -128,7 +136,7 @@ class LayerRewriter:
         if spec.granularity == "block":
             attrs["block_size"] = spec.block_size
         codes, scale, zero_point = self._weight_constants(layer, spec, "codes")
-        output = self._new_tensor(f"{base}_dequantized")
+        output = self._new_tensor(f"{base}_dq")
         # A signed symmetric weight's zero points are all 0, DequantizeLinear's default: not stored.
         inputs = [codes, scale] if spec.signed and spec.symmetric else [codes, scale, zero_point]
         self._add("DequantizeLinear", inputs, [output], attrs)
@@ -147,9 +155,9 @@ class LayerRewriter:
             if layout == "nbits":
                 arrays = dict(zip(("packed", "scales", "zero_points"), pack_matmul_nbits(quantized)))
             elif layout == "rows":
-                arrays = {"quantized": quantized.codes, "row_scales": quantized.scale.reshape(-1, 1)}
+                arrays = {"q": quantized.codes, "row_scales": quantized.scale.reshape(-1, 1)}
             else:
-                arrays = {"quantized": quantized.codes, "scale": quantized.scale, "zero_point": quantized.zero_point}
+                arrays = {"q": quantized.codes, "scale": quantized.scale, "zp": quantized.zero_point}
             constants = []
             for suffix, values in arrays.items():
                 name = unique_name(self.graph, f"{layer.weight.name}_{suffix}")
@@ -164,13 +172,13 @@ class LayerRewriter:
     def _dynamic_activation(self, x: gs.Tensor) -> gs.Variable:
         # One DynamicQuantizeLinear per layer: onnxruntime fuses it into a single consumer's integer kernel.
         quantized = self._dynamic_quantize(x)
-        output = self._new_tensor(f"{x.name}_dequantized")
+        output = self._new_tensor(f"{x.name}_dq")
         self._add("DequantizeLinear", quantized, [output])
         return output
 
     def _dynamic_quantize(self, x: gs.Tensor) -> list[gs.Variable]:
         """DynamicQuantizeLinear of `x`: its uint8 codes, scale and zero point."""
-        parts = [self._new_tensor(f"{x.name}_{part}") for part in ("quantized", "scale", "zero_point")]
+        parts = [self._new_tensor(f"{x.name}_{part}") for part in ("q", "scale", "zp")]
         self._add("DynamicQuantizeLinear", [x], parts)
         return parts
 
@@ -186,9 +194,9 @@ class LayerRewriter:
             return self._static_tensors[x.name]
         calibrated = self.activations[x.name]
         scale = gs.Constant(unique_name(self.graph, f"{x.name}_scale"), np.array(calibrated.scale, np.float32))
-        zero_point = gs.Constant(unique_name(self.graph, f"{x.name}_zero_point"), calibrated.zero_point)
-        quantized = self._new_tensor(f"{x.name}_quantized")
-        output = self._new_tensor(f"{x.name}_dequantized")
+        zero_point = gs.Constant(unique_name(self.graph, f"{x.name}_zp"), calibrated.zero_point)
+        quantized = self._new_tensor(f"{x.name}_q")
+        output = self._new_tensor(f"{x.name}_dq")
         consumers = list(x.outputs)
         quantize = self._add("QuantizeLinear", [x, scale, zero_point], [quantized])
         self._add("DequantizeLinear", [quantized, scale, zero_point], [output])
@@ -210,15 +218,36 @@ class LayerRewriter:
         # In float64: float32 cannot hold 2**31 - 1, the clip bound, and would round it out of int32's range.
         safe = np.where(scale > 0, scale, 1).astype(np.float64)
         codes = np.where(scale > 0, np.round(bias.values / safe), 0).clip(-(2**31), 2**31 - 1).astype(np.int32)
-        output = self._new_tensor(f"{bias.name}_dequantized")
+        output = self._new_tensor(f"{bias.name}_dq")
         inputs = [  # the zero point is 0, DequantizeLinear's default: not stored
-            gs.Constant(unique_name(self.graph, f"{bias.name}_quantized"), codes),
+            gs.Constant(unique_name(self.graph, f"{bias.name}_q"), codes),
             gs.Constant(unique_name(self.graph, f"{bias.name}_scale"), scale),
         ]
         self._add("DequantizeLinear", inputs, [output], {"axis": 0})
         return output
 
     # --- operators ----------------------------------------------------------------------------------------
+
+    def _qlinear_conv(self, layer: Layer, fmt: LayerFormat) -> None:
+        """The QDQ group of a static Conv, then its QLinearConv where onnxruntime would fuse the group into one."""
+        self._qdq(layer, fmt)
+        output = quantized_output(layer)
+        group = conv_group(self.graph, layer.node)
+        if group is None:
+            return
+        write_qlinear_conv(group, self._zero_point(np.dtype(group.dequantize[1].inputs[0].dtype)))
+        # The float output is gone: its dequantized value, which the float consumers read, takes over its name.
+        dequantized = self._static_tensors[output.name]
+        del self._static_sources[dequantized.name]
+        dequantized.name = output.name
+        self._static_sources[output.name] = output.name
+
+    def _zero_point(self, dtype: np.dtype) -> gs.Constant:
+        """A scalar 0 of `dtype`, one for the whole graph."""
+        key = ("zero_point", dtype.name)
+        if key not in self._constants:
+            self._constants[key] = [gs.Constant(unique_name(self.graph, f"{dtype.name}_zero"), np.zeros((), dtype))]
+        return self._constants[key][0]
 
     def _matmul_nbits(self, layer: Layer, fmt: LayerFormat) -> None:
         k, n = layer.weight.shape
@@ -262,9 +291,9 @@ class LayerRewriter:
             directions = quantized.codes.shape[0]
             codes = np.ascontiguousarray(quantized.codes.transpose(0, 2, 1))  # [directions, input, 4 * hidden]
             scale = np.broadcast_to(quantized.scale.reshape(1, -1), (directions, quantized.scale.size))
-            inputs[index] = gs.Constant(unique_name(self.graph, f"{name}_quantized"), codes)
+            inputs[index] = gs.Constant(unique_name(self.graph, f"{name}_q"), codes)
             inputs.append(gs.Constant(unique_name(self.graph, f"{name}_scale"), scale.astype(np.float32)))
-            inputs.append(gs.Constant(unique_name(self.graph, f"{name}_zero_point"), np.zeros(scale.shape, np.int8)))
+            inputs.append(gs.Constant(unique_name(self.graph, f"{name}_zp"), np.zeros(scale.shape, np.int8)))
         self._replace(layer.node, "DynamicQuantizeLSTM", inputs, dict(layer.node.attrs), CONTRIB_DOMAIN)
 
     def _dynamic_matmul_operator(self, layer: Layer, fmt: LayerFormat) -> None:
