@@ -74,20 +74,24 @@ def _assert_runs_as_on_onnxruntime(executable) -> None:
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """One tiny tuning run into fresh records, shared by the tests: (records, executable, progress lines)."""
+    """One tiny tuning run into fresh records, shared by the tests: (records, executable, progress lines, the
+    worker processes it started that are still alive 10 s after it; other tests' processes do not count)."""
     records = tmp_path_factory.mktemp("records")
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
     executable, lines = _compile(records, TRIALS)
-    return records, executable, lines
+    started = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
+    _, alive = psutil.wait_procs(started, timeout=10)
+    return records, executable, lines, alive
 
 
 def test_tiny_budget_tunes_the_task_and_writes_records(tuned):
-    records, _, lines = tuned
+    records, _, lines, alive = tuned
     folder = TuningOptions(TRIALS, records).records_folder(_cpu())
     assert lines[0].startswith("tuning 1 tasks, 8 trials")
     assert any(line.startswith("task 1/1 fused_matmul_add_relu: 8 trials") for line in lines), lines
     assert _measured(folder) == TRIALS
     assert list(json.loads((folder / "trials.json").read_text())["trials"].values()) == [TRIALS]
-    assert not psutil.Process().children(recursive=True)  # no builder or runner worker outlives the tuning
+    assert not alive  # no builder or runner worker outlives the tuning
 
 
 def test_tuned_model_runs_as_on_onnxruntime(tuned):
