@@ -1,7 +1,7 @@
 """Factor trained models' linear layers at two budgets, by plain and whitened SVD; time, count, judge in one run.
 
     pip install ".[bench]"
-    python benchmarks/bench_lowrank.py            # about 8 minutes on 2 cores
+    python benchmarks/bench_lowrank.py            # about 10 minutes on 2 cores
     python benchmarks/bench_lowrank.py --quick
 
 For the text-detection CNN and the sentence encoder of trained_models.py: the fp32 model and `lowrank` keeping

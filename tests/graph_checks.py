@@ -58,3 +58,17 @@ def value_info(name, shape, dtype=TensorProto.FLOAT):
 
 def constant(name, array):
     return numpy_helper.from_array(np.asarray(array), name)
+
+
+def padded_token_samples(count: int, width: int, seed: int, tokens: int = 12) -> tuple[list[dict], list[dict]]:
+    """Samples of x [1, tokens, width] with an attention_mask marking the first 3 to tokens-1 real, and the same
+    samples with large noise added at the padding positions only."""
+    rng = np.random.default_rng(seed)
+    samples, garbled = [], []
+    for real in rng.integers(3, tokens, size=count):
+        mask = (np.arange(tokens) < real).astype(np.int64)[None]
+        x = rng.standard_normal((1, tokens, width)).astype(np.float32)
+        noise = np.where(mask[..., None] == 0, 100 * rng.standard_normal(x.shape), 0).astype(np.float32)
+        samples.append({"x": x, "attention_mask": mask})
+        garbled.append({"x": x + noise, "attention_mask": mask})
+    return samples, garbled

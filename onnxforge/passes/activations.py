@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -11,6 +11,10 @@ from onnxforge.ir import Model
 from onnxforge.passes.base import PassContext
 
 Sample = dict[str, np.ndarray]
+# The input that marks a sample's real tokens (1) and its padding (0), by the Hugging Face convention. Rows of a
+# [batch, tokens, ...] tensor at padding positions do not reach a pooled or masked output, so data-aware methods
+# fit and measure only the real ones.
+TOKEN_MASK = "attention_mask"
 
 
 def observe_tensors(
@@ -20,7 +24,16 @@ def observe_tensors(
     ctx: PassContext,
     visit: Callable[[str, np.ndarray], None],
 ) -> None:
-    """Run `model` on each sample and call `visit(name, value)` for every named tensor of its main graph.
+    """Run `model` on each sample and call `visit(name, value)` for every named tensor of its main graph."""
+    for _, values in observed(model, names, samples, ctx):
+        for name in names:
+            visit(name, values[name])
+
+
+def observed(
+    model: Model, names: Sequence[str], samples: Sequence[Sample], ctx: PassContext
+) -> Iterator[tuple[Sample, dict[str, np.ndarray]]]:
+    """Each sample with the values the named tensors of `model`'s main graph take on it.
 
     The model runs with the backend's graph optimizations off, so every tensor keeps the value the
     graph as written gives it.
@@ -36,9 +49,22 @@ def observe_tensors(
                 probe.graph.outputs.append(tensor)
     prepared = ctx.prepare(probe, graph_optimization="disable")
     for sample in samples:
-        values = prepared.run(sample)
-        for name in names:
-            visit(name, values[name])
+        yield sample, prepared.run(sample)
+
+
+def counted_rows(sample: Sample, rows: int) -> np.ndarray:
+    """Which of a tensor's `rows` (flat over its leading axes) count on `sample`: the real tokens, when the sample
+    has a TOKEN_MASK of that many entries that marks some; all of them otherwise."""
+    mask = sample.get(TOKEN_MASK)
+    if mask is not None and mask.size == rows and np.any(mask):
+        return np.flatnonzero(np.asarray(mask).reshape(-1))
+    return np.arange(rows)
+
+
+def sampled_rows(sample: Sample, rows: int, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """At most `limit` of the rows that count on `sample` (`counted_rows`), drawn at random, in order."""
+    counted = counted_rows(sample, rows)
+    return np.sort(rng.choice(counted, min(limit, len(counted)), replace=False))
 
 
 def run_model(model: Model, samples: Sequence[Sample], ctx: PassContext) -> list[dict[str, np.ndarray]]:

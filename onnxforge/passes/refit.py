@@ -8,6 +8,7 @@ still drifts in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.ir import Model
 from onnxforge.ir.edit import make_constant
-from onnxforge.passes.activations import Sample, observe_tensors
+from onnxforge.passes.activations import Sample, observe_tensors, observed, sampled_rows
 from onnxforge.passes.base import PassContext
 
 MAX_ROWS = 20000  # rows (tokens, output pixels) fitted per layer: enough for thousands of unknowns
@@ -24,6 +25,10 @@ MAX_ROWS = 20000  # rows (tokens, output pixels) fitted per layer: enough for th
 # so a strong ridge changes little where the calibration data says little.
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 CONVOLUTIONS = ("Conv", "ConvTranspose")
+# A layer read by a Sigmoid is fitted through it in SIGMOID_STEPS Gauss-Newton steps, where one step, a Gram matrix
+# per output column, costs at most SIGMOID_WORK multiply-adds.
+SIGMOID_STEPS = 30
+SIGMOID_WORK = 2e9
 
 
 @dataclass
@@ -33,10 +38,16 @@ class Targets:
     positions: list[np.ndarray]  # flat indices over the output's batch and position axes
     rows: list[np.ndarray]  # [positions, output channels]
     shapes: list[tuple[int, ...]]  # of the whole output
+    # With residual targets: the rows are the sum after the layer's residual Add, and the fit's targets are that sum
+    # less the current value of this other addend and the bias it adds (`offset`).
+    residual: str | None = None
+    offset: np.ndarray | float = 0.0
 
     def keep(self, channels: np.ndarray) -> None:
         """Keep the output channels the layer keeps, when it is itself a pruned producer."""
         self.rows = [rows[:, channels] for rows in self.rows]
+        if isinstance(self.offset, np.ndarray):
+            self.offset = self.offset[channels]
 
 
 def layers_reached(model: Model, producers: Sequence[gs.Node]) -> list[gs.Node]:
@@ -52,24 +63,52 @@ def layers_reached(model: Model, producers: Sequence[gs.Node]) -> list[gs.Node]:
 
 
 def layer_targets(
-    model: Model, layers: Sequence[gs.Node], samples: Sequence[Sample], ctx: PassContext
+    model: Model, layers: Sequence[gs.Node], samples: Sequence[Sample], ctx: PassContext, residual: bool = False
 ) -> dict[int, Targets]:
-    """Each layer's outputs on the samples at random positions (enough for its fit), by node id."""
+    """Each layer's outputs on the samples at random positions (enough for its fit), by node id.
+
+    With `residual`, a layer whose output (after its bias) goes into a residual Add is fitted to what that Add
+    computed, less the other addend as it is when the layer is refitted: the layer then also makes up for the error
+    that earlier layers left in the residual stream, which otherwise goes on to every later layer.
+    """
     rng = np.random.default_rng(0)
     per_sample = 2 * MAX_ROWS // max(len(samples), 1) + 1  # enough to fill both the fit and its check
-    names = {node.outputs[0].name: node for node in layers}
-    targets = {id(node): Targets([], [], []) for node in layers}
+    watched: dict[str, list[gs.Node]] = {}
+    targets = {}
+    for node in layers:
+        found = _residual_add(node) if residual else None
+        name, other, offset = found or (node.outputs[0].name, None, 0.0)
+        watched.setdefault(name, []).append(node)
+        targets[id(node)] = Targets([], [], [], other, offset)
 
-    def add(name: str, value: np.ndarray) -> None:
-        node = names[name]
-        rows = channels_last(node, value)
-        positions = np.sort(rng.choice(len(rows), min(per_sample, len(rows)), replace=False))
-        targets[id(node)].positions.append(positions)
-        targets[id(node)].rows.append(rows[positions].astype(np.float64))
-        targets[id(node)].shapes.append(value.shape)
-
-    observe_tensors(model, list(names), samples, ctx, add)
+    for sample, values in observed(model, list(watched), samples, ctx):
+        for name, nodes in watched.items():
+            for node in nodes:
+                rows = channels_last(node, values[name])
+                positions = sampled_rows(sample, len(rows), per_sample, rng)
+                targets[id(node)].positions.append(positions)
+                targets[id(node)].rows.append(rows[positions].astype(np.float64))
+                targets[id(node)].shapes.append(values[name].shape)
     return targets
+
+
+def _residual_add(node: gs.Node) -> tuple[str, str, np.ndarray | float] | None:
+    """(the sum, the other addend, the bias added on the way) when the layer's output, after its bias Add if any,
+    is only read by an Add of two computed tensors of the same shape."""
+    bias = _bias(node)
+    after_add = bias is not None and bias[0] is not node
+    tensor = bias[0].outputs[0] if after_add else node.outputs[0]
+    if len(tensor.outputs) != 1 or tensor.outputs[0].op != "Add":
+        return None
+    add = tensor.outputs[0]
+    addends = [t for t in add.inputs if t is not tensor]
+    if len(add.inputs) != 2 or len(addends) != 1 or isinstance(addends[0], gs.Constant):
+        return None
+    other = addends[0]
+    if tensor.shape is None or other.shape is None or list(tensor.shape) != list(other.shape):
+        return None
+    offset = np.asarray(bias[0].inputs[bias[1]].values, np.float64).ravel() if after_add else 0.0
+    return add.outputs[0].name, other.name, offset
 
 
 def refit_layers(
@@ -83,19 +122,29 @@ def refit_layers(
     rng = np.random.default_rng(1)
     refitted = 0
     for node in layers:
-        inputs: list[np.ndarray] = []
-        observe_tensors(model, [node.inputs[0].name], samples, ctx, lambda _, value: inputs.append(value))
         bias, target = _bias(node), targets[id(node)]
+        names = [node.inputs[0].name, *([target.residual] if target.residual else [])]
+        seen: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        observe_tensors(model, names, samples, ctx, lambda name, value: seen[name].append(value))
         rows = [
             (input_rows(node, x, positions, shape, bias is not None), y)
-            for x, positions, shape, y in zip(inputs, target.positions, target.shapes, target.rows)
+            for x, positions, shape, y in zip(seen[names[0]], target.positions, target.shapes, target.rows)
         ]
+        if target.residual:
+            addends = [channels_last(node, value)[at] for value, at in zip(seen[names[1]], target.positions)]
+            rows = [(x, y - addend - target.offset) for (x, y), addend in zip(rows, addends)]
         fit, check = _split(rows, rng)
         current = _design_weights(node, bias)
-        ridge = _best_ridge(fit, check, current)
-        if ridge is None:
+        sigmoid = _sigmoid_after(node, bias, current.shape)
+        choice = _best_fit(fit, check, current, sigmoid)
+        if choice is None:
             continue
-        _write(model, node, bias, _ridge_solution(*_stack(rows, MAX_ROWS, rng), current, ridge))
+        ridge, through_sigmoid = choice
+        x, y = _stack(rows, MAX_ROWS, rng)
+        solution = _ridge_solution(x, y, current, ridge)
+        if through_sigmoid:
+            solution = sigmoid.refine(x, y, solution, current, ridge)
+        _write(model, node, bias, solution)
         refitted += 1
     return refitted
 
@@ -117,23 +166,102 @@ def _stack(rows: list, limit: int, rng: np.random.Generator) -> tuple[np.ndarray
     return x, y
 
 
-def _best_ridge(fit: tuple, check: tuple, current: np.ndarray) -> float | None:
-    """The ridge strength whose fit predicts the check rows best, or None when the current weights do."""
+def _best_fit(fit: tuple, check: tuple, current: np.ndarray, sigmoid: _Sigmoid | None) -> tuple[float, bool] | None:
+    """The ridge strength, and for a layer a Sigmoid reads whether to refine the fit through it, that predict the
+    check rows best; None when the current weights do."""
     x, y = check
-    best, best_error = None, float(np.sum((x @ current - y) ** 2))
+
+    def error(weights: np.ndarray) -> float:
+        return sigmoid.error(x, y, weights) if sigmoid else float(np.sum((x @ weights - y) ** 2))
+
+    best, best_error = None, error(current)
     for ridge in RIDGES:
-        error = float(np.sum((x @ _ridge_solution(*fit, current, ridge) - y) ** 2))
-        if error < best_error:
-            best, best_error = ridge, error
+        linear = _ridge_solution(*fit, current, ridge)
+        candidates = [(linear, False)] + ([(sigmoid.refine(*fit, linear, current, ridge), True)] if sigmoid else [])
+        for weights, through_sigmoid in candidates:
+            candidate = error(weights)
+            if candidate < best_error:
+                best, best_error = (ridge, through_sigmoid), candidate
     return best
 
 
 def _ridge_solution(x: np.ndarray, y: np.ndarray, current: np.ndarray, ridge: float) -> np.ndarray:
     """argmin_W |x W - y|^2 + r |W - current|^2, with r `ridge` times the mean squared input."""
     gram = x.T @ x
-    strength = ridge * max(float(np.trace(gram)) / len(gram), 1e-12)
+    strength = _strength(gram, ridge)
     gram[np.diag_indices_from(gram)] += strength
     return np.linalg.solve(gram, x.T @ y + strength * current)
+
+
+def _strength(gram: np.ndarray, ridge: float) -> float:
+    return ridge * max(float(np.trace(gram)) / len(gram), 1e-12)
+
+
+@dataclass
+class _Sigmoid:
+    """The fit of a layer that only a Sigmoid reads: judged and refined on what the sigmoid gives, which is what the
+    model uses. A linear fit of the logits spends itself on saturated values far from 0 (a detector's background
+    at -50 or -90), where errors change nothing."""
+
+    offset: np.ndarray  # what the sigmoid reads on top of the fit's output: the constant of a bias Add after a MatMul
+
+    def error(self, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> float:
+        return float(np.sum((self._squash(x @ weights) - self._squash(y)) ** 2))
+
+    def refine(self, x: np.ndarray, y: np.ndarray, start: np.ndarray, current: np.ndarray, ridge: float) -> np.ndarray:
+        """From `start`, argmin_W |sigmoid(x W) - sigmoid(y)|^2 + r |W - current|^2 (r as for the linear fit), by
+        Levenberg-Marquardt, one output column at a time (their errors do not mix)."""
+        wanted, solution = self._squash(y), start.copy()
+        for column in range(start.shape[1]):
+            weights, damping = solution[:, column], 1e-3
+            value = self._squash(x @ weights, column)
+            strength = _strength(_weighted_gram(x, value), ridge)  # relative to the sigmoid's own sensitivity
+            loss = self._loss(x, weights, wanted[:, column], current[:, column], strength, column)
+            for _ in range(SIGMOID_STEPS):
+                value = self._squash(x @ weights, column)
+                gram = _weighted_gram(x, value)
+                gradient = x.T @ ((wanted[:, column] - value) * value * (1 - value))
+                gradient -= strength * (weights - current[:, column])
+                scale = max(float(np.trace(gram)) / len(gram), 1e-12)
+                while damping < 1e8:
+                    step = np.linalg.solve(gram + (strength + damping * scale) * np.eye(len(gram)), gradient)
+                    trial = self._loss(x, weights + step, wanted[:, column], current[:, column], strength, column)
+                    if trial < loss:
+                        weights, damping, improved, loss = weights + step, damping / 3, loss - trial, trial
+                        break
+                    damping *= 4
+                else:
+                    break
+                if improved < 1e-9 * loss:
+                    break
+            solution[:, column] = weights
+        return solution
+
+    def _squash(self, logits: np.ndarray, column: int | None = None) -> np.ndarray:
+        offset = self.offset if column is None else self.offset[column]
+        return 0.5 * (1 + np.tanh(0.5 * (logits + offset)))  # the sigmoid, without overflow
+
+    def _loss(self, x, weights, wanted, current, strength, column) -> float:
+        fit = np.sum((self._squash(x @ weights, column) - wanted) ** 2)
+        return float(fit + strength * np.sum((weights - current) ** 2))
+
+
+def _weighted_gram(x: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """The Gauss-Newton matrix of the sigmoid's outputs `value` = sigmoid(x w) in w."""
+    slope = x * (value * (1 - value))[:, None]
+    return slope.T @ slope
+
+
+def _sigmoid_after(node: gs.Node, bias: tuple[gs.Node, int] | None, shape: tuple[int, int]) -> _Sigmoid | None:
+    """How to fit a layer whose output (after its bias Add) only a Sigmoid reads, when its per-column fits are
+    affordable; None for a linear fit."""
+    after_add = bias is not None and bias[0] is not node
+    tensor = bias[0].outputs[0] if after_add else node.outputs[0]
+    readers = tensor.outputs
+    if len(readers) != 1 or readers[0].op != "Sigmoid" or shape[0] * shape[0] * shape[1] * MAX_ROWS > SIGMOID_WORK:
+        return None
+    offset = np.asarray(bias[0].inputs[bias[1]].values, np.float64).ravel() if after_add else np.zeros(shape[1])
+    return _Sigmoid(offset)
 
 
 def refittable(node: gs.Node) -> bool:
@@ -226,6 +354,19 @@ def _transposed_patches(node: gs.Node, x: np.ndarray, output_size: tuple[int, in
                 0, 2, 3, 1
             )
     return rows.reshape(n * oh * ow, c * kh * kw)
+
+
+def design_weights(node: gs.Node) -> tuple[np.ndarray, bool]:
+    """A refittable layer's weights as its fit solves for them ([design columns, outputs], in `input_rows`'s column
+    order), and whether the design has the trailing column of ones for a bias."""
+    bias = _bias(node)
+    return _design_weights(node, bias), bias is not None
+
+
+def design_columns(node: gs.Node, positions: np.ndarray) -> np.ndarray:
+    """The design columns (of `input_rows`) that read the given positions of the layer's input channel axis."""
+    taps = math.prod(node.inputs[1].shape[2:]) if node.op in CONVOLUTIONS else 1
+    return (np.asarray(positions, np.int64)[:, None] * taps + np.arange(taps)).ravel()
 
 
 def _design_weights(node: gs.Node, bias: tuple[gs.Node, int] | None) -> np.ndarray:

@@ -8,6 +8,7 @@ never take cost nothing there, so the same rank keeps much more of what the laye
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,23 +60,43 @@ def spectrum(weight: np.ndarray, second_moment: np.ndarray | None = None) -> Spe
     return Spectrum(u, s, vt, np.linalg.inv(lower.T))
 
 
-def ranks_for_budget(spectra: Sequence[Spectrum], shapes: Sequence[tuple[int, int]], fraction: float) -> list[int]:
-    """Ranks that keep the most energy of each layer, relative to its own, within `fraction` of their parameters.
+def ranks_for_budget(
+    spectra: Sequence[Spectrum],
+    shapes: Sequence[tuple[int, int]],
+    fraction: float,
+    worth: Sequence[np.ndarray] | None = None,
+    max_kept: float | None = None,
+) -> list[int]:
+    """Ranks that keep the most worth within `fraction` of the layers' parameters.
 
-    Greedy: every layer starts at rank 1, then the next singular value with the most energy per parameter
-    (m + n for one more rank) is added, anywhere, while the factors' parameters stay within the budget.
+    Each singular value is worth `worth[layer][index]`; by default its energy relative to its own layer's.
+    Greedy: every layer starts at rank 1, then the next singular value worth the most per parameter (m + n for
+    one more rank) is added, anywhere, while the factors' parameters stay within the budget. With `max_kept`, a
+    layer's rank stops where its factors would cost more than that fraction of its m n parameters, and keeping
+    it whole (its full rank, m n parameters, all its values) becomes its next step.
     """
+    if worth is None:
+        worth = [spec.s**2 / max(float(np.sum(spec.s**2)), 1e-300) for spec in spectra]
     budget = fraction * sum(m * n for m, n in shapes)
     ranks = [1] * len(spectra)
     used = sum(m + n for m, n in shapes)
-    gains = []
-    for index, (spec, (m, n)) in enumerate(zip(spectra, shapes)):
-        total = max(float(np.sum(spec.s**2)), 1e-300)
-        gains += [(float(value**2) / total / (m + n), index) for value in spec.s[1:]]
-    for _, index in sorted(gains, reverse=True):  # per layer, values come in descending order
-        m, n = shapes[index]
-        if used + m + n > budget:
-            continue
-        ranks[index] += 1
-        used += m + n
+    steps: list[tuple[float, int, int, bool]] = []  # (-worth per parameter, -layer, parameters, whole)
+
+    def add_next_step(index: int) -> None:
+        (m, n), rank, values = shapes[index], ranks[index], worth[index]
+        last = len(values) if max_kept is None else min(int(max_kept * m * n / (m + n)), len(values))
+        if rank < last:
+            heapq.heappush(steps, (-float(values[rank]) / (m + n), -index, m + n, False))
+        elif max_kept is not None and rank < len(values):
+            cost = m * n - rank * (m + n)
+            heapq.heappush(steps, (-float(np.sum(values[rank:])) / max(cost, 1), -index, cost, True))
+
+    for index in range(len(spectra)):
+        add_next_step(index)
+    while steps:  # the best step pops first; a layer's come in order, and once one does not fit it is done
+        _, index, cost, whole = heapq.heappop(steps)
+        if used + cost <= budget:
+            used += cost
+            ranks[-index] = len(worth[-index]) if whole else ranks[-index] + 1
+            add_next_step(-index)
     return ranks

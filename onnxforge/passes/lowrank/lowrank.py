@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -12,7 +13,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model, infer_shapes
 from onnxforge.ir.edit import make_constant, unique_name
-from onnxforge.passes.activations import observe_tensors
+from onnxforge.passes.activations import Sample, observed, sampled_rows
 from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.layer_costs import LayerCost, describe_change, layer_costs
 from onnxforge.passes.layers import Layer, excluded_by, find_layers
@@ -20,10 +21,15 @@ from onnxforge.passes.lowrank.factorization import Spectrum, ranks_for_budget, s
 from onnxforge.passes.refit import MAX_ROWS, input_rows, layer_targets, refit_layers
 from onnxforge.passes.registry import register_pass
 from onnxforge.passes.speed_check import kept_if_faster
+from onnxforge.passes.weight_probes import replacement_errors
 
 # A factorization must cut the layer's parameters (and so its multiply-accumulates) at least this much.
 MAX_KEPT = 0.9
 DEFAULT_ENERGY = 0.9  # when neither rank, energy nor ratio is given
+# With ratio= and method=whitened, the model's output error is measured with each layer alone truncated to keep
+# these fractions of its parameters.
+PROBED = (0.1, 0.35, 0.7)
+HELD_BACK = 8  # samples at most that measure it, held back from the whitening the probes use
 
 
 @dataclass
@@ -48,6 +54,16 @@ class Candidate:
         m, n = self.shape
         return rank * (m + n) <= MAX_KEPT * m * n
 
+    def stored(self, matrix: np.ndarray) -> np.ndarray:
+        """A matrix of this candidate's shape in the layout of the layer's weight."""
+        weight_shape = self.layer.weight.shape
+        if self.form == "channel":
+            return matrix.T.reshape(weight_shape)
+        if self.form == "spatial":
+            out_channels, in_channels, kh, kw = weight_shape
+            return matrix.reshape(in_channels, kh, out_channels, kw).transpose(2, 0, 1, 3)
+        return matrix.T if self.layer.op == "Gemm" and self.layer.node.attrs.get("transB", 0) else matrix
+
 
 @register_pass("lowrank")
 class LowRank(Pass):
@@ -57,7 +73,8 @@ class LowRank(Pass):
     filters and a 1 x 1 Conv; grouped Convs stay. The rank comes from `rank`, from the singular-value
     `energy` each layer keeps, or from a global parameter budget `ratio` (what keeps the most energy per
     parameter). method=whitened (needs --data) factors the layer's outputs on the calibration inputs instead
-    of its weight; recover=true then refits the second factor by least squares to the layer's old outputs.
+    of its weight, and spends a `ratio` budget where the model's outputs, measured, lose least; recover=true
+    then refits the second factor by least squares to the layer's old outputs.
     """
 
     lossless = False
@@ -80,16 +97,21 @@ class LowRank(Pass):
         candidates = [c for c in (as_candidate(layer) for layer in find_layers(model.graph)) if c is not None]
         candidates = [c for c in candidates if c.matrix.size >= self.options.min_size and not self._excluded(c)]
         if ctx.data:
-            _second_moments(model, candidates, ctx)
+            for candidate, moment in zip(candidates, _second_moments(model, candidates, ctx.data, ctx)):
+                candidate.second_moment = moment
         for candidate in candidates:
             whitening = candidate.second_moment if self.options.method == "whitened" else None
             candidate.spectrum = spectrum(candidate.matrix, whitening)
-        ranks = self._ranks(candidates)
+        by_output_error = bool(self.options.ratio) and self.options.method == "whitened"
+        ranks = self._ranks_by_output_error(model, candidates, ctx) if by_output_error else self._ranks(candidates)
         if self.options.method == "svd" and not self.options.ratio:
             candidates, ranks = self._cheaper_conv_forms(candidates, ranks)
         chosen = [(c, r) for c, r in zip(candidates, ranks) if c.worth_it(r)]
         notes = [_skipped_note(c, r) for c, r in zip(candidates, ranks) if not c.worth_it(r)]
         stats = {"layers_considered": len(candidates), "layers_factored": len(chosen)}
+        if by_output_error:
+            notes.append(f"ranks chosen by the model's output error on {len(_fit_and_check(ctx.data)[1])} samples "
+                         f"held back from the whitening, each layer truncated alone at {len(PROBED)} ranks")
         if not chosen:
             return PassResult(False, stats=stats, notes=notes or ["no layer large enough to factor"])
         original, costs = model.copy(), layer_costs(model.graph)
@@ -129,6 +151,29 @@ class LowRank(Pass):
         if o.ratio:
             return ranks_for_budget([c.spectrum for c in candidates], [c.shape for c in candidates], o.ratio)
         return [c.spectrum.rank_for_energy(o.energy or DEFAULT_ENERGY) for c in candidates]
+
+    def _ranks_by_output_error(self, model: Model, candidates: list[Candidate], ctx: PassContext) -> list[int]:
+        """Ranks within the budget that lose the least of the model's outputs on --data.
+
+        A layer's whitened spectrum gives its own output error at each rank; how much of it reaches the model's
+        outputs is measured at a few ranks (PROBED fractions of its parameters), on samples held back from that
+        whitening so that what it overfits shows: the model runs with that layer alone truncated. Between those
+        ranks the ratio is interpolated, beyond them held.
+        """
+        if not candidates:
+            return []
+        fit, check = _fit_and_check(ctx.data)
+        moments = _second_moments(model, candidates, fit, ctx)
+        fitted = [spectrum(c.matrix, moment) for c, moment in zip(candidates, moments)]
+        probed = [_probe_ranks(c) for c in candidates]
+        truncated = [_truncated_weights(c, spec, ranks) for c, spec, ranks in zip(candidates, fitted, probed)]
+        errors = replacement_errors(model, [c.layer for c in candidates], truncated, check, ctx)
+        worth = [
+            _output_error_worth(c.spectrum, spec, ranks, errs)
+            for c, spec, ranks, errs in zip(candidates, fitted, probed, errors)
+        ]
+        shapes = [c.shape for c in candidates]
+        return ranks_for_budget([c.spectrum for c in candidates], shapes, self.options.ratio, worth, MAX_KEPT)
 
     def _cheaper_conv_forms(self, candidates: list[Candidate], ranks: list[int]) -> tuple[list, list]:
         """Each k x k Conv in its spatial form where that is worth it, as faithful, and costs fewer
@@ -193,7 +238,9 @@ def conv_macs(candidate: Candidate, rank: int) -> int | None:
     return rank * in_channels * kh * output[0] * output[2] * data[3] + out_channels * rank * kw * positions
 
 
-def _second_moments(model: Model, candidates: list[Candidate], ctx: PassContext) -> None:
+def _second_moments(
+    model: Model, candidates: list[Candidate], samples: list[Sample], ctx: PassContext
+) -> list[np.ndarray]:
     """XᵀX / rows of each candidate's inputs over the samples (Conv: its input patches at random positions)."""
     by_input: dict[str, list[Candidate]] = {}
     for candidate in candidates:
@@ -201,28 +248,56 @@ def _second_moments(model: Model, candidates: list[Candidate], ctx: PassContext)
     sums = {id(c): [np.zeros((c.shape[0], c.shape[0])), 0] for c in candidates}
     rng = np.random.default_rng(0)
 
-    def add(name: str, value: np.ndarray) -> None:
-        for candidate in by_input[name]:
-            rows = _input_rows(candidate, value, rng, max(MAX_ROWS // len(ctx.data), 1))
-            total = sums[id(candidate)]
-            total[0] += rows.T @ rows
-            total[1] += len(rows)
+    for sample, values in observed(model, list(by_input), samples, ctx):
+        for name, readers in by_input.items():
+            for candidate in readers:
+                rows = _input_rows(candidate, values[name], sample, rng, max(MAX_ROWS // len(samples), 1))
+                total = sums[id(candidate)]
+                total[0] += rows.T @ rows
+                total[1] += len(rows)
 
-    observe_tensors(model, list(by_input), ctx.data, ctx, add)
-    for candidate in candidates:
-        gram, rows = sums[id(candidate)]
-        candidate.second_moment = gram / max(rows, 1)
+    return [sums[id(c)][0] / max(sums[id(c)][1], 1) for c in candidates]
 
 
-def _input_rows(candidate: Candidate, value: np.ndarray, rng: np.random.Generator, limit: int) -> np.ndarray:
+def _input_rows(
+    candidate: Candidate, value: np.ndarray, sample: Sample, rng: np.random.Generator, limit: int
+) -> np.ndarray:
     node = candidate.layer.node
     if node.op == "Conv":
         output = node.outputs[0].shape
         count = value.shape[0] * math.prod(output[2:])
     else:
         output, count = None, value.size // value.shape[-1]
-    positions = np.sort(rng.choice(count, min(limit, count), replace=False))
-    return input_rows(node, value, positions, output, with_bias=False)
+    return input_rows(node, value, sampled_rows(sample, count, limit, rng), output, with_bias=False)
+
+
+def _fit_and_check(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """The samples to whiten on and those held back to measure the model's output error on: the last quarter
+    (at least one, at most HELD_BACK). A single sample does both."""
+    if len(samples) < 2:
+        return samples, samples
+    held = min(max(1, len(samples) // 4), HELD_BACK)
+    return samples[:-held], samples[-held:]
+
+
+def _probe_ranks(candidate: Candidate) -> list[int]:
+    m, n = candidate.shape
+    return sorted({max(1, int(fraction * m * n / (m + n))) for fraction in PROBED})
+
+
+def _truncated_weights(candidate: Candidate, spec: Spectrum, ranks: list[int]) -> Iterator[np.ndarray]:
+    """The layer's weight truncated by `spec` at each rank, one at a time (they can be large)."""
+    for rank in ranks:
+        yield candidate.stored(np.matmul(*spec.factors(rank)))
+
+
+def _output_error_worth(spec: Spectrum, fitted: Spectrum, ranks: list[int], errors: list[float]) -> np.ndarray:
+    """What each singular value of `spec` is worth to the model's outputs: its squared value (the layer's output
+    energy) times the model's error per unit of the layer's own at the probed ranks (by `fitted`'s tails)."""
+    tails = np.append(np.cumsum(fitted.s[::-1] ** 2)[::-1], 0.0)
+    floor = 1e-12 * max(float(tails[0]), 1e-300)
+    ratios = [error / max(float(tails[rank]), floor) for rank, error in zip(ranks, errors)]
+    return np.interp(np.arange(1, spec.full_rank + 1), ranks, ratios) * spec.s**2
 
 
 def factor_layer(model: Model, candidate: Candidate, rank: int) -> gs.Node:
@@ -292,7 +367,10 @@ def _describe(candidate: Candidate, rank: int) -> str:
 
 def _skipped_note(candidate: Candidate, rank: int) -> str:
     m, n = candidate.shape
-    return (f"{candidate.layer.op} {candidate.layer.name}: kept: rank {rank} of {m}x{n} would keep "
+    name = f"{candidate.layer.op} {candidate.layer.name}"
+    if rank >= candidate.spectrum.full_rank:
+        return f"{name}: kept: whole, at its full rank {rank} ({m}x{n})"
+    return (f"{name}: kept: rank {rank} of {m}x{n} would keep "
             f"{rank * (m + n) / (m * n):.0%} of its parameters (factored only at {MAX_KEPT:.0%} or less)")
 
 

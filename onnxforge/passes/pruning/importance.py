@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxforge.ir import Model
-from onnxforge.passes.activations import Sample, observe_tensors
+from onnxforge.passes.activations import Sample, counted_rows, observed
 from onnxforge.passes.base import PassContext
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelSlot
 
@@ -37,15 +37,15 @@ def input_statistics(
     axes = {slot.node.inputs[0].name: _channel_axis(slot.node) for group in groups for slot in group.consumers}
     sums: dict[str, list] = {}
 
-    def add(name: str, value: np.ndarray) -> None:
-        axis = axes[name]
-        x = np.moveaxis(np.asarray(value, np.float64), axis, 0).reshape(value.shape[axis], -1)
-        total = sums.setdefault(name, [0.0, 0.0, 0])
-        total[0] = total[0] + np.abs(x).sum(1)
-        total[1] = total[1] + np.square(x).sum(1)
-        total[2] += x.shape[1]
-
-    observe_tensors(model, list(axes), samples, ctx, add)
+    for sample, values in observed(model, list(axes), samples, ctx):
+        for name, axis in axes.items():
+            value = values[name]
+            x = np.moveaxis(np.asarray(value, np.float64), axis, 0).reshape(value.shape[axis], -1)
+            x = x[:, counted_rows(sample, x.shape[1])]
+            total = sums.setdefault(name, [0.0, 0.0, 0])
+            total[0] = total[0] + np.abs(x).sum(1)
+            total[1] = total[1] + np.square(x).sum(1)
+            total[2] += x.shape[1]
     return {name: InputStatistics(a / n, q / n) for name, (a, q, n) in sums.items()}
 
 

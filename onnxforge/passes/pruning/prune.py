@@ -17,6 +17,7 @@ from onnxforge.passes.layers import excluded_by, find_layers
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelGroups
 from onnxforge.passes.pruning.channel_surgery import remove_channels
 from onnxforge.passes.pruning.importance import DATA_METHODS, channel_importance, input_statistics
+from onnxforge.passes.pruning.selection import kept_for_refit, reader_grams
 from onnxforge.passes.refit import layer_targets, layers_reached, refit_layers, refittable
 from onnxforge.passes.pruning.sparsity import SPEED_NOTE, magnitude_mask, two_of_four_mask
 from onnxforge.passes.registry import register_pass
@@ -34,6 +35,8 @@ class ChannelPruning(Pass):
     weights (l1, l2) or, on --data, its mean activation or the output change its removal causes
     (activation, taylor-free; see importance.py). scope=layer removes `ratio` of every group's channels,
     scope=global the `ratio` least important channels of all groups together (at least one kept per group).
+    With recover=true the layers after the pruned channels are refitted on --data (refit.py), and each group keeps
+    the channels from which its readers' refit best reproduces what they computed (select=refit, selection.py).
     structure=unstructured zeros the `ratio` smallest weights of each layer and structure=2:4 two of every
     four along the input axis: shapes stay, so only the compressed file shrinks on dense kernels.
     """
@@ -48,6 +51,7 @@ class ChannelPruning(Pass):
         structure: Literal["channel", "unstructured", "2:4"] = "channel"
         exclude: list[str] = field(default_factory=list)  # op types, node names or name patterns
         recover: bool = False  # refit the layers after pruned channels on --data by least squares
+        select: Literal["refit", "importance"] = "refit"  # with recover: keep what refits best, or the most important
         measure: bool = True  # time the pruned model against the unpruned one on the pass's backend
         min_speedup: float = 1.0  # measured below this, the unpruned model is kept
 
@@ -79,10 +83,9 @@ class ChannelPruning(Pass):
             statistics = input_statistics(model, candidates, ctx.data, ctx)
         scores = [channel_importance(group, self.options.method, statistics) for group in candidates]
         removed = self._choose(scores)
-        choices = []
-        for group, score, count in zip(candidates, scores, removed):
-            keep = np.sort(np.argsort(score, kind="stable")[count:])
-            notes.append(f"{_title(group)}: {group.channels} -> {keep.size} {group.unit} ({self.options.method})")
+        choices, how = [], self.options.method + ("; kept for the refit" if self._selects_for_refit else "")
+        for group, keep, count in zip(candidates, self._kept(model, candidates, scores, removed, ctx), removed):
+            notes.append(f"{_title(group)}: {group.channels} -> {keep.size} {group.unit} ({how})")
             if count:
                 choices.append((group, keep))
         stats = {"groups": len(groups), "groups_pruned": len(choices), "channels_removed": int(sum(removed))}
@@ -102,7 +105,7 @@ class ChannelPruning(Pass):
     def _remove_and_recover(self, model: Model, choices: list, ctx: PassContext) -> str:
         """Remove the chosen channels, then refit the layers they reach to the unpruned model's outputs."""
         layers = layers_reached(model, [slot.node for group, _ in choices for slot in group.producers])
-        targets = layer_targets(model, layers, ctx.data, ctx)
+        targets = layer_targets(model, layers, ctx.data, ctx, residual=True)
         for group, keep in choices:
             for slot in group.producers:
                 if id(slot.node) in targets:
@@ -111,6 +114,20 @@ class ChannelPruning(Pass):
         refitted = refit_layers(model, layers, targets, ctx.data, ctx)
         samples = len(ctx.data)
         return f"recovery: {refitted} of {len(layers)} layers after the pruned channels refitted on {samples} samples"
+
+    @property
+    def _selects_for_refit(self) -> bool:
+        return self.options.recover and self.options.select == "refit"
+
+    def _kept(
+        self, model: Model, groups: list[ChannelGroup], scores: list[np.ndarray], removed: list[int], ctx: PassContext
+    ) -> list[np.ndarray]:
+        """The channels each group keeps: its most important, or with recovery those whose refit best reproduces
+        what the readers computed; `removed[i]` go from group i either way."""
+        if not self._selects_for_refit:
+            return [np.sort(np.argsort(score, kind="stable")[count:]) for score, count in zip(scores, removed)]
+        grams = reader_grams(model, [group for group, count in zip(groups, removed) if count], ctx.data, ctx)
+        return [kept_for_refit(group, count, grams) for group, count in zip(groups, removed)]
 
     def _excluded(self, group: ChannelGroup) -> bool:
         return any(self._excludes(slot.node) for slot in group.producers)

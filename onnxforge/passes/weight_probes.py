@@ -1,0 +1,58 @@
+"""Run a model on samples with one layer's weight at a time replaced: what each change costs at its outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.ir import Model
+from onnxforge.ir.edit import unique_name
+from onnxforge.passes.activations import Sample
+from onnxforge.passes.base import PassContext
+from onnxforge.passes.layers import Layer
+
+
+def replacement_errors(
+    model: Model,
+    layers: Sequence[Layer],
+    replacements: Sequence[Iterable[np.ndarray]],
+    samples: Sequence[Sample],
+    ctx: PassContext,
+) -> list[list[float]]:
+    """For each layer and each of its `replacements` (weights in the layout stored, taken one at a time), the
+    model's relative squared error on `samples` when only that layer has that weight: |y' - y|² / |y|² over
+    every float output, pooled over the samples and summed over the outputs.
+
+    The model is prepared once, with the layers' weights as inputs, so that each replacement costs only runs.
+    """
+    probe = model.copy()
+    twins = dict(zip(map(id, model.graph.nodes), probe.graph.nodes))
+    originals = {}
+    for layer in layers:
+        weight = gs.Variable(unique_name(probe.graph, f"{layer.weight.name}_probed"), np.float32, layer.weight.shape)
+        twins[id(layer.node)].inputs[layer.weight_input] = weight
+        probe.graph.inputs.append(weight)
+        originals[weight.name] = np.asarray(layer.weight.values, np.float32)
+    probe.graph.cleanup()
+    prepared = ctx.prepare(probe)
+
+    def outputs(changed: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        return [prepared.run({**sample, **originals, **changed}) for sample in samples]
+
+    reference = outputs({})
+    return [
+        [_relative_squared_error(reference, outputs({name: np.asarray(w, np.float32)})) for w in weights]
+        for name, weights in zip(originals, replacements)
+    ]
+
+
+def _relative_squared_error(reference: list[dict[str, np.ndarray]], changed: list[dict[str, np.ndarray]]) -> float:
+    total = 0.0
+    for name, value in reference[0].items():
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            ref = np.concatenate([np.asarray(run[name], np.float64).ravel() for run in reference])
+            new = np.concatenate([np.asarray(run[name], np.float64).ravel() for run in changed])
+            total += float(np.sum((new - ref) ** 2)) / max(float(np.sum(ref**2)), 1e-30)
+    return total
