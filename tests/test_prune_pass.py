@@ -269,6 +269,16 @@ def test_pruning_heads_gives_the_same_model_whether_or_not_attention_was_fused(b
     assert [n.attrs["num_heads"] for n in fused_after.graph.nodes if n.op == "Attention"] == [2, 2]
 
 
+def test_recovery_keeps_the_most_important_heads_and_the_channels_best_for_the_refit(bert_like):
+    source = bert_like["unfused"]
+    calibration = _random_samples(source, 8, seed=1)
+    _, result = apply("prune:measure=false:ratio=0.5:method=taylor-free:recover=true", source, data=calibration)
+    heads = [note for note in result.notes if "4 -> 2 heads" in note]
+    channels = [note for note in result.notes if "128 -> 64 channels" in note]
+    assert len(heads) == 2 and all(note.endswith("(taylor-free)") for note in heads), result.notes
+    assert len(channels) == 2 and all(note.endswith("(taylor-free; kept for the refit)") for note in channels)
+
+
 def test_ratio_zero_leaves_heads_unchanged(bert_like):
     model, result = apply("prune:measure=false:ratio=0", bert_like["fused"])
     assert not result.changed and max_rel_error(bert_like["fused"], model) == 0

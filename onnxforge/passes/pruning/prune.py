@@ -36,7 +36,8 @@ class ChannelPruning(Pass):
     (activation, taylor-free; see importance.py). scope=layer removes `ratio` of every group's channels,
     scope=global the `ratio` least important channels of all groups together (at least one kept per group).
     With recover=true the layers after the pruned channels are refitted on --data (refit.py), and each group keeps
-    the channels from which its readers' refit best reproduces what they computed (select=refit, selection.py).
+    the channels from which its readers' refit best reproduces what they computed (select=refit, selection.py;
+    attention heads by importance).
     structure=unstructured zeros the `ratio` smallest weights of each layer and structure=2:4 two of every
     four along the input axis: shapes stay, so only the compressed file shrinks on dense kernels.
     """
@@ -83,8 +84,9 @@ class ChannelPruning(Pass):
             statistics = input_statistics(model, candidates, ctx.data, ctx)
         scores = [channel_importance(group, self.options.method, statistics) for group in candidates]
         removed = self._choose(scores)
-        choices, how = [], self.options.method + ("; kept for the refit" if self._selects_for_refit else "")
+        choices, method = [], self.options.method
         for group, keep, count in zip(candidates, self._kept(model, candidates, scores, removed, ctx), removed):
+            how = f"{method}; kept for the refit" if self._selects_for_refit and group.unit != "heads" else method
             notes.append(f"{_title(group)}: {group.channels} -> {keep.size} {group.unit} ({how})")
             if count:
                 choices.append((group, keep))
@@ -123,11 +125,21 @@ class ChannelPruning(Pass):
         self, model: Model, groups: list[ChannelGroup], scores: list[np.ndarray], removed: list[int], ctx: PassContext
     ) -> list[np.ndarray]:
         """The channels each group keeps: its most important, or with recovery those whose refit best reproduces
-        what the readers computed; `removed[i]` go from group i either way."""
-        if not self._selects_for_refit:
-            return [np.sort(np.argsort(score, kind="stable")[count:]) for score, count in zip(scores, removed)]
-        grams = reader_grams(model, [group for group, count in zip(groups, removed) if count], ctx.data, ctx)
-        return [kept_for_refit(group, count, grams) for group, count in zip(groups, removed)]
+        what the readers computed; `removed[i]` go from group i either way.
+
+        Attention heads are kept by importance either way: a head's loss that its reader's refit makes up for on
+        the calibration samples is not made up for on others (on MiniLM, heads chosen for the refit, or by the
+        model's measured output change, lost more on held-out sentences than the most important heads kept).
+        """
+        by_importance = [np.sort(np.argsort(score, kind="stable")[count:]) for score, count in zip(scores, removed)]
+        for_refit = [count if group.unit != "heads" else 0 for group, count in zip(groups, removed)]
+        if not self._selects_for_refit or not any(for_refit):
+            return by_importance
+        grams = reader_grams(model, [group for group, count in zip(groups, for_refit) if count], ctx.data, ctx)
+        return [
+            kept_for_refit(group, count, grams) if count else keep
+            for group, count, keep in zip(groups, for_refit, by_importance)
+        ]
 
     def _excluded(self, group: ChannelGroup) -> bool:
         return any(self._excludes(slot.node) for slot in group.producers)
