@@ -95,9 +95,7 @@ def layer_targets(
 def _residual_add(node: gs.Node) -> tuple[str, str, np.ndarray | float] | None:
     """(the sum, the other addend, the bias added on the way) when the layer's output, after its bias Add if any,
     is only read by an Add of two computed tensors of the same shape."""
-    bias = _bias(node)
-    after_add = bias is not None and bias[0] is not node
-    tensor = bias[0].outputs[0] if after_add else node.outputs[0]
+    tensor, added = _after_bias(node, _bias(node))
     if len(tensor.outputs) != 1 or tensor.outputs[0].op != "Add":
         return None
     add = tensor.outputs[0]
@@ -107,8 +105,7 @@ def _residual_add(node: gs.Node) -> tuple[str, str, np.ndarray | float] | None:
     other = addends[0]
     if tensor.shape is None or other.shape is None or list(tensor.shape) != list(other.shape):
         return None
-    offset = np.asarray(bias[0].inputs[bias[1]].values, np.float64).ravel() if after_add else 0.0
-    return add.outputs[0].name, other.name, offset
+    return add.outputs[0].name, other.name, 0.0 if added is None else added
 
 
 def refit_layers(
@@ -188,12 +185,13 @@ def _best_fit(fit: tuple, check: tuple, current: np.ndarray, sigmoid: _Sigmoid |
 def _ridge_solution(x: np.ndarray, y: np.ndarray, current: np.ndarray, ridge: float) -> np.ndarray:
     """argmin_W |x W - y|^2 + r |W - current|^2, with r `ridge` times the mean squared input."""
     gram = x.T @ x
-    strength = _strength(gram, ridge)
+    strength = ridge_strength(gram, ridge)
     gram[np.diag_indices_from(gram)] += strength
     return np.linalg.solve(gram, x.T @ y + strength * current)
 
 
-def _strength(gram: np.ndarray, ridge: float) -> float:
+def ridge_strength(gram: np.ndarray, ridge: float) -> float:
+    """The ridge's strength for a Gram matrix: `ridge` times its mean diagonal (the mean squared input)."""
     return ridge * max(float(np.trace(gram)) / len(gram), 1e-12)
 
 
@@ -215,7 +213,7 @@ class _Sigmoid:
         for column in range(start.shape[1]):
             weights, damping = solution[:, column], 1e-3
             value = self._squash(x @ weights, column)
-            strength = _strength(_weighted_gram(x, value), ridge)  # relative to the sigmoid's own sensitivity
+            strength = ridge_strength(_weighted_gram(x, value), ridge)  # relative to the sigmoid's own sensitivity
             loss = self._loss(x, weights, wanted[:, column], current[:, column], strength, column)
             for _ in range(SIGMOID_STEPS):
                 value = self._squash(x @ weights, column)
@@ -255,13 +253,19 @@ def _weighted_gram(x: np.ndarray, value: np.ndarray) -> np.ndarray:
 def _sigmoid_after(node: gs.Node, bias: tuple[gs.Node, int] | None, shape: tuple[int, int]) -> _Sigmoid | None:
     """How to fit a layer whose output (after its bias Add) only a Sigmoid reads, when its per-column fits are
     affordable; None for a linear fit."""
-    after_add = bias is not None and bias[0] is not node
-    tensor = bias[0].outputs[0] if after_add else node.outputs[0]
+    tensor, added = _after_bias(node, bias)
     readers = tensor.outputs
     if len(readers) != 1 or readers[0].op != "Sigmoid" or shape[0] * shape[0] * shape[1] * MAX_ROWS > SIGMOID_WORK:
         return None
-    offset = np.asarray(bias[0].inputs[bias[1]].values, np.float64).ravel() if after_add else np.zeros(shape[1])
-    return _Sigmoid(offset)
+    return _Sigmoid(np.zeros(shape[1]) if added is None else added)
+
+
+def _after_bias(node: gs.Node, bias: tuple[gs.Node, int] | None) -> tuple[gs.Tensor, np.ndarray | None]:
+    """The layer's output after its bias Add, if it has one after it, and the bias that Add adds (else None)."""
+    if bias is None or bias[0] is node:
+        return node.outputs[0], None
+    holder, index = bias
+    return holder.outputs[0], np.asarray(holder.inputs[index].values, np.float64).ravel()
 
 
 def refittable(node: gs.Node) -> bool:

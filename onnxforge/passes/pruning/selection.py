@@ -20,7 +20,7 @@ from onnxforge.ir import Model
 from onnxforge.passes.activations import Sample, observed, sampled_rows
 from onnxforge.passes.base import PassContext
 from onnxforge.passes.pruning.channel_groups import ChannelGroup
-from onnxforge.passes.refit import MAX_ROWS, design_columns, design_weights, input_rows
+from onnxforge.passes.refit import MAX_ROWS, design_columns, design_weights, input_rows, ridge_strength
 
 # Ridge of the reader's fit, relative to its mean squared input, as in recovery's weakest tried strengths: it keeps
 # the Gram matrix invertible where channels are exactly dependent (a channel that is always 0).
@@ -66,11 +66,12 @@ def reader_grams(
     rng = np.random.default_rng(2)
     per_sample = MAX_ROWS // max(len(samples), 1) + 1
     grams: dict[int, np.ndarray] = {}
+    with_bias = {id(node): design_weights(node)[1] for node in readers}
     for sample, seen in observed(model, names, samples, ctx):
         for node in readers:
             x, y = seen[node.inputs[0].name], seen[node.outputs[0].name]
             positions = sampled_rows(sample, _positions(node, y), per_sample, rng)
-            rows = input_rows(node, x, positions, y.shape, design_weights(node)[1])
+            rows = input_rows(node, x, positions, y.shape, with_bias[id(node)])
             grams[id(node)] = grams.get(id(node), 0) + rows.T @ rows
     return grams
 
@@ -83,7 +84,7 @@ def kept_for_refit(group: ChannelGroup, count: int, grams: dict[int, np.ndarray]
     for slot in group.consumers:
         gram = grams[id(slot.node)]
         weights, _ = design_weights(slot.node)
-        ridged = gram + RIDGE * max(float(np.trace(gram)) / len(gram), 1e-12) * np.eye(len(gram))
+        ridged = gram + ridge_strength(gram, RIDGE) * np.eye(len(gram))
         energy = float(np.sum(weights * (gram @ weights)))
         fits.append(ReaderFit(np.linalg.inv(ridged), weights.copy(), 1 / max(energy, 1e-30)))
         columns.append(design_columns(slot.node, slot.positions(np.arange(group.channels))).reshape(group.channels, -1))
