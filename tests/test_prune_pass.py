@@ -279,6 +279,36 @@ def test_recovery_keeps_the_most_important_heads_and_the_channels_best_for_the_r
     assert len(channels) == 2 and all(note.endswith("(taylor-free; kept for the refit)") for note in channels)
 
 
+def test_recovery_refits_the_biases_and_residual_sums_that_fused_transformer_ops_hold(bert_like):
+    """After fusion a layer's bias sits in BiasGelu or SkipLayerNormalization, which also adds the residual: the
+    refit changes those biases, and fits the layers before a SkipLayerNormalization to the sum it takes."""
+    model = load_model(bert_like["fused"])
+    layers = [node for node in model.graph.nodes if recovery.refittable(node) and node.op == "MatMul"]
+    holders = [(recovery._bias(node)[0].op, recovery._residual_addend(node) is not None) for node in layers]
+    assert holders == [("SkipLayerNormalization", True), ("BiasGelu", False), ("SkipLayerNormalization", True)] * 2
+    ctx, samples = PassContext(backend="ort"), _random_samples(bert_like["fused"], 2, seed=4)
+    targets = recovery.layer_targets(model, layers, samples, ctx, residual=True)
+    for node in layers:
+        skip = recovery._residual_addend(node)
+        seen = {}
+        observe_tensors(model, [node.outputs[0].name, *[skip] * bool(skip)], samples[:1], ctx, seen.setdefault)
+        wanted = sum(value.reshape(-1, value.shape[-1]) for value in seen.values())[targets[id(node)].positions[0]]
+        assert np.allclose(targets[id(node)].rows[0], wanted, atol=1e-5), node.name
+
+    calibration, held_out = _random_samples(bert_like["fused"], 24, seed=5), _random_samples(bert_like["fused"], 8, 99)
+    options = "prune:measure=false:ratio=0.5:method=taylor-free"
+    plain, _ = apply(options, bert_like["fused"], data=calibration)
+    recovered, _ = apply(options + ":recover=true", bert_like["fused"], data=calibration)
+    def biases(graph_model) -> dict[str, np.ndarray]:
+        found = [recovery._bias(node) for node in graph_model.graph.nodes if node.op == "MatMul"]
+        return {holder.name: holder.inputs[index].values for holder, index in filter(None, found)}
+
+    before, after = biases(model), biases(recovered)
+    assert len(after) == 6 and all(not np.array_equal(after[name], before[name]) for name in after)
+    error = {name: relative_error(bert_like["fused"], m, held_out) for name, m in (("plain", plain), ("re", recovered))}
+    assert error["re"] < 0.7 * error["plain"], error
+
+
 def test_ratio_zero_leaves_heads_unchanged(bert_like):
     model, result = apply("prune:measure=false:ratio=0", bert_like["fused"])
     assert not result.changed and max_rel_error(bert_like["fused"], model) == 0

@@ -92,3 +92,11 @@ def test_silero_vad_case_streams_and_its_calibration_file_reads_back(tmp_path):
     assert len(samples) == len(case.calibration)
     for name in ("input", "state"):
         np.testing.assert_array_equal(samples[7][name], case.calibration[7][name])
+
+
+def test_the_encoders_extra_calibration_text_repeats_no_sentence_of_its_own():
+    """The extra calibration sentences are new text: none is held out (or used twice)."""
+    from english_text import MORE_SENTENCES
+
+    assert len(set(MORE_SENTENCES)) == len(MORE_SENTENCES)
+    assert not set(MORE_SENTENCES) & set(trained_models.SENTENCES)

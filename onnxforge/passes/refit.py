@@ -29,6 +29,9 @@ CONVOLUTIONS = ("Conv", "ConvTranspose")
 # per output column, costs at most SIGMOID_WORK multiply-adds.
 SIGMOID_STEPS = 30
 SIGMOID_WORK = 2e9
+# Where a MatMul's reader holds the bias added to its output: an Add's constant input, or the bias input of
+# onnxruntime's fused ops that add a bias before doing more (their first input is the MatMul's output).
+BIAS_INPUTS = {"Add": (0, 1), "BiasGelu": (1,), "FastGelu": (1,), "SkipLayerNormalization": (4,)}
 
 
 @dataclass
@@ -38,16 +41,13 @@ class Targets:
     positions: list[np.ndarray]  # flat indices over the output's batch and position axes
     rows: list[np.ndarray]  # [positions, output channels]
     shapes: list[tuple[int, ...]]  # of the whole output
-    # With residual targets: the rows are the sum after the layer's residual Add, and the fit's targets are that sum
-    # less the current value of this other addend and the bias it adds (`offset`).
+    # With residual targets: the rows are the layer's output plus this other addend of its residual sum, and the
+    # fit's targets are those rows less the other addend's current value.
     residual: str | None = None
-    offset: np.ndarray | float = 0.0
 
     def keep(self, channels: np.ndarray) -> None:
         """Keep the output channels the layer keeps, when it is itself a pruned producer."""
         self.rows = [rows[:, channels] for rows in self.rows]
-        if isinstance(self.offset, np.ndarray):
-            self.offset = self.offset[channels]
 
 
 def layers_reached(model: Model, producers: Sequence[gs.Node]) -> list[gs.Node]:
@@ -67,45 +67,45 @@ def layer_targets(
 ) -> dict[int, Targets]:
     """Each layer's outputs on the samples at random positions (enough for its fit), by node id.
 
-    With `residual`, a layer whose output (after its bias) goes into a residual Add is fitted to what that Add
-    computed, less the other addend as it is when the layer is refitted: the layer then also makes up for the error
-    that earlier layers left in the residual stream, which otherwise goes on to every later layer.
+    With `residual`, a layer whose output goes (with its bias) into a residual sum is fitted to that sum, less the
+    other addend as it is when the layer is refitted: the layer then also makes up for the error that earlier
+    layers left in the residual stream, which otherwise goes on to every later layer.
     """
     rng = np.random.default_rng(0)
     per_sample = 2 * MAX_ROWS // max(len(samples), 1) + 1  # enough to fill both the fit and its check
-    watched: dict[str, list[gs.Node]] = {}
-    targets = {}
-    for node in layers:
-        found = _residual_add(node) if residual else None
-        name, other, offset = found or (node.outputs[0].name, None, 0.0)
-        watched.setdefault(name, []).append(node)
-        targets[id(node)] = Targets([], [], [], other, offset)
-
-    for sample, values in observed(model, list(watched), samples, ctx):
-        for name, nodes in watched.items():
-            for node in nodes:
-                rows = channels_last(node, values[name])
-                positions = sampled_rows(sample, len(rows), per_sample, rng)
-                targets[id(node)].positions.append(positions)
-                targets[id(node)].rows.append(rows[positions].astype(np.float64))
-                targets[id(node)].shapes.append(values[name].shape)
+    targets = {id(node): Targets([], [], [], _residual_addend(node) if residual else None) for node in layers}
+    watched = {name for node in layers for name in (node.outputs[0].name, targets[id(node)].residual) if name}
+    for sample, values in observed(model, sorted(watched), samples, ctx):
+        for node in layers:
+            target, output = targets[id(node)], values[node.outputs[0].name]
+            if target.residual and values[target.residual].shape != output.shape:
+                target.residual = None  # broadcast into the sum (a skip input may be): fit the layer's own output
+            rows = channels_last(node, output)
+            positions = sampled_rows(sample, len(rows), per_sample, rng)
+            picked = rows[positions].astype(np.float64)
+            if target.residual:
+                picked += channels_last(node, values[target.residual])[positions]
+            target.positions.append(positions)
+            target.rows.append(picked)
+            target.shapes.append(output.shape)
     return targets
 
 
-def _residual_add(node: gs.Node) -> tuple[str, str, np.ndarray | float] | None:
-    """(the sum, the other addend, the bias added on the way) when the layer's output, after its bias Add if any,
-    is only read by an Add of two computed tensors of the same shape."""
-    tensor, added = _after_bias(node, _bias(node))
-    if len(tensor.outputs) != 1 or tensor.outputs[0].op != "Add":
+def _residual_addend(node: gs.Node) -> str | None:
+    """The other addend of a residual sum that is all that reads the layer's output (after its bias Add if any):
+    an Add of two computed tensors of the same shape, or the skip input of onnxruntime's SkipLayerNormalization."""
+    tensor, _ = _after_bias(node, _bias(node))
+    tensor = node.outputs[0] if tensor is None else tensor
+    reader = tensor.outputs[0] if len(tensor.outputs) == 1 else None
+    if reader is not None and reader.op == "SkipLayerNormalization" and reader.inputs[0] is tensor:
+        other = reader.inputs[1]  # shapes are often unknown after fusion: layer_targets compares the values'
+        return None if isinstance(other, gs.Constant) else other.name
+    if reader is None or reader.op != "Add" or len(reader.inputs) != 2 or sum(t is tensor for t in reader.inputs) != 1:
         return None
-    add = tensor.outputs[0]
-    addends = [t for t in add.inputs if t is not tensor]
-    if len(add.inputs) != 2 or len(addends) != 1 or isinstance(addends[0], gs.Constant):
+    other = next(t for t in reader.inputs if t is not tensor)
+    if isinstance(other, gs.Constant) or tensor.shape is None or other.shape is None:
         return None
-    other = addends[0]
-    if tensor.shape is None or other.shape is None or list(tensor.shape) != list(other.shape):
-        return None
-    return add.outputs[0].name, other.name, 0.0 if added is None else added
+    return other.name if list(tensor.shape) == list(other.shape) else None
 
 
 def refit_layers(
@@ -129,7 +129,7 @@ def refit_layers(
         ]
         if target.residual:
             addends = [channels_last(node, value)[at] for value, at in zip(seen[names[1]], target.positions)]
-            rows = [(x, y - addend - target.offset) for (x, y), addend in zip(rows, addends)]
+            rows = [(x, y - addend) for (x, y), addend in zip(rows, addends)]
         fit, check = _split(rows, rng)
         current = _design_weights(node, bias)
         sigmoid = _sigmoid_after(node, bias, current.shape)
@@ -254,17 +254,20 @@ def _sigmoid_after(node: gs.Node, bias: tuple[gs.Node, int] | None, shape: tuple
     """How to fit a layer whose output (after its bias Add) only a Sigmoid reads, when its per-column fits are
     affordable; None for a linear fit."""
     tensor, added = _after_bias(node, bias)
-    readers = tensor.outputs
+    readers = tensor.outputs if tensor is not None else []
     if len(readers) != 1 or readers[0].op != "Sigmoid" or shape[0] * shape[0] * shape[1] * MAX_ROWS > SIGMOID_WORK:
         return None
     return _Sigmoid(np.zeros(shape[1]) if added is None else added)
 
 
-def _after_bias(node: gs.Node, bias: tuple[gs.Node, int] | None) -> tuple[gs.Tensor, np.ndarray | None]:
-    """The layer's output after its bias Add, if it has one after it, and the bias that Add adds (else None)."""
+def _after_bias(node: gs.Node, bias: tuple[gs.Node, int] | None) -> tuple[gs.Tensor | None, np.ndarray | None]:
+    """The layer's output after its bias Add, if it has one after it, and the bias that Add adds (else None); no
+    tensor when an op that does more adds the bias (BiasGelu, SkipLayerNormalization)."""
     if bias is None or bias[0] is node:
         return node.outputs[0], None
     holder, index = bias
+    if holder.op != "Add":
+        return None, None
     return holder.outputs[0], np.asarray(holder.inputs[index].values, np.float64).ravel()
 
 
@@ -288,16 +291,20 @@ def _has_bias(node: gs.Node) -> bool:
 
 
 def _bias(node: gs.Node) -> tuple[gs.Node, int] | None:
-    """(node, input) of the consumer's bias: its own (Gemm, Conv), or the constant of an Add right after a MatMul."""
+    """(node, input) of the consumer's bias: its own (Gemm, Conv), or the constant that the one reader of a MatMul
+    adds to it (an Add, or a fused op of onnxruntime's that adds a bias first: BIAS_INPUTS)."""
     if _has_bias(node):
         return node, 2
     readers = node.outputs[0].outputs
-    if node.op != "MatMul" or len(readers) != 1 or readers[0].op != "Add":
+    if node.op != "MatMul" or len(readers) != 1 or readers[0].op not in BIAS_INPUTS:
         return None
-    add, width = readers[0], node.inputs[1].shape[-1]
-    for index, tensor in enumerate(add.inputs):
+    reader, width = readers[0], node.inputs[1].shape[-1]
+    if reader.op != "Add" and reader.inputs[0] is not node.outputs[0]:
+        return None
+    for index in BIAS_INPUTS[reader.op]:
+        tensor = reader.inputs[index] if index < len(reader.inputs) else None
         if isinstance(tensor, gs.Constant) and tensor.shape in ([width], (width,)):
-            return add, index
+            return reader, index
     return None
 
 
