@@ -130,6 +130,14 @@ def test_recovery_reduces_the_output_error_on_held_out_inputs(name):
     assert relative_error(source, recovered, held_out) < plain_error
 
 
+def test_recovery_says_when_its_calibration_rows_are_few_for_the_weights_it_fits():
+    source = _exported("ffn", fold_bn=True)  # 10 rows a sample; the down projection keeps 8 inputs and a bias
+    for count, said in ((2, ["(fewest: 20 rows for 9)"]), (40, [])):
+        _, result = apply("prune:measure=false:ratio=0.5:recover=true", source, data=_random_samples(source, count, 1))
+        notes = [note for note in result.notes if "more --data samples would" in note]
+        assert [text for text in said for note in notes if text in note] == said and len(notes) == len(said), notes
+
+
 def correlated_channels() -> onnx.ModelProto:
     """Linear(8, 16), ReLU, Linear(16, 4) on 32 rows: hidden channels 2k and 2k+1 (k < 4) are copies, 8-15 are
     weaker single channels. Importance keeps both copies of each pair; after a refit one copy does the work of two."""

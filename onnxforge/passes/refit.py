@@ -29,6 +29,9 @@ CONVOLUTIONS = ("Conv", "ConvTranspose")
 # per output column, costs at most SIGMOID_WORK multiply-adds.
 SIGMOID_STEPS = 30
 SIGMOID_WORK = 2e9
+# Below this many calibration rows per weight a fit solves for (of one output), a refit tends to learn its
+# calibration samples rather than the layer: the pass says that more --data would help.
+ROWS_PER_UNKNOWN = 4
 # Where a MatMul's reader holds the bias added to its output: an Add's constant input, or the bias input of
 # onnxruntime's fused ops that add a bias before doing more (their first input is the MatMul's output).
 BIAS_INPUTS = {"Add": (0, 1), "BiasGelu": (1,), "FastGelu": (1,), "SkipLayerNormalization": (4,)}
@@ -106,6 +109,24 @@ def _residual_addend(node: gs.Node) -> str | None:
     if isinstance(other, gs.Constant) or tensor.shape is None or other.shape is None:
         return None
     return other.name if list(tensor.shape) == list(other.shape) else None
+
+
+def data_shortfall(layers: Sequence[gs.Node], targets: dict[int, Targets]) -> str | None:
+    """A note naming the layers whose targets hold fewer than ROWS_PER_UNKNOWN rows per weight of one output."""
+    short = []
+    for node in layers:
+        rows = sum(len(positions) for positions in targets[id(node)].positions)
+        unknowns = len(_design_weights(node, _bias(node)))
+        if rows < ROWS_PER_UNKNOWN * unknowns:
+            short.append((rows / unknowns, rows, unknowns))
+    if not short:
+        return None
+    _, rows, unknowns = min(short)
+    return (
+        f"recovery: {len(short)} of {len(layers)} layers had fewer than {ROWS_PER_UNKNOWN} calibration rows (tokens, "
+        f"pixels) per weight they solve for (fewest: {rows} rows for {unknowns}); more --data samples would let "
+        "the refit generalize better"
+    )
 
 
 def refit_layers(

@@ -18,7 +18,7 @@ from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelGroups
 from onnxforge.passes.pruning.channel_surgery import remove_channels
 from onnxforge.passes.pruning.importance import DATA_METHODS, channel_importance, input_statistics
 from onnxforge.passes.pruning.selection import kept_for_refit, reader_grams
-from onnxforge.passes.refit import layer_targets, layers_reached, refit_layers, refittable
+from onnxforge.passes.refit import data_shortfall, layer_targets, layers_reached, refit_layers, refittable
 from onnxforge.passes.pruning.sparsity import SPEED_NOTE, magnitude_mask, two_of_four_mask
 from onnxforge.passes.registry import register_pass
 from onnxforge.passes.speed_check import kept_if_faster
@@ -95,7 +95,7 @@ class ChannelPruning(Pass):
             return PassResult(False, stats={**stats, "params_removed": 0}, notes=notes)
         original, costs = model.copy(), layer_costs(model.graph)
         if self.options.recover:
-            notes.append(self._remove_and_recover(model, choices, ctx))
+            notes += self._remove_and_recover(model, choices, ctx)
         else:
             remove_channels(model, choices)
         stats["params_removed"] = original.stats().params - model.stats().params
@@ -104,7 +104,7 @@ class ChannelPruning(Pass):
             return PassResult(False, stats=stats, notes=notes)
         return PassResult(True, stats=stats, notes=notes)
 
-    def _remove_and_recover(self, model: Model, choices: list, ctx: PassContext) -> str:
+    def _remove_and_recover(self, model: Model, choices: list, ctx: PassContext) -> list[str]:
         """Remove the chosen channels, then refit the layers they reach to the unpruned model's outputs."""
         layers = layers_reached(model, [slot.node for group, _ in choices for slot in group.producers])
         targets = layer_targets(model, layers, ctx.data, ctx, residual=True)
@@ -113,9 +113,11 @@ class ChannelPruning(Pass):
                 if id(slot.node) in targets:
                     targets[id(slot.node)].keep(slot.positions(keep))
         remove_channels(model, choices)
+        shortfall = data_shortfall(layers, targets)
         refitted = refit_layers(model, layers, targets, ctx.data, ctx)
         samples = len(ctx.data)
-        return f"recovery: {refitted} of {len(layers)} layers after the pruned channels refitted on {samples} samples"
+        done = f"recovery: {refitted} of {len(layers)} layers after the pruned channels refitted on {samples} samples"
+        return [done, *([shortfall] if shortfall else [])]
 
     @property
     def _selects_for_refit(self) -> bool:
