@@ -50,9 +50,22 @@ def test_layer_scope_removes_the_ratio_of_every_prunable_group_and_names_the_res
     source = _exported("residual", fold_bn=True)
     groups = ChannelGroups.compute(load_model(source))
     prunable = [g for g in groups if g.prunable]
-    _, result = apply("prune:measure=false:ratio=0.5", source)
+    _, result = apply("prune:measure=false:ratio=0.5:round_to=1", source)
     assert result.stats["channels_removed"] == sum(g.channels // 2 for g in prunable)
     assert any(": kept: " in note for note in result.notes)  # the head reaches the graph output
+
+
+@pytest.mark.parametrize(("round_to", "kept"), [(8, [32, 16]), (1, [28, 17]), (16, [32, 16])])
+def test_groups_keep_a_multiple_of_round_to_channels_and_the_model_computes(round_to, kept):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 40, 3), nn.ReLU(), nn.Conv2d(40, 24, 3), nn.ReLU(), nn.Conv2d(24, 4, 1))
+    source, _ = apply("cleanup", from_torch(module.eval(), torch.randn(1, 3, 12, 12)))
+    pruned, result = apply(f"prune:measure=false:ratio=0.3:round_to={round_to}", source)
+    convs = [layer.weight.shape[0] for layer in find_layers(pruned.graph)]
+    assert convs == [*kept, 4]  # 40 and 24 channels less 30% keep 28 and 17; the output's 4 are kept
+    assert any(f"a multiple of round_to={round_to}" in note for note in result.notes) == (round_to > 1)
+    outputs = get_backend("ort").prepare(pruned, BackendOptions()).run(random_inputs(source.to_proto(), seed=5))
+    assert [output.shape for output in outputs.values()] == [(1, 4, 8, 8)]
 
 
 def test_the_least_important_channels_go_first():
@@ -78,10 +91,13 @@ def test_exclude_keeps_a_group_whole():
     assert not result.changed and any("excluded" in note for note in result.notes)
 
 
-@pytest.mark.parametrize("ratio", ["1", "-0.1"])
-def test_a_ratio_outside_zero_to_one_is_refused(ratio):
-    with pytest.raises(PassError, match="fraction of channels"):
-        apply(f"prune:measure=false:ratio={ratio}", _exported("ffn", fold_bn=False))
+@pytest.mark.parametrize(
+    ("option", "said"),
+    [("ratio=1", "fraction of channels"), ("ratio=-0.1", "fraction of channels"), ("round_to=0", "count of 1 or more")],
+)
+def test_a_ratio_outside_zero_to_one_or_a_round_to_below_one_is_refused(option, said):
+    with pytest.raises(PassError, match=said):
+        apply(f"prune:measure=false:{option}", _exported("ffn", fold_bn=False))
 
 
 def test_every_test_model_is_known():
@@ -123,8 +139,9 @@ def test_recovery_reduces_the_output_error_on_held_out_inputs(name):
     source = _exported(name, fold_bn=True)
     # Enough samples for the Gemm after a Flatten: one row per sample, one unknown per kept feature.
     calibration, held_out = _random_samples(source, 160, seed=1), _random_samples(source, 8, seed=1000)
-    plain, _ = apply("prune:measure=false:ratio=0.5", source)
-    recovered, result = apply("prune:measure=false:ratio=0.5:recover=true", source, data=calibration)
+    # Groups of these models have 6 to 12 channels: exact counts, or most would keep all 8 of round_to=8.
+    plain, _ = apply("prune:measure=false:ratio=0.5:round_to=1", source)
+    recovered, result = apply("prune:measure=false:ratio=0.5:round_to=1:recover=true", source, data=calibration)
     assert any(note.startswith("recovery: ") for note in result.notes)
     plain_error = relative_error(source, plain, held_out)
     assert relative_error(source, recovered, held_out) < plain_error
