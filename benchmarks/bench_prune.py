@@ -5,11 +5,12 @@
     python benchmarks/bench_prune.py --quick
 
 For the text-detection CNN and the sentence encoder of trained_models.py: the fp32 model and `prune` at two
-ratios (the CNN also in both scopes), taylor-free importance, plain and with `recover=true` (both calibrated on
-the case's calibration samples, the encoder's with MORE_CALIBRATION sentences), each judged on the held-out inputs
-against fp32, its parameters counted, and all timed together in interleaved blocks (fp32 first;
-onnxruntime graph optimization "all", thread spinning off). No fine-tuning: this is what pruning a trained model
-costs before any retraining. Writes benchmarks/results/pruning.json and .md (pruning-quick.* with --quick).
+ratios (the CNN also in both scopes, and per layer to exact channel counts), taylor-free importance, plain and with
+`recover=true` (both calibrated on the case's calibration samples, the encoder's with MORE_CALIBRATION sentences),
+each judged on the held-out inputs against fp32, its parameters counted, and all timed together in interleaved
+blocks (fp32 first; onnxruntime graph optimization "all", thread spinning off). No fine-tuning: this is what
+pruning a trained model costs before any retraining. Writes benchmarks/results/pruning.json and .md
+(pruning-quick.* with --quick).
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ from trained_models import TrainedCase, with_more_calibration_text
 # Channels ranked by taylor-free importance on the calibration samples: the output change their removal causes.
 # The encoder is pruned before fuse: recovery can refit its Q, K and V MatMuls, not the fused Attention.
 PIPELINES = {
-    "ocr-detector": "upgrade-opset:to=17,cleanup,fuse,prune:ratio={ratio}:scope={scope}:method=taylor-free{recover}",
-    "minilm-encoder": "cleanup,prune:ratio={ratio}:scope={scope}:method=taylor-free{recover},fuse",
+    "ocr-detector": "upgrade-opset:to=17,cleanup,fuse,prune:ratio={ratio}:scope={scope}:method=taylor-free{options}",
+    "minilm-encoder": "cleanup,prune:ratio={ratio}:scope={scope}:method=taylor-free{options},fuse",
 }
 # Per layer, every group loses the ratio; global, the least important channels of the whole model go.
 SCOPES = {"ocr-detector": ("layer", "global"), "minilm-encoder": ("layer",)}
+# Groups keep multiples of 8 channels (round_to=8, the default); the CNN is also pruned per layer to the exact
+# counts (round_to=1), to show what counts between the kernels' blocks of channels cost.
+EXACT_COUNTS = {"ocr-detector": (0.3, 0.5)}
 # The encoder's refit solves for up to 1,536 weights per output from the real tokens of its calibration sentences
 # (about 19 a sentence): its 64 sentences of the other benchmarks are too few (see docs/pruning.md), so it
 # calibrates on 192 more.
@@ -49,10 +53,13 @@ def bench_case(case: TrainedCase, timing: Timing, work: Path) -> dict:
         case = with_more_calibration_text(case, MORE_CALIBRATION[case.name])
     pipelines = {
         _label(scope, ratio, recover): PIPELINES[case.name].format(
-            ratio=ratio, scope=scope, recover=":recover=true" if recover else ""
+            ratio=ratio, scope=scope, options=":recover=true" if recover else ""
         )
         for scope, ratio, recover in itertools.product(SCOPES[case.name], (0.3, 0.5), (False, True))
     }
+    for ratio in EXACT_COUNTS.get(case.name, ()):
+        exact = PIPELINES[case.name].format(ratio=ratio, scope="layer", options=":round_to=1")
+        pipelines[f"{_label('layer', ratio, False)}, round_to=1"] = exact
     return pruned_variants(case, pipelines, timing, work, "prune")
 
 

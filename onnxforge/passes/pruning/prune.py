@@ -34,7 +34,8 @@ class ChannelPruning(Pass):
     parts of an attention head) are found as groups; a channel's importance is the norm of its producers'
     weights (l1, l2) or, on --data, its mean activation or the output change its removal causes
     (activation, taylor-free; see importance.py). scope=layer removes `ratio` of every group's channels,
-    scope=global the `ratio` least important channels of all groups together (at least one kept per group).
+    scope=global the `ratio` least important channels of all groups together (at least one kept per group);
+    either way a group keeps the multiple of `round_to` channels nearest to that (kernels block channels by 8 or 16).
     With recover=true the layers after the pruned channels are refitted on --data (refit.py), and each group keeps
     the channels from which its readers' refit best reproduces what they computed (select=refit, selection.py;
     attention heads by importance).
