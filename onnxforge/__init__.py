@@ -1,23 +1,49 @@
 """onnxforge: compiler-style optimization of trained neural networks, measured on the target."""
 
+from __future__ import annotations
+
+import importlib
+import os
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from onnxforge.api import measure_model, optimize  # noqa: E402
-from onnxforge.errors import OnnxforgeError  # noqa: E402
-from onnxforge.ir import Model, load_model, save_model  # noqa: E402
-from onnxforge.passes import Pass, PassContext, PassManager, PassResult, register_pass  # noqa: E402
+# No network access of our own accord: onnxruntime's telemetry writes a device id under ~/.cache, a session
+# file in the temporary folder and uploads events unless this is set before onnxruntime is first imported.
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
-__all__ = [
-    "Model",
-    "OnnxforgeError",
-    "Pass",
-    "PassContext",
-    "PassManager",
-    "PassResult",
-    "__version__",
-    "load_model",
-    "measure_model",
-    "optimize",
-    "register_pass",
-    "save_model",
-]
+# The public names and the modules they live in, imported on first use: `import onnxforge.cli` then loads no
+# numpy, onnx or onnxruntime, so the commands start (and take over Ctrl-C) at once.
+_EXPORTS = {
+    "Model": "onnxforge.ir",
+    "OnnxforgeError": "onnxforge.errors",
+    "Pass": "onnxforge.passes",
+    "PassContext": "onnxforge.passes",
+    "PassManager": "onnxforge.passes",
+    "PassResult": "onnxforge.passes",
+    "load_model": "onnxforge.ir",
+    "measure_model": "onnxforge.api",
+    "optimize": "onnxforge.api",
+    "register_pass": "onnxforge.passes",
+    "save_model": "onnxforge.ir",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from onnxforge.api import measure_model, optimize
+    from onnxforge.errors import OnnxforgeError
+    from onnxforge.ir import Model, load_model, save_model
+    from onnxforge.passes import Pass, PassContext, PassManager, PassResult, register_pass
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'onnxforge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -15,7 +15,9 @@ from onnxforge.backends.base import BackendOptions, Compiled
 from onnxforge.data import load_samples, random_inputs
 from onnxforge.frontends import from_onnx
 from onnxforge.ir import Model
+from onnxforge.ir.model import PROTOBUF_LIMIT_BYTES
 from onnxforge.ir.shapes import skeleton_proto
+from onnxforge.limits import DEFAULT_EXECUTION_TIMEOUT_S, bounded_in_time
 from onnxforge.measure import LatencyStats, MeasureOptions
 from onnxforge.passes import (
     Instrument,
@@ -26,12 +28,14 @@ from onnxforge.passes import (
     create_passes,
     load_plugin,
 )
+from onnxforge.passes.decisions import Decisions
 from onnxforge.report import OptimizationReport
 from onnxforge.verify import compare_outputs
 
 Samples = list[dict[str, np.ndarray]]
 
 
+@bounded_in_time
 def optimize(
     model: str | os.PathLike | onnx.ModelProto | bytes | Model,
     passes: str | Sequence[str | Pass] = "cleanup",
@@ -50,6 +54,10 @@ def optimize(
     plugins: Sequence[str] = (),
     instruments: Sequence[Instrument] = (),
     backend_settings: Mapping[str, str] | None = None,
+    decisions: str | os.PathLike | Mapping[str, Any] | None = None,
+    timeout: float | None = None,
+    pass_timeout: float | None = None,
+    execution_timeout: float = DEFAULT_EXECUTION_TIMEOUT_S,
 ) -> tuple[Model, OptimizationReport]:
     """Run `passes` on `model` and return the optimized model and the report of the run.
 
@@ -57,22 +65,34 @@ def optimize(
     of them) for passes that use data and for the report's error on real inputs.
     measure: time the model before and after on `backend`/`target`, with the backend's own `backend_settings`
     (for tvm: tune_trials, tune_records, rpc).
+    decisions: a report JSON of an earlier run (a path, or the report as a dict): its measured decisions are
+    replayed instead of timed, and its verification seed is used unless `seed` is given, so the same input,
+    passes and options give the same model byte for byte.
+    timeout: the limit in seconds of the whole call (TimeLimitError past it); pass_timeout: of each pass (one
+    that outlasts it is rolled back); execution_timeout: of each single model execution, even with neither.
     The input model is never modified.
     """
     # Refuse an unknown backend or target now, not only when verification or timing first needs it.
     get_backend(backend).check_target(target)
     for plugin in plugins:
         load_plugin(plugin)
+    replay = None if decisions is None else Decisions.replay(decisions)
+    if replay is not None and seed is None:
+        seed = replay.seed
     source = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     original = from_onnx(model)
+    as_loaded = _as_loaded(model)
     pipeline = create_passes(passes)
     samples = _samples(data, original)
     verify_options = VerifyOptions(
         enabled=verify, rtol=rtol, seed=seed, shapes=shapes, backend=backend, data=samples
     )
-    context = PassContext(data=samples, backend=backend, target=target, threads=threads)
-    manager = PassManager(pipeline, verify=verify_options, on_error=on_error, instruments=instruments, context=context)
-    result, records = manager.run(original)
+    context = PassContext(data=samples, backend=backend, target=target, threads=threads, decisions=replay)
+    manager = PassManager(
+        pipeline, verify=verify_options, on_error=on_error, instruments=instruments, context=context,
+        pass_timeout=pass_timeout,
+    )
+    result, records = manager.run(original, as_loaded)
     report = OptimizationReport(
         source=source,
         before=original.stats(),
@@ -86,11 +106,13 @@ def optimize(
             "metric": "max|new - old| / max|old| per output, on " + ("--data samples" if samples else "random inputs"),
         },
     )
+    report.decisions = context.decisions.to_dict()
+    report.inputs_made_constant = list(original.inputs_made_constant)
     if manager.verifier:
         runner = manager.verifier
         report.error = compare_outputs(runner.reference_outputs, runner.run(result))
     if samples:
-        report.data_error = _error_on(samples, original, result, backend)
+        report.data_error = _error_on(samples, as_loaded or original, result, backend)
     if measure:
         options = BackendOptions(target=target, threads=threads, extra=dict(backend_settings or {}))
         inputs = samples[0] if samples else random_inputs(skeleton_proto(original), shapes=shapes, seed=0)
@@ -162,7 +184,19 @@ def _samples(data: Any, model: Model) -> Samples | None:
     return [dict(sample) for sample in data]
 
 
-def _error_on(samples: Samples, original: Model, result: Model, backend: str):
+def _as_loaded(model: Any) -> str | bytes | None:
+    """The input as a runtime loads it (a file path or serialized bytes), the baseline of every comparison;
+    None for an in-memory Model or a proto too large to serialize."""
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    if isinstance(model, bytes):
+        return model
+    if isinstance(model, onnx.ModelProto) and model.ByteSize() < PROTOBUF_LIMIT_BYTES:
+        return model.SerializeToString()
+    return None
+
+
+def _error_on(samples: Samples, original: Model | str | bytes, result: Model, backend: str):
     before = get_backend(backend).prepare(original)
     after = get_backend(backend).prepare(result)
     return compare_outputs([before.run(s) for s in samples], [after.run(s) for s in samples])

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from onnxforge.errors import OnnxforgeError
+from onnxforge.limits import DEFAULT_EXECUTION_TIMEOUT_S, run_time_limit
+from onnxforge.stop_signals import StopOnSignals, Terminated, stop_exception
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's convention: 128 + the signal's number
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,49 +30,105 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `onnxforge`: optimize, bench, compare, list-passes."""
-    parser = _Parser(prog="onnxforge", description="Optimize, benchmark and compare ONNX models.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_optimize_arguments(commands.add_parser("optimize", help="run passes on a model"))
-    _add_bench_arguments(commands.add_parser("bench", help="measure a model's latency on a backend"))
-    _add_compare_arguments(commands.add_parser("compare", help="compare two models' outputs"))
-    list_parser = commands.add_parser("list-passes", help="list the available passes")
-    list_parser.add_argument("--plugin", action="append", default=[], help="module or .py file with passes")
-    args = parser.parse_args(argv)
-    handlers = {"optimize": _optimize, "bench": _bench, "compare": _compare, "list-passes": _list_passes}
-    return _guarded(handlers[args.command], args)
+
+    def command() -> int:
+        parser = _Parser(prog="onnxforge", description="Optimize, benchmark and compare ONNX models.")
+        commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+        _add_optimize_arguments(commands.add_parser("optimize", help="run passes on a model"))
+        _add_bench_arguments(commands.add_parser("bench", help="measure a model's latency on a backend"))
+        _add_compare_arguments(commands.add_parser("compare", help="compare two models' outputs"))
+        list_parser = commands.add_parser("list-passes", help="list the available passes")
+        list_parser.add_argument("--plugin", action="append", default=[], help="module or .py file with passes")
+        args = parser.parse_args(argv)
+        handlers = {"optimize": _optimize, "bench": _bench, "compare": _compare, "list-passes": _list_passes}
+        return _within_timeout(handlers[args.command], args)
+
+    return _guarded(command)
 
 
 def optimize_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `optimize` (the same as `onnxforge optimize`)."""
-    parser = _Parser(prog="optimize", description="Run optimization passes on an ONNX model.")
-    _add_optimize_arguments(parser)
-    return _guarded(_optimize, parser.parse_args(argv))
+
+    def command() -> int:
+        parser = _Parser(prog="optimize", description="Run optimization passes on an ONNX model.")
+        _add_optimize_arguments(parser)
+        return _within_timeout(_optimize, parser.parse_args(argv))
+
+    return _guarded(command)
 
 
-def _guarded(handler, args: argparse.Namespace) -> int:
-    """Run a command; user errors become one `error:` line and a non-zero exit."""
-    _quiet_onnxruntime()
-    try:
+def _within_timeout(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command's handler within its --timeout, if it has one."""
+    with run_time_limit(getattr(args, "timeout", None), exit_code_if_stuck=EXIT_ERROR):
         return handler(args)
-    except OnnxforgeError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-    except KeyboardInterrupt:
+
+
+def _guarded(command: Callable[[], int]) -> int:
+    """Run a command; user errors and signals become one `error:` line and a non-zero exit."""
+    stop = StopOnSignals()  # first: a signal while the heavy modules load is reported like any other
+    try:
+        with stop.held():
+            _import_runtime()
+        return command()
+    except BaseException as exc:
+        stop.stopping = True  # the run is over: no signal may cut its error line short
+        # Whatever the exception became on its way up, when a signal arrived it is what ended the run.
+        return _failure(exc if stop.received is None else stop_exception(stop.received))
+    finally:
+        stop.restore()
+
+
+def _failure(exc: BaseException) -> int:
+    """Print the one `error:` line for `exc` and return the exit code; raise what is not ours to report."""
+    if isinstance(exc, KeyboardInterrupt):
         sys.stderr.write("error: interrupted\n")
-        return 130
-    except OSError as exc:  # a path the user gave cannot be read or written (permissions, full disk, ...)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, Terminated):
+        sys.stderr.write("error: terminated\n")
+        return EXIT_TERMINATED
+    # OSError: a path the user gave cannot be read or written (permissions, full disk, ...)
+    if isinstance(exc, (OnnxforgeError, OSError)):
         sys.stderr.write(f"error: {exc}\n")
-    except Exception as exc:  # a bug of ours: still one line, the traceback on request
-        if os.environ.get("ONNXFORGE_DEBUG"):
-            raise
+        return EXIT_ERROR
+    if isinstance(exc, Exception) and not os.environ.get("ONNXFORGE_DEBUG"):  # a bug of ours: still one line
         sys.stderr.write(f"error: internal error: {type(exc).__name__}: {exc} (set ONNXFORGE_DEBUG=1 for details)\n")
-    return EXIT_ERROR
+        return EXIT_ERROR
+    raise exc  # SystemExit (usage errors, --help), or a bug's traceback on request
 
 
-def _quiet_onnxruntime() -> None:
-    # onnxruntime logs failures to stderr itself; we report them as one line.
+def _import_runtime() -> None:
+    """Import the modules with C extensions every command needs, and quiet onnxruntime's own logging (we report
+    its failures as one line). Run with signals held: an exception raised while a C extension initialises
+    comes out as a printed traceback and an ImportError, not as the interrupt."""
+    import numpy  # noqa: F401
+    import onnx  # noqa: F401
+    import onnx_graphsurgeon  # noqa: F401
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(4)
+
+
+def _number_type(kind: type, minimum: float, expected: str, above: bool = False) -> Callable[[str], float]:
+    """An argparse `type=`: the text as `kind`, finite and at least `minimum` (above it, with `above`), else a
+    usage error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+_tolerance = _number_type(float, 0, "a finite number, 0 or more")
+_seconds_or_zero = _number_type(float, 0, "a finite number of seconds, 0 or more")
+_count = _number_type(int, 1, "a whole number, 1 or more")
+_count_or_zero = _number_type(int, 0, "a whole number, 0 or more")
+_seconds = _number_type(float, 0, "a finite number of seconds above 0", above=True)
 
 
 def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,19 +155,38 @@ def _add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugin", action="append", default=[], help="module or .py file that registers passes")
     parser.add_argument("--on-error", choices=["rollback", "stop"], help="when a pass fails (default rollback)")
     parser.add_argument("--no-verify", action="store_true", help="skip checking each pass (faster, unsafe)")
-    parser.add_argument("--rtol", type=float, help="tolerance for lossless passes (default 1e-4)")
+    parser.add_argument("--rtol", type=_tolerance, help="tolerance for lossless passes (default 1e-4)")
     parser.add_argument("--seed", type=int, help="seed of the random verification inputs")
+    parser.add_argument(
+        "--decisions",
+        metavar="REPORT",
+        help="replay the measured decisions (and seed) of the run that wrote this --report, instead of timing",
+    )
     parser.add_argument("--measure", action="store_true", default=None, help="time the model before and after")
     parser.add_argument("--backend", help="backend for verification and timing (default ort)")
     parser.add_argument("--target", help="target device (default cpu)")
-    parser.add_argument("--threads", type=int, help="threads for timing (default: the backend's)")
+    parser.add_argument("--threads", type=_count, help="threads for timing (default: the backend's)")
     parser.add_argument(
         "--external-data", choices=["auto", "yes", "no"], help="store weights beside the model (default auto)"
     )
     parser.add_argument("--explain", action="store_true", help="print why each pass changed what it changed")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    parser.add_argument(
+        "--pass-timeout", type=_seconds, metavar="SECONDS", help="roll back a pass (with its checks) that takes longer"
+    )
+    _add_timeout_argument(parser)
     _add_model_input_arguments(parser)
     _add_compile_arguments(parser)
+
+
+def _add_timeout_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="stop the whole run after this long: one error line, nothing written (without it, each single "
+        f"model execution still stops after {DEFAULT_EXECUTION_TIMEOUT_S:g} s)",
+    )
 
 
 def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -171,7 +252,9 @@ def _optimize_settings(args: argparse.Namespace) -> dict:
 def _optimize(args: argparse.Namespace) -> int:
     from onnxforge.api import compile_model, optimize
     from onnxforge.backends.base import BackendOptions
-    from onnxforge.ir import save_model
+    from onnxforge.ir import load_model
+    from onnxforge.ir.io import stage_model
+    from onnxforge.ir.output_set import OutputSet, check_output_paths
     from onnxforge.report import ProgressPrinter
 
     if args.list_passes:
@@ -180,26 +263,36 @@ def _optimize(args: argparse.Namespace) -> int:
         raise OnnxforgeError("no input model given (optimize MODEL --passes ... -o OUT)")
     settings = _optimize_settings(args)
     output, report_path, external = settings.pop("output"), settings.pop("report"), settings.pop("external_data")
-    _check_output_paths(
-        {"model": args.model, "data": settings["data"]},
-        {"-o": output, "--report": report_path, "--artifact": args.artifact},
-    )
+    # Loading is cheap (weights stay on disk) and names the weights files, which no output may replace.
+    inputs = _input_files({"the input model": (args.model, load_model(args.model))}, settings["data"])
+    if args.decisions:
+        inputs["the --decisions report"] = [Path(args.decisions)]
+    check_output_paths(
+        inputs,
+        {"-o": output, "-o's weights file": output and f"{output}.data", "--report": report_path,
+         **_artifact_outputs(args.artifact)},
+    )  # fmt: skip
     backend_settings = _backend_settings(args)
-    model, report = optimize(
-        args.model,
-        instruments=[] if args.quiet else [ProgressPrinter()],
-        backend_settings=backend_settings,
-        **settings,
-    )
-    if output:
-        save_model(model, output, external_data={"auto": None, "yes": True, "no": False}[external])
-        report.output = output
-    if args.artifact:
-        options = BackendOptions(target=settings["target"], threads=settings["threads"], extra=backend_settings)
-        compiled = compile_model(model, settings["backend"], options, settings["shapes"], _tuning_progress(args))
-        report.artifact = [str(path) for path in compiled.export(args.artifact)]
-    if report_path:
-        report.save_json(report_path)
+    progress = ProgressPrinter()  # as a context: a pass stopped midway does not leave its line open
+    with OutputSet(inputs=[path for paths in inputs.values() for path in paths]) as written, progress:
+        model, report = optimize(
+            args.model,
+            instruments=[] if args.quiet else [progress],
+            backend_settings=backend_settings,
+            decisions=args.decisions,
+            pass_timeout=args.pass_timeout,
+            **settings,
+        )
+        if output:
+            stage_model(model, output, written, external_data={"auto": None, "yes": True, "no": False}[external])
+            report.output = output
+        if args.artifact:
+            options = BackendOptions(target=settings["target"], threads=settings["threads"], extra=backend_settings)
+            compiled = compile_model(model, settings["backend"], options, settings["shapes"], _tuning_progress(args))
+            report.artifact = _stage_artifact(compiled, args.artifact, written)
+        if report_path:
+            report.save_json(report_path, written)
+        written.commit()
     if not args.quiet:
         print(report.summary())
         if not output:
@@ -211,22 +304,29 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output_paths(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
-    """Refuse, before any work, an output path that names an input, another output, or a folder."""
-    taken = {
-        Path(path).resolve(): f"the input {what}: choose another path, inputs are never modified"
-        for what, path in inputs.items()
-        if path
-    }
-    for option, path in outputs.items():
-        if not path:
-            continue
-        resolved = Path(path).resolve()
-        if resolved in taken:
-            raise OnnxforgeError(f"{option} {path} is {taken[resolved]}")
-        if resolved.is_dir():
-            raise OnnxforgeError(f"{option} {path} is a folder: give a file path")
-        taken[resolved] = f"also given to {option}: give each output its own path"
+def _input_files(models: dict, data: str | None) -> dict[str, list[Path]]:
+    """The files a run reads, by what they are: each model (what -> (path, loaded Model)), its weights files,
+    and the --data samples (the file, or every file in the folder)."""
+    files: dict[str, list[Path]] = {}
+    for what, (path, model) in models.items():
+        files[what] = [Path(path)]
+        files[f"a weights file of {what}"] = sorted(model.external_data_files())
+    if data:
+        samples = Path(data)
+        files["a --data file"] = sorted(samples.iterdir()) if samples.is_dir() else [samples]
+    return files
+
+
+def _artifact_outputs(artifact: str | None) -> dict[str, str | Path | None]:
+    """--artifact and the description the export writes beside it (tvm: the .json next to the .so)."""
+    return {"--artifact": artifact, "--artifact's description": artifact and Path(artifact).with_suffix(".json")}
+
+
+def _stage_artifact(compiled, artifact: str, written) -> list[str]:
+    """Export `compiled` as files of the OutputSet `written`; returns the paths they will have once committed."""
+    target = Path(artifact)
+    files = compiled.export(written.stage_folder(target.parent) / target.name)
+    return [str(target.with_name(Path(file).name)) for file in files]
 
 
 def _list_passes(args: argparse.Namespace) -> int:
@@ -246,31 +346,45 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="ONNX model to time")
     parser.add_argument("--backend", default="ort", help="backend (default ort)")
     parser.add_argument("--target", default="cpu", help="target device (default cpu)")
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: the backend's)")
+    parser.add_argument("--threads", type=_count, help="intra-op threads (default: the backend's)")
     parser.add_argument(
         "--opt-level",
         choices=["disable", "basic", "extended", "all"],
         default="all",
         help="backend graph optimization level (default all)",
     )
-    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
-    parser.add_argument("--repeats", type=int, default=20, help="at least this many timed runs (default 20)")
-    parser.add_argument("--min-time", type=float, default=1.0, help="and at least this many seconds (default 1)")
+    parser.add_argument("--warmup", type=_count_or_zero, default=5, help="untimed runs first (default 5)")
+    parser.add_argument("--repeats", type=_count, default=20, help="at least this many timed runs (default 20)")
+    parser.add_argument(
+        "--min-time", type=_seconds_or_zero, default=1.0, help="and at least this many seconds (default 1)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the statistics as JSON")
     parser.add_argument("--compile-only", action="store_true", help="compile (and export) without running (tvm)")
+    _add_timeout_argument(parser)
     _add_model_input_arguments(parser)
     _add_compile_arguments(parser)
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from onnxforge.frontends import from_onnx
+    from onnxforge.ir.output_set import OutputSet, check_output_paths
+
+    model = from_onnx(args.model)
+    files = _input_files({"the input model": (args.model, model)}, args.data)
+    check_output_paths(files, {"--json": args.json, **_artifact_outputs(args.artifact)})
+    with OutputSet(inputs=[path for paths in files.values() for path in paths]) as written:
+        _bench_into(args, model, written)
+        written.commit()
+    return 0
+
+
+def _bench_into(args: argparse.Namespace, model, written) -> None:
+    """Time (or only compile) `model` as `bench` does, its artifact and --json staged in the OutputSet `written`."""
     from onnxforge.api import compile_model, measure_model
     from onnxforge.backends.base import BackendOptions
-    from onnxforge.frontends import from_onnx
     from onnxforge.measure import MeasureOptions
     from onnxforge.report import environment, write_json
 
-    _check_output_paths({"model": args.model, "data": args.data}, {"--json": args.json, "--artifact": args.artifact})
-    model = from_onnx(args.model)
     inputs = _inputs(args, model)[0]
     options = BackendOptions(
         target=args.target, threads=args.threads, graph_optimization=args.opt_level, extra=_backend_settings(args)
@@ -278,12 +392,13 @@ def _bench(args: argparse.Namespace) -> int:
     if args.compile_only:
         shapes = {name: list(value.shape) for name, value in inputs.items()}
         compiled = compile_model(model, args.backend, options, shapes, _tuning_progress(args))
-        files = compiled.export(args.artifact) if args.artifact else []
-        print(f"{args.model}: compiled for {args.backend} {args.target}" + (f": {', '.join(map(str, files))}"
+        files = _stage_artifact(compiled, args.artifact, written) if args.artifact else []
+        print(f"{args.model}: compiled for {args.backend} {args.target}" + (f": {', '.join(files)}"
                                                                              if files else " (no --artifact)"))
-        return 0
+        return
     measure = MeasureOptions(warmup=args.warmup, min_repeats=args.repeats, min_time_s=args.min_time)
-    stats = measure_model(model, inputs, args.backend, options, measure, args.artifact, _tuning_progress(args))
+    artifact = written.stage_folder(Path(args.artifact).parent) / Path(args.artifact).name if args.artifact else None
+    stats = measure_model(model, inputs, args.backend, options, measure, artifact, _tuning_progress(args))
     print(
         f"{args.model}: {args.backend} {args.target}  median {stats.median_ms:.3f} ms  p90 {stats.p90_ms:.3f} ms  "
         f"min {stats.min_ms:.3f} ms  max {stats.max_ms:.3f} ms  spread {stats.spread * 100:.1f}%  "
@@ -301,32 +416,32 @@ def _bench(args: argparse.Namespace) -> int:
                 "latency": stats.to_dict(),
                 "environment": environment(),
             },
+            written,
         )
-    return 0
 
 
 def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("reference", help="the reference model (usually the original)")
     parser.add_argument("candidate", help="the model to check against it")
-    parser.add_argument("--samples", type=int, default=4, help="random input sets when no --data (default 4)")
+    parser.add_argument("--samples", type=_count, default=4, help="random input sets when no --data (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--backend", default="ort", help="backend that runs both (default ort)")
     parser.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
+    _add_timeout_argument(parser)
     _add_model_input_arguments(parser)
 
 
 def _compare(args: argparse.Namespace) -> int:
     from onnxforge.backends import get_backend
     from onnxforge.frontends import from_onnx
+    from onnxforge.ir.output_set import check_output_paths
     from onnxforge.report import write_json
     from onnxforge.verify import compare_outputs
 
-    _check_output_paths(
-        {"reference model": args.reference, "candidate model": args.candidate, "data": args.data},
-        {"--json": args.json},
-    )
     reference = from_onnx(args.reference)
     candidate = from_onnx(args.candidate)
+    models = {"the reference model": (args.reference, reference), "the candidate model": (args.candidate, candidate)}
+    check_output_paths(_input_files(models, args.data), {"--json": args.json})
     samples = _inputs(args, reference, count=args.samples)
     backend = get_backend(args.backend)
     ref_runner, cand_runner = backend.prepare(reference), backend.prepare(candidate)

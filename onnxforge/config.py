@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "external_data": (str,),
 }
 _CHOICES = {"on_error": ("rollback", "stop"), "external_data": ("auto", "yes", "no")}
+_MINIMUMS = {"rtol": (0, "a finite number, 0 or more"), "threads": (1, "a whole number, 1 or more")}
 _RELATIVE_PATHS = ("output", "report", "data")
 
 
@@ -95,6 +97,8 @@ def load_config(path: str | Path) -> PipelineConfig:
             raise ConfigError(f"key '{key}' in config file '{path}' must be {expected}")
         if name in _CHOICES and value not in _CHOICES[name]:
             raise ConfigError(f"key '{key}' in config file '{path}' must be one of {', '.join(_CHOICES[name])}")
+        if name in _MINIMUMS and not (math.isfinite(value) and value >= _MINIMUMS[name][0]):
+            raise ConfigError(f"key '{key}' in config file '{path}' must be {_MINIMUMS[name][1]}, got {value}")
         values[name] = value
     base = path.parent
     for name in _RELATIVE_PATHS:

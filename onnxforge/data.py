@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import zipfile
@@ -33,6 +34,8 @@ _FLOAT_TYPES = frozenset(
 _BATCH_NAME = re.compile(r"^(n|b|bs)$|batch", re.IGNORECASE)
 _SEQUENCE_WORDS = ("seq", "sequence", "len", "time", "frames", "tokens")
 _SEQUENCE_DEFAULT = 16
+# A random input larger than this is refused: a declared shape that large is a mistake or an attack.
+RANDOM_INPUT_LIMIT_BYTES = 2**31
 
 
 @dataclass
@@ -124,8 +127,22 @@ def random_inputs(
             raise DataError(f"the model does not give the shape of input {spec.name!r}; give it with --shape")
         else:
             shape = [_default_dim(d, axis, bound, batch) for axis, d in enumerate(spec.shape)]
+        _check_drawable(spec, shape)
         inputs[spec.name] = np.asarray(_random_array(spec, shape, rng))  # scalars as 0-d arrays
     return inputs
+
+
+def _check_drawable(spec: InputSpec, shape: list[int]) -> None:
+    """Refuse shapes no array can have, or whose random array would exceed RANDOM_INPUT_LIMIT_BYTES."""
+    dims = "x".join(map(str, shape))
+    if any(d < 0 for d in shape):
+        raise DataError(f"input {spec.name!r} has a negative dimension ({dims}); fix the model's input declaration")
+    nbytes = math.prod(shape) * spec.dtype.itemsize
+    if nbytes > RANDOM_INPUT_LIMIT_BYTES:
+        raise DataError(
+            f"a random input {spec.name!r} of shape {dims} would take {nbytes / 2**30:.3g} GiB; "
+            "give smaller dims with --shape NAME=DIMS or real samples with --data"
+        )
 
 
 def load_samples(path: str | os.PathLike[str], model: onnx.ModelProto) -> list[Sample]:

@@ -27,3 +27,10 @@ class BackendError(OnnxforgeError):
 
 class DataError(OnnxforgeError):
     """Sample inputs (--data, --shape) do not fit the model."""
+
+
+class DecisionsError(PassUsageError):
+    """Decisions to replay (--decisions) that cannot be used: not a report, or lacking a decision the run needs.
+
+    Raised from a running pass, it stops the run: measuring instead would break the promise of the same model.
+    """

@@ -94,16 +94,21 @@ def test_external_data_model_can_be_saved_over_its_own_files(tmp_path):
     np.testing.assert_array_equal(_run(str(path), x), expected)
 
 
-def test_save_with_external_data_on_request_and_runtime_source_uses_a_file(tmp_path):
+def test_save_with_external_data_on_request_and_runtime_source_refers_to_the_data_file_relative_to_its_folder(
+    tmp_path,
+):
     model = load_model(_mlp())
     path = save_model(model, tmp_path / "m.onnx", external_data=True)
     loaded = onnx.load(path, load_external_data=False)
     assert all(t.data_location == TensorProto.EXTERNAL for t in loaded.graph.initializer)
     reloaded = load_model(path)
     with reloaded.runtime_source() as source:
-        assert isinstance(source, str)
+        assert source.external_folder == tmp_path.resolve()
+        given = onnx.load_from_string(source.model_bytes)
+        locations = {e.value for t in given.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {"m.onnx.data"}
     with model.runtime_source() as source:
-        assert isinstance(source, bytes)
+        assert source.external_folder is None and not source.initializers
 
 
 def test_save_leaves_no_temporary_files(tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from onnxforge.errors import BackendError, ModelLoadError
+from onnxforge.ir.runtime_source import RuntimeSource
 from onnxforge.measure import LatencyStats, MeasureOptions, measure_latency
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
@@ -21,12 +22,13 @@ GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
 @runtime_checkable
 class HasRuntimeSource(Protocol):
-    """A model (such as `onnxforge.ir.Model`) that can hand a runtime serialized bytes or a file path."""
+    """A model (such as `onnxforge.ir.Model`) that hands a runtime what to load within a context: a RuntimeSource
+    (or another form of ModelInput)."""
 
-    def runtime_source(self) -> AbstractContextManager[bytes | str]: ...
+    def runtime_source(self) -> AbstractContextManager[RuntimeSource | bytes | str]: ...
 
 
-ModelInput = onnx.ModelProto | bytes | str | os.PathLike[str] | HasRuntimeSource
+ModelInput = RuntimeSource | onnx.ModelProto | bytes | str | os.PathLike[str] | HasRuntimeSource
 
 
 @dataclass(frozen=True)
@@ -111,19 +113,22 @@ class Backend(abc.ABC):
 
 
 @contextmanager
-def model_source(model: ModelInput) -> Iterator[bytes | str]:
-    """Yield `model` as serialized bytes or a file path, the two forms runtimes load from."""
-    if isinstance(model, HasRuntimeSource):
-        with model.runtime_source() as source:
+def model_source(model: ModelInput) -> Iterator[RuntimeSource]:
+    """Yield `model` as a RuntimeSource: serialized bytes, the folder its external data lies in, weights given
+    in memory. A file's bytes are read here; its external data is left to the runtime's own checks."""
+    if isinstance(model, RuntimeSource):
+        yield model
+    elif isinstance(model, HasRuntimeSource):
+        with model.runtime_source() as given, model_source(given) as source:
             yield source
     elif isinstance(model, onnx.ModelProto):
-        yield model.SerializeToString()
+        yield RuntimeSource(model.SerializeToString())
     elif isinstance(model, bytes):
-        yield model
+        yield RuntimeSource(model)
     elif isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if not path.is_file():
             raise ModelLoadError(f"model file {path} does not exist; check the path")
-        yield str(path)
+        yield RuntimeSource(path.read_bytes(), Path(os.path.realpath(path.parent)))
     else:
         raise TypeError(f"cannot load a model from {type(model).__name__}")

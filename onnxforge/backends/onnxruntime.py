@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import queue
 import re
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnxruntime as ort
 
 from onnxforge.backends.base import Backend, BackendOptions, ModelInput, Prepared, model_source
 from onnxforge.errors import BackendError
+from onnxforge.ir.runtime_source import RuntimeSource
+from onnxforge.limits import check_deadlines, execution_timed_out, execution_timeout_s, running_execution
 from onnxforge.measure import LatencyStats, MeasureOptions, measure_latency
 
 _OPTIMIZATION_LEVELS = {
@@ -19,6 +24,9 @@ _OPTIMIZATION_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+# Where in onnxruntime's sources a check failed ("/onnxruntime_src/.../graph.cc:1617 void onnxruntime::...() "):
+# of no use to the reader of an error line.
+_ORT_SOURCE_LOCATION = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[^()]*\([^()]*\)(?: const)? )?")
 
 
 class OrtBackend(Backend):
@@ -31,15 +39,17 @@ class OrtBackend(Backend):
         """Create an inference session for `model`; BackendError when onnxruntime rejects it."""
         options = options or BackendOptions()
         self.check_target(options.target)
-        session_options = _session_options(options)
         with model_source(model) as source:
+            session_options, weights = _session_options(options, source)
             # onnxruntime's exceptions share no base class below Exception.
             try:
                 session = ort.InferenceSession(
-                    source, sess_options=session_options, providers=["CPUExecutionProvider"]
+                    source.model_bytes, sess_options=session_options, providers=["CPUExecutionProvider"]
                 )
             except Exception as exc:
                 raise BackendError(f"onnxruntime cannot load the model: {_one_line(exc)}") from exc
+        # onnxruntime uses the arrays of weights given in memory in place: they must live as long as the session.
+        session.onnxforge_weights = weights
         return OrtPrepared(session)
 
 
@@ -52,23 +62,68 @@ class OrtPrepared(Prepared):
         self.output_names = [o.name for o in session.get_outputs()]
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the session once and return its outputs by name; BackendError when onnxruntime fails."""
-        try:
-            outputs = self.session.run(None, dict(inputs))
-        except Exception as exc:
-            raise BackendError(f"onnxruntime cannot run the model: {_one_line(exc)}") from exc
+        """Run the session once and return its outputs by name; BackendError when onnxruntime fails.
+
+        The run can be stopped: Ctrl-C (or any exception raised in this thread while it waits), an active
+        deadline that runs out, or the bound of one execution (`limits.execution_timeout_s()`) ends it with
+        the exception or a TimeLimitError.
+        """
+        feed = dict(inputs)
+        run_options = ort.RunOptions()
+        finished = threading.Event()
+        result: list = []
+
+        def execute() -> None:
+            try:
+                result.append(self.session.run(None, feed, run_options))
+            except Exception as exc:
+                result.append(exc)
+
+        bound = execution_timeout_s()
+        with running_execution(lambda: _terminate(run_options)):
+            _run_on_worker(execute, finished)
+            try:
+                in_time = finished.wait(bound)
+            finally:
+                if not finished.is_set():  # interrupted, or past the bound
+                    _terminate(run_options)
+                    finished.wait()
+            if not in_time:
+                raise execution_timed_out(bound)
+        outputs = result[0]
+        if isinstance(outputs, Exception):
+            check_deadlines()  # stopped because a deadline ran out: say so, not that the model is broken
+            raise BackendError(f"onnxruntime cannot run the model: {_one_line(outputs)}") from outputs
         return dict(zip(self.output_names, outputs))
 
     def measure(self, inputs: Mapping[str, np.ndarray], options: MeasureOptions = MeasureOptions()) -> LatencyStats:
-        """Time repeated runs on `inputs` and return their latency statistics."""
-        self.run(inputs)  # turns a bad feed into a BackendError before timing starts
+        """Time repeated runs on `inputs` and return their latency statistics; an active deadline that runs out
+        stops the timing with a TimeLimitError."""
+        self.run(inputs)  # turns a bad feed into a BackendError, and a model that never ends into an error
         feed = dict(inputs)
-        # Calling the session directly keeps the output-dict building of run() out of the timings.
-        return measure_latency(lambda: self.session.run(None, feed), options)
+        run_options = ort.RunOptions()
+        # Calling the session directly keeps the output-dict building and the thread of run() out of the timings.
+        with running_execution(lambda: _terminate(run_options)):
+            try:
+                return measure_latency(lambda: self.session.run(None, feed, run_options), options)
+            except Exception as exc:
+                check_deadlines()
+                raise BackendError(f"onnxruntime cannot run the model: {_one_line(exc)}") from exc
 
 
-def _session_options(options: BackendOptions) -> ort.SessionOptions:
+def _session_options(
+    options: BackendOptions, source: RuntimeSource
+) -> tuple[ort.SessionOptions, list[ort.OrtValue]]:
+    """Session options for `options`, and for `source`: the folder its external data is resolved in (onnxruntime
+    checks that every location stays inside it) and its weights given in memory (returned: keep them alive)."""
     session_options = ort.SessionOptions()
+    if source.external_folder is not None:
+        session_options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(source.external_folder)
+        )
+    weights = [ort.OrtValue.ortvalue_from_numpy(array) for array in source.initializers.values()]
+    if weights:
+        session_options.add_external_initializers(list(source.initializers), weights)
     session_options.graph_optimization_level = _OPTIMIZATION_LEVELS[options.graph_optimization]
     session_options.intra_op_num_threads = options.threads or 0  # 0: onnxruntime's default
     session_options.inter_op_num_threads = 1
@@ -77,10 +132,49 @@ def _session_options(options: BackendOptions) -> ort.SessionOptions:
     )
     for key, value in options.extra.items():
         session_options.add_session_config_entry(key, str(value))
-    return session_options
+    return session_options, weights
+
+
+class _Worker:
+    """A daemon thread that runs model executions handed to it, one at a time.
+
+    onnxruntime holds the thread that calls it until the run ends, signals or not: runs execute here while the
+    calling thread waits where a signal can interrupt it. Workers are reused (starting a thread costs more than
+    running a small model); one stuck in a run that cannot be stopped never becomes idle again.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="onnxforge-ort-run", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            job, finished = self.jobs.get()
+            try:
+                job()
+                _idle_workers.append(self)  # before `finished`, so the caller's next run finds this worker idle
+            finally:
+                finished.set()
+
+
+_idle_workers: list[_Worker] = []
+os.register_at_fork(after_in_child=_idle_workers.clear)  # a forked child has none of the parent's threads
+
+
+def _run_on_worker(job: Callable[[], None], finished: threading.Event) -> None:
+    """Run `job` on an idle worker (a new one if none is idle) and set `finished` when it returns."""
+    try:
+        worker = _idle_workers.pop()
+    except IndexError:
+        worker = _Worker()
+    worker.jobs.put((job, finished))
+
+
+def _terminate(run_options: ort.RunOptions) -> None:
+    run_options.terminate = True
 
 
 def _one_line(exc: Exception) -> str:
     """Return onnxruntime's message without its error-code prefix, folded onto one line."""
     message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return _ORT_PREFIX.sub("", message) or type(exc).__name__
+    return _ORT_SOURCE_LOCATION.sub("", _ORT_PREFIX.sub("", message)) or type(exc).__name__

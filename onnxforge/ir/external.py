@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -14,29 +16,34 @@ from onnxforge.errors import ModelLoadError
 
 
 class ExternalValues(LazyValues):
-    """Lazy values of a tensor whose bytes lie in an external data file.
+    """Lazy values of a tensor whose bytes lie in an external data file inside the model's folder.
 
-    The tensor's `location` is rewritten to an absolute path at load time, so the model can be saved
-    anywhere (including over its own input file) by streaming bytes from the original file.
+    The location is checked before anything is opened (see `confined_location`), and so are the offset and
+    length against the file and the tensor's dims. `location` keeps the checked location, relative to `folder`;
+    the tensor's own location is rewritten to the absolute `path`, so the model can be saved anywhere
+    (including over its own input file) by streaming bytes from the original file.
     """
 
-    def __init__(self, tensor: onnx.TensorProto, base_dir: Path):
+    def __init__(self, tensor: onnx.TensorProto, folder: Path):
         super().__init__(tensor)
         info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location")
-        if not location:
-            raise ModelLoadError(f"tensor '{tensor.name}' uses external data but names no file")
-        self.path = (base_dir / location).resolve()
-        self.offset = int(info.get("offset", 0))
-        self.length = int(info["length"]) if "length" in info else None
-        if not self.path.is_file():
+        self.folder = Path(os.path.realpath(folder))
+        self.location = info.get("location", "")
+        self.path = confined_location(tensor.name, self.location, self.folder)
+        self.offset = _byte_count(tensor.name, info, "offset", 0)
+        expected = tensor_nbytes(tensor)
+        self.length = _byte_count(tensor.name, info, "length", expected)
+        if self.length != expected:
             raise ModelLoadError(
-                f"external data file '{self.path}' of tensor '{tensor.name}' not found: "
-                "keep the data file next to the model"
+                f"tensor '{tensor.name}': external data length {self.length} does not match its dims "
+                f"{list(tensor.dims)}, which need {expected} bytes"
             )
-        expected = self.length if self.length is not None else int(self.nbytes)
-        if self.path.stat().st_size < self.offset + expected:
-            raise ModelLoadError(f"external data file '{self.path}' is truncated (tensor '{tensor.name}')")
+        size = self.path.stat().st_size
+        if self.offset + self.length > size:
+            raise ModelLoadError(
+                f"tensor '{tensor.name}': external data at offset {self.offset}, length {self.length} runs past "
+                f"the end of '{self.location}' ({size} bytes); the data file is truncated or not this model's"
+            )
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = str(self.path)
@@ -59,7 +66,7 @@ class ExternalValues(LazyValues):
 
     def read_length(self) -> int:
         """Number of bytes this tensor occupies in its data file."""
-        return self.length if self.length is not None else int(self.nbytes)
+        return self.length
 
     def read_bytes(self) -> bytes:
         """Read this tensor's bytes from its data file."""
@@ -102,3 +109,76 @@ def external_source(values: object) -> ExternalValues | None:
     if isinstance(values, MappedWeights):
         return values.source
     return None
+
+
+# Bits per element of the types ONNX packs several to a byte.
+PACKED_BITS = {
+    onnx.TensorProto.INT4: 4,
+    onnx.TensorProto.UINT4: 4,
+    onnx.TensorProto.FLOAT4E2M1: 4,
+    onnx.TensorProto.INT2: 2,
+    onnx.TensorProto.UINT2: 2,
+    onnx.TensorProto.FLOAT6E2M3: 6,
+    onnx.TensorProto.FLOAT6E3M2: 6,
+}
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes the tensor's data takes in raw form (packed for sub-byte types), from its dims and type."""
+    count = math.prod(tensor.dims)
+    if tensor.data_type in PACKED_BITS:
+        return (count * PACKED_BITS[tensor.data_type] + 7) // 8
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def confined_location(tensor_name: str, location: str, folder: Path) -> Path:
+    """The real path of external data `location`, checked without opening anything to be a regular file in
+    `folder` (a real path) reached through no symbolic link; ModelLoadError naming the tensor otherwise."""
+
+    def refuse(why: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"tensor '{tensor_name}': external data location {location!r} {why}; "
+            "external data must lie in the model's folder"
+        )
+
+    if not location:
+        raise ModelLoadError(f"tensor '{tensor_name}' uses external data but names no file")
+    if any(ord(c) < 32 or ord(c) == 127 for c in location):
+        raise refuse("holds a control character")
+    if os.path.isabs(location) or location.startswith(("/", "\\")):
+        raise refuse("is an absolute path")
+    if ".." in location.replace("\\", "/").split("/"):
+        raise refuse("leads out of the folder ('..')")
+    path, mode = folder, stat.S_IFDIR
+    for part in (p for p in location.split("/") if p not in ("", ".")):
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise ModelLoadError(
+                f"external data file '{location}' of tensor '{tensor_name}' not found in '{folder}': "
+                "keep the data file next to the model"
+            ) from None
+        except OSError as exc:
+            raise refuse(f"cannot be checked ({exc.strerror})") from None
+        if stat.S_ISLNK(mode):
+            link = path.relative_to(folder)
+            raise refuse("is a symbolic link" if str(link) == location else f"goes through the symbolic link '{link}'")
+    if not stat.S_ISREG(mode):
+        raise refuse("is not a regular file")
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(folder):
+        raise refuse("resolves outside the folder")
+    return real
+
+
+def _byte_count(tensor_name: str, info: dict[str, str], key: str, default: int) -> int:
+    """External data's `offset` or `length`: a whole number of bytes, 0 or more."""
+    if key not in info:
+        return default
+    text = info[key]
+    if not (text.isascii() and text.isdigit()):
+        raise ModelLoadError(
+            f"tensor '{tensor_name}': external data {key} {text!r} is not a whole number of bytes (0 or more)"
+        )
+    return int(text)

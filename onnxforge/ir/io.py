@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import google.protobuf.message
@@ -16,16 +14,21 @@ from onnx.external_data_helper import uses_external_data
 
 from onnxforge.errors import ModelLoadError
 from onnxforge.ir.external import ExternalValues, external_source
+from onnxforge.ir.import_checks import check_attributes, check_names, check_tensors
 from onnxforge.ir.model import (
     PROTOBUF_LIMIT_BYTES,
     Model,
     header_of,
     paired_nodes,
-    proto_graphs,
+    paused_gc,
+    proto_tensors,
     special_value_types,
 )
+from onnxforge.ir.output_set import OutputSet
 from onnxforge.ir.shapes import drop_inferable_value_info
 
+# The kinds of value graphsurgeon exports itself; others keep their type in Model.value_types.
+EXPORTABLE_KINDS = ("tensor_type", "sequence_type", "sparse_tensor_type")
 # Tensors at least this large go to the external data file when saving with external data.
 EXTERNAL_THRESHOLD_BYTES = 1024
 # Each tensor in the data file starts at a multiple of this, so runtimes can map it directly.
@@ -57,33 +60,74 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
         raise ModelLoadError(f"{what} is not a valid ONNX model (truncated or not ONNX): {exc}") from None
     if not data or not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
         raise ModelLoadError(f"{what} is not an ONNX model (no graph, IR version or opset)")
+    _check_text(proto, what)
     return proto
 
 
+def _check_text(message: google.protobuf.message.Message, what: str) -> None:
+    """Raise ModelLoadError if a text field (a name, an op type, ...) of `message` is not UTF-8.
+
+    protobuf parses such a field into bytes instead of refusing it, and every later use of the name breaks.
+    """
+    for field, value in message.ListFields():
+        values = value if field.is_repeated else [value]
+        if field.type == field.TYPE_STRING and any(isinstance(v, bytes) for v in values):
+            raise ModelLoadError(f"{what} is not a valid ONNX model: text field {field.full_name} is not UTF-8")
+        if field.type == field.TYPE_MESSAGE:
+            for item in values:
+                _check_text(item, what)
+
+
 def _from_proto(proto: onnx.ModelProto, base_dir: Path | None) -> Model:
+    """Import `proto` after checking what would otherwise be read wrongly or change meaning: tensor data that
+    does not fit its dims, values defined twice, external data outside `base_dir` (the model's folder).
+
+    Inputs that are also initializers (inputs with a default value) become constants, listed in
+    `Model.inputs_made_constant`.
+    """
+    check_tensors(proto.graph)
+    check_attributes(proto.graph)
+    inputs_with_defaults = check_names(proto.graph)
     try:
-        graph = gs.import_onnx(proto)
+        with paused_gc():
+            graph = gs.import_onnx(proto)
     except Exception as exc:  # graphsurgeon raises assorted errors on malformed graphs
         raise ModelLoadError(f"cannot read the model graph: {str(exc).splitlines()[0]}") from None
     model = Model(graph, header_of(proto), special_value_types(proto.graph))
+    # Before IR version 4 every initializer had to be listed as an input too: those are weights, not defaults.
+    model.inputs_made_constant = inputs_with_defaults if proto.ir_version >= 4 else []
     for node, node_proto in paired_nodes(graph, proto.graph):
-        type_kinds = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
-        dropped = [a for a in node_proto.attribute if a.type in type_kinds]  # graphsurgeon skips these
-        if dropped:
-            model.type_attributes[id(node)] = (node, dropped)
+        kept_as_read = [a for a in node_proto.attribute if _not_for_graphsurgeon(a)]
+        for attribute in kept_as_read:
+            node.attrs.pop(attribute.name, None)
+        if kept_as_read:
+            model.type_attributes[id(node)] = (node, kept_as_read)
     for g in model.graphs():
-        for name, tensor in g.tensors().items():
-            if name in model.value_types and isinstance(tensor, gs.Variable):
-                tensor.dtype = None  # graphsurgeon put a TypeProto here; the real type is in value_types
-    for g in model.graphs():
-        for tensor in g.tensors().values():
-            if isinstance(tensor, gs.Constant) and _is_external(tensor):
-                if base_dir is None:
-                    raise ModelLoadError(
-                        f"tensor '{tensor.name}' uses external data: load the model from its file path"
-                    )
-                tensor._values = ExternalValues(tensor._values.tensor, base_dir)
+        for tensor in [*g.tensors().values(), *g.inputs, *g.outputs]:  # unnamed values are not in tensors()
+            if not isinstance(tensor, gs.Variable) or tensor.type in EXPORTABLE_KINDS:
+                continue
+            # An optional, map or opaque type (restored by name from value_types on export), or an empty type
+            # (valid ONNX: unknown): graphsurgeon put a TypeProto in dtype and cannot export it.
+            tensor.dtype = None
+            if tensor.name not in model.value_types:
+                tensor.type = "tensor_type"
+    for tensor in model.constants():
+        if _is_external(tensor):
+            if base_dir is None:
+                raise ModelLoadError(f"tensor '{tensor.name}' uses external data: load the model from its file path")
+            tensor._values = ExternalValues(tensor._values.tensor, base_dir)
     return model
+
+
+def _not_for_graphsurgeon(attribute: onnx.AttributeProto) -> bool:
+    """Attributes graphsurgeon cannot carry: types (it skips them) and empty lists (it cannot tell their type
+    when exporting). They stay on the side, as read, and are put back on export."""
+    kind = onnx.AttributeProto
+    if attribute.type in (kind.TYPE_PROTO, kind.TYPE_PROTOS):
+        return True
+    lists = {kind.FLOATS: "floats", kind.INTS: "ints", kind.STRINGS: "strings", kind.TENSORS: "tensors",
+             kind.GRAPHS: "graphs", kind.SPARSE_TENSORS: "sparse_tensors"}  # fmt: skip
+    return attribute.type in lists and not getattr(attribute, lists[attribute.type])
 
 
 def _is_external(tensor: gs.Constant) -> bool:
@@ -97,86 +141,50 @@ def _is_external(tensor: gs.Constant) -> bool:
 
 
 def save_model(model: Model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-    """Write the model to `path` atomically (temporary file, then rename).
+    """Write the model to `path` atomically: temporary files, renamed into place together (weights file first).
 
     external_data: True writes weights to `<name>.data` beside the model; None does so only when the model
     already had external weights or is too large for a single protobuf. Types and shapes of intermediate
     tensors (value_info) are written only where onnx's shape inference would not find them again.
     """
+    with OutputSet() as outputs:
+        stage_model(model, path, outputs, external_data)
+        outputs.commit()
+    return Path(path)
+
+
+def stage_model(
+    model: Model, path: str | os.PathLike, outputs: OutputSet, external_data: bool | None = None
+) -> None:
+    """Write the model (and its weights file) as temporary files of `outputs`, renamed to `path` when it commits.
+
+    external_data: as for `save_model`.
+    """
     path = Path(path)
     proto = model.to_proto()
     if external_data is None:
         external_data = model.has_external_data or model.stats().bytes >= PROTOBUF_LIMIT_BYTES
-    path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
-    tmp_files: list[Path] = []
-    try:
-        if external_data:
-            data_tmp = temp_beside(path.parent / data_name)
-            tmp_files.append(data_tmp)
-            with open(data_tmp, "wb") as out:
-                _move_weights_out(proto, model, out, data_name)
-        drop_inferable_value_info(proto)  # after the weights moved out: inference then copies no weights
-        model_tmp = temp_beside(path)
-        tmp_files.append(model_tmp)
-        with open(model_tmp, "wb") as out:
-            out.write(proto.SerializeToString())
-        if external_data:
-            os.replace(data_tmp, path.parent / data_name)
-        os.replace(model_tmp, path)
-    finally:
-        for tmp in tmp_files:
-            tmp.unlink(missing_ok=True)
-    return path
+    if external_data:
+        with open(outputs.stage_file(path.parent / data_name), "wb") as out:
+            _move_weights_out(proto, model, out, data_name)
+    drop_inferable_value_info(proto)  # after the weights moved out: inference then copies no weights
+    with open(outputs.stage_file(path), "wb") as out:
+        out.write(proto.SerializeToString())
 
 
-def temp_beside(target: Path) -> Path:
-    """An empty temporary file next to `target`, with the permissions a new file would get (mkstemp's are 0600)."""
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
-    return Path(name)
-
-
-def save_for_runtime(model: Model, folder: Path) -> Path:
-    """Save `model` into a scratch `folder` for a runtime to load, without copying weights still on disk.
-
-    Weights that still live in the input's data files are referenced through hard links to those files
-    (onnxruntime refuses paths leading out of the model's folder, symbolic links included); where a hard
-    link is impossible (another file system) they are copied. Only weights passes created are written.
-    """
-    path = folder / "model.onnx"
-    proto = model.to_proto()
-    with open(folder / "model.onnx.data", "wb") as out:
-        _move_weights_out(proto, model, out, "model.onnx.data", link_dir=folder)
-    path.write_bytes(proto.SerializeToString())
-    return path
-
-
-def _move_weights_out(
-    proto: onnx.ModelProto, model: Model, out, data_name: str, link_dir: Path | None = None
-) -> None:
-    """Write every large tensor of `proto` into `out` and turn it into an external reference to `data_name`.
-
-    With `link_dir`, tensors still in their source files are not copied: they refer to a link to that file.
-    """
-    links: dict[str, str] = {}
+def _move_weights_out(proto: onnx.ModelProto, model: Model, out, data_name: str) -> None:
+    """Write every large tensor of `proto` into `out` and turn it into an external reference to `data_name`."""
     external_by_path = {
         f"{source.path}@{source.offset}": source
-        for g in model.graphs()
-        for t in g.tensors().values()
-        if isinstance(t, gs.Constant) and (source := external_source(t._values)) is not None
+        for t in model.constants()
+        if (source := external_source(t._values)) is not None
     }
     offset = 0
-    for tensor in _all_tensors(proto.graph):
+    for tensor in proto_tensors(proto.graph):
         if uses_external_data(tensor):
             info = {e.key: e.value for e in tensor.external_data}
             source = external_by_path[info["location"] + f"@{int(info.get('offset', 0))}"]
-            if link_dir is not None and _hard_link(source.path, link_dir, links):
-                _set_external(tensor, links[str(source.path)], source.offset, source.read_length())
-                continue
             write = source.copy_to
         else:
             data = _tensor_bytes(tensor)
@@ -189,19 +197,6 @@ def _move_weights_out(
         length = write(out)
         _set_external(tensor, data_name, offset, length)
         offset += length
-
-
-def _hard_link(source: Path, folder: Path, links: dict[str, str]) -> bool:
-    """Make (once) a hard link to `source` in `folder`, recorded in `links`; False if impossible."""
-    if str(source) in links:
-        return True
-    name = f"linked{len(links)}.data"
-    try:
-        os.link(source, folder / name)
-    except OSError:
-        return False
-    links[str(source)] = name
-    return True
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> bytes:
@@ -221,9 +216,3 @@ def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: 
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
 
-
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    for g in proto_graphs(graph):
-        yield from g.initializer
-        for node in g.node:
-            yield from (attr.t for attr in node.attribute if attr.type == onnx.AttributeProto.TENSOR)

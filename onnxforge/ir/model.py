@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import math
 import contextlib
-import tempfile
+import gc
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnxforge.ir.external import external_source
+
+if TYPE_CHECKING:
+    from onnxforge.ir.runtime_source import RuntimeSource
 
 # Serialized protobuf messages cannot exceed 2 GiB; stay clear of the limit.
 PROTOBUF_LIMIT_BYTES = 2**31 - 64 * 2**20
@@ -30,6 +34,20 @@ class ModelStats:
         return {"nodes": self.nodes, "params": self.params, "bytes": self.bytes}
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector inside the block. Building a graph allocates objects that all stay
+    alive, and every collection on the way would walk them all again: over half the time of copying a graph of
+    tens of thousands of nodes, and growing faster than the graph."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class Model:
     """A graph to transform, and the model fields (opsets, metadata, producer) that must survive saving.
 
@@ -45,12 +63,22 @@ class Model:
         self.header = header
         # Types graphsurgeon cannot carry (optional, map, opaque), by value name; restored on export.
         self.value_types = value_types or {}
-        # Attributes graphsurgeon drops (TYPE_PROTO, as on Optional): id(node) -> (node, attributes).
+        # Attributes graphsurgeon cannot carry (TYPE_PROTO, as on Optional; empty lists): id(node) -> (node,
+        # attributes as read), put back on export.
         self.type_attributes: dict[int, tuple[gs.Node, list[onnx.AttributeProto]]] = {}
+        # Graph inputs the file gave a default value (an initializer of the same name), imported as constants.
+        self.inputs_made_constant: list[str] = []
 
     def copy(self) -> Model:
         """Return an independent copy of the graph structure (weight arrays are shared, not copied)."""
-        copy = Model(self.graph.copy(), _copy_header(self.header), dict(self.value_types))
+        with paused_gc():
+            graph = self.graph.copy()
+        copy = Model(graph, _copy_header(self.header), dict(self.value_types))
+        # graphsurgeon's copy shares the list of opset imports, and exporting appends to it the domains the nodes
+        # use: a copy that gains a contrib op must not add that domain to the original (nor to a snapshot).
+        if self.graph.import_domains is not None:
+            copy.graph.import_domains = list(self.graph.import_domains)
+        copy.inputs_made_constant = list(self.inputs_made_constant)
         # graphsurgeon's copy forgets which values are sequences or optionals: carry their kind over.
         for original, copied in zip(self.graphs(), copy.graphs()):
             kinds = {name: t.type for name, t in original.tensors().items() if isinstance(t, gs.Variable)}
@@ -67,6 +95,18 @@ class Model:
         yield self.graph
         for sub in _subgraphs(self.graph):
             yield sub
+
+    def constants(self) -> Iterator[gs.Constant]:
+        """Yield each constant once: initializers and node attribute tensors (Constant nodes), subgraphs included."""
+        seen: set[int] = set()
+        for graph in self.graphs():
+            attribute_constants = (
+                value for node in graph.nodes for value in node.attrs.values() if isinstance(value, gs.Constant)
+            )
+            for tensor in (*graph.tensors().values(), *attribute_constants):
+                if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    yield tensor
 
     def stats(self) -> ModelStats:
         """Count nodes (recursively) and the elements and bytes of all constants, without loading lazy weights."""
@@ -87,20 +127,19 @@ class Model:
     @property
     def has_external_data(self) -> bool:
         """True when some weights still live in an external data file that was not read into memory."""
-        return any(
-            isinstance(t, gs.Constant) and external_source(t._values) is not None
-            for g in self.graphs()
-            for t in g.tensors().values()
-        )
+        return any(external_source(t._values) is not None for t in self.constants())
+
+    def external_data_files(self) -> set[Path]:
+        """The data files (absolute paths) that weights still stored outside the model are read from."""
+        return {source.path for t in self.constants() if (source := external_source(t._values)) is not None}
 
     def to_proto(self) -> onnx.ModelProto:
         """Export to a ModelProto; weights still on disk stay external references (absolute paths)."""
         graph = self.graph
-        for g in self.graphs():
-            for tensor in g.tensors().values():
-                source = isinstance(tensor, gs.Constant) and external_source(tensor._values)
-                if source:
-                    tensor._values = source  # export as an external reference, not a copy
+        for tensor in self.constants():
+            source = external_source(tensor._values)
+            if source:
+                tensor._values = source  # export as an external reference, not a copy
         proto = gs.export_onnx(graph, do_type_check=False)
         for node, node_proto in paired_nodes(graph, proto.graph):
             entry = self.type_attributes.get(id(node))
@@ -129,18 +168,13 @@ class Model:
         return proto
 
     @contextlib.contextmanager
-    def runtime_source(self) -> Iterator[bytes | str]:
-        """Yield what onnxruntime can load: serialized bytes, or the path of a temporary saved copy.
+    def runtime_source(self) -> Iterator[RuntimeSource]:
+        """Yield the model as a runtime loads it: serialized bytes whose weights still on disk stay references
+        relative to the input's folder (given with them), new weights inline or, past protobuf's 2 GiB limit,
+        in memory beside the bytes. Nothing is written to disk."""
+        from onnxforge.ir.runtime_source import runtime_source_of
 
-        A temporary file is used when weights are external or the model is too large for one protobuf.
-        """
-        if not self.has_external_data and self.stats().bytes < PROTOBUF_LIMIT_BYTES:
-            yield self.to_proto().SerializeToString()
-            return
-        from onnxforge.ir.io import save_for_runtime
-
-        with tempfile.TemporaryDirectory(prefix="onnxforge-") as tmp:
-            yield str(save_for_runtime(self, Path(tmp)))
+        yield runtime_source_of(self)
 
 
 def _is_4bit(values) -> bool:
@@ -209,6 +243,18 @@ def proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
                     yield from proto_graphs(sub)
+
+
+def proto_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of `graph` and its subgraphs: initializers and node attribute tensors (Constant's value)."""
+    for g in proto_graphs(graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
 
 
 def _all_value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:

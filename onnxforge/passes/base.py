@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -15,6 +15,7 @@ from onnxforge.backends.base import BackendOptions, Prepared
 from onnxforge.errors import PassError
 from onnxforge.ir import Model
 from onnxforge.measure import InterleavedTiming, RelativeLatency, interleaved_latency
+from onnxforge.passes.decisions import Decision, Decisions, Measured
 
 T = TypeVar("T")
 
@@ -48,7 +49,8 @@ class PassContext:
     """Per-run state shared by passes: the analysis cache, sample data, and the backend and target to run on.
 
     Passes that run or time models (calibration, measured choices) do it through `prepare` and
-    `time_models`, so that no pass imports a backend.
+    `time_models`, so that no pass imports a backend. A choice made by timing goes through `decide`, which
+    records it, or replays it from `decisions` given from an earlier run.
     """
 
     def __init__(
@@ -58,13 +60,31 @@ class PassContext:
         target: str = "cpu",
         threads: int | None = None,
         timing: InterleavedTiming | None = None,
+        decisions: Decisions | None = None,
     ):
         self.data = data
         self.backend = backend
         self.target = target
         self.threads = threads
         self.timing = timing or InterleavedTiming()
+        self.decisions = decisions or Decisions()
         self._cache: dict[type[Analysis], tuple[int, Any]] = {}
+        self._pass_position = ""
+
+    def begin_pass(self, index: int, pass_: Pass) -> None:
+        """Note which pass runs now (its position in the pipeline and description): it keys its decisions."""
+        self._pass_position = f"{index}:{pass_.describe()}"
+
+    def decide(self, what: str, measure: Callable[[], Measured], allowed: Collection[Any] | None = None) -> Decision:
+        """The running pass's decision on `what`: measured by `measure` and recorded, or replayed without
+        measuring from the decisions given to the run (DecisionsError if they lack it, or if it is not one of
+        `allowed`)."""
+        return self.decisions.decide(self._pass_position + "/" + what, measure, allowed)
+
+    def replayed_decisions(self) -> int:
+        """How many of the running pass's decisions so far were replayed rather than measured."""
+        prefix = self._pass_position + "/"
+        return sum(d.replayed for key, d in self.decisions.made.items() if key.startswith(prefix))
 
     def prepare(self, model: Model | bytes, graph_optimization: str = "all") -> Prepared:
         """Load or compile `model` on this run's backend and target, ready to run or time."""

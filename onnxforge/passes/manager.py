@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from onnxforge.errors import OnnxforgeError, PassUsageError
 from onnxforge.ir import Model, ModelStats
+from onnxforge.limits import TimeLimitError, check_deadlines, time_limit
 from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.verifier import Verifier, VerifyOptions
 
@@ -74,9 +75,13 @@ class PassManager:
         on_error: OnError = "rollback",
         instruments: Sequence[Instrument] = (),
         context: PassContext | None = None,
+        pass_timeout: float | None = None,
     ):
         if on_error not in ("rollback", "stop"):
             raise OnnxforgeError(f"on_error must be 'rollback' or 'stop', not '{on_error}'")
+        if pass_timeout is not None and not pass_timeout > 0:
+            raise OnnxforgeError(f"the pass timeout must be more than 0 seconds, got {pass_timeout}")
+        self.pass_timeout = pass_timeout
         self.passes = list(passes)
         self.verify = verify or VerifyOptions()
         self.on_error = on_error
@@ -84,15 +89,20 @@ class PassManager:
         self.context = context or PassContext()
         self.verifier = Verifier(self.verify) if self.verify.enabled else None
 
-    def run(self, model: Model) -> tuple[Model, list[PassRecord]]:
-        """Apply the passes to a copy of `model`; return the result and one record per pass."""
+    def run(self, model: Model, source: str | bytes | None = None) -> tuple[Model, list[PassRecord]]:
+        """Apply the passes to a copy of `model`; return the result and one record per pass.
+
+        `source`, the file (path or bytes) `model` was imported from, gives verification its reference outputs.
+        """
         current = model.copy()
-        reference = self.verifier.reference(current) if self.verifier else []
+        reference = self.verifier.reference(current, source) if self.verifier else []
         records = []
         total = len(self.passes)
         for index, pass_ in enumerate(self.passes, start=1):
+            check_deadlines()
             for instrument in self.instruments:
                 instrument.before_pass(index, total, pass_, current)
+            self.context.begin_pass(index, pass_)
             try:
                 current, reference, record = self._run_one(pass_, current, reference)
             except PassUsageError as exc:
@@ -109,7 +119,29 @@ class PassManager:
         return current, records
 
     def _run_one(self, pass_: Pass, model: Model, reference: list) -> tuple[Model, list, PassRecord]:
+        """Run and check one pass within the pass timeout: a pass (or its check) that outlasts it is rolled back
+        (failed with on_error="stop") even if it caught the TimeLimitError and went on."""
         snapshot = model.copy()
+        start = time.perf_counter()
+        deadline = None
+        message = f"exceeded --pass-timeout {self.pass_timeout:g} s" if self.pass_timeout else ""
+        try:
+            with time_limit(self.pass_timeout, message) as deadline:
+                outcome = self._attempt(pass_, model, reference, snapshot)
+        except TimeLimitError as exc:
+            if deadline is None or exc.deadline is not deadline:
+                raise
+        if deadline is None or not deadline.expired:
+            return outcome
+        self.context.invalidate()
+        before = snapshot.stats()
+        status = "failed" if self.on_error == "stop" else "rolled_back"
+        record = PassRecord(pass_.describe(), status, time.perf_counter() - start, before, before, error=message)
+        return snapshot, reference, record
+
+    def _attempt(
+        self, pass_: Pass, model: Model, reference: list, snapshot: Model
+    ) -> tuple[Model, list, PassRecord]:
         before = model.stats()
         start = time.perf_counter()
         try:

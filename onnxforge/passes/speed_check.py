@@ -6,6 +6,7 @@ from onnxforge.data import random_inputs
 from onnxforge.ir import Model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.passes.base import PassContext
+from onnxforge.passes.decisions import Measured
 
 
 def kept_if_faster(
@@ -14,18 +15,28 @@ def kept_if_faster(
     """Time `model` against `original` on the context's backend (interleaved, on the first --data sample or a
     random input); below `min_speedup` time them again, and if the second timing agrees put the original graph
     back (and `params_removed` to 0): a moment's load on the machine does not undo the pass. Records the speedup
-    in `stats` and `notes`."""
-    feed = (ctx.data or [random_inputs(skeleton_proto(model), seed=0)])[0]
-    prepared = [ctx.prepare(original), ctx.prepare(model)]
-    speedup = ctx.time_models(prepared, feed)[1].speedup
+    in `stats` and `notes`; a replayed run takes the recorded verdict instead of timing."""
     where = f"against the model before the pass on {ctx.backend}/{ctx.target}"
-    notes.append(f"whole model measured {speedup:.2f}x {where}")
-    if speedup < min_speedup:
-        again = ctx.time_models(prepared, feed)[1].speedup
-        notes.append(f"timed again: {again:.2f}x")
-        speedup = max(speedup, again)
-    stats["measured_speedup"] = round(speedup, 4)
-    if speedup >= min_speedup:
+
+    def measure() -> Measured:
+        feed = (ctx.data or [random_inputs(skeleton_proto(model), seed=0)])[0]
+        prepared = [ctx.prepare(original), ctx.prepare(model)]
+        speedups = [ctx.time_models(prepared, feed)[1].speedup]
+        if speedups[0] < min_speedup:
+            speedups.append(ctx.time_models(prepared, feed)[1].speedup)
+        return Measured(max(speedups) >= min_speedup, {"speedups": [round(s, 4) for s in speedups]})
+
+    decision = ctx.decide("kept after timing", measure)
+    if decision.replayed:
+        verdict = "kept" if decision.value else "stepped back"
+        notes.append(f"{verdict} as {decision.replayed_from} records, not timed")
+        stats["decisions_replayed"] = ctx.replayed_decisions()
+    else:
+        first, *again = decision.timings["speedups"]
+        notes.append(f"whole model measured {first:.2f}x {where}")
+        notes.extend(f"timed again: {speedup:.2f}x" for speedup in again)
+        stats["measured_speedup"] = max(decision.timings["speedups"])
+    if decision.value:
         return True
     notes.append(f"below min_speedup={min_speedup:g}: the model is left as it was")
     stats["params_removed"] = 0

@@ -12,7 +12,7 @@ import onnx
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import Backend, BackendOptions
 from onnxforge.data import input_specs, random_inputs
-from onnxforge.errors import BackendError, OnnxforgeError
+from onnxforge.errors import BackendError, ModelLoadError, OnnxforgeError
 from onnxforge.ir import Model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.ir.validity import check_model
@@ -59,9 +59,14 @@ class Verifier:
         self.inputs: list[dict[str, np.ndarray]] = []
         self.reference_outputs: Outputs = []
 
-    def reference(self, model: Model) -> Outputs:
+    def reference(self, model: Model, source: str | bytes | None = None) -> Outputs:
         """Take this run's inputs (real samples, or random ones drawn from `model`'s input shapes) and return
-        `model`'s outputs on them."""
+        the reference outputs on them.
+
+        With `source` (the original file's path, or its serialized bytes) the reference comes from the model as
+        the backend loads it, not from the imported copy, and the copy must compute the same outputs: an import
+        that changed the model's meaning is an error, not a silently different baseline.
+        """
         if self.options.data:
             self.inputs = [dict(sample) for sample in self.options.data[-self.options.samples :]]
         else:
@@ -71,7 +76,7 @@ class Verifier:
                 for i in range(self.options.samples)
             ]
         try:
-            self.reference_outputs = self.run(model)
+            self.reference_outputs = self.run(model if source is None else source)
         except BackendError as exc:
             if "cannot run" not in str(exc) or self.options.data:
                 raise
@@ -80,20 +85,38 @@ class Verifier:
                 f"the input model fails on random inputs ({shapes}): {exc}; "
                 "fix dynamic dims with --shape NAME=DIMS or verify on real samples with --data"
             ) from None
+        if source is not None:
+            self._check_import(model, source)
         return self.reference_outputs
 
-    def run(self, model: Model) -> Outputs:
-        """Outputs of `model` on this run's random inputs, cast to the float types its inputs declare.
+    def _check_import(self, model: Model, source: str | bytes) -> None:
+        """Raise ModelLoadError unless the imported `model` gives the original file's outputs (within rtol)."""
+        try:
+            imported = self.run(model)
+        except BackendError as exc:
+            raise ModelLoadError(f"the model no longer loads once imported: {exc}") from None
+        comparison = compare_outputs(self.reference_outputs, imported)
+        if not comparison.within(self.options.rtol) and self._deterministic(source):
+            raise ModelLoadError(
+                f"the model changes its outputs when imported (relative error {comparison.max_rel:.3g}): "
+                "it is not valid ONNX in a way onnxforge cannot keep; check it with onnx.checker"
+            )
+
+    def run(self, model: Model | str | bytes) -> Outputs:
+        """Outputs of `model` (or a model file's path or bytes) on this run's inputs, cast to the float types
+        its inputs declare.
 
         A pass may change an input's float type (fp16 without keep_io_types): it gets the same values.
         """
+        if not isinstance(model, Model):
+            prepared = self.backend.prepare(model, BackendOptions())
+            return [prepared.run(sample) for sample in self.inputs]
         dtypes = {spec.name: spec.dtype for spec in input_specs(skeleton_proto(model))}
         inputs = [
             {name: _as_declared(value, dtypes.get(name)) for name, value in sample.items()} for sample in self.inputs
         ]
-        with model.runtime_source() as source:
-            prepared = self.backend.prepare(source, BackendOptions())
-            return [prepared.run(sample) for sample in inputs]
+        prepared = self.backend.prepare(model, BackendOptions())
+        return [prepared.run(sample) for sample in inputs]
 
     def check(self, model: Model, reference: Outputs, lossless: bool) -> Verdict:
         """Check `model` after a pass; `reference` are the outputs of the model before it."""
@@ -114,6 +137,10 @@ class Verifier:
             )
         return Verdict(True, "", outputs, comparison)
 
+
+    def _deterministic(self, source: str | bytes) -> bool:
+        """Whether the original gives the same outputs twice (random ops make it differ from itself)."""
+        return compare_outputs(self.reference_outputs, self.run(source)).within(self.options.rtol)
 
 
 def _as_declared(value: np.ndarray, dtype: np.dtype | None) -> np.ndarray:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxforge.ir import ModelStats
-from onnxforge.ir.io import temp_beside as _temp_beside
+from onnxforge.ir.output_set import OutputSet
 from onnxforge.measure import LatencyStats
 from onnxforge.passes.manager import PassRecord
 from onnxforge.verify import Comparison
@@ -32,6 +32,8 @@ class OptimizationReport:
     latency_setup: dict[str, Any] = field(default_factory=dict)
     output: str | None = None
     artifact: list[str] = field(default_factory=list)  # files of the compiled model (--artifact)
+    decisions: dict[str, Any] = field(default_factory=dict)  # measured decisions, replayable (--decisions)
+    inputs_made_constant: list[str] = field(default_factory=list)  # inputs whose default value became a constant
 
     @property
     def speedup(self) -> float | None:
@@ -53,6 +55,8 @@ class OptimizationReport:
             },
             "passes": [record.to_dict() for record in self.passes],
             "verification": self.verification,
+            "inputs_made_constant": self.inputs_made_constant,
+            "decisions": self.decisions,
             "error_vs_original": self.error.to_dict() if self.error else None,
             "error_vs_original_on_data": self.data_error.to_dict() if self.data_error else None,
             "latency": None
@@ -65,9 +69,9 @@ class OptimizationReport:
             },
         }
 
-    def save_json(self, path: str | os.PathLike) -> None:
-        """Write the report atomically."""
-        write_json(path, self.to_dict())
+    def save_json(self, path: str | os.PathLike, outputs: OutputSet | None = None) -> None:
+        """Write the report atomically (with `outputs`, as one of its files)."""
+        write_json(path, self.to_dict(), outputs)
 
     def explanation(self) -> str:
         """Each pass's notes on what it decided and why (what `optimize --explain` prints)."""
@@ -81,6 +85,11 @@ class OptimizationReport:
     def summary(self) -> str:
         """A few lines a person reads on the terminal after a run."""
         lines = []
+        if self.inputs_made_constant:
+            lines.append(
+                f"  note: input(s) {', '.join(self.inputs_made_constant)} had a default value (an initializer of "
+                "the same name) and are now constants: the optimized model no longer takes them"
+            )
         width = max([24, *(len(record.name) for record in self.passes)])
         for record in self.passes:
             counters = ", ".join(
@@ -118,16 +127,16 @@ class OptimizationReport:
         return "\n".join(lines)
 
 
-def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write `payload` as indented JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def write_json(path: str | os.PathLike, payload: dict[str, Any], outputs: OutputSet | None = None) -> None:
+    """Write `payload` as indented JSON atomically (temporary file, then rename); with `outputs`, as one of
+    its files, renamed into place when it commits."""
+    if outputs is None:
+        with OutputSet() as own:
+            write_json(path, payload, own)
+            own.commit()
+        return
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    outputs.stage_file(path).write_text(text)
 
 
 def environment() -> dict[str, Any]:

@@ -10,15 +10,31 @@ from onnxforge.passes import Instrument, Pass, PassRecord
 
 
 class ProgressPrinter(Instrument):
-    """Print `[i/n] pass ...` when a pass starts and its status and time when it ends."""
+    """Print `[i/n] pass ...` when a pass starts and its status and time when it ends.
+
+    Used as a context manager, it ends the line of a pass that never ended (an error, an interrupt), so that what
+    is printed next starts a line of its own.
+    """
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
+        self._line_open = False
+
+    def __enter__(self) -> ProgressPrinter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line_open = False
 
     def before_pass(self, index: int, total: int, pass_: Pass, model: Model) -> None:
+        self._line_open = True
         self.stream.write(f"[{index}/{total}] {pass_.describe()} ... ")
         self.stream.flush()
 
     def after_pass(self, index: int, total: int, record: PassRecord) -> None:
         self.stream.write(f"{record.status} ({record.seconds:.2f} s)\n")
         self.stream.flush()
+        self._line_open = False

@@ -171,7 +171,10 @@ class TvmPrepared(Prepared):
 
 def _load(model: ModelInput) -> onnx.ModelProto:
     with model_source(model) as source:
-        proto = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source)
+        try:
+            proto = source.load_proto()
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:  # onnx's external data checks
+            raise BackendError(f"TVM cannot load the model's weights: {one_line(exc)}") from exc
     for value in proto.graph.input:
         dims = value.type.tensor_type.shape.dim
         if any(not d.HasField("dim_value") for d in dims):

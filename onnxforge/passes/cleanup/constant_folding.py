@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +16,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnxforge.ir import Model
 from onnxforge.ir.edit import unique_name
 from onnxforge.ir.ops import is_onnx_op
+from onnxforge.ir.shapes import infer_shapes
 from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.registry import register_pass
 
@@ -50,10 +53,13 @@ class FoldConstants(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         limit = self.options.max_bytes if self.options.max_bytes is not None else _largest_constant(model)
+        sizes = ResultSizes(model)
         folded_tensors = removed = 0
         for graph in list(model.graphs()):
             graph.toposort()
-            foldable = _foldable_nodes(graph)
+            # A result over the limit would not be stored anyway: never compute it (ConstantOfShape can ask for
+            # gigabytes from a few bytes of model).
+            foldable = _foldable_nodes(graph, lambda node: sizes.fits(node, max(limit, SMALL_BYTES)))
             if not foldable:
                 continue
             values = _evaluate(foldable, model)
@@ -65,8 +71,9 @@ class FoldConstants(Pass):
         )
 
 
-def _foldable_nodes(graph: gs.Graph) -> list[gs.Node]:
-    """Nodes (in topological order) whose inputs are constants or results of other foldable nodes."""
+def _foldable_nodes(graph: gs.Graph, affordable: Callable[[gs.Node], bool]) -> list[gs.Node]:
+    """Nodes (in topological order) whose inputs are constants or results of other foldable nodes, and whose
+    results are `affordable` to compute."""
     constant_results: set[int] = set()
     nodes = []
     for node in graph.nodes:
@@ -79,10 +86,117 @@ def _foldable_nodes(graph: gs.Graph) -> list[gs.Node]:
             )
             and all(t.name for t in node.outputs)
             and node.op != "Identity"  # left to remove-identity, which keeps output names stable
+            and affordable(node)
         ):
             nodes.append(node)
             constant_results.update(id(t) for t in node.outputs)
     return nodes
+
+
+# Ops whose result size depends on the values of an input (a shape, repeats, sizes, a depth), not only on
+# input shapes: without those values their size cannot be bounded.
+SIZE_FROM_VALUES = {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot"}
+
+
+class ResultSizes:
+    """Upper bounds of the bytes a node's results take, known before computing them: from the shapes onnx's
+    shape inference gives (run once, on a copy, only when asked), and for ops whose result size comes from an
+    input's values (ConstantOfShape, Expand, Tile, Range, Resize, Pad) from those values when they are
+    constants."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self._inferred: dict[str, gs.Variable] | None = None
+
+    def fits(self, node: gs.Node, limit: int) -> bool:
+        """Whether `node`'s results take at most `limit` bytes; a result of unknown size fits only when it
+        cannot grow beyond its inputs' size and those are known and within `limit`."""
+        total = 0
+        for index, tensor in enumerate(node.outputs):
+            size = self._bytes(tensor, _shape_from_values(node, self._shape) if index == 0 else None)
+            if size is None:
+                if node.op in SIZE_FROM_VALUES:
+                    return False
+                inputs = [self._bytes(t) for t in node.inputs if t.name]
+                if None in inputs or sum(inputs) > limit:
+                    return False
+                continue
+            total += size
+        return total <= limit
+
+    def _shape(self, tensor: gs.Tensor) -> tuple[int, ...] | None:
+        if isinstance(tensor, gs.Constant):
+            return tuple(tensor.shape)
+        if self._inferred is None:  # once, and only for models with something to fold
+            copy = self.model.copy()
+            infer_shapes(copy)
+            self._inferred = {name: t for g in copy.graphs() for name, t in g.tensors().items()}
+        inferred = self._inferred.get(tensor.name)
+        shape = getattr(inferred, "shape", None)
+        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+            return None
+        return tuple(shape)
+
+    def _bytes(self, tensor: gs.Tensor, shape: tuple[int, ...] | None = None) -> int | None:
+        """Bytes of `tensor` (of `shape` when given, else its known one); None when its shape is unknown."""
+        known = self._shape(tensor)
+        shape = known if shape is None else shape
+        if shape is None or any(d < 0 for d in shape):
+            return None
+        dtype = tensor.dtype if isinstance(tensor, gs.Constant) else getattr(self._inferred.get(tensor.name), "dtype", None)
+        try:
+            itemsize = np.dtype(dtype).itemsize if dtype is not None else 8
+        except TypeError:
+            itemsize = 8
+        return math.prod(shape) * max(itemsize, 1)
+
+
+def _shape_from_values(node: gs.Node, shape_of: Callable[[gs.Tensor], tuple[int, ...] | None]
+                       ) -> tuple[int, ...] | None:
+    """The result shape of an op whose size comes from constant input values; None when unknown."""
+
+    def value(index: int) -> np.ndarray | None:
+        if index < len(node.inputs) and isinstance(node.inputs[index], gs.Constant) and node.inputs[index].name:
+            return np.asarray(node.inputs[index].values).ravel()
+        return None
+
+    def data_shape() -> tuple[int, ...] | None:
+        return shape_of(node.inputs[0]) if node.inputs else None
+
+    if node.op == "ConstantOfShape":
+        dims = value(0)
+        return None if dims is None else tuple(int(d) for d in dims)
+    if node.op == "Range":
+        start, limit, delta = value(0), value(1), value(2)
+        if start is None or limit is None or delta is None or delta[0] == 0:
+            return None
+        return (max(0, math.ceil((float(limit[0]) - float(start[0])) / float(delta[0]))),)
+    shape = data_shape()
+    if shape is None:
+        return None
+    if node.op == "Expand":
+        dims = value(1)
+        if dims is None:
+            return None
+        width = max(len(shape), len(dims))
+        padded, target = (1,) * (width - len(shape)) + shape, (1,) * (width - len(dims)) + tuple(int(d) for d in dims)
+        return tuple(max(a, b) for a, b in zip(padded, target))
+    if node.op == "Tile":
+        repeats = value(1)
+        return None if repeats is None or len(repeats) != len(shape) else tuple(
+            d * int(r) for d, r in zip(shape, repeats))
+    if node.op == "Pad":
+        pads = value(1)
+        if pads is None or len(node.inputs) > 3 or len(pads) != 2 * len(shape):
+            return None
+        return tuple(d + int(pads[i]) + int(pads[i + len(shape)]) for i, d in enumerate(shape))
+    if node.op == "Resize":
+        sizes, scales = value(3), value(2)
+        if sizes is not None and len(sizes) == len(shape):
+            return tuple(int(d) for d in sizes)
+        if scales is not None and len(scales) == len(shape):
+            return tuple(math.floor(d * float(s)) for d, s in zip(shape, scales))
+    return None
 
 
 def _has_graph(attr) -> bool:

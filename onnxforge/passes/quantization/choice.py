@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from onnxforge.passes.base import PassContext
+from onnxforge.passes.decisions import Measured
 from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
 from onnxforge.passes.quantization.rewrite import LayerFormat
+
+FLOAT = "float"  # the decision of a layer type that no format made faster
 
 
 @dataclass
 class TypeMeasurement:
-    """What timing said of one layer type: each candidate format's speedup over float, and the one kept."""
+    """What timing said of one layer type: each candidate format's speedup over float, and the one kept.
+
+    Replayed (`replayed_from` names the record), the kept format comes from the record and nothing is timed.
+    """
 
     op: str
     members: list[int]
     speedups: list[tuple[LayerFormat, float]] = field(default_factory=list)
     chosen: LayerFormat | None = None
+    replayed_from: str = ""
 
     @property
     def layers(self) -> int:
@@ -32,7 +40,8 @@ class TypeMeasurement:
 
 @dataclass
 class MeasuredChoice:
-    """The plan measurement left, what it measured per layer type, and the whole plan's speedup."""
+    """The plan measurement left, what it measured per layer type, and the whole plan's speedup (None when
+    replayed)."""
 
     plan: dict[int, LayerFormat]
     by_type: dict[str, TypeMeasurement]
@@ -56,25 +65,34 @@ def choose_by_measurement(
     (the final check of the whole model still guards against a slower result); then
     the types kept are timed together, and while the whole is slower than float (or than `min_speedup`, when
     below 1: a size-first choice) the type that gained least goes back to float.
+    Each of these choices is a decision of `ctx` (the format's name, or "float"; the type sent back to float,
+    or None): replayed from an earlier run's record, none of them is timed.
     """
     thresholds = thresholds or {}
-    baseline = ctx.prepare(builder.model)
+    baseline = functools.cache(lambda: ctx.prepare(builder.model))
+    contrib_ops = ctx.backend == "ort"
     ops = {index: builder.layers[index].op for index in plan}
     by_type: dict[str, TypeMeasurement] = {}
     for op in sorted(set(ops.values())):
         members = [index for index in plan if ops[index] == op]
-        formats = list(candidates.get(op, ())) or [plan[members[0]]]
-        measurement = TypeMeasurement(op, members)
-        prepared = [ctx.prepare(builder.build({i: fmt for i in members})) for fmt in formats]
+        formats = {fmt.describe(contrib_ops): fmt for fmt in list(candidates.get(op, ())) or [plan[members[0]]]}
         needed = thresholds.get(op, min_speedup)
-        speedups = [result.speedup for result in ctx.time_models([baseline, *prepared], feed)[1:]]
-        if max(speedups) < needed:  # a type is turned down only when a second timing agrees
-            again = [result.speedup for result in ctx.time_models([baseline, *prepared], feed)[1:]]
-            speedups = [max(first, second) for first, second in zip(speedups, again)]
-        measurement.speedups = list(zip(formats, speedups))
-        best_format, best = max(measurement.speedups, key=lambda pair: pair[1])
-        if best >= needed:
-            measurement.chosen = best_format
+
+        def measure(members: list[int] = members, formats: dict = formats, needed: float = needed) -> Measured:
+            prepared = [ctx.prepare(builder.build({i: fmt for i in members})) for fmt in formats.values()]
+            speedups = [result.speedup for result in ctx.time_models([baseline(), *prepared], feed)[1:]]
+            if max(speedups) < needed:  # a type is turned down only when a second timing agrees
+                again = [result.speedup for result in ctx.time_models([baseline(), *prepared], feed)[1:]]
+                speedups = [max(first, second) for first, second in zip(speedups, again)]
+            best_name, best = max(zip(formats, speedups), key=lambda pair: pair[1])
+            timings = {"speedups": {name: round(s, 4) for name, s in zip(formats, speedups)}}
+            return Measured(best_name if best >= needed else FLOAT, timings)
+
+        decision = ctx.decide(f"{op} layers", measure, allowed=[*formats, FLOAT])
+        measurement = TypeMeasurement(op, members, replayed_from=decision.replayed_from)
+        if not decision.replayed:
+            measurement.speedups = [(formats[name], s) for name, s in decision.timings["speedups"].items()]
+        measurement.chosen = formats.get(decision.value)
         by_type[op] = measurement
     chosen = {op: m for op, m in by_type.items() if m.chosen is not None}
     result = MeasuredChoice({}, by_type)
@@ -83,26 +101,33 @@ def choose_by_measurement(
         if len(chosen) == 1:
             result.plan, result.speedup = combined, next(iter(chosen.values())).best_speedup
             break
-        speedup = ctx.time_models([baseline, ctx.prepare(builder.build(combined))], feed)[1].speedup
-        if speedup >= min(1.0, min_speedup):
-            result.plan, result.speedup = combined, speedup
+
+        def measure_together(combined: dict = combined, chosen: dict = chosen) -> Measured:
+            speedup = ctx.time_models([baseline(), ctx.prepare(builder.build(combined))], feed)[1].speedup
+            weakest = min(chosen, key=lambda op: chosen[op].best_speedup)
+            return Measured(None if speedup >= min(1.0, min_speedup) else weakest, {"speedup": round(speedup, 4)})
+
+        decision = ctx.decide(f"back to float of {'+'.join(chosen)} together", measure_together, [None, *chosen])
+        if decision.value is None:
+            result.plan, result.speedup = combined, decision.timings.get("speedup")
             break
-        weakest = min(chosen, key=lambda op: chosen[op].best_speedup)
-        chosen.pop(weakest)
-        by_type[weakest].chosen = None
-        result.dropped_after_combining.append(weakest)
+        chosen.pop(decision.value)
+        by_type[decision.value].chosen = None
+        result.dropped_after_combining.append(decision.value)
     return result
 
 
 @dataclass
 class PrefixRefinement:
     """What timing float prefixes changed: the plan, how many of the first layers went back to float, and the
-    speedup that measured against the plan before; `tried` maps each prefix length timed to its speedup."""
+    speedup that measured against the plan before; `tried` maps each prefix length timed to its speedup
+    (empty, and `speedup` None, when replayed from `replayed_from`)."""
 
     plan: dict[int, LayerFormat]
     kept_float: list[int] = field(default_factory=list)
-    speedup: float = 1.0
+    speedup: float | None = 1.0
     tried: dict[int, float] = field(default_factory=dict)
+    replayed_from: str = ""
 
 
 def refine_by_float_prefix(
@@ -110,26 +135,32 @@ def refine_by_float_prefix(
 ) -> PrefixRefinement:
     """Leave the first layers in float where int8 starting later runs faster: the first 1, 2, 4, ... layers
     (fewer than half) are timed in float against the plan, and the fastest prefix that gains `min_gain` in
-    two timings is kept.
+    two timings is kept. How many is a decision of `ctx` (0: none), replayed without timing when recorded.
 
     Early layers see the largest activations with the fewest channels: quantizing the input and running
     int8 there can cost more than it saves, which timing one layer type as a whole does not show.
     """
     order = sorted(plan)
-    prepared = ctx.prepare(builder.build(plan))
-    result = PrefixRefinement(dict(plan))
-    count = 1
-    while count <= len(order) // 2:
-        trial = ctx.prepare(builder.build({i: plan[i] for i in order[count:]}))
-        result.tried[count] = ctx.time_models([prepared, trial], feed)[1].speedup
-        count *= 2
-    best = max(result.tried, key=result.tried.get, default=None)
-    if best is None or result.tried[best] < min_gain:
-        return result
-    trial = ctx.prepare(builder.build({i: plan[i] for i in order[best:]}))
-    again = ctx.time_models([prepared, trial], feed)[1].speedup
-    if again >= min_gain:
-        result.plan = {i: plan[i] for i in order[best:]}
-        result.kept_float = order[:best]
-        result.speedup = min(again, result.tried[best])
+    counts = [2**power for power in range(len(order)) if 2**power <= len(order) // 2]
+
+    def measure() -> Measured:
+        prepared = ctx.prepare(builder.build(plan))
+        tried = {}
+        for count in counts:
+            trial = ctx.prepare(builder.build({i: plan[i] for i in order[count:]}))
+            tried[count] = ctx.time_models([prepared, trial], feed)[1].speedup
+        best = max(tried, key=tried.get, default=None)
+        if best is None or tried[best] < min_gain:
+            return Measured(0, {"tried": tried})
+        trial = ctx.prepare(builder.build({i: plan[i] for i in order[best:]}))
+        again = ctx.time_models([prepared, trial], feed)[1].speedup
+        return Measured(best if again >= min_gain else 0, {"tried": tried, "again": again})
+
+    decision = ctx.decide("first layers kept float", measure, allowed=[0, *counts])
+    result = PrefixRefinement(dict(plan), tried=decision.timings.get("tried", {}), replayed_from=decision.replayed_from)
+    if decision.value:
+        result.plan = {i: plan[i] for i in order[decision.value :]}
+        result.kept_float = order[: decision.value]
+        again = decision.timings.get("again")
+        result.speedup = None if decision.replayed else min(again, result.tried[decision.value])
     return result

@@ -14,6 +14,7 @@ from onnxforge.errors import PassError, PassUsageError
 from onnxforge.ir import Model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.decisions import Measured
 from onnxforge.passes.activations import Sample, observe_tensors, run_model
 from onnxforge.passes.quantization.exposing import split_attention_projections, split_gemms
 from onnxforge.passes.quantization.calibration import RangeObserver, scale_and_zero_point
@@ -112,6 +113,8 @@ class Quantize(Pass):
         for index, layer_fmt in plan.items():
             notes.setdefault(index, f"quantized: {_describe(layers[index], layer_fmt, ctx)}")
         stats: dict = {"layers": len(layers), "layers_quantized": len(plan), "layers_float": len(layers) - len(plan)}
+        if ctx.replayed_decisions():
+            stats["decisions_replayed"] = ctx.replayed_decisions()
         lines += [f"{layers[i].op} {layers[i].name}: {notes[i]}" for i in sorted(notes)]
         if not plan:
             lines.append("nothing quantized: the model is left as it was")
@@ -121,15 +124,32 @@ class Quantize(Pass):
             error = compare_outputs(run_model(model, held_out, ctx), run_model(quantized, held_out, ctx))
             stats.update(held_out_max_rel_error=error.max_rel, held_out_min_cosine=error.min_cosine)
             lines.append(f"error on {len(held_out)} held-out samples: {_describe_error(error)}")
-        if self.options.measure:
-            timed = ctx.time_models([ctx.prepare(model), ctx.prepare(quantized)], feed)
-            stats["measured_speedup"] = round(timed[1].speedup, 4)
-            lines.append(f"whole model measured {timed[1].speedup:.2f}x against float on {ctx.backend}/{ctx.target}")
-            if timed[1].speedup < min(1.0, self.options.min_speedup):
-                lines.append("slower than float as a whole: the model is left as it was")
-                return PassResult(False, stats=stats, notes=lines)
+        if self.options.measure and not self._faster_as_a_whole(model, quantized, ctx, feed, stats, lines):
+            lines.append("slower than float as a whole: the model is left as it was")
+            return PassResult(False, stats=stats, notes=lines)
         model.graph = quantized.graph
         return PassResult(True, stats=stats, notes=lines)
+
+    def _faster_as_a_whole(
+        self, model: Model, quantized: Model, ctx: PassContext, feed: dict, stats: dict, lines: list[str]
+    ) -> bool:
+        """Whether the quantized model is not slower than float (than min_speedup, when below 1) as a whole: timed,
+        or replayed from recorded decisions; stats and lines say which and what it measured."""
+        needed = min(1.0, self.options.min_speedup)
+
+        def measure() -> Measured:
+            speedup = ctx.time_models([ctx.prepare(model), ctx.prepare(quantized)], feed)[1].speedup
+            return Measured(speedup >= needed, {"speedup": round(speedup, 4)})
+
+        decision = ctx.decide("whole model kept", measure, allowed=[True, False])
+        if decision.replayed:
+            stats["decisions_replayed"] = ctx.replayed_decisions()
+            verdict = "kept" if decision.value else "not kept"
+            lines.append(f"whole model {verdict} as {decision.replayed_from} records, not timed")
+        else:
+            speedup = stats["measured_speedup"] = decision.timings["speedup"]
+            lines.append(f"whole model measured {speedup:.2f}x against float on {ctx.backend}/{ctx.target}")
+        return decision.value
 
     def _initial_plan(
         self, layers: dict[int, Layer], fmt: LayerFormat, contrib_ops: bool, has_data: bool
@@ -177,12 +197,17 @@ class Quantize(Pass):
         plan = choice.plan
         if plan and self.options.float_prefix:
             refined = refine_by_float_prefix(builder, plan, ctx, feed, min_gain=min_speedup)
-            tried = ", ".join(f"first {k}: {s:.2f}x" for k, s in refined.tried.items())
-            lines.append(f"float prefixes timed against the plan ({tried or 'none: too few layers'})")
+            if refined.replayed_from:
+                kept = len(refined.kept_float)
+                lines.append(f"float prefix of {kept} layers as {refined.replayed_from} records, not timed")
+            else:
+                tried = ", ".join(f"first {k}: {s:.2f}x" for k, s in refined.tried.items())
+                lines.append(f"float prefixes timed against the plan ({tried or 'none: too few layers'})")
             for index in refined.kept_float:
+                ran = f"ran {refined.speedup:.2f}x as fast" if refined.speedup else "was recorded faster"
                 notes[index] = (
-                    f"kept float: one of the first {len(refined.kept_float)} layers, which ran "
-                    f"{refined.speedup:.2f}x as fast in float with the rest quantized"
+                    f"kept float: one of the first {len(refined.kept_float)} layers, which {ran} "
+                    "in float with the rest quantized"
                 )
             plan = refined.plan
         return plan
@@ -342,7 +367,6 @@ def _measurement_notes(
     lines, notes = [], {}
     for op, measured in choice.by_type.items():
         example = layers[measured.members[0]]
-        timings = ", ".join(f"{s:.2f}x as {_describe(example, fmt, ctx)}" for fmt, s in measured.speedups)
         needed = thresholds.get(op, min_speedup)
         if measured.chosen is not None:
             verdict = "quantized"
@@ -350,7 +374,13 @@ def _measurement_notes(
             verdict = "kept float: the whole model was slower than float with them quantized"
         else:
             verdict = f"kept float: below the required {needed:.2f}x (min_speedup)"
-        lines.append(f"{op} layers ({measured.layers}) measured {timings} against float on {where}: {verdict}")
+        if measured.replayed_from:
+            chosen = f" as {_describe(example, measured.chosen, ctx)}" if measured.chosen else ""
+            verdict = f"{verdict}{chosen}, as {measured.replayed_from} records, not timed"
+            lines.append(f"{op} layers ({measured.layers}): {verdict}")
+        else:
+            timings = ", ".join(f"{s:.2f}x as {_describe(example, fmt, ctx)}" for fmt, s in measured.speedups)
+            lines.append(f"{op} layers ({measured.layers}) measured {timings} against float on {where}: {verdict}")
         if measured.chosen is None:
             for index in measured.members:
                 notes[index] = f"kept float: {op} layers were not faster quantized on {where}"
