@@ -97,15 +97,17 @@ def _failure(exc: BaseException) -> int:
 
 
 def _import_runtime() -> None:
-    """Import the modules with C extensions every command needs, and quiet onnxruntime's own logging (we report
-    its failures as one line). Run with signals held: an exception raised while a C extension initialises
-    comes out as a printed traceback and an ImportError, not as the interrupt."""
+    """Import the modules with C extensions every command needs, and quiet onnxruntime's and graphsurgeon's own
+    logging (we report their failures as one line). Run with signals held: an exception raised while a C
+    extension initialises comes out as a printed traceback and an ImportError, not as the interrupt."""
     import numpy  # noqa: F401
     import onnx  # noqa: F401
-    import onnx_graphsurgeon  # noqa: F401
+    import onnx_graphsurgeon
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(4)
+    # graphsurgeon prints its own line before raising on a malformed graph: the error line is ours to write.
+    onnx_graphsurgeon.logger.G_LOGGER.severity = onnx_graphsurgeon.logger.G_LOGGER.CRITICAL + 1
 
 
 def _number_type(kind: type, minimum: float, expected: str, above: bool = False) -> Callable[[str], float]:
