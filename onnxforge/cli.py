@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import signal
@@ -72,10 +73,33 @@ def _guarded(command: Callable[[], int]) -> int:
         return command()
     except BaseException as exc:
         stop.stopping = True  # the run is over: no signal may cut its error line short
+        if _out_of_memory(exc):
+            # The traceback keeps every frame's objects (the model) alive: free them before writing anything.
+            exc.__traceback__ = None
+            del exc
+            gc.collect()
+            sys.stderr.write(f"error: {OUT_OF_MEMORY}\n")
+            return EXIT_ERROR
         # Whatever the exception became on its way up, when a signal arrived it is what ended the run.
         return _failure(exc if stop.received is None else stop_exception(stop.received))
     finally:
         stop.restore()
+
+
+OUT_OF_MEMORY = (
+    "out of memory: the run needed more than this process may use (its limit, e.g. `ulimit -d`, or the "
+    "machine's memory); raise the limit or run on a larger machine"
+)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is, or was raised while handling, a MemoryError."""
+    seen = 0
+    while exc is not None and seen < 100:
+        if isinstance(exc, MemoryError):
+            return True
+        exc, seen = exc.__context__ or exc.__cause__, seen + 1
+    return False
 
 
 def _failure(exc: BaseException) -> int:

@@ -182,3 +182,16 @@ def test_process_stuck_past_its_deadline_is_ended_with_one_line():
     assert time.monotonic() - start < 10
     assert result.returncode == 1
     assert result.stderr == "error: time limit of 0.5 s exceeded\n"
+
+
+def test_running_out_of_memory_is_one_error_line(capsys):
+    from onnxforge.cli import OUT_OF_MEMORY, _guarded
+
+    def command() -> int:
+        try:
+            raise MemoryError
+        except MemoryError:
+            raise ValueError("what the library made of it") from None  # as protobuf and graphsurgeon do
+
+    assert _guarded(command) == 1
+    assert capsys.readouterr().err == f"error: {OUT_OF_MEMORY}\n"
