@@ -241,22 +241,12 @@ def ort_session(model_path: str | os.PathLike[str], threads: int = 0):
 
 
 def save_calibration(case: TrainedCase, path: str | os.PathLike[str]) -> Path:
-    """Write the case's calibration samples as one `.npz` that onnxforge's `--data` reads (`data.load_samples`).
+    """Write the case's calibration samples as one stacked `.npz` (each array N x input shape) that onnxforge's
+    `--data` reads back as they were (`data.save_samples`)."""
+    from onnxforge.data import save_samples
 
-    An input whose samples keep a batch axis of 1 is stored with the samples along that axis; any other (the VAD's
-    state, whose first axis is its 2 LSTM tensors) is stored with a new samples axis in front.
-    """
-    from onnxforge.data import input_specs
-
-    ranks = {s.name: (len(s.shape) if s.shape is not None else None) for s in input_specs(onnx.load(case.model_path))}
-    arrays = {}
-    for name in case.calibration[0]:
-        samples = [np.asarray(feed[name]) for feed in case.calibration]
-        first = samples[0]
-        keeps_batch_axis = first.ndim >= 1 and first.shape[0] == 1 and ranks.get(name, first.ndim) == first.ndim
-        arrays[name] = np.concatenate(samples, axis=0) if keeps_batch_axis else np.stack(samples)
     path = Path(path)
-    np.savez(path, **arrays)
+    save_samples(path, case.calibration)
     return path
 
 

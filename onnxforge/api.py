@@ -11,12 +11,14 @@ import numpy as np
 import onnx
 
 from onnxforge.backends import get_backend
-from onnxforge.backends.base import BackendOptions, Compiled
-from onnxforge.data import load_samples, random_inputs
+from onnxforge.backends.base import BackendOptions, Compiled, require_static_inputs
+from onnxforge.data import load_samples
+from onnxforge.errors import DataError
+from onnxforge.feeds import Feeds
 from onnxforge.frontends import from_onnx
 from onnxforge.ir import Model
 from onnxforge.ir.model import PROTOBUF_LIMIT_BYTES
-from onnxforge.ir.shapes import skeleton_proto
+from onnxforge.ir.shapes import infer_shapes, skeleton_proto
 from onnxforge.limits import DEFAULT_EXECUTION_TIMEOUT_S, bounded_in_time
 from onnxforge.measure import LatencyStats, MeasureOptions
 from onnxforge.passes import (
@@ -28,6 +30,7 @@ from onnxforge.passes import (
     create_passes,
     load_plugin,
 )
+from onnxforge.passes.cleanup.set_shapes import SetShapes, fix_input_shapes
 from onnxforge.passes.decisions import Decisions
 from onnxforge.report import OptimizationReport
 from onnxforge.verify import compare_outputs
@@ -73,7 +76,8 @@ def optimize(
     The input model is never modified.
     """
     # Refuse an unknown backend or target now, not only when verification or timing first needs it.
-    get_backend(backend).check_target(target)
+    runtime = get_backend(backend)
+    runtime.check_target(target)
     for plugin in plugins:
         load_plugin(plugin)
     replay = None if decisions is None else Decisions.replay(decisions)
@@ -83,11 +87,24 @@ def optimize(
     original = from_onnx(model)
     as_loaded = _as_loaded(model)
     pipeline = create_passes(passes)
+    shapes = _input_shapes(shapes, pipeline)
     samples = _samples(data, original)
+    inputs_fixed = {}
+    # On a backend that compiles static shapes only, the whole run (verification, timing, compile) works on the
+    # model with its inputs fixed (to --shape, else to the first sample's), and so does the output; the file as
+    # loaded is no baseline then.
+    static = {**({name: list(np.shape(value)) for name, value in samples[0].items()} if samples else {}), **shapes}
+    fixed = for_backend(original, backend, static)
+    if fixed is not original:
+        inputs_fixed = {t.name: list(t.shape) for t in fixed.graph.inputs if t.name in static}
+        original, as_loaded = fixed, None
+    feeds = Feeds(samples, dict(shapes or {}))
     verify_options = VerifyOptions(
-        enabled=verify, rtol=rtol, seed=seed, shapes=shapes, backend=backend, data=samples
+        enabled=verify, rtol=rtol, seed=seed, shapes=shapes, backend=backend, data=samples, feeds=feeds
     )
-    context = PassContext(data=samples, backend=backend, target=target, threads=threads, decisions=replay)
+    context = PassContext(
+        data=samples, backend=backend, target=target, threads=threads, decisions=replay, feeds=feeds
+    )
     manager = PassManager(
         pipeline, verify=verify_options, on_error=on_error, instruments=instruments, context=context,
         pass_timeout=pass_timeout,
@@ -104,10 +121,13 @@ def optimize(
             "seed": manager.verifier.seed if manager.verifier else None,
             "samples": verify_options.samples,
             "metric": "max|new - old| / max|old| per output, on " + ("--data samples" if samples else "random inputs"),
+            "inputs": feeds.describe(),
         },
     )
     report.decisions = context.decisions.to_dict()
     report.inputs_made_constant = list(original.inputs_made_constant)
+    if inputs_fixed:
+        report.inputs_fixed = {"backend": runtime.name, "shapes": inputs_fixed}
     if manager.verifier:
         runner = manager.verifier
         report.error = compare_outputs(runner.reference_outputs, runner.run(result))
@@ -115,7 +135,7 @@ def optimize(
         report.data_error = _error_on(samples, as_loaded or original, result, backend)
     if measure:
         options = BackendOptions(target=target, threads=threads, extra=dict(backend_settings or {}))
-        inputs = samples[0] if samples else random_inputs(skeleton_proto(original), shapes=shapes, seed=0)
+        inputs = feeds.first(skeleton_proto(original), lambda: get_backend(backend).prepare(original).run)
         report.latency_before = measure_model(original, inputs, backend, options, measure_options)
         report.latency_after = measure_model(result, inputs, backend, options, measure_options)
         report.latency_setup = {
@@ -140,7 +160,7 @@ def measure_model(
     for static shapes only). With `artifact`, the compiled model is also exported there (backends that
     compile ahead of time only); `progress` gets lines during long compiles (tuning)."""
     runtime = get_backend(backend)
-    if runtime.static_shapes:
+    if runtime.capabilities.static_shapes:
         model = with_input_shapes(model, {name: np.shape(value) for name, value in inputs.items()})
     if artifact is None and progress is None:
         prepared = runtime.prepare(model, options)
@@ -163,15 +183,42 @@ def compile_model(
     return get_backend(backend).compile(with_input_shapes(model, shapes or {}), options, progress)
 
 
+def for_backend(model: Model, backend: str, shapes: Mapping[str, Sequence[int]] | None) -> Model:
+    """`model` as `backend` takes it: for one that compiles static shapes only, a copy with its inputs fixed to
+    `shapes` (BackendError naming every dynamic dim left, and the --shape to pass); for others, `model` itself."""
+    runtime = get_backend(backend)
+    if not runtime.capabilities.static_shapes:
+        return model
+    fixed = with_input_shapes(model, shapes or {})
+    require_static_inputs(skeleton_proto(fixed), runtime.name)
+    return fixed
+
+
 def with_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> Model:
-    """A copy of `model` whose inputs named in `shapes` have those shapes (the model itself if none)."""
+    """A copy of `model` whose inputs named in `shapes` have those shapes, the graph's shapes inferred from them
+    (the model itself if none changes); DataError for a shape that does not fit the model."""
     if not shapes:
         return model
-    model = model.copy()
-    for tensor in model.graph.inputs:
-        if tensor.name in shapes:
-            tensor.shape = list(shapes[tensor.name])
-    return model
+    fixed = model.copy()
+    if not fix_input_shapes(fixed, shapes):
+        return model
+    infer_shapes(fixed)
+    return fixed
+
+
+def _input_shapes(shapes: Mapping[str, Sequence[int]] | None, pipeline: Sequence[Pass]) -> dict[str, list[int]]:
+    """The input shapes a run feeds: `shapes` (--shape) and those every set-shapes pass fixes, since the model
+    after it takes no other; DataError where the two disagree."""
+    merged = {name: list(dims) for name, dims in (shapes or {}).items()}
+    for pass_ in pipeline:
+        if isinstance(pass_, SetShapes):
+            for name, dims in pass_.options.shapes.items():
+                if merged.setdefault(name, list(dims)) != list(dims):
+                    given = "x".join(map(str, merged[name]))
+                    raise DataError(
+                        f"--shape {name}={given} and {pass_.describe()} disagree; give the shape of {name} once"
+                    )
+    return merged
 
 
 def _samples(data: Any, model: Model) -> Samples | None:

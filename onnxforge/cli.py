@@ -406,11 +406,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _bench_into(args: argparse.Namespace, model, written) -> None:
     """Time (or only compile) `model` as `bench` does, its artifact and --json staged in the OutputSet `written`."""
-    from onnxforge.api import compile_model, measure_model
+    from onnxforge.api import compile_model, for_backend, measure_model
     from onnxforge.backends.base import BackendOptions
+    from onnxforge.data import parse_shape_overrides
     from onnxforge.measure import MeasureOptions
     from onnxforge.report import environment, write_json
 
+    if not args.data:  # samples give the shapes themselves
+        model = for_backend(model, args.backend, parse_shape_overrides(args.shape))
     inputs = _inputs(args, model)[0]
     options = BackendOptions(
         target=args.target, threads=args.threads, graph_optimization=args.opt_level, extra=_backend_settings(args)

@@ -9,6 +9,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -34,6 +35,8 @@ _FLOAT_TYPES = frozenset(
 _BATCH_NAME = re.compile(r"^(n|b|bs)$|batch", re.IGNORECASE)
 _SEQUENCE_WORDS = ("seq", "sequence", "len", "time", "frames", "tokens")
 _SEQUENCE_DEFAULT = 16
+_SAMPLE_RATE_NAME = re.compile(r"^(sr|fs)$|sampl\w*_?rate|^rate$", re.IGNORECASE)
+SAMPLE_RATES = (16000, 8000)  # what a scalar sample-rate input gets, the first by default
 # A random input larger than this is refused: a declared shape that large is a mistake or an attack.
 RANDOM_INPUT_LIMIT_BYTES = 2**31
 
@@ -105,19 +108,14 @@ def random_inputs(
     a batch-like dim (named N, b, bs, batch, batch_size or containing "batch", or an unnamed first
     axis) gets `batch`, default 1; a dim whose name contains seq, sequence, len, time, frames or
     tokens gets 16; any other gets 1.
-    Floats are standard normal, integers uniform in [0, 8), bools fair coin flips.
+    Floats are standard normal, integers uniform in [0, 8) (small enough to index any vocabulary), bools fair
+    coin flips; an integer scalar named like a sample rate (sr, fs, sample_rate, sampling_rate) is 16000.
     """
     if batch is not None and batch < 1:
         raise DataError(f"batch must be 1 or more, got {batch}")
     specs = input_specs(model)
     shapes = dict(shapes or {})
-    unknown = set(shapes) - {s.name for s in specs}
-    if unknown:
-        raise DataError(
-            f"shape given for unknown input(s) {', '.join(sorted(unknown))}; "
-            f"the model's inputs are: {', '.join(s.name for s in specs)}"
-        )
-    bound = _bind_symbols(specs, shapes)
+    bound = check_shapes(specs, shapes)
     rng = np.random.default_rng(seed)
     inputs = {}
     for spec in specs:
@@ -128,8 +126,32 @@ def random_inputs(
         else:
             shape = [_default_dim(d, axis, bound, batch) for axis, d in enumerate(spec.shape)]
         _check_drawable(spec, shape)
-        inputs[spec.name] = np.asarray(_random_array(spec, shape, rng))  # scalars as 0-d arrays
+        if is_sample_rate(spec, shape):
+            inputs[spec.name] = np.full(shape, SAMPLE_RATES[0], dtype=spec.dtype)
+        else:
+            inputs[spec.name] = np.asarray(_random_array(spec, shape, rng))  # scalars as 0-d arrays
     return inputs
+
+
+def is_sample_rate(spec: InputSpec, shape: Sequence[int]) -> bool:
+    """Whether an input of `shape` looks like a sample rate: an integer scalar (or single value) named like one."""
+    return spec.dtype.kind in "iu" and math.prod(shape) == 1 and bool(_SAMPLE_RATE_NAME.search(spec.name))
+
+
+def is_batch_dim(dim: Dim, axis: int) -> bool:
+    """Whether a dynamic dim is a batch axis: named N, b, bs or like batch, or an unnamed first axis."""
+    return bool(_BATCH_NAME.search(dim or "")) or (dim is None and axis == 0)
+
+
+def default_dim(dim: Dim, axis: int, batch: int | None = None) -> int:
+    """The value random inputs give a dynamic dim by default (see `random_inputs`)."""
+    if isinstance(dim, int):
+        return dim
+    if is_batch_dim(dim, axis):
+        return 1 if batch is None else batch
+    if dim is not None and any(word in dim.lower() for word in _SEQUENCE_WORDS):
+        return _SEQUENCE_DEFAULT
+    return 1
 
 
 def _check_drawable(spec: InputSpec, shape: list[int]) -> None:
@@ -148,11 +170,13 @@ def _check_drawable(spec: InputSpec, shape: list[int]) -> None:
 def load_samples(path: str | os.PathLike[str], model: onnx.ModelProto) -> list[Sample]:
     """Read samples from an `.npz` file, or from every `.npz` in a folder in name order.
 
-    Each file holds one array per model input, named after it, with samples along axis 0.
-    Sample i is fed as `array[i:i+1]` when the model input has the array's rank (the samples
-    axis is the batch axis) or no known rank, and as `array[i]` when it has one dim less.
-    Arrays are cast to the input's dtype when the kind is kept (float64 -> float32 and int -> float
-    are fine, integers must fit the input's integer type, float -> int is refused).
+    Each file holds one array per model input, named after it, and is read one of two ways, decided by the
+    ranks of its arrays against the inputs' ranks (inputs of unknown rank follow the others):
+    - a stack: every array has one axis more than its input; axis 0 indexes the samples (N x input shape);
+    - one feed: every array has its input's rank and is fed exactly as it is.
+    A file whose arrays disagree (some stacked, some not), or an array that fits neither reading, is a
+    DataError naming the array. Arrays are cast to the input's dtype when the kind is kept (float64 -> float32
+    and int -> float are fine, integers must fit the input's integer type, float -> int is refused).
     """
     path = Path(path)
     if path.is_dir():
@@ -168,7 +192,7 @@ def load_samples(path: str | os.PathLike[str], model: onnx.ModelProto) -> list[S
     for file in files:
         samples.extend(_samples_from_file(file, specs))
     if not samples:
-        raise DataError(f"{path} holds no samples (arrays of length 0 along axis 0)")
+        raise DataError(f"{path} holds no samples (stacked arrays of length 0 along axis 0)")
     return samples
 
 
@@ -184,12 +208,44 @@ def split_samples(samples: Sequence[Sample], held_out_fraction: float = 0.25) ->
     return samples[:-held_out], samples[-held_out:]
 
 
-def save_samples(path: str | os.PathLike[str], samples: Sequence[Mapping[str, np.ndarray]]) -> None:
-    """Write samples that keep the model's batch axis to one `.npz` that `load_samples` reads back."""
+def save_samples(
+    path: str | os.PathLike[str],
+    samples: Sequence[Mapping[str, np.ndarray]],
+    layout: Literal["stacked", "folder"] = "stacked",
+) -> None:
+    """Write feeds (dicts of input name -> array, each exactly as the model takes it) for `load_samples`.
+
+    layout="stacked": one `.npz` whose arrays stack the feeds along a new axis 0 (every feed must have the
+    same shapes); layout="folder": a new or empty folder with one `.npz` per feed (000000.npz, ...), for
+    feeds of different shapes.
+    """
     if not samples:
-        raise ValueError("no samples to save")
+        raise DataError("no samples to save")
     names = list(samples[0])
-    np.savez(path, **{name: np.concatenate([s[name] for s in samples], axis=0) for name in names})
+    for index, sample in enumerate(samples):
+        if list(sample) != names:
+            raise DataError(f"sample {index} has inputs {', '.join(sample)}, sample 0 has {', '.join(names)}")
+    if layout == "folder":
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        if any(p.suffix == ".npz" for p in folder.iterdir()):
+            raise DataError(f"folder {folder} already holds .npz files; save samples into a new or empty folder")
+        for index, sample in enumerate(samples):
+            np.savez(folder / f"{index:06d}.npz", **{name: np.asarray(value) for name, value in sample.items()})
+        return
+    if layout != "stacked":
+        raise DataError(f"unknown layout {layout!r}: choose 'stacked' or 'folder'")
+    arrays = {}
+    for name in names:
+        values = [np.asarray(sample[name]) for sample in samples]
+        shapes = {value.shape for value in values}
+        if len(shapes) > 1:
+            raise DataError(
+                f"input {name!r} has shapes {', '.join(map(str, sorted(shapes)))} across samples, which cannot be "
+                "stacked; save them with layout='folder' (one file per sample)"
+            )
+        arrays[name] = np.stack(values)
+    np.savez(path, **arrays)
 
 
 def _dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
@@ -200,8 +256,15 @@ def _dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
     return None
 
 
-def _bind_symbols(specs: list[InputSpec], shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """Check each override against the model and return the values it gives to symbolic dims."""
+def check_shapes(specs: list[InputSpec], shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Check `--shape` overrides against the model's inputs (names, ranks, fixed dims, dims named alike agree);
+    return the values they give to symbolic dims. DataError naming the problem."""
+    unknown = set(shapes) - {s.name for s in specs}
+    if unknown:
+        raise DataError(
+            f"shape given for unknown input(s) {', '.join(sorted(unknown))}; "
+            f"the model's inputs are: {', '.join(s.name for s in specs)}"
+        )
     bound: dict[str, int] = {}
     for spec in specs:
         if spec.name not in shapes:
@@ -232,15 +295,9 @@ def _bind_symbols(specs: list[InputSpec], shapes: Mapping[str, Sequence[int]]) -
 
 
 def _default_dim(dim: Dim, axis: int, bound: Mapping[str, int], batch: int | None) -> int:
-    if isinstance(dim, int):
-        return dim
-    if dim in bound:
+    if isinstance(dim, str) and dim in bound:
         return bound[dim]
-    if _BATCH_NAME.search(dim or "") or (dim is None and axis == 0):
-        return 1 if batch is None else batch
-    if dim is not None and any(word in dim.lower() for word in _SEQUENCE_WORDS):
-        return _SEQUENCE_DEFAULT
-    return 1
+    return default_dim(dim, axis, batch)
 
 
 def _random_array(spec: InputSpec, shape: list[int], rng: np.random.Generator) -> np.ndarray:
@@ -274,36 +331,58 @@ def _samples_from_file(file: Path, specs: list[InputSpec]) -> list[Sample]:
             f"{file}: {'; '.join(problems)}; name one array after each model input "
             f"({', '.join(s.name for s in specs)})"
         )
-    counts = {name: (a.shape[0] if a.ndim else None) for name, a in arrays.items()}
-    if len(set(counts.values())) != 1 or None in counts.values():
-        listed = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
-        raise DataError(f"{file}: arrays must hold the same number of samples along axis 0 ({listed})")
-    count = next(iter(counts.values()))
-    fitted = {s.name: _fit_to_input(arrays[s.name], s, file) for s in specs}
-    return [
-        {name: array[i : i + 1] if keeps_axis else array[i] for name, (array, keeps_axis) in fitted.items()}
-        for i in range(count)
-    ]
+    arrays = {s.name: _cast(arrays[s.name], s, file) for s in specs}
+    if not _is_stack(file, arrays, specs):
+        for spec in specs:
+            _check_fixed_dims(file, spec, arrays[spec.name].shape, "the feed")
+        return [arrays]
+    counts = {name: array.shape[0] for name, array in arrays.items()}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{name}: {count}" for name, count in counts.items())
+        raise DataError(f"{file}: stacked arrays must hold the same number of samples along axis 0 ({listed})")
+    for spec in specs:
+        _check_fixed_dims(file, spec, arrays[spec.name].shape[1:], "a stacked sample")
+    count = next(iter(counts.values()), 0)
+    return [{name: np.asarray(array[i]) for name, array in arrays.items()} for i in range(count)]  # 0-d stays an array
 
 
-def _fit_to_input(array: np.ndarray, spec: InputSpec, file: Path) -> tuple[np.ndarray, bool]:
-    """Cast `array` to the input's dtype; tell whether each sample keeps axis 0 as its batch axis."""
-    array = _cast(array, spec, file)
-    rank = len(spec.shape) if spec.shape is not None else array.ndim
-    if rank not in (array.ndim, array.ndim - 1):
-        raise DataError(
-            f"{file}: array {spec.name!r} has shape {array.shape}, which does not fit input rank {rank} "
-            f"({_format_shape(spec.shape)}); store samples along axis 0, with or without the batch axis"
-        )
-    keeps_batch_axis = rank == array.ndim
-    sample_shape = (1, *array.shape[1:]) if keeps_batch_axis else array.shape[1:]
-    for axis, (want, got) in enumerate(zip(spec.shape or [], sample_shape)):
-        if isinstance(want, int) and want != got:
+def _is_stack(file: Path, arrays: Mapping[str, np.ndarray], specs: list[InputSpec]) -> bool:
+    """Whether the file stacks samples along a new axis 0 (True) or is one feed (False), from the arrays whose
+    input has a known rank; a DataError names an array that fits neither reading, or two that disagree."""
+    readings: dict[bool, str] = {}
+    for spec in specs:
+        if spec.shape is None:
+            continue
+        array, rank = arrays[spec.name], len(spec.shape)
+        if array.ndim not in (rank, rank + 1):
             raise DataError(
-                f"{file}: a sample of {spec.name!r} has shape {tuple(sample_shape)}, but the model fixes "
-                f"axis {axis} at {want} ({_format_shape(spec.shape)})"
+                f"{file}: array {spec.name!r} has shape {array.shape}, which fits input {spec.name!r} "
+                f"({_format_shape(spec.shape)}) neither as one feed (rank {rank}) nor as a stack of samples "
+                f"(rank {rank + 1}: N x {_format_shape(spec.shape)})"
             )
-    return array, keeps_batch_axis
+        readings.setdefault(array.ndim == rank + 1, spec.name)
+    if len(readings) > 1:
+        raise DataError(
+            f"{file}: array {readings[True]!r} has one axis more than its input (a stack of samples) but array "
+            f"{readings[False]!r} has its input's rank (one feed); store every array of a file the same way: "
+            "N x input shape for N samples (onnxforge.data.save_samples), or each exactly as the model takes it"
+        )
+    return readings.get(True, False)
+
+
+def _check_fixed_dims(file: Path, spec: InputSpec, shape: tuple[int, ...], what: str) -> None:
+    for axis, (want, got) in enumerate(zip(spec.shape or [], shape)):
+        if isinstance(want, int) and want != got:
+            hint = ""
+            if what == "the feed" and axis == 0:
+                hint = (
+                    f"; if axis 0 counts samples, stack them on a new axis instead "
+                    f"(N x {_format_shape(spec.shape)}, as onnxforge.data.save_samples writes)"
+                )
+            raise DataError(
+                f"{file}: {what} of {spec.name!r} has shape {tuple(shape)}, but the model fixes axis {axis} "
+                f"at {want} ({_format_shape(spec.shape)}){hint}"
+            )
 
 
 def _cast(array: np.ndarray, spec: InputSpec, file: Path) -> np.ndarray:

@@ -176,7 +176,9 @@ def test_folding_that_would_create_a_large_weight_is_skipped():
     )
     model, result = apply("fold-constants", proto)
     assert op_counts(model) == {"Expand": 1, "Add": 1} and not result.changed
-    model, result = apply("fold-constants:max_bytes=16384", proto)
+    model, result = apply("fold-constants:max_bytes=16384", proto)  # within the size limit, but it grows
+    assert op_counts(model) == {"Expand": 1, "Add": 1} and not result.changed
+    model, result = apply("fold-constants:max_bytes=16384:max_growth=16384", proto)
     assert op_counts(model) == {"Add": 1}
 
 

@@ -166,7 +166,7 @@ def test_bad_overrides_raise_data_error_naming_the_problem(shapes, message):
         random_inputs(_encoder_model(), shapes=shapes)
 
 
-def test_load_samples_keeps_batch_axis_when_ranks_match(tmp_path):
+def test_load_samples_reads_a_file_of_arrays_with_the_inputs_ranks_as_one_feed(tmp_path):
     model = _encoder_model()
     path = tmp_path / "samples.npz"
     ids = np.arange(3 * 5).reshape(3, 5)
@@ -175,14 +175,13 @@ def test_load_samples_keeps_batch_axis_when_ranks_match(tmp_path):
 
     samples = load_samples(path, model)
 
-    assert len(samples) == 3
-    assert samples[1]["input_ids"].shape == (1, 5)
-    np.testing.assert_array_equal(samples[1]["input_ids"][0], ids[1])
-    assert samples[2]["features"].dtype == np.float32
-    assert samples[2]["features"].shape == (1, 3, 7)
+    assert len(samples) == 1
+    np.testing.assert_array_equal(samples[0]["input_ids"], ids)
+    assert samples[0]["features"].dtype == np.float32
+    assert samples[0]["features"].shape == (3, 3, 7)
 
 
-def test_load_samples_drops_samples_axis_when_input_has_one_dim_less(tmp_path):
+def test_load_samples_reads_arrays_with_one_axis_more_as_a_stack_of_samples(tmp_path):
     model = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])])
     path = tmp_path / "samples.npz"
     np.savez(path, x=np.zeros((5, 3, 4), dtype=np.float32))
@@ -193,14 +192,15 @@ def test_load_samples_drops_samples_axis_when_input_has_one_dim_less(tmp_path):
     assert samples[0]["x"].shape == (3, 4)
 
 
-def test_load_samples_reads_a_folder_in_name_order(tmp_path):
+def test_load_samples_reads_a_folder_in_name_order_one_file_after_another(tmp_path):
     model = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])])
-    np.savez(tmp_path / "b.npz", x=np.full((1, 2), 2.0, dtype=np.float32))
-    np.savez(tmp_path / "a.npz", x=np.full((2, 2), 1.0, dtype=np.float32))
+    np.savez(tmp_path / "b.npz", x=np.full((1, 2), 2.0, dtype=np.float32))  # one feed
+    np.savez(tmp_path / "a.npz", x=np.full((2, 1, 2), 1.0, dtype=np.float32))  # a stack of two
     (tmp_path / "notes.txt").write_text("not a sample")
 
     samples = load_samples(tmp_path, model)
 
+    assert [s["x"].shape for s in samples] == [(1, 2), (1, 2), (1, 2)]
     assert [float(s["x"][0, 0]) for s in samples] == [1.0, 1.0, 2.0]
 
 
@@ -241,11 +241,19 @@ def _write(tmp_path, **arrays):
         ),
         (
             {
-                "input_ids": np.zeros((2, 4), np.int64),
-                "attention_mask": np.zeros((3, 4), np.int64),
-                "features": np.zeros((2, 3, 1)),
+                "input_ids": np.zeros((2, 1, 4), np.int64),
+                "attention_mask": np.zeros((3, 1, 4), np.int64),
+                "features": np.zeros((2, 1, 3, 1)),
             },
             "same number of samples",
+        ),
+        (
+            {
+                "input_ids": np.zeros((2, 1, 4), np.int64),
+                "attention_mask": np.zeros((1, 4), np.int64),
+                "features": np.zeros((2, 1, 3, 1)),
+            },
+            "'input_ids' has one axis more than its input .* but array 'attention_mask' has its input's rank",
         ),
         (
             {
@@ -269,7 +277,7 @@ def _write(tmp_path, **arrays):
                 "attention_mask": np.zeros((2, 4), np.int64),
                 "features": np.zeros((2, 3, 1)),
             },
-            "does not fit input rank 2",
+            "neither as one feed \\(rank 2\\) nor as a stack of samples \\(rank 3",
         ),
     ],
 )
@@ -305,7 +313,7 @@ def test_load_samples_rejects_missing_and_unreadable_files(tmp_path):
 
 def test_load_samples_rejects_a_file_without_samples(tmp_path):
     model = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])])
-    path = _write(tmp_path, x=np.zeros((0, 2), dtype=np.float32))
+    path = _write(tmp_path, x=np.zeros((0, 1, 2), dtype=np.float32))
 
     with pytest.raises(DataError, match="no samples"):
         load_samples(path, model)
@@ -320,3 +328,89 @@ def test_non_tensor_inputs_raise_data_error():
 
     with pytest.raises(DataError, match="not a tensor"):
         input_specs(model)
+
+
+def _speech_model():
+    """silero-vad's inputs: audio [batch, samples], an LSTM state [2, batch, 128] and a scalar sample rate."""
+    return _model(
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "samples"]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 128]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ]
+    )
+
+
+def _speech_feed(seed: int, samples: int = 512) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "input": rng.standard_normal((1, samples)).astype(np.float32),
+        "state": rng.standard_normal((2, 1, 128)).astype(np.float32),
+        "sr": np.array(16000, np.int64),
+    }
+
+
+@pytest.mark.parametrize("layout", ["stacked", "folder"])
+def test_save_samples_writes_states_and_scalars_that_load_samples_reads_back_as_they_were(tmp_path, layout):
+    feeds = [_speech_feed(seed) for seed in range(3)]
+    path = tmp_path / ("samples.npz" if layout == "stacked" else "samples")
+
+    save_samples(path, feeds, layout=layout)
+    loaded = load_samples(path, _speech_model())
+
+    assert len(loaded) == 3
+    for want, got in zip(feeds, loaded):
+        assert {name: got[name].shape for name in got} == {"input": (1, 512), "state": (2, 1, 128), "sr": ()}
+        for name in want:
+            np.testing.assert_array_equal(want[name], got[name])
+            assert isinstance(got[name], np.ndarray)
+
+
+def test_a_folder_holds_feeds_of_different_lengths(tmp_path):
+    save_samples(tmp_path / "feeds", [_speech_feed(0, samples=512), _speech_feed(1, samples=1024)], layout="folder")
+
+    loaded = load_samples(tmp_path / "feeds", _speech_model())
+
+    assert [feed["input"].shape for feed in loaded] == [(1, 512), (1, 1024)]
+
+
+def test_save_samples_refuses_to_stack_feeds_of_different_shapes_and_says_to_use_a_folder(tmp_path):
+    with pytest.raises(DataError, match="'input' has shapes .* layout='folder'"):
+        save_samples(tmp_path / "s.npz", [_speech_feed(0, samples=512), _speech_feed(1, samples=1024)])
+
+
+def test_save_samples_refuses_a_folder_that_holds_samples_already(tmp_path):
+    save_samples(tmp_path, [_speech_feed(0)], layout="folder")
+
+    with pytest.raises(DataError, match="already holds .npz files"):
+        save_samples(tmp_path, [_speech_feed(1)], layout="folder")
+
+
+def test_a_file_whose_arrays_disagree_on_the_reading_names_both(tmp_path):
+    feed = _speech_feed(0)
+    path = _write(tmp_path, input=feed["input"][None], state=feed["state"], sr=feed["sr"])
+
+    with pytest.raises(DataError, match="'input' has one axis more .* array 'state' has its input's rank"):
+        load_samples(path, _speech_model())
+
+
+def test_an_array_that_fits_neither_reading_names_the_input_and_both_ranks(tmp_path):
+    feed = _speech_feed(0)
+    path = _write(tmp_path, input=feed["input"], state=feed["state"][0, 0], sr=feed["sr"])
+
+    with pytest.raises(DataError, match=r"'state' .* neither as one feed \(rank 3\) nor as a stack .*\(rank 4"):
+        load_samples(path, _speech_model())
+
+
+def test_samples_along_a_fixed_batch_axis_get_told_to_stack_them(tmp_path):
+    model = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 576])])
+    path = _write(tmp_path, x=np.zeros((8, 576), np.float32))
+
+    with pytest.raises(DataError, match=r"fixes axis 0 at 1 .*stack them on a new axis instead \(N x 1x576"):
+        load_samples(path, model)
+
+
+def test_a_sample_rate_input_gets_16000():
+    inputs = random_inputs(_speech_model())
+
+    assert inputs["sr"].shape == () and int(inputs["sr"]) == 16000

@@ -341,15 +341,16 @@ def test_bert_encoder_has_every_attention_block_fused_and_masks_keep_their_meani
     assert _rel_error(expected, _run(fused, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})) < RTOL
 
 
-def test_bert_with_dynamic_shapes_is_left_alone():
-    # The head reshapes then take computed shapes; only static ones are fused for now.
+def test_bert_with_dynamic_shapes_fuses_through_computed_head_reshapes():
+    # The head reshapes take targets computed from Shape; tests/test_transformer_exports.py covers the rest.
     case = torch_cases()["bert"]
     axes = {name: {0: "batch", 1: "sequence"} for name in case.input_names}
     model = from_torch(case.module, case.example_inputs, case.input_names, case.output_names, dynamic_axes=axes)
     cleaned = _fuse(model, "cleanup")
-    (fuse_attention,) = create_passes("fuse-attention")
-    assert fuse_attention.run(cleaned, PassContext()).stats == {}
     assert op_counts(cleaned)["Softmax"] == len(case.module.layers)
+    (fuse_attention,) = create_passes("fuse-attention")
+    assert fuse_attention.run(cleaned, PassContext()).stats == {"attention": len(case.module.layers)}
+    assert "Softmax" not in op_counts(cleaned)
 
 
 # --- SkipLayerNormalization -------------------------------------------------------------------------------

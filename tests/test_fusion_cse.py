@@ -18,6 +18,7 @@ from onnxforge import optimize
 from onnxforge.frontends.torch import from_torch
 from onnxforge.ir import load_model
 from onnxforge.passes.fusion import fusion_passes
+from onnxforge.passes.fusion.cse import COMMUTATIVE_OPS
 
 FLOAT = TensorProto.FLOAT
 
@@ -347,11 +348,14 @@ def _dags_with_duplicates(draw):
 
 
 def _distinct_expressions(proto: onnx.ModelProto) -> int:
-    """How many different computations the graph's nodes make (value numbering; constants by value)."""
+    """How many different computations the graph's nodes make (value numbering; constants by value; the inputs of
+    commutative ops in any order)."""
     weights = {w.name: numpy_helper.to_array(w).tobytes() for w in proto.graph.initializer}
     number: dict[str, object] = {}
     for node in proto.graph.node:
         inputs = tuple(("w", weights[n]) if n in weights else number.get(n, n) for n in node.input)
+        if node.op_type in COMMUTATIVE_OPS:
+            inputs = tuple(sorted(inputs, key=repr))
         number[node.output[0]] = (node.op_type, inputs)
     return len({number[n.output[0]] for n in proto.graph.node})
 

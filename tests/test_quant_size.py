@@ -193,10 +193,10 @@ def test_a_conv_group_behind_a_clip_is_left_to_onnxruntime():
     assert conv_group(model.graph, conv) is None
 
 
-def test_static_qoperator_on_an_opset_without_per_channel_dequantize_is_refused_with_a_way_out():
+def test_static_per_channel_asked_for_on_an_opset_without_per_channel_dequantize_is_refused_with_a_way_out():
     from onnxforge.errors import PassError
 
     old = make_model([helper.make_node("Relu", ["x"], ["y"])], [value_info("x", [1])], [value_info("y", [1])], [], 12)
     with pytest.raises(PassError, match=r"need opset 13.*upgrade-opset:to=13") as raised:
-        apply("quant:mode=static:measure=false", old, data=[{"x": np.ones(1, np.float32)}])
+        apply("quant:mode=static:measure=false:granularity=per-channel", old, data=[{"x": np.ones(1, np.float32)}])
     assert "format=qoperator" not in str(raised.value)

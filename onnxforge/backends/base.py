@@ -58,6 +58,23 @@ class BackendOptions:
             )
 
 
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What a backend can run, for passes to ask (through `PassContext.capabilities`) instead of its name.
+
+    contrib_ops: the onnxruntime contrib ops (domain com.microsoft: Attention, SkipLayerNormalization, BiasGelu,
+    FastGelu, MatMulNBits, QLinear*, ...) the backend runs. static_shapes: it compiles for fixed input shapes
+    only, so a model's dynamic input dims must be fixed (`set-shapes`, `--shape`) before it can run.
+    """
+
+    contrib_ops: frozenset[str] = frozenset()
+    static_shapes: bool = False
+
+    def runs_contrib_ops(self, *op_types: str) -> bool:
+        """Whether the backend runs every one of these com.microsoft ops."""
+        return all(op in self.contrib_ops for op in op_types)
+
+
 class Prepared(abc.ABC):
     """A model loaded or compiled by a backend, ready to run on its target."""
 
@@ -82,11 +99,14 @@ class Compiled(abc.ABC):
 
 
 class Backend(abc.ABC):
-    """A runtime that can prepare ONNX models for one or more targets."""
+    """A runtime that can prepare ONNX models for one or more targets, and says what it can run (`capabilities`).
+
+    `get_backend` gives one object per backend to every caller and every name of it: keep no per-run state.
+    """
 
     name: str
     targets: tuple[str, ...]
-    static_shapes: bool = False  # compiles for fixed input shapes only: callers bind them before `prepare`
+    capabilities: BackendCapabilities = BackendCapabilities()
 
     @abc.abstractmethod
     def prepare(self, model: ModelInput, options: BackendOptions | None = None) -> Prepared:
@@ -110,6 +130,23 @@ class Backend(abc.ABC):
             raise BackendError(
                 f"backend {self.name!r} has no target {target!r}; choose one of: {', '.join(self.targets)}"
             )
+
+
+def require_static_inputs(proto: onnx.ModelProto, backend: str) -> None:
+    """One BackendError naming every input of `proto` with a dynamic dim, and the --shape that would fix each,
+    for a `backend` that compiles static shapes only."""
+    dynamic = []
+    for value in proto.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            shown = [str(d.dim_value) if d.HasField("dim_value") else f"<{d.dim_param or '?'}>" for d in dims]
+            dynamic.append(f"{value.name}={'x'.join(shown)}")
+    if dynamic:
+        raise BackendError(
+            f"{backend} compiles for static input shapes, and the model's inputs have dynamic dims: pass "
+            f"{' '.join('--shape ' + spec for spec in dynamic)} with a number for each <dim> "
+            "(or fix them in the model with set-shapes:NAME=DIMS)"
+        )
 
 
 @contextmanager

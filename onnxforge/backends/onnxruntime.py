@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import re
@@ -11,8 +12,16 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from onnxforge.backends.base import Backend, BackendOptions, ModelInput, Prepared, model_source
+from onnxforge.backends.base import (
+    Backend,
+    BackendCapabilities,
+    BackendOptions,
+    ModelInput,
+    Prepared,
+    model_source,
+)
 from onnxforge.errors import BackendError
+from onnxforge.ir.ops import CONTRIB_DOMAIN
 from onnxforge.ir.runtime_source import RuntimeSource
 from onnxforge.limits import check_deadlines, execution_timed_out, execution_timeout_s, running_execution
 from onnxforge.measure import LatencyStats, MeasureOptions, measure_latency
@@ -34,6 +43,13 @@ class OrtBackend(Backend):
 
     name = "ort"
     targets = ("cpu",)
+
+    @functools.cached_property
+    def capabilities(self) -> BackendCapabilities:
+        """Every com.microsoft op the installed onnxruntime has a CPU kernel for; shapes may stay dynamic."""
+        kernels = ort.capi._pybind_state.get_all_opkernel_def()  # the kernel registry, as onnxruntime's tools read it
+        contrib = {k.op_name for k in kernels if k.domain == CONTRIB_DOMAIN and k.provider == "CPUExecutionProvider"}
+        return BackendCapabilities(contrib_ops=frozenset(contrib))
 
     def prepare(self, model: ModelInput, options: BackendOptions | None = None) -> OrtPrepared:
         """Create an inference session for `model`; BackendError when onnxruntime rejects it."""

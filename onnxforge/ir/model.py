@@ -109,19 +109,16 @@ class Model:
                     yield tensor
 
     def stats(self) -> ModelStats:
-        """Count nodes (recursively) and the elements and bytes of all constants, without loading lazy weights."""
+        """Count nodes (recursively) and the elements and bytes of all constants, Constant nodes' values and
+        subgraphs' weights included, without loading lazy weights."""
         nodes = sum(len(g.nodes) for g in self.graphs())
         params = 0
         nbytes = 0
-        seen: set[int] = set()
-        for graph in self.graphs():
-            for tensor in graph.tensors().values():
-                if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    values = tensor._values
-                    count = math.prod(values.shape)
-                    params += count
-                    nbytes += (count + 1) // 2 if _is_4bit(values) else int(values.nbytes)
+        for tensor in self.constants():
+            values = tensor._values
+            count = math.prod(values.shape)
+            params += count
+            nbytes += (count + 1) // 2 if _is_4bit(values) else int(values.nbytes)
         return ModelStats(nodes=nodes, params=params, bytes=nbytes)
 
     @property

@@ -38,6 +38,10 @@ from onnxforge.ir.ops import ONNX_DOMAINS
 
 COMMUTATIVE = {"Add", "Mul", "Max", "Min", "Sum", "And", "Or", "Xor", "Equal", "Mean"}
 LITERAL_RTOL = 1e-3  # exporters write 1/sqrt(2) and friends with a few digits
+# The ops of shape arithmetic (a Reshape target computed from Shape) and how deep it goes.
+SHAPE_ARITHMETIC = {"Shape", "Gather", "Slice", "Squeeze", "Unsqueeze", "Concat", "Cast", "Div", "Mul", "Add", "Sub"}
+SHAPE_ARITHMETIC_DEPTH = 8
+NEAR_MISS_NODES = 3  # a match of this many nodes declined without a reason is still a near miss for --explain
 
 
 # --- the pattern side ----------------------------------------------------------------------------------
@@ -291,7 +295,9 @@ def _all_equal(tensor: gs.Constant, value: float) -> bool:
 
 
 def _self_contained(nodes: list[gs.Node], exits: list[gs.Tensor], graph: gs.Graph) -> bool:
-    """Only the pattern's output and shared values may be read outside the matched nodes (the rest is removed)."""
+    """Only the pattern's output and shared values may be read outside the matched nodes (the rest is removed),
+    except by shape arithmetic that only the matched nodes use (a Reshape target computed from a Shape of an
+    inner value, as exporters with dynamic axes write): it dies with the match."""
     inside = {id(n) for n in nodes}
     graph_outputs = {id(t) for t in graph.outputs}
     allowed = {id(t) for t in exits}
@@ -299,7 +305,24 @@ def _self_contained(nodes: list[gs.Node], exits: list[gs.Tensor], graph: gs.Grap
         for tensor in node.outputs:
             if id(tensor) in allowed:
                 continue
-            if id(tensor) in graph_outputs or any(id(c) not in inside for c in tensor.outputs):
+            if id(tensor) in graph_outputs:
+                return False
+            if any(id(c) not in inside and not _feeds_only(c, inside, graph_outputs) for c in tensor.outputs):
+                return False
+    return True
+
+
+def _feeds_only(reader: gs.Node, inside: set[int], graph_outputs: set[int], depth: int = 0) -> bool:
+    """Whether `reader` is a Shape whose value, through shape arithmetic, is read by the matched nodes only."""
+    if depth == 0 and reader.op != "Shape":
+        return False
+    if depth > SHAPE_ARITHMETIC_DEPTH or reader.op not in SHAPE_ARITHMETIC:
+        return False
+    for tensor in reader.outputs:
+        if id(tensor) in graph_outputs:
+            return False
+        for consumer in tensor.outputs:
+            if id(consumer) not in inside and not _feeds_only(consumer, inside, graph_outputs, depth + 1):
                 return False
     return True
 
@@ -354,6 +377,45 @@ class GraphBuilder:
 Condition = Callable[..., bool]
 
 
+@dataclass(frozen=True)
+class Declined:
+    """What a condition or replacement returns to decline a match and say why; false, like None and False."""
+
+    reason: str
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def decline(reason: str) -> Declined:
+    """Decline this match, with the reason `--explain` shows (a replacement may also return None: no reason)."""
+    return Declined(reason)
+
+
+@dataclass
+class NearMisses:
+    """Places where a rule's pattern matched but a condition or the replacement declined, by (rule, reason)."""
+
+    places: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def add(self, rule: str, reason: str, node: str) -> None:
+        names = self.places.setdefault((rule, reason), [])
+        if node not in names:
+            names.append(node)
+
+    def lines(self, shown: int = 3) -> list[str]:
+        """One line per (rule, reason): how many places, the first few node names, and the reason."""
+        lines = []
+        for (rule, reason), nodes in sorted(self.places.items()):
+            where = ", ".join(nodes[:shown]) + (f", ... ({len(nodes) - shown} more)" if len(nodes) > shown else "")
+            count = f"{len(nodes)} place{'s' if len(nodes) != 1 else ''}"
+            lines.append(f"{rule} declined at {count} ({where}): {reason}")
+        return lines
+
+    def __bool__(self) -> bool:
+        return bool(self.places)
+
+
 @dataclass
 class RewriteRule:
     """Where `pattern` matches and `condition(match, **bindings)` holds, build `replacement(op, **bindings)`.
@@ -377,26 +439,52 @@ class RewriteRule:
             self._traced = [trace_pattern(p) for p in patterns]
         return self._traced
 
-    def try_rewrite(self, node: gs.Node, graph: gs.Graph, context: Any = None) -> bool:
-        """Rewrite at `node` if a pattern of this rule matches there; True if the graph changed."""
+    def try_rewrite(
+        self, node: gs.Node, graph: gs.Graph, context: Any = None, misses: NearMisses | None = None, dry: bool = False
+    ) -> bool:
+        """Rewrite at `node` if a pattern of this rule matches there; True if the graph changed (or, `dry`,
+        would change: nothing is spliced). Where a pattern matched but the rule declined, `misses` learns why."""
+        reasons = []
         for root, _ in self.roots():
             if node.op != root.op:
                 continue
             found = match_pattern(root, node, graph)
             if found is None:
                 continue
-            if self.condition is not None and not _call(self.condition, found, found, context):
-                continue
+            if self.condition is not None:
+                verdict = _call(self.condition, found, found, context)
+                if not verdict:
+                    reasons.append(self._near_miss(verdict, found, f"{_function_name(self.condition)} is false"))
+                    continue
             builder = GraphBuilder(graph, node.name or self.name)
             result = _call(self.replacement, builder, found, context)
-            if result is None:
+            if not isinstance(result, (gs.Tensor, tuple)):
+                reasons.append(self._near_miss(result, found, f"{_function_name(self.replacement)} declined"))
                 continue
             output, shared = result if isinstance(result, tuple) else (result, {})
-            if any(found.used_outside(name) and name not in shared for name in found.shared):
+            kept = [name for name in found.shared if found.used_outside(name) and name not in shared]
+            if kept:
+                reasons.append(f"{', '.join(kept)} is read outside the match and has no replacement")
                 continue
-            _splice(graph, found, builder, output, shared)
+            if not dry:
+                _splice(graph, found, builder, output, shared)
             return True
+        reasons = [r for r in reasons if r]
+        if misses is not None and reasons:
+            misses.add(self.name, reasons[0], node.name or node.op)  # the first spelling that matched says why
         return False
+
+    def _near_miss(self, verdict: Any, found: Match, default: str) -> str | None:
+        """Why a matched rule declined, or None when that is not worth telling: a pattern of one or two nodes
+        declined without a reason (remove-reshape on every Reshape that changes the shape) is no near miss."""
+        if isinstance(verdict, Declined):
+            return verdict.reason
+        return default if len(found.nodes) >= NEAR_MISS_NODES else None
+
+
+def _function_name(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__name__", "")
+    return f"{name.lstrip('_')}" if name and name != "<lambda>" else "the rule"
 
 
 def _call(fn: Callable[..., Any], first: Any, found: Match, context: Any) -> Any:
@@ -437,17 +525,33 @@ def _splice(
     graph.nodes = kept + builder.nodes + extra + rest
 
 
-def apply_rules(
-    graphs: Sequence[gs.Graph], rules: Sequence[RewriteRule], context: Any = None, rounds: int = 8
-) -> Counter:
-    """Apply rules to each graph until none matches (at most `rounds` sweeps); count rewrites per rule."""
-    counts: Counter = Counter()
+def _rules_by_root_op(rules: Sequence[RewriteRule]) -> dict[str, list[RewriteRule]]:
     by_op: dict[str, list[RewriteRule]] = {}
     for rule in rules:
         for root, _ in rule.roots():
             by_op.setdefault(root.op, [])
             if rule not in by_op[root.op]:
                 by_op[root.op].append(rule)
+    return by_op
+
+
+def near_misses(graphs: Sequence[gs.Graph], rules: Sequence[RewriteRule], context: Any = None) -> NearMisses:
+    """Where each rule's pattern matches but the rule declines, and why; the graphs are not changed."""
+    misses = NearMisses()
+    by_op = _rules_by_root_op(rules)
+    for graph in graphs:
+        for node in list(graph.nodes):
+            for rule in by_op.get(node.op, ()):
+                rule.try_rewrite(node, graph, context, misses, dry=True)
+    return misses
+
+
+def apply_rules(
+    graphs: Sequence[gs.Graph], rules: Sequence[RewriteRule], context: Any = None, rounds: int = 8
+) -> Counter:
+    """Apply rules to each graph until none matches (at most `rounds` sweeps); count rewrites per rule."""
+    counts: Counter = Counter()
+    by_op = _rules_by_root_op(rules)
     for graph in graphs:
         for _ in range(rounds):
             changed = False
@@ -467,15 +571,19 @@ def apply_rules(
 
 __all__ = [
     "ConstVar",
+    "Declined",
     "Either",
     "GraphBuilder",
     "Literal",
     "Match",
+    "NearMisses",
     "OpValue",
     "PatternBuilder",
     "RewriteRule",
     "Var",
     "apply_rules",
+    "decline",
     "match_pattern",
+    "near_misses",
     "trace_pattern",
 ]

@@ -11,9 +11,11 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 
-from onnxforge.backends.base import BackendOptions, Prepared
+from onnxforge.backends.base import BackendCapabilities, BackendOptions, Prepared
 from onnxforge.errors import PassError
+from onnxforge.feeds import Feeds
 from onnxforge.ir import Model
+from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.measure import InterleavedTiming, RelativeLatency, interleaved_latency
 from onnxforge.passes.decisions import Decision, Decisions, Measured
 
@@ -49,8 +51,10 @@ class PassContext:
     """Per-run state shared by passes: the analysis cache, sample data, and the backend and target to run on.
 
     Passes that run or time models (calibration, measured choices) do it through `prepare` and
-    `time_models`, so that no pass imports a backend. A choice made by timing goes through `decide`, which
-    records it, or replays it from `decisions` given from an earlier run.
+    `time_models`, so that no pass imports a backend, on inputs from `feed` (or `data`, the real samples): the
+    run's one `Feeds` decides them, so --data, --shape and dims found by running the model apply to every pass.
+    A choice made by timing goes through `decide`, which records it, or replays it from `decisions` given from
+    an earlier run.
     """
 
     def __init__(
@@ -61,8 +65,10 @@ class PassContext:
         threads: int | None = None,
         timing: InterleavedTiming | None = None,
         decisions: Decisions | None = None,
+        feeds: Feeds | None = None,
     ):
         self.data = data
+        self.feeds = feeds if feeds is not None else Feeds(samples=data)
         self.backend = backend
         self.target = target
         self.threads = threads
@@ -86,12 +92,24 @@ class PassContext:
         prefix = self._pass_position + "/"
         return sum(d.replayed for key, d in self.decisions.made.items() if key.startswith(prefix))
 
+    @property
+    def capabilities(self) -> BackendCapabilities:
+        """What this run's backend can run (contrib ops, static shapes): passes ask this, never the name."""
+        from onnxforge.backends import get_backend
+
+        return get_backend(self.backend).capabilities
+
     def prepare(self, model: Model | bytes, graph_optimization: str = "all") -> Prepared:
         """Load or compile `model` on this run's backend and target, ready to run or time."""
         from onnxforge.backends import get_backend
 
         options = BackendOptions(target=self.target, threads=self.threads, graph_optimization=graph_optimization)
         return get_backend(self.backend).prepare(model, options)
+
+    def feed(self, model: Model) -> dict[str, np.ndarray]:
+        """The inputs to run or time `model` on once: the first --data sample, else random inputs of the shapes
+        the run decided (--shape, or dims found by running the model on this context's backend)."""
+        return self.feeds.first(skeleton_proto(model), lambda: self.prepare(model).run)
 
     def time_models(self, prepared: Sequence[Prepared], inputs: Mapping[str, np.ndarray]) -> list[RelativeLatency]:
         """Time prepared models against each other in interleaved blocks; speedups are relative to the first."""
@@ -153,6 +171,25 @@ class Pass:
         lines = (cls.__doc__ or "").strip().splitlines()
         return lines[0] if lines else ""
 
+    def parts(self) -> list[Pass]:
+        """Smaller passes that together do what this one does, for a pass manager to verify one by one when this
+        one fails its checks as a whole (a fusion pass's rules); empty when it does not split."""
+        return []
+
+
+class CompositePass(Pass):
+    """A pass made of member passes run in rounds until a round changes nothing (`cleanup`, `fuse`).
+
+    Run by a pass manager, each member is verified, and rolled back, on its own: one member that breaks the
+    model does not cost the others. Run directly, the members run unverified. Options have `max_rounds`.
+    """
+
+    def members(self) -> list[Pass]:
+        raise NotImplementedError
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        return run_until_stable(self.members(), model, ctx, self.options.max_rounds)
+
 
 def run_until_stable(steps: list[Pass], model: Model, ctx: PassContext, max_rounds: int) -> PassResult:
     """Run `steps` in rounds until a round changes nothing (at most `max_rounds`); sum their integer counters.
@@ -160,6 +197,7 @@ def run_until_stable(steps: list[Pass], model: Model, ctx: PassContext, max_roun
     What composite passes (`cleanup`, `fuse`) do; cached analyses are dropped after each changing step.
     """
     totals: dict[str, Any] = {}
+    notes: list[str] = []
     changed = False
     for _ in range(max_rounds):
         round_changed = False
@@ -168,15 +206,21 @@ def run_until_stable(steps: list[Pass], model: Model, ctx: PassContext, max_roun
             if result.changed:
                 ctx.invalidate(result.preserved)
                 round_changed = True
-            for key, value in result.stats.items():
-                if isinstance(value, int) and not isinstance(value, bool):
-                    totals[key] = totals.get(key, 0) + value
-                else:
-                    totals[key] = value
+            add_counters(totals, result.stats)
+            notes += result.notes
         changed |= round_changed
         if not round_changed:
             break
-    return PassResult(changed=changed, stats=totals)
+    return PassResult(changed=changed, stats=totals, notes=notes)
+
+
+def add_counters(totals: dict[str, Any], stats: Mapping[str, Any]) -> None:
+    """Add a step's integer counters to `totals`; other values replace what was there."""
+    for key, value in stats.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            totals[key] = totals.get(key, 0) + value
+        else:
+            totals[key] = value
 
 
 def build_options(options_type: type[T], values: Mapping[str, Any], pass_name: str) -> T:

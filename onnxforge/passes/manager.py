@@ -11,8 +11,15 @@ from typing import Any, Literal
 from onnxforge.errors import OnnxforgeError, PassUsageError
 from onnxforge.ir import Model, ModelStats
 from onnxforge.limits import TimeLimitError, check_deadlines, time_limit
-from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.base import (
+    CompositePass,
+    Pass,
+    PassContext,
+    PassResult,
+    add_counters,
+)
 from onnxforge.passes.verifier import Verifier, VerifyOptions
+from onnxforge.verify import compare_outputs
 
 OnError = Literal["rollback", "stop"]
 
@@ -34,6 +41,9 @@ class PassRecord:
     error: str = ""
     max_rel_error: float | None = None
     notes: list[str] = field(default_factory=list)
+    # A composite pass's members that changed the model or were rolled back: name, status ("applied" if it ever
+    # applied, else "rolled_back"), error (why it was last rolled back, if it was).
+    members: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +56,7 @@ class PassRecord:
             "error": self.error,
             "max_rel_error_vs_previous": self.max_rel_error,
             "notes": self.notes,
+            "members": self.members,
         }
 
 
@@ -144,6 +155,29 @@ class PassManager:
     ) -> tuple[Model, list, PassRecord]:
         before = model.stats()
         start = time.perf_counter()
+        if isinstance(pass_, CompositePass) and self.verifier:
+            step = self._composite(pass_, model, reference, snapshot)
+        else:
+            step = self._step(pass_, model, reference, snapshot)
+        record = PassRecord(pass_.describe(), "unchanged", time.perf_counter() - start, before, before)
+        record.members = step.members
+        record.max_rel_error = step.max_rel_error
+        if step.result is not None:
+            record.notes = list(step.result.notes)
+            record.stats = step.result.stats
+        if step.error:
+            record.error = step.error
+            record.status = "failed" if self.on_error == "stop" else "rolled_back"
+            return snapshot, step.reference, record
+        if step.result.changed:
+            record.status = "applied"
+            record.after = step.model.stats()
+        return step.model, step.reference, record
+
+    def _step(self, pass_: Pass, model: Model, reference: list, snapshot: Model, verify: bool = True) -> _Step:
+        """Run `pass_` on `model` and (unless `verify` is False) verify it if it changed anything; on failure
+        the step holds `snapshot`."""
+        before = model.stats()
         try:
             result = pass_.run(model, self.context)
             error = "" if isinstance(result, PassResult) else f"returned {type(result).__name__}, not PassResult"
@@ -153,36 +187,104 @@ class PassManager:
             result, error = None, str(exc)
         except Exception as exc:  # a crashing pass is reported and rolled back like a breaking one
             result, error = None, f"crashed: {type(exc).__name__}: {exc} ({_where(exc)})"
-        seconds = time.perf_counter() - start
-        if not error and not result.changed and model.stats() != before:
+        if error:
+            self.context.invalidate()
+            return _Step(snapshot, reference, None, error)
+        if not result.changed and model.stats() != before:
             # The pass changed the model without saying so: verify it all the same.
             result.changed = True
             result.stats = {**result.stats, "unreported_change": True}
-        record = PassRecord(pass_.describe(), "unchanged", seconds, before, before)
-        if not error:
-            record.notes = list(result.notes)
-        if not error and result.changed:
-            self.context.invalidate(result.preserved)
-            record.stats = result.stats
-            if self.verifier:
-                verdict = self.verifier.check(model, reference, pass_.lossless)
-                if verdict.comparison is not None:
-                    record.max_rel_error = verdict.comparison.max_rel
-                if verdict.ok:
-                    reference = verdict.outputs
-                else:
-                    error = verdict.reason
-        elif not error:
-            record.stats = result.stats
-        if error:
+        if not result.changed:
+            return _Step(model, reference, result)
+        self.context.invalidate(result.preserved)
+        if not self.verifier or not verify:
+            return _Step(model, reference, result)
+        verdict = self.verifier.check(model, reference, pass_.lossless)
+        max_rel = verdict.comparison.max_rel if verdict.comparison is not None else None
+        if not verdict.ok:
             self.context.invalidate()
-            record.error = error
-            record.status = "failed" if self.on_error == "stop" else "rolled_back"
-            return snapshot, reference, record
-        if result.changed:
-            record.status = "applied"
-            record.after = model.stats()
-        return model, reference, record
+            return _Step(snapshot, reference, result, verdict.reason, max_rel)
+        return _Step(model, verdict.outputs, result, "", max_rel)
+
+    def _composite(self, composite: CompositePass, model: Model, reference: list, snapshot: Model) -> _Step:
+        """Run a composite pass's members in rounds and check the result once; if that fails, run them again
+        from `snapshot`, each verified and rolled back on its own (a failing member is retried as its parts when
+        it splits, and not run again), so one failing member does not cost the others. The step fails only if
+        no member could be kept."""
+        whole = self._members_in_rounds(composite, model, reference, each_checked=False)
+        if not whole.error and whole.result.changed:
+            verdict = self.verifier.check(whole.model, reference, composite.lossless)
+            whole.max_rel_error = verdict.comparison.max_rel if verdict.comparison is not None else None
+            if verdict.ok:
+                whole.reference = verdict.outputs
+                return whole
+        elif not whole.error:
+            return whole
+        self.context.invalidate()
+        return self._members_in_rounds(composite, snapshot.copy(), reference, each_checked=True)
+
+    def _members_in_rounds(
+        self, composite: CompositePass, model: Model, reference: list, each_checked: bool
+    ) -> _Step:
+        """Run `composite`'s members in rounds until a round changes nothing; with `each_checked`, verify each
+        member that changed the model and roll back those that fail, else stop at the first that raises."""
+        members = composite.members()
+        outcomes: dict[str, dict[str, Any]] = {}
+        totals: dict[str, Any] = {}
+        notes: list[str] = []
+        start_reference = reference
+        applied = False
+        errors: list[str] = []
+        for _ in range(composite.options.max_rounds):
+            round_changed = False
+            queue = list(members)
+            while queue:
+                member = queue.pop(0)
+                name = member.describe()
+                if not each_checked:
+                    step = self._step(member, model, reference, model, verify=False)
+                    if step.error:
+                        return _Step(model, reference, step.result, f"{name}: {step.error}")
+                else:
+                    step = self._step(member, model, reference, model.copy())
+                    model, reference = step.model, step.reference
+                if step.error:
+                    parts = member.parts()
+                    position = members.index(member)
+                    members[position : position + 1] = parts  # later rounds run its parts in its place
+                    queue[:0] = parts
+                    outcome = outcomes.setdefault(name, {"name": name, "status": "rolled_back"})
+                    outcome["error"] = step.error
+                    if parts:
+                        notes.append(f"{name} rolled back ({step.error}): its parts are checked one by one")
+                    else:
+                        notes.append(f"{name} rolled back: {step.error}")
+                        errors.append(f"{name}: {step.error}")
+                    continue
+                if step.result.changed:
+                    round_changed = applied = True
+                    outcomes.setdefault(name, {"name": name, "error": ""})["status"] = "applied"
+                add_counters(totals, step.result.stats)
+                notes += step.result.notes
+            if not round_changed:
+                break
+        max_rel = compare_outputs(start_reference, reference).max_rel if applied and each_checked else None
+        result = PassResult(changed=applied, stats=totals, notes=notes)
+        error = "" if applied or not errors else "; ".join(errors)
+        return _Step(model, reference, result, error, max_rel, list(outcomes.values()))
+
+
+@dataclass
+class _Step:
+    """The outcome of running (and verifying) one pass: the model to go on with, the reference outputs to check
+    the next pass against, the pass's result (None if it raised), why it failed, and its members' outcomes."""
+
+    model: Model
+    reference: list
+    result: PassResult | None
+    error: str = ""
+    max_rel_error: float | None = None
+    members: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _where(exc: Exception) -> str:

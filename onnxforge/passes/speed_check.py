@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from onnxforge.data import random_inputs
 from onnxforge.ir import Model
-from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.passes.base import PassContext
 from onnxforge.passes.decisions import Measured
 
@@ -12,14 +10,15 @@ from onnxforge.passes.decisions import Measured
 def kept_if_faster(
     original: Model, model: Model, ctx: PassContext, min_speedup: float, stats: dict, notes: list[str]
 ) -> bool:
-    """Time `model` against `original` on the context's backend (interleaved, on the first --data sample or a
-    random input); below `min_speedup` time them again, and if the second timing agrees put the original graph
-    back (and `params_removed` to 0): a moment's load on the machine does not undo the pass. Records the speedup
-    in `stats` and `notes`; a replayed run takes the recorded verdict instead of timing."""
+    """Time `model` against `original` on the context's backend (interleaved, on `ctx.feed`: the first --data
+    sample or a random input of the run's shapes); below `min_speedup` time them again, and if the second timing
+    agrees put the original graph back (and `params_removed` to 0): a moment's load on the machine does not undo
+    the pass. Records the speedup in `stats` and `notes`; a replayed run takes the recorded verdict instead of
+    timing."""
     where = f"against the model before the pass on {ctx.backend}/{ctx.target}"
 
     def measure() -> Measured:
-        feed = (ctx.data or [random_inputs(skeleton_proto(model), seed=0)])[0]
+        feed = ctx.feed(original)
         prepared = [ctx.prepare(original), ctx.prepare(model)]
         speedups = [ctx.time_models(prepared, feed)[1].speedup]
         if speedups[0] < min_speedup:

@@ -11,8 +11,9 @@ import onnx
 
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import Backend, BackendOptions
-from onnxforge.data import input_specs, random_inputs
+from onnxforge.data import input_specs
 from onnxforge.errors import BackendError, ModelLoadError, OnnxforgeError
+from onnxforge.feeds import Feeds
 from onnxforge.ir import Model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.ir.validity import check_model
@@ -27,7 +28,8 @@ class VerifyOptions:
 
     rtol bounds max|new - old| / max|old| per output for lossless passes. The checks run on the last `samples`
     of `data` (real inputs) when given, else on `samples` random input sets drawn once per run from `seed`
-    (a fresh seed when None), with dynamic dims taken from `shapes`.
+    (a fresh seed when None), with dynamic dims taken from `shapes` or found by running the model. `feeds`, when
+    given, decides those inputs instead of `data` and `shapes` (the run's one `Feeds`, shared with the passes).
     """
 
     enabled: bool = True
@@ -37,6 +39,7 @@ class VerifyOptions:
     shapes: Mapping[str, Sequence[int]] | None = None
     backend: str = "ort"
     data: Sequence[Mapping[str, np.ndarray]] | None = None
+    feeds: Feeds | None = None
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Verifier:
         self.options = options
         self.backend = backend or get_backend(options.backend)
         self.seed = options.seed if options.seed is not None else random.randrange(2**31)
+        self.feeds = options.feeds if options.feeds is not None else Feeds(options.data, options.shapes)
         self.inputs: list[dict[str, np.ndarray]] = []
         self.reference_outputs: Outputs = []
 
@@ -67,18 +71,14 @@ class Verifier:
         the backend loads it, not from the imported copy, and the copy must compute the same outputs: an import
         that changed the model's meaning is an error, not a silently different baseline.
         """
-        if self.options.data:
-            self.inputs = [dict(sample) for sample in self.options.data[-self.options.samples :]]
-        else:
-            proto = skeleton_proto(model)
-            self.inputs = [
-                random_inputs(proto, shapes=self.options.shapes, seed=self.seed + i)
-                for i in range(self.options.samples)
-            ]
+        proto = skeleton_proto(model)
+        prepared = self.backend.prepare(model if source is None else source, BackendOptions())
+        self.feeds.resolve(proto, prepared.run, self.seed)
+        self.inputs = self.feeds.inputs(proto, self.options.samples, self.seed)
         try:
-            self.reference_outputs = self.run(model if source is None else source)
+            self.reference_outputs = [prepared.run(sample) for sample in self.inputs]
         except BackendError as exc:
-            if "cannot run" not in str(exc) or self.options.data:
+            if "cannot run" not in str(exc) or self.feeds.samples:
                 raise
             shapes = ", ".join(f"{name}={'x'.join(map(str, x.shape))}" for name, x in self.inputs[0].items())
             raise BackendError(
@@ -108,15 +108,16 @@ class Verifier:
 
         A pass may change an input's float type (fp16 without keep_io_types): it gets the same values.
         """
-        if not isinstance(model, Model):
-            prepared = self.backend.prepare(model, BackendOptions())
-            return [prepared.run(sample) for sample in self.inputs]
-        dtypes = {spec.name: spec.dtype for spec in input_specs(skeleton_proto(model))}
-        inputs = [
-            {name: _as_declared(value, dtypes.get(name)) for name, value in sample.items()} for sample in self.inputs
-        ]
+        inputs = self._as_declared(model) if isinstance(model, Model) else self.inputs
         prepared = self.backend.prepare(model, BackendOptions())
         return [prepared.run(sample) for sample in inputs]
+
+    def _as_declared(self, model: Model) -> list[dict[str, np.ndarray]]:
+        """This run's inputs with float values cast to the float types `model`'s inputs declare."""
+        dtypes = {spec.name: spec.dtype for spec in input_specs(skeleton_proto(model))}
+        return [
+            {name: _as_declared(value, dtypes.get(name)) for name, value in sample.items()} for sample in self.inputs
+        ]
 
     def check(self, model: Model, reference: Outputs, lossless: bool) -> Verdict:
         """Check `model` after a pass; `reference` are the outputs of the model before it."""

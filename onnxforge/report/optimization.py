@@ -34,6 +34,8 @@ class OptimizationReport:
     artifact: list[str] = field(default_factory=list)  # files of the compiled model (--artifact)
     decisions: dict[str, Any] = field(default_factory=dict)  # measured decisions, replayable (--decisions)
     inputs_made_constant: list[str] = field(default_factory=list)  # inputs whose default value became a constant
+    # {"backend": name, "shapes": {input: dims}}: inputs --shape fixed for a backend that compiles static shapes only
+    inputs_fixed: dict[str, Any] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float | None:
@@ -56,6 +58,7 @@ class OptimizationReport:
             "passes": [record.to_dict() for record in self.passes],
             "verification": self.verification,
             "inputs_made_constant": self.inputs_made_constant,
+            "inputs_fixed": self.inputs_fixed or None,
             "decisions": self.decisions,
             "error_vs_original": self.error.to_dict() if self.error else None,
             "error_vs_original_on_data": self.data_error.to_dict() if self.data_error else None,
@@ -79,7 +82,7 @@ class OptimizationReport:
         for record in self.passes:
             if record.notes:
                 lines.append(f"{record.name} ({record.status}):")
-                lines.extend(f"  {note}" for note in record.notes)
+                lines.extend(f"  {note}" for note in dict.fromkeys(record.notes))  # rounds repeat notes
         return "\n".join(lines) if lines else "no pass left notes"
 
     def summary(self) -> str:
@@ -89,6 +92,12 @@ class OptimizationReport:
             lines.append(
                 f"  note: input(s) {', '.join(self.inputs_made_constant)} had a default value (an initializer of "
                 "the same name) and are now constants: the optimized model no longer takes them"
+            )
+        if self.inputs_fixed:
+            fixed = " ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in self.inputs_fixed["shapes"].items())
+            lines.append(
+                f"  note: inputs fixed to {fixed} for {self.inputs_fixed['backend']}, which compiles for static "
+                "shapes only; the optimized model keeps them"
             )
         width = max([24, *(len(record.name) for record in self.passes)])
         for record in self.passes:
@@ -114,6 +123,12 @@ class OptimizationReport:
                 f"  error vs original (random inputs): max rel {self.error.max_rel:.3g}"
                 + (f", min cosine {self.error.min_cosine:.6f}" if self.error.min_cosine is not None else "")
             )
+        inputs = self.verification.get("inputs") or {}
+        if inputs.get("found_by", "").startswith("searched"):
+            shapes = ", ".join(
+                f"{name}={'x'.join(map(str, dims)) or 'scalar'}" for name, dims in inputs["shapes"].items()
+            )
+            lines.append(f"  random inputs {shapes}: dynamic dims {inputs['found_by']}")
         if self.data_error is not None:
             lines.append(
                 f"  error vs original (--data samples): max rel {self.data_error.max_rel:.3g}"

@@ -3,6 +3,8 @@ TVM's default schedules), run it on TVM's VM here, export it for another machine
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -12,7 +14,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from onnxforge.backends.base import Backend, BackendOptions, Compiled, ModelInput, Prepared, model_source
+from onnxforge.backends.base import (
+    Backend,
+    BackendCapabilities,
+    BackendOptions,
+    Compiled,
+    ModelInput,
+    Prepared,
+    model_source,
+    require_static_inputs,
+)
 from onnxforge.errors import BackendError
 from onnxforge.measure import LatencyStats, MeasureOptions, latency_stats_from_times
 
@@ -33,6 +44,13 @@ if TYPE_CHECKING:
     from onnxforge.backends.tvm.tuning import TuningOptions
 
 
+# TVM's importer keys its converters by op name alone; these names convert onnxruntime's contrib ops
+# (com.microsoft), not the standard ops of the same name (ONNX's own Attention, opset 23, has other inputs).
+CONTRIB_CONVERTERS = frozenset(
+    {"Attention", "BiasGelu", "EmbedLayerNormalization", "FastGelu", "SkipLayerNormalization"}
+)
+
+
 class TvmBackend(Backend):
     """Compile models with TVM Relax for `cpu`, `cuda[:sm_NN]` or `aarch64` and run them on its virtual machine.
 
@@ -43,7 +61,7 @@ class TvmBackend(Backend):
 
     name = "tvm"
     targets = TARGET_NAMES
-    static_shapes = True
+    capabilities = BackendCapabilities(contrib_ops=CONTRIB_CONVERTERS, static_shapes=True)
 
     def check_target(self, target: str) -> None:
         resolve_target(target)
@@ -58,7 +76,8 @@ class TvmBackend(Backend):
         proto = _load(model)
         _check_importable(proto)
         try:
-            module = from_onnx(proto, keep_params_in_input=False)
+            with contextlib.redirect_stdout(io.StringIO()):  # the importer prints what the error below says
+                module = from_onnx(proto, keep_params_in_input=False)
             module = relax.transform.DecomposeOpsForInference()(module)
         except Exception as exc:  # TVM raises its own error types (TVMError, InternalError, ...)
             raise BackendError(f"TVM cannot import the model: {one_line(exc)}") from exc
@@ -175,20 +194,8 @@ def _load(model: ModelInput) -> onnx.ModelProto:
             proto = source.load_proto()
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:  # onnx's external data checks
             raise BackendError(f"TVM cannot load the model's weights: {one_line(exc)}") from exc
-    for value in proto.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if any(not d.HasField("dim_value") for d in dims):
-            raise BackendError(
-                f"TVM needs static shapes: input '{value.name}' has a dynamic dimension; fix it (--shape) first"
-            )
+    require_static_inputs(proto, "TVM")
     return proto
-
-
-# TVM's importer keys its converters by op name alone; these names convert onnxruntime's contrib ops
-# (com.microsoft), not the standard ops of the same name (ONNX's own Attention, opset 23, has other inputs).
-CONTRIB_CONVERTERS = frozenset(
-    {"Attention", "BiasGelu", "EmbedLayerNormalization", "FastGelu", "SkipLayerNormalization"}
-)
 
 
 def _check_importable(proto: onnx.ModelProto) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxforge.ir import Model
-from onnxforge.ir.edit import unique_name
+from onnxforge.ir.edit import replace_uses, unique_name
 from onnxforge.ir.ops import is_onnx_op
 from onnxforge.ir.shapes import infer_shapes
 from onnxforge.passes.base import Pass, PassContext, PassResult
@@ -47,12 +48,16 @@ class FoldConstants(Pass):
     class Options:
         # Results larger than this stay computed at run time; None: the largest weight already in the model,
         # so folding never creates a weight larger than any the model had (Expand/Tile can explode).
-        # Large results computed from weights the model keeps anyway (a transposed tied weight) are not
-        # folded either, so folding never stores a weight twice.
         max_bytes: int | None = None
+        # How many bytes folding may add to the weights (None: any). A result is stored only when the weights it
+        # frees (those only folded nodes read, each counted once) are as large, less this allowance: a Tile of a
+        # small constant, or a transposed copy of a weight the model keeps (a tied embedding), stays computed.
+        # Results up to 1 KiB (shapes, indices) are always folded.
+        max_growth: int | None = 0
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         limit = self.options.max_bytes if self.options.max_bytes is not None else _largest_constant(model)
+        growth = self.options.max_growth
         sizes = ResultSizes(model)
         folded_tensors = removed = 0
         for graph in list(model.graphs()):
@@ -63,7 +68,7 @@ class FoldConstants(Pass):
             if not foldable:
                 continue
             values = _evaluate(foldable, model)
-            folded_tensors += _replace_with_constants(graph, foldable, values, limit)
+            folded_tensors += _replace_with_constants(graph, foldable, values, limit, growth)
             removed += _remove_unused(graph, foldable)
         return PassResult(
             changed=folded_tensors > 0,
@@ -256,59 +261,127 @@ def _largest_constant(model: Model) -> int:
 
 
 def _replace_with_constants(
-    graph: gs.Graph, nodes: list[gs.Node], values: dict[str, np.ndarray], limit: int
+    graph: gs.Graph, nodes: list[gs.Node], values: dict[str, np.ndarray], limit: int, max_growth: int | None
 ) -> int:
-    """Turn the folded results that non-folded consumers need into constants; return how many."""
+    """Turn the folded results that non-folded consumers need into constants; return how many.
+
+    A result too large, a graph output, or in a group whose stored results would outweigh the weights they free
+    by more than `max_growth` keeps being computed, and its inputs are considered for folding instead.
+    """
     folded = {id(node) for node in nodes if all(t.name in values for t in node.outputs)}
-    needed: list[gs.Variable] = []
     graph_outputs = {t.name for t in graph.outputs}
-    for node in nodes:
-        if id(node) not in folded:
-            continue
-        for tensor in node.outputs:
-            used_outside = tensor.name in graph_outputs or any(id(c) not in folded for c in tensor.outputs)
-            if used_outside:
-                needed.append(tensor)
-    # Weights that unfolded nodes read stay in the model whatever we fold.
-    live = {id(t) for n in graph.nodes if id(n) not in folded for t in n.inputs if isinstance(t, gs.Constant)}
-    count = 0
-    kept: set[int] = set()
-    while needed:
-        tensor = needed.pop()
-        value = values[tensor.name]
-        if id(tensor) in kept or isinstance(tensor, gs.Constant):
-            continue
-        small = value.nbytes <= SMALL_BYTES
-        if (
-            (small or (value.nbytes <= limit and not _copies_live_weights(tensor, values, live)))
-            and tensor.name not in graph_outputs
-        ):
-            _make_constant_in_place(graph, tensor, value)
-            count += 1
-            continue
-        # Too large, a second copy of weights the model keeps anyway (a transposed tied weight), or a graph
-        # output: keep computing it, and make its inputs constant instead.
+    pending = [
+        tensor
+        for node in nodes
+        if id(node) in folded
+        for tensor in node.outputs
+        if tensor.name in graph_outputs or any(id(c) not in folded for c in tensor.outputs)
+    ]
+    computing = {id(n) for n in graph.nodes if id(n) not in folded}  # nodes that stay, reading their inputs
+    candidates: dict[int, gs.Variable] = {}
+    refused: set[int] = set()
+
+    def keep_computing(tensor: gs.Variable) -> None:
         producer = tensor.inputs[0]
-        kept.add(id(tensor))
-        needed.extend(t for t in producer.inputs if isinstance(t, gs.Variable) and t.name in values)
-    return count
+        computing.add(id(producer))
+        refused.add(id(tensor))
+        pending.extend(t for t in producer.inputs if isinstance(t, gs.Variable) and t.name in values)
+
+    while True:
+        while pending:
+            tensor = pending.pop()
+            if id(tensor) in candidates or id(tensor) in refused or isinstance(tensor, gs.Constant):
+                continue
+            nbytes = values[tensor.name].nbytes
+            if tensor.name not in graph_outputs and (nbytes <= SMALL_BYTES or nbytes <= limit):
+                candidates[id(tensor)] = tensor
+            else:
+                keep_computing(tensor)
+        if max_growth is None:
+            break
+        growing = _growing_groups(list(candidates.values()), values, folded - computing, max_growth)
+        if not growing:
+            break
+        for tensor in growing:
+            del candidates[id(tensor)]
+            keep_computing(tensor)
+    stored: dict[bytes, gs.Constant] = {}
+    for tensor in candidates.values():
+        value = values[tensor.name]
+        _make_constant_in_place(graph, tensor, value)
+        if value.nbytes > SMALL_BYTES:  # identical results (a weight shared by two layers, transposed twice)
+            twin = stored.setdefault(_content_key(value), tensor)
+            if twin is not tensor:
+                replace_uses(graph, tensor, twin)
+    return len(candidates)
 
 
-def _copies_live_weights(tensor: gs.Variable, values: dict[str, np.ndarray], live: set[int]) -> bool:
-    """True if `tensor` is computed from a large weight that stays in the model anyway."""
-    stack, seen = [tensor], set()
+def _content_key(value: np.ndarray) -> bytes:
+    """A key equal for arrays of the same type, shape and bytes."""
+    digest = hashlib.sha256(np.ascontiguousarray(value).tobytes()).digest()
+    return f"{value.dtype.str}{value.shape}".encode() + digest
+
+
+def _growing_groups(
+    results: list[gs.Variable], values: dict[str, np.ndarray], folded_away: set[int], max_growth: int
+) -> list[gs.Variable]:
+    """The results (over SMALL_BYTES) of the groups that would add more than `max_growth` bytes of weights.
+
+    Results computed from a common weight form one group: the weight is freed only if all of them are stored.
+    A weight is freed when every node reading it (in subgraphs too) is in `folded_away`.
+    """
+    large = [t for t in results if values[t.name].nbytes > SMALL_BYTES]
+    owner: dict[int, int] = {}  # freed weight -> index of the first result using it
+    parent = list(range(len(large)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    freed: dict[int, int] = {}  # weight id -> bytes
+    for index, tensor in enumerate(large):
+        for weight in _source_weights(tensor, values):
+            if not all(id(consumer) in folded_away for consumer in weight.outputs):
+                continue
+            freed[id(weight)] = int(weight._values.nbytes)
+            if id(weight) in owner:
+                parent[root(index)] = root(owner[id(weight)])
+            else:
+                owner[id(weight)] = index
+    added: dict[int, int] = {}
+    removed: dict[int, int] = {}
+    counted: set[tuple[int, bytes]] = set()
+    for index, tensor in enumerate(large):
+        key = (root(index), _content_key(values[tensor.name]))
+        if key not in counted:  # identical results are stored once (see _replace_with_constants)
+            counted.add(key)
+            added[root(index)] = added.get(root(index), 0) + int(values[tensor.name].nbytes)
+    for weight, index in owner.items():
+        removed[root(index)] = removed.get(root(index), 0) + freed[weight]
+    return [t for i, t in enumerate(large) if added[root(i)] - removed.get(root(i), 0) > max_growth]
+
+
+def _source_weights(tensor: gs.Variable, values: dict[str, np.ndarray]) -> list[gs.Constant]:
+    """The constants `tensor` is computed from, through folded nodes: weights, and the values of Constant nodes
+    (which folding removes, so their bytes are freed like a weight's)."""
+    stack, seen, found = [tensor], set(), {}
     while stack:
         current = stack.pop()
         if id(current) in seen:
             continue
         seen.add(id(current))
-        for source in current.inputs[0].inputs:
+        producer = current.inputs[0]
+        value = producer.attrs.get("value") if producer.op == "Constant" else None
+        if isinstance(value, gs.Constant):
+            found[id(value)] = value
+        for source in producer.inputs:
             if isinstance(source, gs.Constant):
-                if id(source) in live and source._values.nbytes > SMALL_BYTES:
-                    return True
+                found[id(source)] = source
             elif source.name in values:
                 stack.append(source)
-    return False
+    return list(found.values())
 
 
 def _remove_unused(graph: gs.Graph, nodes: list[gs.Node]) -> int:

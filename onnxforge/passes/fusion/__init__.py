@@ -9,8 +9,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 
-from onnxforge.ir import Model
-from onnxforge.passes.base import Pass, PassContext, PassResult, run_until_stable
+from onnxforge.passes.base import CompositePass, Pass
 from onnxforge.passes.fusion.base import RuleBasedPass, fusion_passes
 from onnxforge.passes.registry import register_pass
 
@@ -19,15 +18,15 @@ for _module in pkgutil.iter_modules(__path__):
 
 
 @register_pass("fuse")
-class Fuse(Pass):
+class Fuse(CompositePass):
     """Run every fusion pass that applies (operator folding, activations, normalization, attention, ...)."""
 
     @dataclass
     class Options:
         max_rounds: int = 3
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return run_until_stable([cls() for cls in fusion_passes()], model, ctx, self.options.max_rounds)
+    def members(self) -> list[Pass]:
+        return [cls() for cls in fusion_passes()]
 
 
 __all__ = ["Fuse", "RuleBasedPass", "fusion_passes"]

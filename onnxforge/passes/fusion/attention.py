@@ -16,7 +16,14 @@ Attention node with the three weights packed; other batch-major blocks (cross-at
 get MultiHeadAttention on the projected Q, K and V. The mask stays the additive tensor the model computes
 (expanded to [B|1, H|1, S, T], the shape onnxruntime accepts), so every mask value keeps its meaning. After a
 sequence-major block of batch-first input, the output projection moves to batch-major rows, so the layout
-ops around it cancel. Only static shapes and float32 are fused.
+ops around it cancel. Only float32 is fused.
+
+Batch-major blocks may have dynamic batch and sequence axes (TorchScript's `dynamic_axes`, the dynamo
+exporter): the head reshapes' targets are read back from their shape arithmetic (onnxforge.ir.shape_values)
+and each must provably split [B, S, H*d] into constant H heads of constant size d, and the merge undo it. The
+dynamo exporter's spelling of scaled_dot_product_attention is recognized too: K^T through [B*H, T, d] rows,
+and a softmax guarded against fully masked rows, fused only where the mask is provably finite (onnxruntime's
+Attention gives NaN for such a row, not 0). Sequence-major blocks still need static shapes.
 
 Other backends than onnxruntime get the standard Attention op where the model's opset has it (23), on the
 4-D heads; below that they get nothing (standard ONNX has no attention op).
@@ -28,10 +35,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxforge.ir.ops import CONTRIB_DOMAIN
-from onnxforge.ir.patterns import GraphBuilder, Match, RewriteRule
+from onnxforge.ir.patterns import (
+    Declined,
+    GraphBuilder,
+    Match,
+    RewriteRule,
+    Var,
+    decline,
+)
+from onnxforge.ir.shape_values import (
+    Dim,
+    dims_of,
+    is_unnamed,
+    reshaped,
+    same_dims,
+    shape_value,
+)
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
 from onnxforge.passes.registry import register_pass
 
@@ -55,14 +78,24 @@ SCALINGS: dict[str, Callable] = {
 
 
 def _core(op, qh, kt, vh, mask):
-    """softmax(scale * qh @ kt [+ mask]) @ vh; the Softmax's output is bound as `probs`."""
+    """softmax(scale * qh @ kt [+ mask]) @ vh; the Softmax's output is bound as `probs`.
+
+    The dynamo exporter guards the softmax of scaled_dot_product_attention against rows with every key masked
+    (NaN there becomes 0): that guard is bound as `guarded`.
+    """
     scores = op.either(*(scaling(op, qh, kt) for scaling in SCALINGS.values()))
-    return op.MatMul(op.Softmax(op.either(op.Add(scores, mask), scores), _name="probs"), vh)
+    probs = op.Softmax(op.either(op.Add(scores, mask), scores), _name="probs")
+    is_nan = op.either(op.IsNaN(probs), op.Cast(op.IsNaN(probs), to=onnx.TensorProto.BOOL))  # masked_fill casts
+    return op.MatMul(op.either(op.Where(is_nan, 0.0, probs, _name="guarded"), probs), vh)
 
 
 def _projection(op, x, which: str):
-    """x @ W + b with constant W and b: the Q, K or V projection (or all three packed, which="")."""
-    return op.Add(op.MatMul(x, op.const(f"w{which}")), op.const(f"b{which}"), _name=which or "qkv")
+    """x @ W + b with constant W and b: the Q, K or V projection (or all three packed, which="").
+    Q, K and V may also have no bias (Whisper's K), bound the same way."""
+    biased = op.Add(op.MatMul(x, op.const(f"w{which}")), op.const(f"b{which}"), _name=which or "qkv")
+    if not which:
+        return biased
+    return op.either(biased, op.MatMul(x, op.const(f"w{which}"), _name=which))
 
 
 def _batch_major(projected: bool):
@@ -71,14 +104,28 @@ def _batch_major(projected: bool):
     def pattern(op, x, q, k, v, mask):
         if projected:
             q, k, v = (_projection(op, x, which) for which in "qkv")
-        qh = op.Transpose(op.Reshape(q, op.const("q_shape")), perm=[0, 2, 1, 3], _name="qh")
-        kt = op.Transpose(op.Reshape(k, op.const("k_shape")), perm=[0, 2, 3, 1], _name="kt")
-        vh = op.Transpose(op.Reshape(v, op.const("v_shape")), perm=[0, 2, 1, 3], _name="vh")
+        # The targets may be constants or computed from Shape (dynamic axes): `_batch_major_heads` reads them.
+        qh = op.Transpose(op.Reshape(q, Var("q_shape"), _name="q_split"), perm=[0, 2, 1, 3], _name="qh")
+        kt = op.either(
+            op.Transpose(op.Reshape(k, Var("k_shape"), _name="k_split"), perm=[0, 2, 3, 1], _name="kt"),
+            _keys_transposed_through_rows(op, op.Reshape(k, Var("k_shape"), _name="k_split")),
+        )
+        vh = op.Transpose(op.Reshape(v, Var("v_shape"), _name="v_split"), perm=[0, 2, 1, 3], _name="vh")
         context = _core(op, qh, kt, vh, mask)
-        return op.Reshape(op.Transpose(context, perm=[0, 2, 1, 3]), op.const("out_shape"))
+        # The TorchScript exporter of Hugging Face models reshapes the context to [B, -1, S, d] (no change) first.
+        context = op.either(op.Reshape(context, Var("context_shape"), _name="context_view"), context)
+        return op.Reshape(op.Transpose(context, perm=[0, 2, 1, 3]), Var("out_shape"))
 
     pattern.__name__ = "batch_major_projected" if projected else "batch_major"
     return pattern
+
+
+def _keys_transposed_through_rows(op, k_split):
+    """K^T as the dynamo exporter writes it in scaled_dot_product_attention: [B, H, T, d] -> [B*H, T, d],
+    transposed to [B*H, d, T], -> [B, H, d, T]; bound as `kt`, with the heads `kh`."""
+    kh = op.Transpose(k_split, perm=[0, 2, 1, 3], _name="kh")
+    rows = op.Reshape(kh, Var("k_rows_shape"), _name="k_rows")
+    return op.Reshape(op.Transpose(rows, perm=[0, 2, 1]), Var("kt_shape"), _name="kt")
 
 
 def _unpacked_qkv(op, x):
@@ -128,11 +175,14 @@ def _sequence_major(heads_rank: int):
 
 @dataclass(frozen=True)
 class Heads:
-    """The dimensions of a matched block: batch, query and key lengths, heads and head size (Q, K and V alike)."""
+    """The dimensions of a matched block: batch, query and key lengths, heads and head size (Q, K and V alike).
 
-    batch: int
-    length: int
-    key_length: int
+    Batch and lengths may be symbolic (see onnxforge.ir.shape_values); heads and size are constants.
+    """
+
+    batch: Dim
+    length: Dim
+    key_length: Dim
     heads: int
     size: int
 
@@ -145,19 +195,79 @@ def _shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
-def _batch_major_heads(match: Match) -> Heads | None:
-    """The dimensions of a batch-major block whose reshapes only split and merge the hidden dimension."""
+def _head_split(match: Match, which: str) -> tuple[list[Dim], int, int] | Declined:
+    """[batch, length, heads, size] of the Reshape splitting q, k or v ([batch, length, hidden]) into heads."""
+    value, split = match.bindings[which], match.bindings[f"{which}_split"]
+    reshape = split.inputs[0]
+    dims = dims_of(value)
+    if dims is None or len(dims) != 3 or not isinstance(dims[2], int):
+        return decline(f"{which.upper()} is not known to be [batch, sequence, hidden] with a constant hidden size")
+    target = shape_value(match.bindings[f"{which}_shape"])
+    if target is None:
+        return decline(f"the {which.upper()} head split's target is neither a constant nor computed from shapes")
+    out = reshaped(dims, target, reshape.attrs.get("allowzero", 0))
+    if (
+        out is None
+        or len(out) != 4
+        or not all(isinstance(d, int) and d > 0 for d in out[2:])
+        or out[0] != dims[0]
+        or out[1] != dims[1]
+        or out[2] * out[3] != dims[2]
+    ):
+        return decline(f"the {which.upper()} head split does not provably split the hidden axis into constant heads")
+    return out, out[2], out[3]
+
+
+def _batch_major_heads(match: Match) -> Heads | Declined:
+    """The dimensions of a batch-major block whose reshapes only split and merge the hidden dimension.
+
+    Dims may be symbolic: a reshape target written with Shape/Gather/Concat or with 0 and -1 entries is
+    accepted where it provably splits [B, S, H*d] into [B, S, H, d] (H and d constants) and merges it back.
+    """
+    splits = {which: _head_split(match, which) for which in "qkv"}
+    for split in splits.values():
+        if isinstance(split, Declined):
+            return split
+    (q, heads, size), (k, k_heads, k_size), (v, v_heads, v_size) = splits["q"], splits["k"], splits["v"]
+    if (k_heads, k_size) != (heads, size) or (v_heads, v_size) != (heads, size):
+        return decline("Q, K and V are split into different numbers or sizes of heads")
+    if not (q[0] == k[0] == v[0]) or k[1] != v[1]:
+        return decline("Q, K and V do not provably share the batch, or K and V the key length")
     b = match.bindings
-    q, k, v = _shape(b["qh"]), _shape(b["kt"]), _shape(b["vh"])
-    if q is None or k is None or v is None or len(q) != 4:
-        return None
-    batch, heads, length, size = q
-    key_length = k[-1]
-    if k != (batch, heads, size, key_length) or v != (batch, heads, key_length, size):
-        return None
-    projected = (_shape(b["q"]), _shape(b["k"]), _shape(b["v"]))
-    expected = ((batch, length, heads * size), (batch, key_length, heads * size), (batch, key_length, heads * size))
-    return Heads(batch, length, key_length, heads, size) if projected == expected else None
+    if "kh" in b and not _transposes_keys(match, [k[0], heads, k[1], size]):
+        return decline("the reshapes around K's transpose do not provably transpose its last two axes")
+    if "context_view" in b:
+        view = b["context_view"].inputs[0]
+        dims, target = dims_of(view.inputs[0]), shape_value(b["context_shape"])
+        # The context is [B', H, S, d] by construction; B' (from the scores, mask included) keeps its own name.
+        structural = None if dims is None or len(dims) != 4 else [dims[0], heads, q[1], size]
+        allowzero = view.attrs.get("allowzero", 0)
+        if structural is None or target is None or reshaped(structural, target, allowzero) != structural:
+            return decline("the Reshape of the context before the merge is not provably one that changes nothing")
+    merge = match.root
+    target = shape_value(match.bindings["out_shape"])
+    merged = None if target is None else reshaped([q[0], q[1], heads, size], target, merge.attrs.get("allowzero", 0))
+    merges = merged is not None and same_dims(merged, [q[0], q[1], heads * size])
+    if not merges and not _same_static_size(merged, q, heads, size):
+        return decline("the last Reshape does not provably merge the heads back into [batch, sequence, hidden]")
+    return Heads(q[0], q[1], k[1], heads, size)
+
+
+def _transposes_keys(match: Match, kh: list[Dim]) -> bool:
+    """Whether [B, H, T, d] -> rows [-1, T, d] -> transposed -> [B, H, d, T] is K^T (the rows keep T and d,
+    the last Reshape restores B and H)."""
+    rows, back = shape_value(match.bindings["k_rows_shape"]), shape_value(match.bindings["kt_shape"])
+    if rows is None or back is None or len(rows) != 3 or len(back) != 4:
+        return False
+    if rows[0] != -1 or list(rows[1:]) != kh[2:] or list(back[2:]) != [kh[3], kh[2]]:
+        return False
+    return list(back[:2]) in ([kh[0], kh[1]], [-1, kh[1]], [kh[0], -1])
+
+
+def _same_static_size(merged: list[Dim] | None, q: list[Dim], heads: int, size: int) -> bool:
+    """A static merge to another shape of the same size (say [B*S, H*d]): the fused output is reshaped to it."""
+    dims = [*q[:2], heads, size]
+    return merged is not None and all(isinstance(d, int) for d in (*merged, *dims)) and np.prod(merged) == np.prod(dims)
 
 
 def _sequence_major_heads(match: Match) -> Heads | None:
@@ -192,6 +302,26 @@ def _softmax_over_keys(match: Match, context: FusionContext) -> bool:
     return axis in (-1, rank - 1)
 
 
+FINITE_MASK_OPS = {"Add", "Cast", "Concat", "Expand", "Mul", "Reshape", "Slice", "Squeeze", "Sub", "Unsqueeze", "Where"}
+
+
+def _finite(tensor: gs.Tensor, depth: int = 0) -> bool:
+    """Provably free of infinities and NaN: computed from integer or boolean inputs and finite float constants
+    by ops that keep finite values finite (a Mul by -1e4 of a 0/1 mask, a Where choosing 0 or finfo.min)."""
+    if isinstance(tensor, gs.Constant):
+        values = np.asarray(tensor.values)
+        return values.dtype.kind != "f" or bool(np.isfinite(values).all())
+    if tensor.dtype is not None and np.dtype(tensor.dtype).kind in "biu":
+        return True
+    if depth > 16 or len(tensor.inputs) != 1 or tensor.inputs[0].op not in FINITE_MASK_OPS:
+        return False
+    node = tensor.inputs[0]
+    if node.op == "Where":
+        return all(_finite(t, depth + 1) for t in node.inputs[1:])
+    data = node.inputs if node.op in ("Add", "Mul", "Sub", "Concat") else node.inputs[:1]
+    return all(_finite(t, depth + 1) for t in data)
+
+
 def _scale(match: Match) -> float | None:
     """The factor the scores are multiplied by (1 when unscaled); None unless it is one finite number, not 0."""
     scale = 1.0
@@ -211,7 +341,8 @@ def _is_float32(*tensors: gs.Tensor) -> bool:
 
 def _packed_weights(match: Match, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray] | None:
     """The [E_in, N] weight and [N] bias of the projections `names` side by side; None if they do not pack."""
-    weights, biases = [match.value(f"w{n}") for n in names], [match.value(f"b{n}") for n in names]
+    weights = [match.value(f"w{n}") for n in names]
+    biases = [match.value(f"b{n}") if f"b{n}" in match.bindings else np.zeros(1, np.float32) for n in names]
     for w, b in zip(weights, biases):
         if w.ndim != 2 or w.dtype != np.float32 or b.dtype != np.float32 or b.size not in (1, w.shape[1]):
             return None
@@ -221,10 +352,22 @@ def _packed_weights(match: Match, names: tuple[str, ...]) -> tuple[np.ndarray, n
     return np.concatenate(weights, axis=1), np.concatenate(bias)
 
 
-def _attention_bias(op: GraphBuilder, mask: gs.Tensor | None, dims: Heads, scores_rank: int):
-    """The additive mask as onnxruntime takes it, [B|1, H|1, S, T]; "" for none; None if it does not fit."""
+def _attention_bias(
+    op: GraphBuilder, mask: gs.Tensor | None, dims: Heads, scores_rank: int, lengths: tuple[gs.Tensor, gs.Tensor]
+) -> gs.Tensor | str | Declined:
+    """The additive mask as onnxruntime takes it, [B|1, H|1, S, T]; "" for none.
+
+    `lengths` are tensors whose axis 1 is S and T, to expand the mask at run time where they are symbolic.
+    A symbolic mask dim that is not provably the scores' is accepted: the model's own Add says it broadcasts,
+    and where it would widen the scores (a mask batch of 2 on scores of batch 1), onnxruntime refuses the bias
+    instead of computing something else.
+    """
     if mask is None:
         return ""
+    if not _is_float32(mask):
+        return decline("the mask is not float32")
+    if scores_rank == 4:
+        return _attention_bias_4d(op, mask, dims, lengths)
     shape = _shape(mask)
     if shape is None or not _is_float32(mask) or len(shape) > scores_rank:
         return None
@@ -241,6 +384,29 @@ def _attention_bias(op: GraphBuilder, mask: gs.Tensor | None, dims: Heads, score
     if not is_4d or shape[2:] != full[2:]:
         mask = op.Expand(mask, op.const(np.array([1, 1, *full[2:]], np.int64), "bias_expand"))
     return mask
+
+
+def _attention_bias_4d(op: GraphBuilder, mask: gs.Tensor, dims: Heads, lengths: tuple[gs.Tensor, gs.Tensor]):
+    """The mask of 4-D scores [B, H, S, T], expanded to [.., .., S, T] unless it provably has those dims."""
+    shape = dims_of(mask)
+    if shape is None or len(shape) > 4:
+        return decline("the mask has no known rank of at most 4")
+    shape = [1] * (4 - len(shape)) + shape
+    full = [dims.batch, dims.heads, dims.length, dims.key_length]
+    for m, f in zip(shape, full):
+        if m != 1 and m != f and isinstance(m, int) and isinstance(f, int):
+            return decline("the mask does not broadcast to the scores")
+    if shape[1] not in (1, dims.heads) and isinstance(shape[1], int):
+        return decline("the mask has another number of heads than the scores")
+    if len(mask.shape) == 4 and shape[2:] == full[2:]:
+        return mask
+    if all(isinstance(d, int) for d in full[2:]):
+        target = op.const(np.array([1, 1, *full[2:]], np.int64), "bias_expand")
+    else:  # the lengths at run time: axis 1 of the inputs they come from
+        axis_1 = op.const(np.array([1], np.int64), "axis_1")
+        s, t = (op.Gather(op.Shape(tensor), axis_1, axis=0) for tensor in lengths)
+        target = op.Concat(op.const(np.array([1, 1], np.int64), "ones"), s, t, axis=0)
+    return op.Expand(mask, target)
 
 
 # --- replacements ---------------------------------------------------------------------------------------
@@ -268,36 +434,56 @@ def _as_matched_output(op, out: gs.Variable, match: Match, shape: tuple[int, ...
 def _fuse_batch_major(op, match: Match, context: FusionContext, projected: bool):
     """Attention on x with packed weights (projected), else MultiHeadAttention on the projected Q, K, V."""
     dims = _batch_major_heads(match)
-    if dims is None or not _softmax_over_keys(match, context):
-        return None
-    scale, bias = _scale(match), _attention_bias(op, match.bindings.get("mask"), dims, 4)
-    if scale is None or bias is None:
-        return None
+    if isinstance(dims, Declined):
+        return dims
+    if not _softmax_over_keys(match, context):
+        return decline("the Softmax is not over the keys")
     b = match.bindings
+    if "guarded" in b and "mask" in b and not _finite(b["mask"]):
+        return decline(
+            "the softmax is guarded against fully masked rows (their NaN becomes 0) and the mask may hold -inf: "
+            "onnxruntime's Attention would give NaN there"
+        )
+    scale = _scale(match)
+    if scale is None:
+        return decline("the scale is not one finite constant other than 0")
+    # The mask's run-time expansion reads the lengths from tensors the rewrite keeps (Q and K are removed
+    # with their projections when those are fused too).
+    bias = _attention_bias(op, b.get("mask"), dims, 4, (b["x"], b["x"]) if projected else (b["q"], b["k"]))
+    if isinstance(bias, Declined):
+        return bias
     if projected:
         x, packed = b["x"], _packed_weights(match, ("q", "k", "v"))
-        if packed is None or not _is_float32(x) or len(x.shape) != 3 or dims.key_length != dims.length:
-            return None
+        if packed is None:
+            return decline("the Q, K and V weights and biases do not pack into one float32 projection")
+        if not _is_float32(x) or x.shape is None or len(x.shape) != 3:
+            return decline("the input is not a float32 [batch, sequence, hidden] tensor")
         weight, qkv_bias = op.const(packed[0], "qkv_weight"), op.const(packed[1], "qkv_bias")
         inputs = _optional_inputs(x, weight, qkv_bias, None, None, bias)
         out = op.Attention(*inputs, _domain=CONTRIB_DOMAIN, num_heads=dims.heads, scale=scale)
     else:
         if not _is_float32(b["q"], b["k"], b["v"]):
-            return None
+            return decline("Q, K and V are not float32")
         inputs = _optional_inputs(b["q"], b["k"], b["v"], None, None, bias)
         out = op.MultiHeadAttention(*inputs, _domain=CONTRIB_DOMAIN, num_heads=dims.heads, scale=scale)
-    return _as_matched_output(op, out, match, (dims.batch, dims.length, dims.heads * dims.size))
+    # onnx's shape inference does not know contrib ops: give later rules the shape it cannot infer (the merge's).
+    out.dtype = np.float32
+    merged = (dims.batch, dims.length, dims.heads * dims.size)
+    if _shape(match.output) is None or _shape(match.output) == merged:
+        out.shape = [None if is_unnamed(d) else d for d in merged]
+        return out
+    return op.Reshape(out, op.const(np.array(_shape(match.output), np.int64), "out_shape"))
 
 
 def _fuse_sequence_major(op, match: Match, context: FusionContext):
     """Attention on x transposed to batch-major, with nn.MultiheadAttention's packed weights."""
     dims = _sequence_major_heads(match)
-    if dims is None or not _softmax_over_keys(match, context):
+    if dims is None or not _softmax_over_keys(match, context) or "guarded" in match.bindings:
         return None
     scale = _scale(match)
-    bias = _attention_bias(op, match.bindings.get("mask"), dims, len(match.bindings["kt"].shape))
+    bias = _attention_bias(op, match.bindings.get("mask"), dims, len(match.bindings["kt"].shape), ())
     packed, x = _packed_weights(match, ("",)), match.bindings["x"]
-    if scale is None or bias is None or packed is None or not _is_float32(x):
+    if scale is None or isinstance(bias, Declined) or bias is None or packed is None or not _is_float32(x):
         return None
     weight, qkv_bias = op.const(packed[0], "qkv_weight"), op.const(packed[1], "qkv_bias")
     inputs = _optional_inputs(op.Transpose(x, perm=[1, 0, 2]), weight, qkv_bias, None, None, bias)
@@ -315,9 +501,11 @@ def _fuse_standard(op, match: Match, context: FusionContext, qh, kt, vh):
     batch, heads, length, size = q
     if k != (batch, heads, size, k[3]) or v != (batch, heads, k[3], size):
         return None
+    if "guarded" in match.bindings:
+        return None
     dims = Heads(batch, length, k[3], heads, size)
-    scale, mask = _scale(match), _attention_bias(op, match.bindings.get("mask"), dims, 4)
-    if scale is None or mask is None or not _softmax_over_keys(match, context):
+    scale, mask = _scale(match), _attention_bias(op, match.bindings.get("mask"), dims, 4, ())
+    if scale is None or isinstance(mask, Declined) or not _softmax_over_keys(match, context):
         return None
     return op.Attention(*_optional_inputs(qh, op.Transpose(kt, perm=[0, 1, 3, 2]), vh, mask), scale=scale)
 
@@ -351,14 +539,20 @@ def _project_batch_major(op, match: Match, a, w, b):
     return op.Add(op.MatMul(a, weight), bias)
 
 
-def _uses_contrib_ops(match, context: FusionContext) -> bool:
-    return context.contrib_ops
+def _uses_contrib_ops(match, context: FusionContext) -> bool | Declined:
+    return context.contrib_ops or decline("the backend does not run onnxruntime's contrib ops (com.microsoft)")
 
 
-def _has_standard_attention(match, context: FusionContext) -> bool:
+def _has_standard_attention(match, context: FusionContext) -> bool | Declined:
     # On onnxruntime the contrib ops above are preferred (packed projections); they match at the merge Reshape,
     # after this core's MatMul in node order, so this rule must not run there.
-    return not context.contrib_ops and context.opset >= STANDARD_ATTENTION_OPSET
+    if context.contrib_ops:  # not a near miss: the contrib rules say why they declined
+        return decline("")
+    if context.opset < STANDARD_ATTENTION_OPSET:
+        return decline(
+            f"the standard Attention op needs opset {STANDARD_ATTENTION_OPSET} (the model has {context.opset})"
+        )
+    return True
 
 
 RULES = [

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from onnxforge.ir import Model, infer_shapes
-from onnxforge.ir.patterns import RewriteRule, apply_rules
+from onnxforge.ir.patterns import RewriteRule, apply_rules, near_misses
 from onnxforge.passes.base import Pass, PassContext, PassResult
 
 
@@ -15,16 +15,19 @@ from onnxforge.passes.base import Pass, PassContext, PassResult
 class FusionContext:
     """What a rule's condition or replacement may need to know about where the model will run.
 
-    opset: the model's default-domain opset; backend: "ort" may use onnxruntime's com.microsoft contrib ops,
-    any other backend (TVM) gets standard ONNX ops only.
+    opset: the model's default-domain opset; contrib_ops: the backend runs every onnxruntime contrib op
+    (com.microsoft) the rules write (`FUSED_CONTRIB_OPS`), so they may use them; otherwise (TVM) standard ONNX
+    ops only.
     """
 
     opset: int
-    backend: str
+    contrib_ops: bool
 
-    @property
-    def contrib_ops(self) -> bool:
-        return self.backend == "ort"
+
+# The com.microsoft ops fusion rules write where the backend runs them all.
+FUSED_CONTRIB_OPS = (
+    "Attention", "BiasGelu", "FastGelu", "Gelu", "MultiHeadAttention", "QuickGelu", "SkipLayerNormalization"
+)
 
 
 class RuleBasedPass(Pass):
@@ -37,13 +40,32 @@ class RuleBasedPass(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if self.needs_shapes:
             infer_shapes(model)
-        context = FusionContext(opset=model.graph.opset, backend=ctx.backend)
+        contrib_ops = ctx.capabilities.runs_contrib_ops(*FUSED_CONTRIB_OPS)
+        context = FusionContext(opset=model.graph.opset, contrib_ops=contrib_ops)
         graphs = list(model.graphs())
         counts = apply_rules(graphs, self.rules, context)
         if counts:  # values only the replaced nodes read (shape arithmetic, say) are dead now
             for graph in graphs:
                 graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
-        return PassResult(changed=bool(counts), stats=dict(counts))
+        # What `--explain` shows: where a rule's pattern is in the model as it is now, and why it was left.
+        notes = near_misses(graphs, self.rules, context).lines()
+        return PassResult(changed=bool(counts), stats=dict(counts), notes=notes)
+
+    def parts(self) -> list[Pass]:
+        """One pass per rule, so that a rule that breaks the model costs only its own rewrites."""
+        if len(self.rules) < 2:
+            return []
+        parts = []
+        for rule in self.rules:
+            part = type(self)(self.options)
+            part.rules = (rule,)
+            parts.append(part)
+        return parts
+
+    def describe(self) -> str:
+        """The pass as written on the command line; a part of it (see `parts`) adds its rule: `fuse-x/rule`."""
+        whole = super().describe()
+        return f"{whole}/{self.rules[0].name}" if "rules" in vars(self) else whole
 
 
 def fusion_passes() -> list[type[RuleBasedPass]]:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxforge.ir.patterns import PatternBuilder, PatternValue, RewriteRule
+from onnxforge.ir.patterns import PatternBuilder, PatternValue, RewriteRule, decline
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
 from onnxforge.passes.registry import register_pass
 
@@ -107,8 +107,13 @@ def _normalization(op_type: str, min_opset: int):
     """The replacement building `op_type` with a unit scale over the averaged trailing axes (None declines)."""
 
     def replacement(op, x, variance, epsilon, context: FusionContext, mean=None):
+        if context.opset < min_opset:
+            return decline(
+                f"{op_type} needs opset {min_opset} (the model has {context.opset}): put "
+                f"upgrade-opset:to={min_opset} before fuse"
+            )
         k = _trailing_count(x, variance) if mean is None else _trailing_count(x, mean, variance)
-        if context.opset < min_opset or x.dtype != np.float32 or k is None:
+        if x.dtype != np.float32 or k is None:
             return None
         eps = _epsilon(epsilon, len(x.shape))
         if eps is None:

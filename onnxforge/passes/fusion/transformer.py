@@ -3,6 +3,7 @@
 - `fuse-skip-layernorm`: LayerNormalization(x + skip [+ bias]) over the last axis becomes
   com.microsoft.SkipLayerNormalization; a projection's bias added just before is taken in too. Where the
   sum is also read elsewhere (the residual path of pre-norm blocks), the op's fourth output gives it.
+  Below opset 17, which has no LayerNormalization, the decomposed LayerNorm of x + skip becomes it directly.
 - `fuse-bias-gelu`: Gelu(x + bias) becomes com.microsoft.BiasGelu, its tanh approximation FastGelu(x, bias).
 
 Both need onnxruntime (other backends decline: standard ONNX has neither op), float32 and a bias or
@@ -15,8 +16,17 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxforge.ir.ops import CONTRIB_DOMAIN
-from onnxforge.ir.patterns import Match, RewriteRule
+from onnxforge.ir.patterns import Match, RewriteRule, decline
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
+from onnxforge.passes.fusion.normalization import (
+    LAYER_NORM_MIN_OPSET,
+    _epsilon,
+    _mean_with_axes_attribute,
+    _mean_with_axes_input,
+    _pow_2,
+    _times_itself,
+    _trailing_count,
+)
 from onnxforge.passes.registry import register_pass
 
 # --- SkipLayerNormalization -----------------------------------------------------------------------------
@@ -82,6 +92,64 @@ SKIP_LAYERNORM = RewriteRule(
 )
 
 
+def _add_decomposed_layernorm(mean, square):
+    """gamma * (s - mean(s)) / sqrt(var(s) + eps) + beta of s = x + skip, as exporters write LayerNorm below
+    opset 17, where fuse-normalization cannot make it a LayerNormalization."""
+
+    def pattern(op, x, skip):
+        total = op.Add(x, skip, _name="sum", _shared=True)
+        centered = op.Sub(total, mean(op, total, "mean"), _name="centered")
+        variance = mean(op, square(op, centered), "variance")
+        normalized = op.Div(centered, op.Sqrt(op.Add(variance, op.const("epsilon"))))
+        return op.Add(op.Mul(normalized, op.const("gamma")), op.const("beta"), _name="normalized")
+
+    return pattern
+
+
+def _skip_decomposed_layernorm(op, match: Match, context: FusionContext, x, skip, gamma, beta, epsilon):
+    """SkipLayerNormalization where the opset has no LayerNormalization (the contrib op has no such limit)."""
+    b = match.bindings
+    if context.opset >= LAYER_NORM_MIN_OPSET:
+        return decline("")  # fuse-normalization makes it a LayerNormalization first: skip-layernorm takes that
+    if not context.contrib_ops or _trailing_count(b["sum"], b["mean"], b["variance"]) != 1:
+        return None
+    shape = x.shape
+    eps = _epsilon(epsilon, len(shape) if shape else 0)
+    if not _known_same_shape(x, skip) or len(shape) not in (2, 3) or eps is None:
+        return decline("x and skip are not provably of one [batch, sequence, hidden] shape, or epsilon is not float32")
+    if x.dtype != np.float32 or skip.dtype != np.float32 or not isinstance(shape[-1], int):
+        return None
+    vectors = [_over_last_axis(v, shape[-1]) for v in (gamma, beta)]
+    if any(v is None for v in vectors):
+        return None
+    inputs = [x, skip, op.const(vectors[0], "gamma"), op.const(vectors[1], "beta")]
+    if not match.used_outside("sum"):
+        return op.SkipLayerNormalization(*inputs, _domain=CONTRIB_DOMAIN, epsilon=eps)
+    normalized, *_, total = op.SkipLayerNormalization(*inputs, _domain=CONTRIB_DOMAIN, _outputs=4, epsilon=eps)
+    node = op.nodes[-1]
+    node.outputs[1], node.outputs[2] = gs.Variable.empty(), gs.Variable.empty()
+    return normalized, {"sum": total}
+
+
+def _over_last_axis(values: gs.Constant, width: int) -> np.ndarray | None:
+    """A float32 constant that is one vector over the last axis, as that [width] vector."""
+    array = np.asarray(values.values)
+    if array.dtype != np.float32 or array.size != width or array.ndim == 0 or array.shape[-1] != width:
+        return None
+    return array.reshape(width)
+
+
+SKIP_DECOMPOSED_LAYERNORM = RewriteRule(
+    "skip-layernorm-decomposed",
+    [
+        _add_decomposed_layernorm(mean, square)
+        for mean in (_mean_with_axes_attribute, _mean_with_axes_input)
+        for square in (_pow_2, _times_itself)
+    ],
+    _skip_decomposed_layernorm,
+)
+
+
 # --- BiasGelu / FastGelu with bias ----------------------------------------------------------------------
 
 
@@ -133,7 +201,7 @@ BIAS_FAST_GELU = RewriteRule("bias-fast-gelu", [_tanh_gelu, _contrib_fast_gelu],
 class FuseSkipLayerNorm(RuleBasedPass):
     """Fuse Add (residual, optionally a bias too) + LayerNormalization into SkipLayerNormalization (onnxruntime)."""
 
-    rules = (SKIP_LAYERNORM,)
+    rules = (SKIP_LAYERNORM, SKIP_DECOMPOSED_LAYERNORM)
     order = 60
     needs_shapes = True
 

@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.ir import Model, infer_shapes, to_networkx
 from onnxforge.ir.ops import CONTRIB_DOMAIN, is_onnx_op
+from onnxforge.ir.shape_values import dims_of, refine_reshapes, reshaped, shape_value
 from onnxforge.passes.base import Analysis
 
 # Ops that compute each element from the same element of their one data input.
@@ -85,6 +86,7 @@ class CountSlot:
     index: int
     unit: int
     attribute: str = ""
+    target: tuple[int, ...] | None = None  # a computed target's replacement, see _constant_target
 
     @property
     def key(self) -> tuple[int, int, str]:
@@ -121,6 +123,8 @@ class ChannelGroups(Analysis):
     @classmethod
     def compute(cls, model: Model) -> list[ChannelGroup]:
         infer_shapes(model)
+        if refine_reshapes(model.graph):  # head sizes computed from Shape (dynamic axes): spread what is known
+            infer_shapes(model)
         return _ChannelWalk(model.graph, _read_by_subgraphs(model)).run()
 
 
@@ -403,10 +407,14 @@ class _ChannelWalk:
         tensor = node.inputs[index]
         if not tensor.name:
             return
-        if tensor.shape is None or any(not isinstance(d, int) for d in tensor.shape):
+        if tensor.shape is None:
             return self._fail(layout, f"shape of '{tensor.name}' (input of {node.op} '{node.name}') is unknown")
         axis = len(tensor.shape) + layout.axis
-        if axis < 0 or tensor.shape[axis] == 1:
+        if axis < 0:
+            return
+        if not isinstance(tensor.shape[axis], int):  # only the channel axis matters: others may be symbolic
+            return self._fail(layout, f"shape of '{tensor.name}' (input of {node.op} '{node.name}') is unknown")
+        if tensor.shape[axis] == 1:
             return
         if isinstance(tensor, gs.Constant) and tensor.shape[axis] == layout.width:
             return self._add("followers", layout, node, index, axis)
@@ -459,15 +467,19 @@ class _ChannelWalk:
         self._pass(node, _Layout(-1, layout.segments, layout.repeat * block))
 
     def _reshape(self, node: gs.Node, layout: _Layout, rank: int | None) -> None:
-        """A Reshape to a constant target that merges the channel axis with the axes after it (each channel gets
-        a block of features), or splits it into (heads, head size); its target's channel entry must be
-        explicit (it is rewritten) or -1."""
-        target, before, after = node.inputs[1], node.inputs[0].shape, node.outputs[0].shape
-        known = rank is not None and after is not None and all(isinstance(d, int) for d in [*before, *after])
-        if not isinstance(target, gs.Constant) or not known or target.values.ndim != 1:
-            return self._fail(layout, f"Reshape '{node.name}' has a computed target or unknown shapes")
-        axis, entries = rank + layout.axis, [int(v) for v in target.values]
-        if list(after[:axis]) != list(before[:axis]) or len(entries) != len(after) or entries[axis] == 0:
+        """A Reshape that merges the channel axis with the axes after it (each channel gets a block of
+        features), or splits it into (heads, head size); its target's channel entry must be explicit (it is
+        rewritten) or -1. The target may be computed from shapes (dynamic axes): the axes before the channels
+        may then be symbolic, those from the channels on must be constants."""
+        target, before = node.inputs[1], dims_of(node.inputs[0])
+        entries = shape_value(target)
+        after = None if entries is None or before is None else reshaped(before, entries, node.attrs.get("allowzero", 0))
+        if rank is None or after is None or len(before) != rank:
+            return self._fail(layout, f"Reshape '{node.name}' has a target that is not read or unknown shapes")
+        axis = rank + layout.axis
+        if not all(isinstance(d, int) for d in [*before[axis:], *after[axis:], *entries[axis:]]):
+            return self._fail(layout, f"Reshape '{node.name}' has symbolic sizes from the channel axis on")
+        if not _same_leading(before, after, axis) or len(entries) != len(after) or entries[axis] == 0:
             return self._fail(layout, f"Reshape '{node.name}' mixes the channels with other axes")
         if len(after) == rank + 1 and list(after[axis + 2 :]) == list(before[axis + 1 :]):
             return self._split_heads(node, layout, axis, after[axis + 1], entries)
@@ -480,7 +492,8 @@ class _ChannelWalk:
             if len(layout.segments) != 1 or layout.segments[0].group is None:
                 return self._fail(layout, f"Reshape '{node.name}' hard-codes the count of channels of several groups")
             group = self.groups[self._find(layout.segments[0].group)]
-            group.counts.append(CountSlot(node, axis, merged_layout.repeat))
+            constant = _constant_target(target, axis, entries)
+            group.counts.append(CountSlot(node, axis, merged_layout.repeat, target=constant))
         self._pass(node, merged_layout)
 
     def _split_heads(self, node: gs.Node, layout: _Layout, axis: int, size: int, entries: list[int]) -> None:
@@ -494,7 +507,8 @@ class _ChannelWalk:
             return
         heads = self.groups[root].channels
         if entries[axis] != -1:
-            self.groups[root].counts.append(CountSlot(node, axis, 1))
+            constant = _constant_target(node.inputs[1], axis, entries)
+            self.groups[root].counts.append(CountSlot(node, axis, 1, target=constant))
         self._pass(node, _Layout(axis - len(entries), (_Segment(layout.segments[0].group, 0, heads),)))
 
 
@@ -525,6 +539,26 @@ def _is_packed_attention(node: gs.Node) -> bool:
     bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)
     no_past = all(not t.name for t in node.inputs[4:5]) and all(not t.outputs for t in node.outputs[1:])
     return bias_ok and no_past
+
+
+def _same_leading(before: list, after: list, axis: int) -> bool:
+    """Whether a Reshape keeps the axes before `axis`: equal dims, or one pair of symbols that must be equal
+    since the rest are and the Reshape keeps the element count (the tails are constants of equal product)."""
+    if len(before) < axis or len(after) < axis:
+        return False
+    differ = [i for i in range(axis) if before[i] != after[i]]
+    if not differ:
+        return True
+    tails_equal = math.prod(before[axis:]) == math.prod(after[axis:])
+    return len(differ) == 1 and tails_equal and all(isinstance(d[differ[0]], str) for d in (before, after))
+
+
+def _constant_target(target: gs.Tensor, axis: int, entries: list) -> tuple[int, ...] | None:
+    """For a computed Reshape target, the constant one to write when its channel entry changes: 0 (copy,
+    with allowzero 0) for the axes before the channels, which the Reshape keeps, and the entries from there."""
+    if isinstance(target, gs.Constant):
+        return None
+    return (0,) * axis + tuple(int(e) for e in entries[axis:])
 
 
 def _rank(tensor: gs.Tensor) -> int | None:

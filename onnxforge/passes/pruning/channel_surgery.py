@@ -47,7 +47,11 @@ def _set_count(model: Model, count: CountSlot, value: int) -> None:
         count.node.attrs[count.attribute] = value
         return
     target = count.node.inputs[1]
-    entries = np.array(target.values, copy=True)
+    if count.target is not None:  # a target computed from shapes becomes a constant one
+        entries = np.array(count.target, dtype=np.int64)
+        count.node.attrs["allowzero"] = 0
+    else:
+        entries = np.array(target.values, copy=True)
     entries[count.index] = value
     count.node.inputs[1] = make_constant(model.graph, target.name, entries)
 

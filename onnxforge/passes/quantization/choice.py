@@ -70,7 +70,7 @@ def choose_by_measurement(
     """
     thresholds = thresholds or {}
     baseline = functools.cache(lambda: ctx.prepare(builder.model))
-    contrib_ops = ctx.backend == "ort"
+    contrib_ops = builder.contrib_ops
     ops = {index: builder.layers[index].op for index in plan}
     by_type: dict[str, TypeMeasurement] = {}
     for op in sorted(set(ops.values())):

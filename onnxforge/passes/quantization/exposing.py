@@ -23,7 +23,9 @@ from onnxforge.ir.ops import CONTRIB_DOMAIN
 
 def split_gemms(graph: gs.Graph) -> int:
     """Replace each Gemm with a constant weight, no transposed input and a constant or absent C; return how many."""
-    return _replace_each(graph, _gemm_splittable, _gemm_as_matmul)
+    # A weight several Gemms share (an unrolled recurrent layer) gets one rewritten copy, which they then share.
+    rewritten: dict[tuple[int, int, float], gs.Constant] = {}
+    return _replace_each(graph, _gemm_splittable, lambda g, node: _gemm_as_matmul(g, node, rewritten))
 
 
 def split_attention_projections(graph: gs.Graph) -> int:
@@ -60,13 +62,19 @@ def _gemm_splittable(node: gs.Node) -> bool:
     return bias is None or not bias.name or isinstance(bias, gs.Constant)
 
 
-def _gemm_as_matmul(graph: gs.Graph, node: gs.Node) -> None:
+def _gemm_as_matmul(graph: gs.Graph, node: gs.Node, rewritten: dict[tuple[int, int, float], gs.Constant]) -> None:
+    """Write `node` as MatMul (+ Add); `rewritten` holds the weights and biases made so far, by source and factor."""
     x, weight = node.inputs[0], node.inputs[1]
     alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
-    if node.attrs.get("transB", 0) or alpha != 1.0:
-        values = np.asarray(weight.values, np.float32)
-        values = (values.T if node.attrs.get("transB", 0) else values) * np.float32(alpha)
-        weight = gs.Constant(unique_name(graph, f"{weight.name}_as_matmul"), np.ascontiguousarray(values))
+    transposed = int(node.attrs.get("transB", 0))
+    if transposed or alpha != 1.0:
+        key = (id(weight), transposed, alpha)
+        if key not in rewritten:
+            values = np.asarray(weight.values, np.float32)
+            values = (values.T if transposed else values) * np.float32(alpha)
+            name = unique_name(graph, f"{weight.name}_as_matmul")
+            rewritten[key] = gs.Constant(name, np.ascontiguousarray(values))
+        weight = rewritten[key]
     output = node.outputs[0]
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     product = output if bias is None else gs.Variable(unique_name(graph, f"{output.name}_matmul"), np.float32)
@@ -74,7 +82,10 @@ def _gemm_as_matmul(graph: gs.Graph, node: gs.Node) -> None:
     graph.nodes.append(gs.Node("MatMul", name=name, inputs=[x, weight], outputs=[product]))
     if bias is not None:
         if beta != 1.0:
-            bias = gs.Constant(unique_name(graph, f"{bias.name}_scaled"), bias.values * np.float32(beta))
+            key = (id(bias), 0, beta)
+            if key not in rewritten:
+                rewritten[key] = gs.Constant(unique_name(graph, f"{bias.name}_scaled"), bias.values * np.float32(beta))
+            bias = rewritten[key]
         graph.nodes.append(gs.Node("Add", name=f"{name}_bias", inputs=[product, bias], outputs=[output]))
 
 

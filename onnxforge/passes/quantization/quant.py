@@ -9,10 +9,9 @@ from typing import Literal
 
 import numpy as np
 
-from onnxforge.data import random_inputs, split_samples
+from onnxforge.data import split_samples
 from onnxforge.errors import PassError, PassUsageError
 from onnxforge.ir import Model
-from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.decisions import Measured
 from onnxforge.passes.activations import Sample, observe_tensors, run_model
@@ -44,7 +43,12 @@ EMBEDDING_INT4_SPEC = QuantSpec(bits=4, signed=True, symmetric=True, granularity
 # nothing, and a recurrent layer's speed at small sizes is a tie within noise while its weights are most of the file.
 SIZE_FIRST_TYPES = ("Gather", "LSTM")
 SIZE_FIRST_MIN_SPEEDUP = 0.98
+# DequantizeLinear takes an axis (one scale per channel) from this opset; below it, weights written as
+# DequantizeLinear are quantized per tensor (operators such as DynamicQuantizeMatMul keep one scale per column).
+PER_AXIS_MIN_OPSET = 13
 _BLOCK = re.compile(r"^block:(\d+)$")
+# The com.microsoft ops quantized layers become on a backend that runs them all.
+QUANTIZED_CONTRIB_OPS = ("DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "GatherBlockQuantized", "MatMulNBits")
 
 
 @register_pass("quant")
@@ -83,7 +87,7 @@ class Quantize(Pass):
         if already:
             note = f"the model is quantized already ({', '.join(sorted(already))}); left alone"
             return PassResult(False, stats={"already_quantized": True}, notes=[note])
-        contrib_ops = ctx.backend == "ort"
+        contrib_ops = runs_quantized_contrib_ops(ctx)
         fmt = resolve_format(self.options, model.graph.opset, contrib_ops)
         budget = ErrorBudget(self.options.max_error, self.options.min_cosine)
         self._check_data(fmt, budget, ctx)
@@ -93,6 +97,7 @@ class Quantize(Pass):
         position = {id(node): index for index, node in enumerate(work.graph.nodes)}
         layers = {position[id(layer.node)]: layer for layer in find_layers(work.graph)}
         plan, notes = self._initial_plan(layers, fmt, contrib_ops, has_data=bool(ctx.data))
+        plan, opset_note = per_tensor_below_per_axis_opset(plan, layers, work.graph.opset)
         calibration, held_out = split_samples(ctx.data or [])
         static = [layers[i] for i, layer_fmt in plan.items() if layer_fmt.mode == "static"]
         builder = CandidateBuilder(
@@ -101,8 +106,8 @@ class Quantize(Pass):
             self._calibrate(work, static, calibration, ctx) if static else {},
             contrib_ops,
         )
-        feed = (ctx.data or [random_inputs(skeleton_proto(work), seed=0)])[0]
-        lines: list[str] = []
+        feed = ctx.feed(model) if self.options.measure else {}  # only timing runs the model on it
+        lines: list[str] = [opset_note] if opset_note else []
         if plan and self.options.measure:
             plan = self._measured_plan(builder, plan, layers, fmt, ctx, feed, notes, lines)
         if plan and budget.given:
@@ -238,7 +243,7 @@ class Quantize(Pass):
 
     def _candidates(self, fmt: LayerFormat, ctx: PassContext) -> dict[str, list[LayerFormat]]:
         """Formats to time per layer type: MatMulNBits at both of its compute types, otherwise `fmt` alone."""
-        if fmt.mode == "weight-only" and fmt.form == "qoperator" and ctx.backend == "ort":
+        if fmt.mode == "weight-only" and fmt.form == "qoperator" and runs_quantized_contrib_ops(ctx):
             return {"MatMul": [fmt, LayerFormat(fmt.mode, fmt.form, fmt.spec, accuracy_level=0)]}
         return {}
 
@@ -280,6 +285,12 @@ class Quantize(Pass):
         return WeightQuantizer(method, hessians=hessians, input_energy=energy)
 
 
+def runs_quantized_contrib_ops(ctx: PassContext) -> bool:
+    """Whether the backend runs the onnxruntime contrib ops quantized layers may become; without them, layers are
+    written in standard ONNX ops only."""
+    return ctx.capabilities.runs_contrib_ops(*QUANTIZED_CONTRIB_OPS)
+
+
 def resolve_format(options: Quantize.Options, opset: int, contrib_ops: bool) -> LayerFormat:
     """The layer format the options ask for, 'auto' resolved; PassUsageError for combinations that cannot work,
     PassError where the model's opset is too old for them."""
@@ -298,7 +309,13 @@ def resolve_format(options: Quantize.Options, opset: int, contrib_ops: bool) -> 
     spec = QuantSpec(bits, signed=True, symmetric=options.symmetric, granularity=granularity, block_size=block_size)
     # Static activations are QuantizeLinear/DequantizeLinear in either form.
     qdq = form == "qdq" or mode == "static"
-    needed = 21 if (granularity == "block" or bits == 4) and form == "qdq" else 13 if qdq else 11
+    per_axis_asked = granularity == "per-channel" and options.granularity != "auto"
+    if (granularity == "block" or bits == 4) and form == "qdq":
+        needed = 21
+    elif qdq and per_axis_asked:
+        needed = PER_AXIS_MIN_OPSET
+    else:  # DynamicQuantizeLinear; per-channel weights in QDQ become per-tensor below PER_AXIS_MIN_OPSET
+        needed = 11
     if opset < needed:
         instead = "format=qoperator or " if form == "qdq" and mode != "static" else ""
         raise PassError(
@@ -306,6 +323,36 @@ def resolve_format(options: Quantize.Options, opset: int, contrib_ops: bool) -> 
             f"opset {opset}; use {instead}a model exported at opset {needed} or later (upgrade-opset:to={needed})"
         )
     return LayerFormat(mode, form, spec)
+
+
+def per_tensor_below_per_axis_opset(
+    plan: dict[int, LayerFormat], layers: dict[int, Layer], opset: int
+) -> tuple[dict[int, LayerFormat], str]:
+    """The plan with per-channel weights written as DequantizeLinear made per tensor where the opset has no
+    per-axis DequantizeLinear, and a note saying which layers (empty when none)."""
+    if opset >= PER_AXIS_MIN_OPSET:
+        return plan, ""
+    changed = {
+        index: dataclasses.replace(fmt, spec=dataclasses.replace(fmt.spec, granularity="per-tensor"))
+        for index, fmt in plan.items()
+        if fmt.spec.granularity == "per-channel" and writes_dequantize_linear(layers[index], fmt)
+    }
+    if not changed:
+        return plan, ""
+    ops = ", ".join(sorted({layers[index].op for index in changed}))
+    note = (
+        f"opset {opset} has no per-channel DequantizeLinear (opset {PER_AXIS_MIN_OPSET}): {len(changed)} {ops} "
+        f"layers get one weight scale per tensor; upgrade-opset:to={PER_AXIS_MIN_OPSET} first for one per channel"
+    )
+    return {**plan, **changed}, note
+
+
+def writes_dequantize_linear(layer: Layer, fmt: LayerFormat) -> bool:
+    """Whether `layer` quantized as `fmt` stores its weight behind a DequantizeLinear (QDQ, and static Conv,
+    whose group stays QDQ where onnxruntime would not fuse it)."""
+    if layer.op in ("Gather", "LSTM"):
+        return False
+    return fmt.form == "qdq" or fmt.mode == "static"
 
 
 def embedding_format(fmt: LayerFormat, contrib_ops: bool) -> LayerFormat:
@@ -352,7 +399,7 @@ def _describe(layer: Layer, fmt: LayerFormat, ctx: PassContext) -> str:
         return "int8 rows with one scale each (embedding table)"
     if layer.op == "LSTM":
         return "int8 W and R, one scale per gate column, DynamicQuantizeLSTM"
-    return fmt.describe(contrib_ops=ctx.backend == "ort")
+    return fmt.describe(contrib_ops=runs_quantized_contrib_ops(ctx))
 
 
 def _measurement_notes(

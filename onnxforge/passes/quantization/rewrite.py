@@ -219,11 +219,13 @@ class LayerRewriter:
         safe = np.where(scale > 0, scale, 1).astype(np.float64)
         codes = np.where(scale > 0, np.round(bias.values / safe), 0).clip(-(2**31), 2**31 - 1).astype(np.int32)
         output = self._new_tensor(f"{bias.name}_dq")
+        # One scale per tensor when the weight has one: no axis, which DequantizeLinear takes from opset 13 only.
+        uniform = scale.size > 0 and bool(np.all(scale == scale.flat[0]))
         inputs = [  # the zero point is 0, DequantizeLinear's default: not stored
             gs.Constant(unique_name(self.graph, f"{bias.name}_q"), codes),
-            gs.Constant(unique_name(self.graph, f"{bias.name}_scale"), scale),
+            gs.Constant(unique_name(self.graph, f"{bias.name}_scale"), scale[:1].reshape(()) if uniform else scale),
         ]
-        self._add("DequantizeLinear", inputs, [output], {"axis": 0})
+        self._add("DequantizeLinear", inputs, [output], {} if uniform else {"axis": 0})
         return output
 
     # --- operators ----------------------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""Backends say what they can run; passes ask that (through PassContext), never the backend's name."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from model_builders import BertLike
+from test_cli import OPTIMIZE, run_cli, succeeded
+
+from onnxforge.backends import backend_names, get_backend
+from onnxforge.frontends.torch import from_torch
+from onnxforge.ir import Model, load_model
+from onnxforge.ir.ops import CONTRIB_DOMAIN
+from onnxforge.passes import PassContext, create_passes
+from onnxforge.passes.fusion.base import FUSED_CONTRIB_OPS
+from onnxforge.passes.quantization.quant import QUANTIZED_CONTRIB_OPS
+
+PASSES = Path(__file__).parent.parent / "onnxforge" / "passes"
+PIPELINE = "cleanup,fuse,quant:bits=4:measure=false"
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> Path:
+    """A two-layer BERT-style encoder: attention, GELU and residual LayerNorm blocks for the fusions, MatMuls and
+    an embedding table for 4-bit quantization."""
+    torch.manual_seed(0)
+    ids, mask = torch.randint(0, 32, (1, 16)), torch.ones(1, 16, dtype=torch.int64)
+    proto = from_torch(BertLike().eval(), (ids, mask), input_names=["input_ids", "attention_mask"]).to_proto()
+    path = tmp_path_factory.mktemp("encoder") / "encoder.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+def _contrib_ops(model: Model | onnx.ModelProto) -> Counter:
+    if isinstance(model, onnx.ModelProto):
+        model = load_model(model)
+    return Counter(node.op for graph in model.graphs() for node in graph.nodes if node.domain == CONTRIB_DOMAIN)
+
+
+def _run_pipeline(path: Path, passes: str, backend: str) -> Model:
+    """The passes run directly (unverified) on `path` for `backend`."""
+    model, ctx = load_model(path), PassContext(backend=backend)
+    for pass_ in create_passes(passes):
+        pass_.run(model, ctx)
+    return model
+
+
+def test_every_name_of_a_backend_gives_the_same_backend_object():
+    assert get_backend("onnxruntime") is get_backend("ort")
+    assert get_backend("onnxruntime").name == "ort"
+    assert {"ort", "onnxruntime", "tvm"} <= set(backend_names())
+    assert PassContext(backend="onnxruntime").capabilities is PassContext(backend="ort").capabilities
+
+
+def test_onnxruntime_runs_every_contrib_op_the_passes_write_and_takes_dynamic_shapes():
+    capabilities = get_backend("ort").capabilities
+    assert capabilities.runs_contrib_ops(*FUSED_CONTRIB_OPS, *QUANTIZED_CONTRIB_OPS, "QLinearAdd")
+    assert not capabilities.runs_contrib_ops("NoSuchOp")
+    assert not capabilities.static_shapes
+
+
+def test_tvm_compiles_static_shapes_only_and_runs_just_the_contrib_ops_its_importer_converts():
+    pytest.importorskip("tvm")
+    capabilities = get_backend("tvm").capabilities
+    assert capabilities.static_shapes
+    assert capabilities.runs_contrib_ops("Attention", "SkipLayerNormalization")
+    assert not capabilities.runs_contrib_ops("MatMulNBits")
+    assert not capabilities.runs_contrib_ops(*FUSED_CONTRIB_OPS)
+
+
+def test_fuse_and_int4_quant_write_byte_identical_models_for_ort_and_its_alias_onnxruntime(encoder, tmp_path):
+    outputs = {}
+    for name in ("ort", "onnxruntime"):
+        outputs[name] = tmp_path / f"{name}.onnx"
+        succeeded(run_cli(OPTIMIZE, encoder, "--passes", PIPELINE, "--backend", name, "--seed", 1, "-o", outputs[name]))
+    assert outputs["ort"].read_bytes() == outputs["onnxruntime"].read_bytes()
+    contrib = _contrib_ops(onnx.load(str(outputs["onnxruntime"])))
+    assert contrib["MatMulNBits"] > 0 and contrib["SkipLayerNormalization"] > 0
+    assert contrib["MultiHeadAttention"] + contrib["Attention"] == 2
+
+
+def test_passes_write_for_tvm_no_contrib_op_that_only_onnxruntime_runs(encoder):
+    pytest.importorskip("tvm")
+    passes = "cleanup,fuse,quant:measure=false"  # 8 bits: int4 in standard ops needs opset 21, the encoder has 17
+    for_ort, for_tvm = _run_pipeline(encoder, passes, "ort"), _run_pipeline(encoder, passes, "tvm")
+    only_onnxruntime = set(_contrib_ops(for_ort)) - get_backend("tvm").capabilities.contrib_ops
+    assert only_onnxruntime  # the same pipeline does write them for onnxruntime
+    assert not set(_contrib_ops(for_tvm)) & only_onnxruntime
+    assert not _contrib_ops(for_tvm)  # today's choice: standard ONNX ops only, which TVM fuses itself
+
+
+def test_no_pass_compares_the_backend_name():
+    """Passes ask `ctx.capabilities`; a comparison with a backend's name would treat its aliases differently."""
+    comparison = re.compile(r"""(==|!=|\bin)\s*[(\[{]?["'](ort|onnxruntime|tvm)["']|["'](ort|onnxruntime|tvm)["']\s*(==|!=)""")
+    found = [
+        f"{path.relative_to(PASSES)}:{number}: {line.strip()}"
+        for path in sorted(PASSES.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if comparison.search(line)
+    ]
+    assert not found, found
