@@ -5,8 +5,8 @@
 
 For each model: run `cleanup` through `onnxforge.optimize`, save both models (file sizes), check that both
 give the same outputs, then for onnxruntime graph optimization "all" and "disable" time the two sessions in
-interleaved blocks A, B, A, B, ... with intra-op thread spinning off (see shared/notes/cpu-arm.md, "Timing two
-models in one process"). Writes benchmarks/results/cleanup.json and cleanup.md (cleanup-quick.* with --quick).
+interleaved blocks A, B, A, B, ... with intra-op thread spinning off (see benchmarks/README.md, "How two models
+are timed in one process"). Writes benchmarks/results/cleanup.json and cleanup.md (cleanup-quick.* with --quick).
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ def ort_session(model_path: str | os.PathLike[str], threads: int = 0):
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # A spinning pool steals the cores of the session timed after it (shared/notes/cpu-arm.md).
+    # A spinning pool steals the cores of the session timed after it (benchmarks/README.md, "How two models are timed").
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = threads
     return onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])

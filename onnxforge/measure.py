@@ -150,7 +150,7 @@ def interleaved_latency(runs: Sequence[Callable[[], object]], timing: Interleave
     """Time several models in interleaved blocks (A, B, C, A, B, C, ...); the first is the baseline.
 
     Each model must sleep its idle threads (no spinning): a spinning pool steals the cores of the model
-    timed after it and makes the ratios wrong (shared/notes/cpu-arm.md, "Timing two models").
+    timed after it and makes the ratios wrong (benchmarks/README.md, "How two models are timed in one process").
     """
     for _ in range(timing.warmup):
         for run in runs:

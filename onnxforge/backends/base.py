@@ -38,7 +38,7 @@ class BackendOptions:
     `threads=None` keeps the library's default (one thread per physical core for onnxruntime).
     `allow_spinning=False` makes idle worker threads sleep instead of spinning: when two models
     are timed interleaved in one process, a spinning pool steals cores from the other and makes
-    the speed ratio wrong and unstable (see shared/notes/cpu-arm.md, "Timing two models").
+    the speed ratio wrong and unstable (benchmarks/README.md, "How two models are timed in one process").
     `extra` holds backend-specific settings (session config entries for onnxruntime).
     """
 
