@@ -453,3 +453,45 @@ def _if_with_matmul_branches(as_constant_nodes: bool) -> onnx.ModelProto:
 def test_stats_count_the_weights_inside_if_branches(as_constant_nodes):
     stats = load_model(_if_with_matmul_branches(as_constant_nodes)).stats()
     assert stats.params == 128 and stats.bytes == 512
+
+
+def _weight_read_by_both_branches() -> onnx.ModelProto:
+    """y = If(sum(x) > 0) then x @ W else (x @ W) * 2: one 64 KiB weight of the main graph, read in both branches."""
+    weight = np.random.default_rng(3).standard_normal((128, 128)).astype(np.float32)
+    out = [helper.make_tensor_value_info("y_b", TensorProto.FLOAT, [1, 128])]
+    then_branch = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y_b"])], "then", [], out)
+    else_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Mul", ["h", "two"], ["y_b"])], "else", [], out
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["c"]),
+            helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch),
+        ],
+        "shared_in_branches",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128])],
+        [
+            numpy_helper.from_array(weight, "W"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+            numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_weight_both_branches_of_an_if_read_is_stored_once(tmp_path):
+    source = _weight_read_by_both_branches()
+    path = tmp_path / "out.onnx"
+
+    model, report = onnxforge.optimize(source, "cleanup")
+    onnxforge.save_model(model, path)
+
+    assert report.after.bytes == report.before.bytes
+    assert path.stat().st_size < 1.2 * len(source.SerializeToString())
+    x = np.random.default_rng(4).standard_normal((1, 128)).astype(np.float32)
+    for feed in (x, -np.abs(x)):
+        want = ort.InferenceSession(source.SerializeToString()).run(None, {"x": feed})[0]
+        got = ort.InferenceSession(str(path)).run(None, {"x": feed})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -79,7 +79,9 @@ class Model:
         if self.graph.import_domains is not None:
             copy.graph.import_domains = list(self.graph.import_domains)
         copy.inputs_made_constant = list(self.inputs_made_constant)
-        # graphsurgeon's copy forgets which values are sequences or optionals: carry their kind over.
+        # graphsurgeon's copy forgets which values are sequences or optionals: carry their kind over. It also
+        # copies a weight once per subgraph that reads it: make the copies share one constant, as the original does.
+        shared: dict[int, gs.Constant] = {}
         for original, copied in zip(self.graphs(), copy.graphs()):
             kinds = {name: t.type for name, t in original.tensors().items() if isinstance(t, gs.Variable)}
             for name, tensor in copied.tensors().items():
@@ -88,6 +90,11 @@ class Model:
             for node, twin in zip(original.nodes, copied.nodes):
                 if id(node) in self.type_attributes:
                     copy.type_attributes[id(twin)] = (twin, self.type_attributes[id(node)][1])
+                for index, (tensor, copied_tensor) in enumerate(zip(node.inputs, twin.inputs)):
+                    if isinstance(tensor, gs.Constant):
+                        kept = shared.setdefault(id(tensor), copied_tensor)
+                        if kept is not copied_tensor:
+                            twin.inputs[index] = kept
         return copy
 
     def graphs(self) -> Iterator[gs.Graph]:
@@ -138,6 +145,7 @@ class Model:
             if source:
                 tensor._values = source  # export as an external reference, not a copy
         proto = gs.export_onnx(graph, do_type_check=False)
+        _hoist_shared_subgraph_initializers(proto.graph)
         for node, node_proto in paired_nodes(graph, proto.graph):
             entry = self.type_attributes.get(id(node))
             if entry is not None and entry[0] is node:
@@ -172,6 +180,29 @@ class Model:
         from onnxforge.ir.runtime_source import runtime_source_of
 
         yield runtime_source_of(self)
+
+
+def _hoist_shared_subgraph_initializers(graph: onnx.GraphProto) -> None:
+    """Store once, in the main graph, a weight that several subgraphs read.
+
+    graphsurgeon writes a constant into every subgraph that reads it, so a weight of the main graph used by both
+    branches of an If comes out twice. A subgraph initializer that appears, byte for byte, in more than one
+    subgraph and names nothing in the main graph moves to the main graph, which subgraphs can read (outer scope).
+    """
+    copies: dict[str, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = {}
+    for sub in proto_graphs(graph):
+        if sub is not graph:
+            for tensor in sub.initializer:
+                copies.setdefault(tensor.name, []).append((sub, tensor))
+    main_names = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    main_names |= {name for node in graph.node for name in node.output}
+    for name, found in copies.items():
+        first = found[0][1].SerializeToString()
+        if len(found) < 2 or name in main_names or any(t.SerializeToString() != first for _, t in found[1:]):
+            continue
+        graph.initializer.append(found[0][1])
+        for sub, tensor in found:
+            sub.initializer.remove(tensor)
 
 
 def _is_4bit(values) -> bool:
