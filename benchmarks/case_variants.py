@@ -78,6 +78,8 @@ def judge_and_time(
             median_ms=summary["stats"]["median_ms"],
             speedup=summary.get("speedup", 1.0),
             speedup_iqr=summary.get("speedup_iqr"),
+            block_speedups=summary.get("block_speedups"),
+            runs_per_block=summary["runs_per_block"],
         )
     for variant in variants.values():
         variant["path"] = str(variant["path"]) if variant["path"] else None

