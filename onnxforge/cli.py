@@ -407,6 +407,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _bench_into(args: argparse.Namespace, model, written) -> None:
     """Time (or only compile) `model` as `bench` does, its artifact and --json staged in the OutputSet `written`."""
     from onnxforge.api import compile_model, for_backend, measure_model
+    from onnxforge.backends import get_backend
     from onnxforge.backends.base import BackendOptions
     from onnxforge.data import parse_shape_overrides
     from onnxforge.measure import MeasureOptions
@@ -414,10 +415,13 @@ def _bench_into(args: argparse.Namespace, model, written) -> None:
 
     if not args.data:  # samples give the shapes themselves
         model = for_backend(model, args.backend, parse_shape_overrides(args.shape))
-    inputs = _inputs(args, model)[0]
     options = BackendOptions(
         target=args.target, threads=args.threads, graph_optimization=args.opt_level, extra=_backend_settings(args)
     )
+    backend = get_backend(args.backend)
+    # A backend that compiles for static shapes has them from --shape; another can run the model to find dims.
+    prepared = None if backend.capabilities.static_shapes else backend.prepare(model, options)
+    inputs = _inputs(args, model, run=prepared and prepared.run)[0]
     if args.compile_only:
         shapes = {name: list(value.shape) for name, value in inputs.items()}
         compiled = compile_model(model, args.backend, options, shapes, _tuning_progress(args))
@@ -471,9 +475,9 @@ def _compare(args: argparse.Namespace) -> int:
     candidate = from_onnx(args.candidate)
     models = {"the reference model": (args.reference, reference), "the candidate model": (args.candidate, candidate)}
     check_output_paths(_input_files(models, args.data), {"--json": args.json})
-    samples = _inputs(args, reference, count=args.samples)
     backend = get_backend(args.backend)
     ref_runner, cand_runner = backend.prepare(reference), backend.prepare(candidate)
+    samples = _inputs(args, reference, count=args.samples, run=ref_runner.run)
     comparison = compare_outputs([ref_runner.run(s) for s in samples], [cand_runner.run(s) for s in samples])
     print(f"{len(samples)} input sets ({'--data' if args.data else 'random'}):")
     for out in comparison.outputs:
@@ -492,16 +496,20 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inputs(args: argparse.Namespace, model, count: int = 1) -> list[dict]:
-    from onnxforge.data import load_samples, parse_shape_overrides, random_inputs
+def _inputs(args: argparse.Namespace, model, count: int = 1, run=None) -> list[dict]:
+    """The feeds of bench and compare: every --data sample, else `count` random feeds of --shape and, given `run`
+    (runs the model once), of the dynamic dims the model runs with, found as optimize finds them."""
+    from onnxforge.data import load_samples, parse_shape_overrides
+    from onnxforge.feeds import Feeds
     from onnxforge.ir.shapes import skeleton_proto
 
     proto = skeleton_proto(model)
     if args.data:
         return load_samples(args.data, proto)
-    shapes = parse_shape_overrides(args.shape)
-    seed = getattr(args, "seed", 0)
-    return [random_inputs(proto, shapes=shapes, seed=seed + i) for i in range(count)]
+    feeds = Feeds(shapes=parse_shape_overrides(args.shape))
+    if run is not None:
+        feeds.resolve(proto, run)
+    return feeds.inputs(proto, count, getattr(args, "seed", 0))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from test_cli import OPTIMIZE, run_cli, succeeded
+from test_cli import ONNXFORGE, OPTIMIZE, run_cli, succeeded
 
 from onnxforge import optimize
 from onnxforge.backends import get_backend
@@ -354,3 +354,14 @@ def test_silero_vad_runs_on_data_with_its_state_and_sample_rate(tmp_path, layout
     )
 
     assert "error vs original (--data samples): max rel 0" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command", [["bench", "--min-time", "0.01", "--repeats", "3"], ["compare", "--samples", "2"]], ids=["bench", "compare"]
+)
+def test_bench_and_compare_find_the_dims_a_model_needs_with_no_flags(tmp_path, command):
+    path = tmp_path / "reflect.onnx"
+    onnx.save(_reflect_pad_model(pad=200), path)
+    models = [path] if command[0] == "bench" else [path, path]
+
+    succeeded(run_cli(ONNXFORGE, command[0], *models, *command[1:]))
