@@ -15,7 +15,7 @@ from onnxforge.backends.base import BackendOptions, Compiled, require_static_inp
 from onnxforge.data import load_samples
 from onnxforge.errors import DataError
 from onnxforge.feeds import Feeds
-from onnxforge.frontends import from_onnx
+from onnxforge.frontends import ModelFile, from_onnx
 from onnxforge.ir import Model
 from onnxforge.ir.model import PROTOBUF_LIMIT_BYTES
 from onnxforge.ir.shapes import infer_shapes, skeleton_proto
@@ -40,7 +40,7 @@ Samples = list[dict[str, np.ndarray]]
 
 @bounded_in_time
 def optimize(
-    model: str | os.PathLike | onnx.ModelProto | bytes | Model,
+    model: str | os.PathLike | onnx.ModelProto | bytes | Model | ModelFile,
     passes: str | Sequence[str | Pass] = "cleanup",
     *,
     data: str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | Callable[[], Iterable[Mapping]] | None = None,
@@ -83,9 +83,9 @@ def optimize(
     replay = None if decisions is None else Decisions.replay(decisions)
     if replay is not None and seed is None:
         seed = replay.seed
-    source = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     original = from_onnx(model)
     as_loaded = _as_loaded(model)
+    source = as_loaded if isinstance(as_loaded, str) else type(model).__name__
     pipeline = create_passes(passes)
     shapes = _input_shapes(shapes, pipeline)
     samples = _samples(data, original)
@@ -236,6 +236,8 @@ def _as_loaded(model: Any) -> str | bytes | None:
     None for an in-memory Model or a proto too large to serialize."""
     if isinstance(model, (str, os.PathLike)):
         return str(model)
+    if isinstance(model, ModelFile):
+        return str(model.path)
     if isinstance(model, bytes):
         return model
     if isinstance(model, onnx.ModelProto) and model.ByteSize() < PROTOBUF_LIMIT_BYTES:

@@ -278,7 +278,7 @@ def _optimize_settings(args: argparse.Namespace) -> dict:
 def _optimize(args: argparse.Namespace) -> int:
     from onnxforge.api import compile_model, optimize
     from onnxforge.backends.base import BackendOptions
-    from onnxforge.ir import load_model
+    from onnxforge.frontends import ModelFile
     from onnxforge.ir.io import stage_model
     from onnxforge.ir.output_set import OutputSet, check_output_paths
     from onnxforge.report import ProgressPrinter
@@ -289,8 +289,9 @@ def _optimize(args: argparse.Namespace) -> int:
         raise OnnxforgeError("no input model given (optimize MODEL --passes ... -o OUT)")
     settings = _optimize_settings(args)
     output, report_path, external = settings.pop("output"), settings.pop("report"), settings.pop("external_data")
-    # Loading is cheap (weights stay on disk) and names the weights files, which no output may replace.
-    inputs = _input_files({"the input model": (args.model, load_model(args.model))}, settings["data"])
+    # Loaded once, here: it names the weights files, which no output may replace.
+    model_file = ModelFile.load(args.model)
+    inputs = _input_files({"the input model": (args.model, model_file.model)}, settings["data"])
     if args.decisions:
         inputs["the --decisions report"] = [Path(args.decisions)]
     check_output_paths(
@@ -302,7 +303,7 @@ def _optimize(args: argparse.Namespace) -> int:
     progress = ProgressPrinter()  # as a context: a pass stopped midway does not leave its line open
     with OutputSet(inputs=[path for paths in inputs.values() for path in paths]) as written, progress:
         model, report = optimize(
-            args.model,
+            model_file,
             instruments=[] if args.quiet else [progress],
             backend_settings=backend_settings,
             decisions=args.decisions,

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxforge import optimize
 from onnxforge.backends import get_backend
 from onnxforge.errors import ModelLoadError
+from onnxforge.frontends import ModelFile
 from onnxforge.ir import load_model
 from onnxforge.ir.runtime_source import IN_MEMORY_LOCATION, runtime_source_of
 
@@ -249,6 +250,19 @@ def test_model_with_external_data_inside_an_if_branch_optimizes_and_matches(layo
         np.testing.assert_array_equal(get_backend("ort").prepare(str(out)).run(feed)["y"], expected)
         np.testing.assert_array_equal(get_backend("ort").prepare(str(path)).run(feed)["y"], expected)
     assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "w.bin"]  # no links or copies left
+
+
+def test_a_model_file_loaded_once_optimizes_as_its_path_does(layout):
+    path = _write(layout / "model", _in_if_branch(_external("w.bin")))
+    loaded = ModelFile.load(path)
+
+    by_file, file_report = optimize(loaded, "cleanup", seed=0)
+    by_path, path_report = optimize(path, "cleanup", seed=0)
+
+    assert file_report.source == path_report.source == str(path)
+    assert file_report.passes[0].status == path_report.passes[0].status == "applied"
+    assert by_file.to_proto().SerializeToString() == by_path.to_proto().SerializeToString()
+    assert [n.op for n in loaded.model.graph.nodes] == [n.op for n in load_model(path).graph.nodes]  # not modified
 
 
 @pytest.mark.parametrize("command", ["bench", "compare"])

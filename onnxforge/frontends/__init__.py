@@ -1,8 +1,8 @@
 """Frontends: where models come from (ONNX files and protos, PyTorch modules)."""
 
-from onnxforge.frontends.onnx import from_onnx
+from onnxforge.frontends.onnx import ModelFile, from_onnx
 
-__all__ = ["from_onnx", "from_torch"]
+__all__ = ["ModelFile", "from_onnx", "from_torch"]
 
 
 def __getattr__(name: str):

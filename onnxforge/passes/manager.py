@@ -174,9 +174,8 @@ class PassManager:
             record.after = step.model.stats()
         return step.model, step.reference, record
 
-    def _step(self, pass_: Pass, model: Model, reference: list, snapshot: Model, verify: bool = True) -> _Step:
-        """Run `pass_` on `model` and (unless `verify` is False) verify it if it changed anything; on failure
-        the step holds `snapshot`."""
+    def _step(self, pass_: Pass, model: Model, reference: list, snapshot: Model) -> _Step:
+        """Run `pass_` on `model` and verify it if it changed anything; on failure the step holds `snapshot`."""
         before = model.stats()
         try:
             result = pass_.run(model, self.context)
@@ -197,7 +196,7 @@ class PassManager:
         if not result.changed:
             return _Step(model, reference, result)
         self.context.invalidate(result.preserved)
-        if not self.verifier or not verify:
+        if not self.verifier:
             return _Step(model, reference, result)
         verdict = self.verifier.check(model, reference, pass_.lossless)
         max_rel = verdict.comparison.max_rel if verdict.comparison is not None else None
@@ -207,27 +206,18 @@ class PassManager:
         return _Step(model, verdict.outputs, result, "", max_rel)
 
     def _composite(self, composite: CompositePass, model: Model, reference: list, snapshot: Model) -> _Step:
-        """Run a composite pass's members in rounds and check the result once; if that fails, run them again
-        from `snapshot`, each verified and rolled back on its own (a failing member is retried as its parts when
-        it splits, and not run again), so one failing member does not cost the others. The step fails only if
-        no member could be kept."""
-        whole = self._members_in_rounds(composite, model, reference, each_checked=False)
-        if not whole.error and whole.result.changed:
-            verdict = self.verifier.check(whole.model, reference, composite.lossless)
-            whole.max_rel_error = verdict.comparison.max_rel if verdict.comparison is not None else None
-            if verdict.ok:
-                whole.reference = verdict.outputs
-                return whole
-        elif not whole.error:
+        """Run a composite pass whole and verify the result once; if that fails, run its members again from
+        `snapshot`, each verified and rolled back on its own (a failing member is retried as its parts when it
+        splits, and not run again), so one failing member does not cost the others. The step fails only if no
+        member could be kept."""
+        whole = self._step(composite, model, reference, snapshot)
+        if not whole.error:
             return whole
-        self.context.invalidate()
-        return self._members_in_rounds(composite, snapshot.copy(), reference, each_checked=True)
+        return self._members_checked_in_rounds(composite, snapshot.copy(), reference)
 
-    def _members_in_rounds(
-        self, composite: CompositePass, model: Model, reference: list, each_checked: bool
-    ) -> _Step:
-        """Run `composite`'s members in rounds until a round changes nothing; with `each_checked`, verify each
-        member that changed the model and roll back those that fail, else stop at the first that raises."""
+    def _members_checked_in_rounds(self, composite: CompositePass, model: Model, reference: list) -> _Step:
+        """Run `composite`'s members in rounds until a round changes nothing, verifying each member that changed
+        the model and rolling back those that fail."""
         members = composite.members()
         outcomes: dict[str, dict[str, Any]] = {}
         totals: dict[str, Any] = {}
@@ -241,13 +231,8 @@ class PassManager:
             while queue:
                 member = queue.pop(0)
                 name = member.describe()
-                if not each_checked:
-                    step = self._step(member, model, reference, model, verify=False)
-                    if step.error:
-                        return _Step(model, reference, step.result, f"{name}: {step.error}")
-                else:
-                    step = self._step(member, model, reference, model.copy())
-                    model, reference = step.model, step.reference
+                step = self._step(member, model, reference, model.copy())
+                model, reference = step.model, step.reference
                 if step.error:
                     parts = member.parts()
                     position = members.index(member)
@@ -268,7 +253,7 @@ class PassManager:
                 notes += step.result.notes
             if not round_changed:
                 break
-        max_rel = compare_outputs(start_reference, reference).max_rel if applied and each_checked else None
+        max_rel = compare_outputs(start_reference, reference).max_rel if applied else None
         result = PassResult(changed=applied, stats=totals, notes=notes)
         error = "" if applied or not errors else "; ".join(errors)
         return _Step(model, reference, result, error, max_rel, list(outcomes.values()))
