@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 from dataclasses import dataclass
 
 import onnx
@@ -11,7 +13,6 @@ import onnx.shape_inference
 import onnx_graphsurgeon as gs
 
 from onnxforge.ir.model import Model, proto_graphs
-
 
 # Where the skeleton's large weights claim to be; nothing is ever read from it.
 SKELETON_DATA = "skeleton.data"
@@ -58,6 +59,60 @@ def infer_shapes(model: Model) -> ShapeInferenceResult:
                     tensor.shape = [_dim(d) for d in tensor_type.shape.dim]
                     updated += 1
     return ShapeInferenceResult(not message, updated, message)
+
+
+def merge_symbolic_dims(model: Model) -> int:
+    """Give the main graph's tensors the dims onnxruntime's symbolic shape inference finds, in place, where onnx's
+    left a dim unknown or invented (`unk__N`); how many tensors changed.
+
+    It merges the symbolic dims an op requires equal (`auto_merge`: the operands of a broadcast, a Reshape's
+    leading axes), which is what lets a batch named by the input reach a head merge written `reshape(*shape, -1)`.
+    That is an assumption where one operand could be 1 at run time, so callers verify what they build on it.
+    Nothing changes when it fails.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    skeleton = skeleton_proto(model)
+    subgraphs = itertools.islice(proto_graphs(skeleton.graph), 1, None)  # the main graph comes first
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for g in subgraphs for t in g.initializer):
+        return 0  # a subgraph's weights cannot become inputs (a Loop body's are positional) and are never opened
+    logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # it warns about every merge
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(_weights_as_inputs(skeleton), auto_merge=True)
+    except Exception:  # noqa: BLE001 - its failure (unsupported op, bad model) leaves onnx's shapes
+        return 0
+    finally:
+        logger.setLevel(level)
+    infos = {info.name: info for info in inferred.graph.value_info}
+    changed = 0
+    for name, tensor in model.graph.tensors().items():
+        info = infos.get(name)
+        if not isinstance(tensor, gs.Variable) or info is None or not info.type.tensor_type.HasField("shape"):
+            continue
+        found = [_dim(d) for d in info.type.tensor_type.shape.dim]
+        current = list(tensor.shape) if tensor.shape is not None else None
+        if current is not None and len(current) != len(found):
+            continue
+        merged = [
+            f if c is None or (isinstance(c, str) and c.startswith("unk__") and f is not None) else c
+            for c, f in zip(current or found, found)
+        ]
+        if merged != current:
+            tensor.shape = merged
+            changed += 1
+    return changed
+
+
+def _weights_as_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The skeleton with its data-less weights made graph inputs of their shape, so no tool opens their file."""
+    graph = proto.graph
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    for tensor in external:
+        graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        graph.initializer.remove(tensor)
+    return proto
 
 
 def skeleton_proto(model: Model) -> onnx.ModelProto:

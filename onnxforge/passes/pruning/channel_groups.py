@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.ir import Model, infer_shapes, to_networkx
 from onnxforge.ir.ops import CONTRIB_DOMAIN, is_onnx_op
 from onnxforge.ir.shape_values import dims_of, refine_reshapes, reshaped, shape_value
+from onnxforge.ir.shapes import merge_symbolic_dims
 from onnxforge.passes.base import Analysis
 
 # Ops that compute each element from the same element of their one data input.
@@ -125,6 +126,7 @@ class ChannelGroups(Analysis):
         infer_shapes(model)
         if refine_reshapes(model.graph):  # head sizes computed from Shape (dynamic axes): spread what is known
             infer_shapes(model)
+        merge_symbolic_dims(model)  # a batch the exporter's shape arithmetic renamed is the input's again
         return _ChannelWalk(model.graph, _read_by_subgraphs(model)).run()
 
 
@@ -305,6 +307,8 @@ class _ChannelWalk:
         if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             return self._consume(node, tracked)
         if node.op in ELEMENTWISE_NARY or node.op == "PRelu":
+            return self._combine(node, tracked)
+        if node.op == "Where" and 0 not in tracked:  # chooses values element by element (zeroes masked rows)
             return self._combine(node, tracked)
         if node.op == "Concat":
             return self._concat(node, tracked)

@@ -66,9 +66,11 @@ def _removed_channels(group: ChannelGroup, keep: np.ndarray) -> np.ndarray:
 
 
 def _refresh_shapes(model: Model) -> None:
-    """Forget the intermediate shapes of the main graph, which may hold old channel counts, and infer them again."""
+    """Forget the constant dims of the main graph's intermediate tensors, which may be old channel counts, and infer
+    them again. Symbolic dims stay: no channel count is one, and an exporter's (`Min(512, s41)` for a sliced position
+    table) may be more than onnx's inference can find again."""
     boundary = {id(t) for t in [*model.graph.inputs, *model.graph.outputs]}
     for tensor in model.graph.tensors().values():
-        if isinstance(tensor, gs.Variable) and id(tensor) not in boundary:
-            tensor.shape = None
+        if isinstance(tensor, gs.Variable) and id(tensor) not in boundary and tensor.shape is not None:
+            tensor.shape = [d if isinstance(d, str) else None for d in tensor.shape]
     infer_shapes(model)
