@@ -139,7 +139,8 @@ class TiedWeights(nn.Module):
         return x @ self.embed.weight.t()
 
 
-def _seeded(build):
+def seeded(build):
+    """`build()` with seeded weights, BatchNorm running statistics randomized, in eval mode."""
     torch.manual_seed(0)
     module = build()
     for layer in module.modules():
@@ -160,9 +161,9 @@ def torch_cases() -> dict[str, TorchCase]:
     ids = torch.randint(0, 8, (2, 16), generator=generator)
     mask = torch.ones(2, 16, dtype=torch.int64)
     return {
-        "cnn": TorchCase(_seeded(ResidualCNN), (normal(2, 3, 16, 16),), ["x"], ["logits"]),
+        "cnn": TorchCase(seeded(ResidualCNN), (normal(2, 3, 16, 16),), ["x"], ["logits"]),
         "transformer": TorchCase(
-            _seeded(
+            seeded(
                 lambda: nn.TransformerEncoder(
                     nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True), num_layers=2
                 )
@@ -171,10 +172,10 @@ def torch_cases() -> dict[str, TorchCase]:
             ["x"],
             ["y"],
         ),
-        "bert": TorchCase(_seeded(BertLike), (ids, mask), ["input_ids", "attention_mask"], ["hidden", "pooled"]),
-        "speech_rnn": TorchCase(_seeded(SpeechRNN), (normal(1, 25, 20),), ["frames"], ["log_probs"]),
-        "control_flow": TorchCase(_seeded(ControlFlow), (normal(3, 8),), ["x"], ["y"]),
+        "bert": TorchCase(seeded(BertLike), (ids, mask), ["input_ids", "attention_mask"], ["hidden", "pooled"]),
+        "speech_rnn": TorchCase(seeded(SpeechRNN), (normal(1, 25, 20),), ["frames"], ["log_probs"]),
+        "control_flow": TorchCase(seeded(ControlFlow), (normal(3, 8),), ["x"], ["y"]),
         "tied_weights": TorchCase(
-            _seeded(TiedWeights), (torch.randint(0, 8, (2, 5), generator=generator),), ["ids"], ["logits"]
+            seeded(TiedWeights), (torch.randint(0, 8, (2, 5), generator=generator),), ["ids"], ["logits"]
         ),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import onnx
@@ -97,6 +98,98 @@ def test_gelu_tanh_exports_fuse_to_fast_gelu_below_opset_20_on_onnxruntime(spell
     assert op_counts(fused) == {"FastGelu": 1}
     assert fused.graph.nodes[0].domain == "com.microsoft"
     assert _error(model, fused) < 1e-5
+
+
+def test_gelu_tanh_from_the_dynamo_exporter_fuses_to_fast_gelu():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            nn.GELU(approximate="tanh"), (torch.randn(2, 5, 16),), dynamo=True, opset_version=18, verbose=False
+        )
+    model, _ = onnxforge.optimize(program.model_proto, "cleanup", seed=0)
+    assert op_counts(model)["Tanh"] == 1
+    fused, stats = _fused(model)
+    assert stats == {"gelu-tanh": 1}
+    assert op_counts(fused) == {"FastGelu": 1}
+    assert _error(model, fused) < 1e-5
+
+
+def _tanh_gelu(cubic: float, scale: float) -> onnx.ModelProto:
+    """0.5 * x * (1 + tanh(scale * (x + cubic * x * x * x))) in float32, nn.GELU(approximate="tanh")'s form."""
+    return _graph(
+        [
+            helper.make_node("Mul", ["x", "x"], ["xx"]),
+            helper.make_node("Mul", ["x", "xx"], ["x3"]),
+            helper.make_node("Mul", ["x3", "cubic"], ["c"]),
+            helper.make_node("Add", ["x", "c"], ["inner"]),
+            helper.make_node("Mul", ["inner", "scale"], ["arg"]),
+            helper.make_node("Tanh", ["arg"], ["t"]),
+            helper.make_node("Add", ["t", "one"], ["a"]),
+            helper.make_node("Mul", ["x", "a"], ["m"]),
+            helper.make_node("Mul", ["m", "half"], ["y"]),
+        ],
+        initializers=[("cubic", cubic), ("scale", scale), ("one", 1.0), ("half", 0.5)],
+    )
+
+
+SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+@pytest.mark.parametrize(
+    "cubic, scale",
+    [(0.044715, SQRT_2_OVER_PI), (float(np.float32(0.044715)), float(np.float32(SQRT_2_OVER_PI))), (0.044715, 0.7978845608)],
+    ids=["float64 values", "float32 values", "sqrt(2/pi) written with 10 digits"],
+)
+def test_gelu_tanh_fuses_with_its_constants_as_exporters_write_them(cubic, scale):
+    proto = _tanh_gelu(cubic, scale)
+    fused, stats = _fused(proto)
+    assert stats == {"gelu-tanh": 1}
+    assert _error(proto, fused) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "cubic, scale, named",
+    [
+        (float(np.float16(0.044715)), SQRT_2_OVER_PI, "the cubic coefficient is 0.04470825"),
+        (0.044715, float(np.float16(SQRT_2_OVER_PI)), "the tanh scale is 0.797851"),
+        (0.0447, SQRT_2_OVER_PI, "the cubic coefficient is 0.0447"),
+    ],
+    ids=["0.044715 rounded to fp16", "sqrt(2/pi) rounded to fp16", "0.0447"],
+)
+def test_gelu_tanh_is_not_fused_with_a_constant_near_its_own_and_says_why(cubic, scale, named):
+    fused, result = apply("fuse-activations", _tanh_gelu(cubic, scale))
+    assert not result.stats
+    assert op_counts(fused)["Tanh"] == 1
+    (note,) = result.notes
+    assert note.startswith("gelu-tanh declined at 1 place") and named in note and "as the fused op computes it" in note
+
+
+@pytest.mark.parametrize("divisor, fused", [(6.0, True), (float(np.float16(6.0009)), True), (6.004, False)])
+def test_hardswish_literals_match_only_their_float32_value(divisor, fused):
+    # 6.0009 rounds to 6.0 in float16; 6.004 is within the 1e-3 a pattern literal used to accept.
+    proto = _graph(
+        [
+            helper.make_node("Add", ["x", "three"], ["a"]),
+            helper.make_node("Clip", ["a", "zero", "six"], ["c"]),
+            helper.make_node("Mul", ["x", "c"], ["m"]),
+            helper.make_node("Div", ["m", "divisor"], ["y"]),
+        ],
+        initializers=[("three", 3.0), ("zero", 0.0), ("six", 6.0), ("divisor", divisor)],
+    )
+    _, stats = _fused(proto)
+    assert bool(stats) == fused
+
+
+def test_hardswish_from_hard_sigmoid_with_a_slope_near_one_sixth_is_left_alone():
+    proto = _graph(
+        [
+            helper.make_node("HardSigmoid", ["x"], ["s"], alpha=float(np.float16(1 / 6))),
+            helper.make_node("Mul", ["x", "s"], ["y"]),
+        ]
+    )
+    _, stats = _fused(proto)
+    assert not stats
 
 
 @pytest.mark.parametrize("backend", ["ort", "tvm"])

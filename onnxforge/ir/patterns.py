@@ -37,7 +37,6 @@ from onnxforge.ir.edit import replace_uses, unique_name
 from onnxforge.ir.ops import ONNX_DOMAINS
 
 COMMUTATIVE = {"Add", "Mul", "Max", "Min", "Sum", "And", "Or", "Xor", "Equal", "Mean"}
-LITERAL_RTOL = 1e-3  # exporters write 1/sqrt(2) and friends with a few digits
 # The ops of shape arithmetic (a Reshape target computed from Shape) and how deep it goes.
 SHAPE_ARITHMETIC = {"Shape", "Gather", "Slice", "Squeeze", "Unsqueeze", "Concat", "Cast", "Div", "Mul", "Add", "Sub"}
 SHAPE_ARITHMETIC_DEPTH = 8
@@ -67,7 +66,7 @@ class ConstVar(PatternValue):
 
 @dataclass(eq=False)
 class Literal(PatternValue):
-    """Matches a constant all of whose elements equal `value` (within LITERAL_RTOL)."""
+    """Matches a constant all of whose elements are `value` as float32 holds it (see `is_exactly`)."""
 
     value: float
 
@@ -288,10 +287,21 @@ def _node_fits(pattern: OpValue, node: gs.Node, tensor: gs.Tensor) -> bool:
 
 
 def _all_equal(tensor: gs.Constant, value: float) -> bool:
-    values = np.asarray(tensor.values)
-    if values.size == 0 or values.size > 64 or values.dtype.kind not in "fiu":
+    return np.size(tensor.values) <= 64 and is_exactly(tensor.values, value)  # a literal is a few numbers
+
+
+def is_exactly(values: Any, exact: float) -> bool:
+    """Whether `values` all are `exact` as float32 holds it: within one float32 step of it.
+
+    Not a looser tolerance: a fused op computes with its own float32 constant, so a constant near it (sqrt(2)
+    rounded to float16, 1.4140625, as fp16 models widened to float32 carry; 0.0447 for 0.044715) would change
+    the outputs. Exporters write a constant as float32 or float64 of the same number; both are within the step.
+    """
+    values = np.asarray(values)
+    if values.size == 0 or values.dtype.kind not in "fiu":
         return False
-    return bool(np.allclose(values.astype(np.float64), value, rtol=LITERAL_RTOL, atol=1e-12))
+    step = float(np.spacing(np.float32(abs(exact))))
+    return bool(np.all(np.abs(values.astype(np.float64) - exact) <= step))
 
 
 def _self_contained(nodes: list[gs.Node], exits: list[gs.Tensor], graph: gs.Graph) -> bool:
@@ -583,6 +593,7 @@ __all__ = [
     "Var",
     "apply_rules",
     "decline",
+    "is_exactly",
     "match_pattern",
     "near_misses",
     "trace_pattern",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+HALF_PRECISION = ("float16", "bfloat16")
 
 @dataclass(frozen=True)
 class Layer:
@@ -49,7 +50,7 @@ def excluded_by(op: str, name: str, patterns: Sequence[str]) -> str | None:
 
 
 def find_layers(graph: gs.Graph) -> list[Layer]:
-    """The MatMul, Gemm, Conv, LSTM and embedding Gather nodes of `graph` with float32 constant weights."""
+    """The MatMul, Gemm, Conv, LSTM, GRU and embedding Gather nodes of `graph` with float32 constant weights."""
     layers = []
     for node in graph.nodes:
         layer = _as_layer(node)
@@ -58,22 +59,35 @@ def find_layers(graph: gs.Graph) -> list[Layer]:
     return layers
 
 
-def _as_layer(node: gs.Node) -> Layer | None:
+def half_precision_note(graph: gs.Graph, pass_name: str, shown: int = 3) -> list[str]:
+    """A note naming the nodes of `graph` that would be layers but hold float16 or bfloat16 weights, for a pass
+    that rewrites float32 weights only (quant, lowrank) to say why it left them alone; [] when there are none."""
+    names = [layer.name for layer in (_as_layer(node, HALF_PRECISION) for node in graph.nodes) if layer]
+    if not names:
+        return []
+    listed = ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
+    return [f"{len(names)} float16/bfloat16 layers left as they are ({listed}): {pass_name} rewrites float32 weights"]
+
+
+def _as_layer(node: gs.Node, weight_types: tuple[str, ...] = ("float32",)) -> Layer | None:
+    def is_weight(tensor: gs.Tensor) -> bool:
+        return isinstance(tensor, gs.Constant) and np.dtype(tensor.dtype).name in weight_types
+
     if (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) < 2:
         return None
     if node.op == "Gather":
         table, indices = node.inputs
-        if _is_float32_constant(table) and len(table.shape) == 2 and not isinstance(indices, gs.Constant):
+        if is_weight(table) and len(table.shape) == 2 and not isinstance(indices, gs.Constant):
             if node.attrs.get("axis", 0) == 0:
                 return Layer(node, 0, out_axis=0, in_axis=1, activation_input=1)
         return None
-    if node.op == "LSTM":
+    if node.op in ("LSTM", "GRU"):
         weights = node.inputs[1:3]
-        if all(_is_float32_constant(w) for w in weights) and not node.attrs.get("layout", 0):
-            return Layer(node, 1, out_axis=1, in_axis=2)  # W [directions, 4 * hidden, input]; R alike
+        if all(is_weight(w) for w in weights) and not node.attrs.get("layout", 0):
+            return Layer(node, 1, out_axis=1, in_axis=2)  # W [directions, gates * hidden, input]; R alike
         return None
     activation, weight = node.inputs[0], node.inputs[1]
-    if isinstance(activation, gs.Constant) or not _is_float32_constant(weight):
+    if isinstance(activation, gs.Constant) or not is_weight(weight):
         return None
     rank = len(weight.shape)
     if node.op == "MatMul" and rank == 2:
@@ -85,7 +99,3 @@ def _as_layer(node: gs.Node) -> Layer | None:
     if node.op == "Conv" and rank >= 3:
         return Layer(node, 1, out_axis=0, in_axis=1)
     return None
-
-
-def _is_float32_constant(tensor: gs.Tensor) -> bool:
-    return isinstance(tensor, gs.Constant) and np.dtype(tensor.dtype) == np.float32

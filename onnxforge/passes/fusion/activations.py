@@ -15,7 +15,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxforge.ir.ops import CONTRIB_DOMAIN
-from onnxforge.ir.patterns import PatternBuilder, PatternValue, RewriteRule
+from onnxforge.ir.patterns import (
+    Declined,
+    PatternBuilder,
+    PatternValue,
+    RewriteRule,
+    decline,
+    is_exactly,
+)
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
 from onnxforge.passes.registry import register_pass
 
@@ -29,9 +36,26 @@ GELU_CUBIC = 0.044715
 Pattern = Callable[[PatternBuilder, PatternValue], PatternValue]
 
 
-def _is_float32(match, x: gs.Tensor) -> bool:
+def _is_float32(match, x: gs.Tensor) -> bool | Declined:
     """Only float32 is fused: onnxruntime's CPU kernels of the fused ops are float only."""
-    return x.dtype == np.float32
+    if x.dtype == np.float32:
+        return True
+    return decline(f"the input is {_dtype_name(x)}: onnxruntime's CPU kernels of the fused op are float32 only")
+
+
+def _dtype_name(x: gs.Tensor) -> str:
+    return np.dtype(x.dtype).name if x.dtype is not None else "of unknown type"
+
+
+def _constant_is(name: str, constant: gs.Constant, exact: float) -> bool | Declined:
+    """Whether `constant` is `exact` as float32 holds it; if not, why the rule declines."""
+    if is_exactly(constant.values, exact):
+        return True
+    values = np.unique(np.asarray(constant.values).reshape(-1))
+    if values.size != 1:
+        return decline(f"{name} holds {values.size} distinct values, not {np.float32(exact)!s} alone")
+    # Printed in the constant's own type's shortest digits: 0.0447 in float32, not 0.04470000043511391.
+    return decline(f"{name} is {values[0]!s}, not {np.float32(exact)!s} as the fused op computes it")
 
 
 # --- GELU -----------------------------------------------------------------------------------------------
@@ -60,25 +84,14 @@ def _erf_of_x_times_rsqrt2(op, x):
     return op.Add(op.Erf(op.Mul(x, op.const("rsqrt2"))), 1.0)
 
 
-def _exactly(values: np.ndarray, exact: float) -> bool:
-    """Whether every element is `exact` as float32 computes it: within one float32 step of the exact value.
-
-    Not a looser tolerance: sqrt(2) rounded to float16 (1.4140625), which fp16 models widened to float32
-    carry, is 1e-4 away, and fusing it into Gelu would change the outputs by more than the lossless bound.
-    """
-    values = np.asarray(values)
-    if values.size == 0 or values.size > 64 or values.dtype.kind != "f":
-        return False
-    return bool(np.all(np.abs(values.astype(np.float64) - exact) <= np.spacing(np.float32(exact))))
-
-
 def _erf_gelu_applies(
     match, x: gs.Tensor, sqrt2: gs.Constant | None = None, rsqrt2: gs.Constant | None = None
-) -> bool:
-    """Float32, and x divided by sqrt(2) (or multiplied by 1/sqrt(2)) exactly, not by a value near it."""
+) -> bool | Declined:
+    """Float32, and x divided by sqrt(2) (or multiplied by 1/sqrt(2)) exactly, not by a value near it
+    (sqrt(2) rounded to float16, 1.4140625, is 1e-4 away: fused, the outputs would move past the lossless bound)."""
     if sqrt2 is not None:
-        return _is_float32(match, x) and _exactly(sqrt2.values, SQRT2)
-    return _is_float32(match, x) and rsqrt2 is not None and _exactly(rsqrt2.values, 1.0 / SQRT2)
+        return _is_float32(match, x) and _constant_is("the divisor", sqrt2, SQRT2)
+    return _is_float32(match, x) and _constant_is("the factor", rsqrt2, 1.0 / SQRT2)
 
 
 def _tanh_of(argument: Pattern) -> Pattern:
@@ -88,20 +101,31 @@ def _tanh_of(argument: Pattern) -> Pattern:
     return factor
 
 
+# The constants are bound, not literals, so that a rule seeing 0.0447 or sqrt(2/pi) rounded to float16 says why
+# it declines (`_tanh_gelu_applies`).
 def _cubic_nested(op, x):  # nn.GELU(approximate="tanh"): sqrt(2/pi) * (x + 0.044715 * (x * (x * x)))
-    return op.Mul(op.Add(x, op.Mul(op.Mul(x, op.Mul(x, x)), GELU_CUBIC)), SQRT_2_OVER_PI)
+    return op.Mul(op.Add(x, op.Mul(op.Mul(x, op.Mul(x, x)), op.const("cubic"))), op.const("scale"))
 
 
 def _cubic_pow(op, x):  # Hugging Face gelu_new: torch.pow(x, 3.0)
-    return op.Mul(op.Add(x, op.Mul(op.Pow(x, 3.0), GELU_CUBIC)), SQRT_2_OVER_PI)
+    return op.Mul(op.Add(x, op.Mul(op.Pow(x, 3.0), op.const("cubic"))), op.const("scale"))
 
 
 def _cubic_left_to_right(op, x):  # 0.044715 * x * x * x, evaluated from the left
-    return op.Mul(op.Add(x, op.Mul(op.Mul(op.Mul(x, GELU_CUBIC), x), x)), SQRT_2_OVER_PI)
+    return op.Mul(op.Add(x, op.Mul(op.Mul(op.Mul(x, op.const("cubic")), x), x)), op.const("scale"))
 
 
 def _cubic_factored(op, x):  # Hugging Face gelu_fast: x * sqrt(2/pi) * (1 + 0.044715 * x * x)
-    return op.Mul(op.Mul(x, SQRT_2_OVER_PI), op.Add(op.Mul(op.Mul(x, GELU_CUBIC), x), 1.0))
+    return op.Mul(op.Mul(x, op.const("scale")), op.Add(op.Mul(op.Mul(x, op.const("cubic")), x), 1.0))
+
+
+def _tanh_gelu_applies(match, x: gs.Tensor, cubic: gs.Constant, scale: gs.Constant) -> bool | Declined:
+    """Float32, with 0.044715 and sqrt(2/pi) exactly as FastGelu and Gelu(approximate="tanh") compute them."""
+    return (
+        _is_float32(match, x)
+        and _constant_is("the cubic coefficient", cubic, GELU_CUBIC)
+        and _constant_is("the tanh scale", scale, SQRT_2_OVER_PI)
+    )
 
 
 def _gelu(approximate: str, contrib_op: str) -> Callable[..., gs.Tensor | None]:
@@ -131,7 +155,7 @@ GELU_TANH = RewriteRule(
         for p in _half_x_times(_tanh_of(argument))
     ],
     _gelu("tanh", "FastGelu"),
-    _is_float32,
+    _tanh_gelu_applies,
 )
 
 
@@ -161,12 +185,13 @@ SILU = RewriteRule("silu", _x_sigmoid_x, _silu, _is_float32)
 # --- HardSwish ------------------------------------------------------------------------------------------
 
 
-def _near(value: float) -> Callable[[float | None], bool]:
-    return lambda actual: actual is not None and abs(actual - value) <= 1e-6
+def _exactly(value: float) -> Callable[[float | None], bool]:
+    """An attribute predicate: the attribute is `value` as float32 holds it (ONNX stores float attributes so)."""
+    return lambda actual: actual is not None and is_exactly(actual, value)
 
 
 def _x_hard_sigmoid_x(op, x):  # F.hardswish below opset 14, and x * F.hardsigmoid(x)
-    return op.Mul(x, op.HardSigmoid(x, alpha=_near(1 / 6), beta=lambda b: b is None or _near(0.5)(b)))
+    return op.Mul(x, op.HardSigmoid(x, alpha=_exactly(1 / 6), beta=lambda b: b is None or _exactly(0.5)(b)))
 
 
 def _relu6_of_x_plus_3(op, x):

@@ -83,6 +83,13 @@ def _all_float32(*tensors: gs.Tensor | None) -> bool:
     return all(t is None or np.asarray(t.values).dtype == np.float32 for t in tensors)
 
 
+def _all_float32_or_float16(*tensors: gs.Tensor | None) -> bool:
+    """All float32, or all float16 (an fp16 model's BatchNorm folds alike: weights computed in float64, then
+    rounded once to float16, which is no further from the unfolded model than its own float16 rounding)."""
+    dtypes = {np.asarray(t.values).dtype for t in tensors if t is not None}
+    return dtypes in ({np.dtype(np.float32)}, {np.dtype(np.float16)})
+
+
 def _fold(
     op, x: gs.Tensor, node: gs.Node, w: gs.Constant, b: gs.Constant | None, scale: np.ndarray | None, shift: np.ndarray
 ) -> gs.Tensor | None:
@@ -93,13 +100,14 @@ def _fold(
     if not np.isfinite(shift).all() or (scale is not None and not np.isfinite(scale).all()):
         return None
     weights = np.asarray(w.values)
+    dtype = weights.dtype  # float32, or float16 from fold-batchnorm on an fp16 model
     channels = _channels(node, weights)
     bias = _bias(node, channels, b)
     if scale is not None:
         weights = _scaled_weight(node, weights.astype(np.float64), scale)
-        w = op.const(weights.astype(np.float32), "weight")
+        w = op.const(weights.astype(dtype), "weight")
         bias = bias * scale
-    bias = op.const((bias + shift).astype(np.float32), "bias")
+    bias = op.const((bias + shift).astype(dtype), "bias")
     if node.op == "MatMul":
         return op.Gemm(x, w, bias)
     attrs = {**node.attrs, "beta": 1.0} if node.op == "Gemm" else dict(node.attrs)
@@ -125,7 +133,7 @@ def _bn_foldable(match, context: FusionContext, y, w, scale, shift, mean, var, b
         return False
     if sum(t.name != "" for t in bn.outputs) != 1:  # before opset 14, more outputs meant training mode
         return False
-    if not _all_float32(w, b, scale, shift, mean, var):
+    if not _all_float32_or_float16(w, b, scale, shift, mean, var):
         return False
     channels = _channels(node, np.asarray(w.values))
     if channels is None or not _bias_fits(node, channels, b):

@@ -16,7 +16,7 @@ from onnxforge.ir.edit import make_constant, unique_name
 from onnxforge.passes.activations import Sample, observed, sampled_rows
 from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.layer_costs import LayerCost, describe_change, layer_costs
-from onnxforge.passes.layers import Layer, excluded_by, find_layers
+from onnxforge.passes.layers import Layer, excluded_by, find_layers, half_precision_note
 from onnxforge.passes.lowrank.factorization import Spectrum, ranks_for_budget, spectrum
 from onnxforge.passes.refit import MAX_ROWS, input_rows, layer_targets, refit_layers
 from onnxforge.passes.registry import register_pass
@@ -112,6 +112,7 @@ class LowRank(Pass):
         if by_output_error:
             notes.append(f"ranks chosen by the model's output error on {len(_fit_and_check(ctx.data)[1])} samples "
                          f"held back from the whitening, each layer truncated alone at {len(PROBED)} ranks")
+        notes += half_precision_note(model.graph, "lowrank")
         if not chosen:
             return PassResult(False, stats=stats, notes=notes or ["no layer large enough to factor"])
         original, costs = model.copy(), layer_costs(model.graph)

@@ -6,13 +6,27 @@ import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxforge.ir import Model
 from onnxforge.passes.layers import Layer, find_layers
 from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, LayerRewriter
 from onnxforge.passes.quantization.weights import QuantizedWeight, QuantSpec, gptq_quantize, quantize_weight
 
-Plan = Mapping[int, LayerFormat]  # layer index (its node's position in the main graph) -> format
+Plan = Mapping[int, LayerFormat]  # layer index (its node's position in model_nodes) -> format
+
+
+def model_nodes(model: Model) -> list[tuple[gs.Graph, gs.Node]]:
+    """Every node of the model with the graph that holds it: the main graph's first, then each subgraph's (If, Loop
+    and Scan bodies) in the order Model.graphs yields them, which a copy of the model keeps."""
+    return [(graph, node) for graph in model.graphs() for node in graph.nodes]
+
+
+def numbered_layers(model: Model) -> dict[int, Layer]:
+    """The layers of the main graph and of every subgraph, by their node's position in model_nodes: the main
+    graph's come first, so a layer numbered len(model.graph.nodes) or more lives in a subgraph."""
+    position = {id(node): index for index, (_, node) in enumerate(model_nodes(model))}
+    return {position[id(layer.node)]: layer for graph in model.graphs() for layer in find_layers(graph)}
 
 
 class WeightQuantizer:
@@ -64,18 +78,16 @@ class CandidateBuilder:
         self.weights = weights
         self.activations = activations
         self.contrib_ops = contrib_ops
-        position = {id(node): index for index, node in enumerate(model.graph.nodes)}
-        self.layers = {position[id(layer.node)]: layer for layer in find_layers(model.graph)}
+        self.layers = numbered_layers(model)
 
     def build(self, plan: Plan) -> Model:
         """A copy of the model with the layers of `plan` quantized as it says; the model itself is untouched."""
         copy = self.model.copy()
-        rewriter = LayerRewriter(copy.graph, self.weights, self.activations, self.contrib_ops)
-        nodes = list(copy.graph.nodes)
+        rewriter = LayerRewriter(copy, self.weights, self.activations, self.contrib_ops)
+        nodes = model_nodes(copy)
         for index, fmt in sorted(plan.items()):
-            original = self.layers[index]
-            layer = dataclasses.replace(original, node=nodes[index])
-            rewriter.rewrite(layer, fmt)
+            graph, node = nodes[index]
+            rewriter.rewrite(dataclasses.replace(self.layers[index], node=node), fmt, graph)
         copy.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return copy
 

@@ -1,4 +1,5 @@
-"""Expose weights to quantization: Gemm as MatMul + Add, and fused Attention's Q/K/V projection as a MatMul.
+"""Expose weights to quantization: Gemm as MatMul + Add, fused Attention's Q/K/V projection as a MatMul, and
+weights that Constant nodes hold as constants.
 
 onnxruntime fuses DequantizeLinear -> MatMul into its integer kernels, but runs DequantizeLinear -> Gemm in
 float, dequantizing the weight on every run; its optimizer fuses MatMul + Add back into Gemm where the MatMul
@@ -19,6 +20,27 @@ import onnx_graphsurgeon as gs
 from onnxforge.ir.edit import unique_name
 from onnxforge.ir.ops import CONTRIB_DOMAIN
 
+
+# Ops whose weight quant takes only as a constant of the graph (see find_layers).
+_WEIGHT_READERS = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "Gather")
+
+
+def constant_node_weights(graph: gs.Graph) -> int:
+    """Make the float32 tensor of each Constant node that a layer op reads (torch writes the weights of If
+    branches so) a constant of the graph, as an initializer is; return how many."""
+    count = 0
+    for node in list(graph.nodes):
+        value = node.attrs.get("value") if node.op == "Constant" and len(node.outputs) == 1 else None
+        if not isinstance(value, gs.Constant) or np.dtype(value.dtype) != np.float32:
+            continue
+        output = node.outputs[0]
+        if output not in graph.outputs and any(reader.op in _WEIGHT_READERS for reader in output.outputs):
+            node.outputs.clear()
+            output.to_constant(value.values)
+            count += 1
+    if count:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return count
 
 
 def split_gemms(graph: gs.Graph) -> int:
@@ -70,21 +92,22 @@ def _gemm_as_matmul(graph: gs.Graph, node: gs.Node, rewritten: dict[tuple[int, i
     if transposed or alpha != 1.0:
         key = (id(weight), transposed, alpha)
         if key not in rewritten:
-            values = np.asarray(weight.values, np.float32)
-            values = (values.T if transposed else values) * np.float32(alpha)
+            values = np.asarray(weight.values)  # in its own type: a float16 Gemm stays a float16 MatMul
+            values = ((values.T if transposed else values) * np.float32(alpha)).astype(values.dtype)
             name = unique_name(graph, f"{weight.name}_as_matmul")
             rewritten[key] = gs.Constant(name, np.ascontiguousarray(values))
         weight = rewritten[key]
     output = node.outputs[0]
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    product = output if bias is None else gs.Variable(unique_name(graph, f"{output.name}_matmul"), np.float32)
+    product = output if bias is None else gs.Variable(unique_name(graph, f"{output.name}_matmul"), output.dtype)
     name = node.name or unique_name(graph, f"{output.name}_MatMul")
     graph.nodes.append(gs.Node("MatMul", name=name, inputs=[x, weight], outputs=[product]))
     if bias is not None:
         if beta != 1.0:
             key = (id(bias), 0, beta)
             if key not in rewritten:
-                rewritten[key] = gs.Constant(unique_name(graph, f"{bias.name}_scaled"), bias.values * np.float32(beta))
+                scaled = (bias.values * np.float32(beta)).astype(bias.values.dtype)
+                rewritten[key] = gs.Constant(unique_name(graph, f"{bias.name}_scaled"), scaled)
             bias = rewritten[key]
         graph.nodes.append(gs.Node("Add", name=f"{name}_bias", inputs=[product, bias], outputs=[output]))
 

@@ -15,11 +15,11 @@ from onnxforge.ir import Model
 from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.decisions import Measured
 from onnxforge.passes.activations import Sample, observe_tensors, run_model
-from onnxforge.passes.quantization.exposing import split_attention_projections, split_gemms
+from onnxforge.passes.quantization.exposing import constant_node_weights, split_attention_projections, split_gemms
 from onnxforge.passes.quantization.calibration import RangeObserver, scale_and_zero_point
-from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer
+from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer, model_nodes, numbered_layers
 from onnxforge.passes.quantization.choice import MeasuredChoice, choose_by_measurement, refine_by_float_prefix
-from onnxforge.passes.layers import Layer, excluded_by, find_layers
+from onnxforge.passes.layers import Layer, excluded_by, half_precision_note
 from onnxforge.passes.quantization.quantized_ops import quantized_ops
 from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, quantized_output
 from onnxforge.passes.quantization.sensitivity import BudgetFit, ErrorBudget, fit_error_budget
@@ -29,10 +29,12 @@ from onnxforge.verify import Comparison, compare_outputs
 
 # Layer types each mode can quantize; embedding tables (Gather) are weight-only int8 rows in every mode.
 MODE_OPS = {
-    "dynamic": ("MatMul", "Conv", "Gather", "LSTM"),
-    "static": ("MatMul", "Conv", "Gather", "LSTM"),
-    "weight-only": ("MatMul", "Gather"),
+    "dynamic": ("MatMul", "Conv", "Gather", "LSTM", "GRU"),
+    "static": ("MatMul", "Conv", "Gather", "LSTM", "GRU"),
+    "weight-only": ("MatMul", "Gather", "GRU"),
 }
+# Layer types whose activations stay float in every mode (LSTM's kernel quantizes its inputs itself).
+WEIGHT_ONLY_TYPES = ("Gather", "LSTM", "GRU")
 # Layer types each mode writes as operators in the qoperator form; other layers are written QDQ in it too
 # (onnxruntime has no dynamic Conv kernel to write, and fuses a static QDQ MatMul into QLinearMatMul itself).
 QOPERATOR_OPS = {"dynamic": ("MatMul",), "static": ("Conv",), "weight-only": ("MatMul",)}
@@ -41,7 +43,7 @@ GENTLER_MATMUL = LayerFormat("weight-only", "qoperator", QuantSpec(8, True, True
 EMBEDDING_INT4_SPEC = QuantSpec(bits=4, signed=True, symmetric=True, granularity="block", block_size=32)
 # Layer types quantized for size unless the model gets slower than this: an embedding's lookup costs next to
 # nothing, and a recurrent layer's speed at small sizes is a tie within noise while its weights are most of the file.
-SIZE_FIRST_TYPES = ("Gather", "LSTM")
+SIZE_FIRST_TYPES = ("Gather", "LSTM", "GRU")
 SIZE_FIRST_MIN_SPEEDUP = 0.98
 # DequantizeLinear takes an axis (one scale per channel) from this opset; below it, weights written as
 # DequantizeLinear are quantized per tensor (operators such as DynamicQuantizeMatMul keep one scale per column).
@@ -92,17 +94,20 @@ class Quantize(Pass):
         budget = ErrorBudget(self.options.max_error, self.options.min_cosine)
         self._check_data(fmt, budget, ctx)
         work = model.copy()
-        split_attention_projections(work.graph)
-        split_gemms(work.graph)
-        position = {id(node): index for index, node in enumerate(work.graph.nodes)}
-        layers = {position[id(layer.node)]: layer for layer in find_layers(work.graph)}
-        plan, notes = self._initial_plan(layers, fmt, contrib_ops, has_data=bool(ctx.data))
+        for graph in list(work.graphs()):
+            constant_node_weights(graph)
+            split_attention_projections(graph)
+            split_gemms(graph)
+        layers = numbered_layers(work)
+        nodes = model_nodes(work)
+        in_body = {index: nodes[index][0].name for index in layers if nodes[index][0] is not work.graph}
+        plan, notes = self._initial_plan(layers, fmt, contrib_ops, has_data=bool(ctx.data), in_body=in_body)
         plan, opset_note = per_tensor_below_per_axis_opset(plan, layers, work.graph.opset)
         calibration, held_out = split_samples(ctx.data or [])
         static = [layers[i] for i, layer_fmt in plan.items() if layer_fmt.mode == "static"]
         builder = CandidateBuilder(
             work,
-            self._weight_quantizer(work, [layers[i] for i in plan], calibration, ctx),
+            self._weight_quantizer(work, [layers[i] for i in plan if i not in in_body], calibration, ctx),
             self._calibrate(work, static, calibration, ctx) if static else {},
             contrib_ops,
         )
@@ -118,9 +123,13 @@ class Quantize(Pass):
         for index, layer_fmt in plan.items():
             notes.setdefault(index, f"quantized: {_describe(layers[index], layer_fmt, ctx)}")
         stats: dict = {"layers": len(layers), "layers_quantized": len(plan), "layers_float": len(layers) - len(plan)}
+        if in_body:
+            stats["layers_in_subgraphs"] = len(in_body)
+            stats["layers_quantized_in_subgraphs"] = len(in_body.keys() & plan.keys())
         if ctx.replayed_decisions():
             stats["decisions_replayed"] = ctx.replayed_decisions()
-        lines += [f"{layers[i].op} {layers[i].name}: {notes[i]}" for i in sorted(notes)]
+        lines += [f"{layers[i].op} {layers[i].name}{_located(i, in_body)}: {notes[i]}" for i in sorted(notes)]
+        lines += half_precision_note(work.graph, "quant")
         if not plan:
             lines.append("nothing quantized: the model is left as it was")
             return PassResult(False, stats=stats, notes=lines)
@@ -157,25 +166,29 @@ class Quantize(Pass):
         return decision.value
 
     def _initial_plan(
-        self, layers: dict[int, Layer], fmt: LayerFormat, contrib_ops: bool, has_data: bool
+        self, layers: dict[int, Layer], fmt: LayerFormat, contrib_ops: bool, has_data: bool, in_body: dict[int, str]
     ) -> tuple[dict[int, LayerFormat], dict[int, str]]:
         """Every layer the options allow, in the format its type takes; why each other layer stays float.
 
-        With mode=auto and sample data, Conv layers are quantized static (the form integer Conv kernels
-        are fast in) while MatMuls stay dynamic (which keeps transformers accurate).
+        With mode=auto and sample data, Conv layers of the main graph are quantized static (the form integer Conv
+        kernels are fast in) while MatMuls stay dynamic (which keeps transformers accurate). Layers in subgraphs
+        (`in_body`) are never static: calibration cannot observe their activations.
         """
         plan, notes = {}, {}
         for index, layer in layers.items():
-            reason = self._reason_to_skip(layer, fmt, contrib_ops)
+            reason = self._reason_to_skip(layer, fmt, contrib_ops, index in in_body)
             if reason:
                 notes[index] = f"kept float: {reason}"
             elif layer.op == "Gather":
                 plan[index] = embedding_format(fmt, contrib_ops)
             elif layer.op == "LSTM":  # weights only: the kernel quantizes its inputs at run time
                 plan[index] = LayerFormat("dynamic", "qoperator", PER_CHANNEL_INT8)
+            elif layer.op == "GRU":  # no integer kernel: int8 storage, dequantized before the float op
+                plan[index] = LayerFormat("weight-only", "qdq", PER_CHANNEL_INT8)
             else:
                 mode = fmt.mode
-                if layer.op == "Conv" and self.options.mode == "auto" and has_data and mode == "dynamic":
+                static_conv = layer.op == "Conv" and self.options.mode == "auto" and has_data and mode == "dynamic"
+                if static_conv and index not in in_body:
                     mode = "static"
                 form = fmt.form if layer.op in QOPERATOR_OPS[mode] else "qdq"
                 plan[index] = dataclasses.replace(fmt, mode=mode, form=form)
@@ -228,12 +241,17 @@ class Quantize(Pass):
         if needs and not ctx.data:
             raise PassUsageError(f"quant: {needs[0]}: give sample inputs with --data (data= in the Python API)")
 
-    def _reason_to_skip(self, layer: Layer, fmt: LayerFormat, contrib_ops: bool) -> str:
+    def _reason_to_skip(self, layer: Layer, fmt: LayerFormat, contrib_ops: bool, in_body: bool) -> str:
         pattern = excluded_by(layer.op, layer.name, self.options.exclude)
         if pattern is not None:
             return f"excluded by exclude={pattern}"
         if layer.op not in MODE_OPS[fmt.mode]:
             return f"{fmt.mode} quantization applies to {', '.join(MODE_OPS[fmt.mode])} layers only"
+        if in_body and fmt.mode == "static" and layer.op not in WEIGHT_ONLY_TYPES:
+            return (
+                "static quantization calibrates activations, and calibration reads values of the main graph only "
+                "(one inside an If/Loop body is no model output); mode=dynamic quantizes it"
+            )
         if layer.op == "LSTM" and not contrib_ops:
             return "int8 LSTM needs onnxruntime's DynamicQuantizeLSTM (backend ort)"
         weight_shape = layer.weight.shape
@@ -387,6 +405,11 @@ def _granularity(text: str, bits: int, mode: str, form: str, contrib_ops: bool) 
     return text, 0
 
 
+def _located(index: int, in_body: dict[int, str]) -> str:
+    """' (in subgraph NAME)' for a layer of an If/Loop/Scan body, '' for one of the main graph."""
+    return f" (in subgraph {in_body[index]})" if index in in_body else ""
+
+
 def _describe_error(error: Comparison) -> str:
     cosine = f", worst cosine {error.min_cosine:.5f}" if error.min_cosine is not None else ""
     return f"worst relative error {error.max_rel:.3g}{cosine}"
@@ -399,6 +422,9 @@ def _describe(layer: Layer, fmt: LayerFormat, ctx: PassContext) -> str:
         return "int8 rows with one scale each (embedding table)"
     if layer.op == "LSTM":
         return "int8 W and R, one scale per gate column, DynamicQuantizeLSTM"
+    if layer.op == "GRU":
+        grain = "per tensor" if fmt.spec.granularity == "per-tensor" else "per gate row"
+        return f"int8 W and R ({grain}) dequantized to a float GRU: onnxruntime has no int8 GRU kernel"
     return fmt.describe(contrib_ops=runs_quantized_contrib_ops(ctx))
 
 

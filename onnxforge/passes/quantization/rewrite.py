@@ -10,6 +10,7 @@ QLinearConv that onnxruntime would fuse their QDQ group into.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -19,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxforge.ir.edit import unique_name
+from onnxforge.ir import Model
 from onnxforge.ir.ops import CONTRIB_DOMAIN
 from onnxforge.passes.layers import Layer
 from onnxforge.passes.quantization.qlinear import conv_group, write_qlinear_conv
@@ -70,36 +71,43 @@ class ActivationQuantization:
 
 
 class LayerRewriter:
-    """Quantizes layers of one graph, sharing each quantized weight and activation between the layers using it.
+    """Quantizes layers of one model, sharing each quantized weight and activation between the layers using it.
 
     `quantize_weight(layer, spec)` returns the layer's quantized weight (the caller caches it across candidate
-    models); `activations` holds static mode's calibrated tensors by name.
+    models); `activations` holds static mode's calibrated tensors by name (main graph layers only).
     """
 
     def __init__(
         self,
-        graph: gs.Graph,
+        model: Model,
         quantize_weight: Callable[[Layer, QuantSpec], QuantizedWeight],
         activations: Mapping[str, ActivationQuantization],
         contrib_ops: bool,
     ):
-        self.graph = graph
+        self.main_graph = self.graph = model.graph  # `graph` is the one being edited: the current layer's
+        # A subgraph reads the values of the graphs around it: a new name must be new in every graph.
+        self._taken = {name for graph in model.graphs() for name in (*graph.tensors(), *(n.name for n in graph.nodes))}
         self.quantize_weight = quantize_weight
         self.activations = activations
         self.contrib_ops = contrib_ops
-        self._dequantized_weights: dict[tuple[int, QuantSpec], gs.Variable] = {}
+        self._dequantized_weights: dict[tuple[int, int, QuantSpec], gs.Variable] = {}  # by graph, weight, spec
         self._static_tensors: dict[str, gs.Variable] = {}
         self._static_sources: dict[str, str] = {}  # dequantized tensor -> the float tensor it stands for
         self._constants: dict[tuple, list[gs.Constant]] = {}
 
-    def rewrite(self, layer: Layer, fmt: LayerFormat) -> None:
-        """Quantize `layer` as `fmt` says (the layer must be MatMul or Conv; Gemm is made a MatMul first)."""
+    def rewrite(self, layer: Layer, fmt: LayerFormat, graph: gs.Graph | None = None) -> None:
+        """Quantize `layer`, a node of `graph` (the main graph when None), as `fmt` says (Gemm is made a MatMul
+        first). Quantized constants are shared across graphs (export stores one that several subgraphs read in
+        the main graph); the nodes that dequantize them are added to the layer's graph."""
+        self.graph = self.main_graph if graph is None else graph
         if layer.op == "Gather" and fmt.spec.granularity == "block":
             self._gather_blocks(layer, fmt)
         elif layer.op == "Gather":
             self._gather_rows(layer, fmt)
         elif layer.op == "LSTM":
             self._dynamic_lstm(layer, fmt)
+        elif layer.op == "GRU":
+            self._dequantized_recurrent_weights(layer, fmt)
         elif fmt.mode == "weight-only" and fmt.form == "qoperator" and self.contrib_ops:
             self._matmul_nbits(layer, fmt)
         elif fmt.mode == "dynamic" and fmt.form == "qoperator" and layer.op == "MatMul":
@@ -125,7 +133,7 @@ class LayerRewriter:
         node.inputs[layer.weight_input] = weight
 
     def _dequantized_weight(self, layer: Layer, spec: QuantSpec) -> gs.Variable:
-        key = (id(layer.weight), spec)
+        key = (id(self.graph), id(layer.weight), spec)
         if key in self._dequantized_weights:
             return self._dequantized_weights[key]
         quantized = self.quantize_weight(layer, spec)
@@ -147,7 +155,8 @@ class LayerRewriter:
         """The constants holding `layer`'s quantized weight in `layout`, made once for all layers sharing it.
 
         Layouts: "codes" (codes, scale, zero point: DequantizeLinear and DynamicQuantizeMatMul inputs),
-        "nbits" (MatMulNBits' packed codes, scales, zero points), "rows" (codes, one scale per row).
+        "nbits" (MatMulNBits' packed codes, scales, zero points), "rows" (codes, one scale per row), "lstm"
+        (DynamicQuantizeLSTM's transposed codes, scales and zero points per direction).
         """
         key = (id(layer.weight), spec, layout)
         if key not in self._constants:
@@ -156,11 +165,16 @@ class LayerRewriter:
                 arrays = dict(zip(("packed", "scales", "zero_points"), pack_matmul_nbits(quantized)))
             elif layout == "rows":
                 arrays = {"q": quantized.codes, "row_scales": quantized.scale.reshape(-1, 1)}
+            elif layout == "lstm":  # [directions, input, 4 * hidden] codes, a scale per direction and gate column
+                directions = quantized.codes.shape[0]
+                scale = np.broadcast_to(quantized.scale.reshape(1, -1), (directions, quantized.scale.size))
+                codes = np.ascontiguousarray(quantized.codes.transpose(0, 2, 1))
+                arrays = {"q": codes, "scale": scale, "zp": np.zeros(scale.shape, np.int8)}
             else:
                 arrays = {"q": quantized.codes, "scale": quantized.scale, "zp": quantized.zero_point}
             constants = []
             for suffix, values in arrays.items():
-                name = unique_name(self.graph, f"{layer.weight.name}_{suffix}")
+                name = self._unique(f"{layer.weight.name}_{suffix}")
                 if spec.bits == 4 and layout == "codes" and suffix != "scale":
                     constants.append(gs.Constant(name, LazyValues(int4_tensor(name, values, spec.signed))))
                 else:
@@ -193,8 +207,8 @@ class LayerRewriter:
         if x.name in self._static_tensors:
             return self._static_tensors[x.name]
         calibrated = self.activations[x.name]
-        scale = gs.Constant(unique_name(self.graph, f"{x.name}_scale"), np.array(calibrated.scale, np.float32))
-        zero_point = gs.Constant(unique_name(self.graph, f"{x.name}_zp"), calibrated.zero_point)
+        scale = gs.Constant(self._unique(f"{x.name}_scale"), np.array(calibrated.scale, np.float32))
+        zero_point = gs.Constant(self._unique(f"{x.name}_zp"), calibrated.zero_point)
         quantized = self._new_tensor(f"{x.name}_q")
         output = self._new_tensor(f"{x.name}_dq")
         consumers = list(x.outputs)
@@ -222,8 +236,8 @@ class LayerRewriter:
         # One scale per tensor when the weight has one: no axis, which DequantizeLinear takes from opset 13 only.
         uniform = scale.size > 0 and bool(np.all(scale == scale.flat[0]))
         inputs = [  # the zero point is 0, DequantizeLinear's default: not stored
-            gs.Constant(unique_name(self.graph, f"{bias.name}_q"), codes),
-            gs.Constant(unique_name(self.graph, f"{bias.name}_scale"), scale[:1].reshape(()) if uniform else scale),
+            gs.Constant(self._unique(f"{bias.name}_q"), codes),
+            gs.Constant(self._unique(f"{bias.name}_scale"), scale[:1].reshape(()) if uniform else scale),
         ]
         self._add("DequantizeLinear", inputs, [output], {} if uniform else {"axis": 0})
         return output
@@ -248,7 +262,7 @@ class LayerRewriter:
         """A scalar 0 of `dtype`, one for the whole graph."""
         key = ("zero_point", dtype.name)
         if key not in self._constants:
-            self._constants[key] = [gs.Constant(unique_name(self.graph, f"{dtype.name}_zero"), np.zeros((), dtype))]
+            self._constants[key] = [gs.Constant(self._unique(f"{dtype.name}_zero"), np.zeros((), dtype))]
         return self._constants[key][0]
 
     def _matmul_nbits(self, layer: Layer, fmt: LayerFormat) -> None:
@@ -288,15 +302,20 @@ class LayerRewriter:
         inputs = list(layer.node.inputs) + [gs.Variable.empty()] * (8 - len(layer.node.inputs))
         for index in (1, 2):
             weight = dataclasses.replace(layer, weight_input=index)
-            quantized = self.quantize_weight(weight, fmt.spec)
-            name = weight.weight.name
-            directions = quantized.codes.shape[0]
-            codes = np.ascontiguousarray(quantized.codes.transpose(0, 2, 1))  # [directions, input, 4 * hidden]
-            scale = np.broadcast_to(quantized.scale.reshape(1, -1), (directions, quantized.scale.size))
-            inputs[index] = gs.Constant(unique_name(self.graph, f"{name}_q"), codes)
-            inputs.append(gs.Constant(unique_name(self.graph, f"{name}_scale"), scale.astype(np.float32)))
-            inputs.append(gs.Constant(unique_name(self.graph, f"{name}_zp"), np.zeros(scale.shape, np.int8)))
-        self._replace(layer.node, "DynamicQuantizeLSTM", inputs, dict(layer.node.attrs), CONTRIB_DOMAIN)
+            codes, scale, zero_point = self._weight_constants(weight, fmt.spec, "lstm")
+            inputs[index] = codes
+            inputs += [scale, zero_point]
+        # LSTM's layout attribute (opset 14; find_layers takes only its default, 0) is unknown to the contrib op,
+        # which then refuses to load: an opset-11 export upgraded to 17 carries it.
+        attrs = {name: value for name, value in layer.node.attrs.items() if name != "layout"}
+        self._replace(layer.node, "DynamicQuantizeLSTM", inputs, attrs, CONTRIB_DOMAIN)
+
+    def _dequantized_recurrent_weights(self, layer: Layer, fmt: LayerFormat) -> None:
+        """W and R of a recurrent layer without an integer kernel (GRU) stored as int8 and dequantized before it:
+        a smaller file, float arithmetic."""
+        for index in (1, 2):
+            weight = dataclasses.replace(layer, weight_input=index)
+            layer.node.inputs[index] = self._dequantized_weight(weight, fmt.spec)
 
     def _dynamic_matmul_operator(self, layer: Layer, fmt: LayerFormat) -> None:
         codes, scale, zero_point = self._weight_constants(layer, fmt.spec, "codes")
@@ -315,10 +334,18 @@ class LayerRewriter:
 
     # --- graph edits --------------------------------------------------------------------------------------
 
+    def _unique(self, prefix: str) -> str:
+        """`prefix`, or `prefix_N`, whichever no tensor or node of the model is named yet; taken from then on."""
+        name = prefix
+        if name in self._taken:
+            name = next(f"{prefix}_{i}" for i in itertools.count(1) if f"{prefix}_{i}" not in self._taken)
+        self._taken.add(name)
+        return name
+
     def _new_tensor(self, name: str) -> gs.Variable:
         """A tensor for an inserted node's output, untyped: onnx infers its type and shape from the node's inputs,
         and leaving it out of value_info keeps the file small (about 1% on a small CNN's QDQ graph)."""
-        return gs.Variable(unique_name(self.graph, name))
+        return gs.Variable(self._unique(name))
 
     def _add(self, op: str, inputs: list, outputs: list, attrs: dict | None = None, domain: str = "") -> gs.Node:
         """Insert an unnamed node (a name for each of a CNN's hundreds of Q/DQ nodes costs another 1% of the file)."""
