@@ -256,6 +256,30 @@ def test_shape_with_start_and_end_folds_to_the_slice_of_dims():
     np.testing.assert_array_equal(model.graph.nodes[1].inputs[1].values, [3, 5])
 
 
+def test_zero_conv_bias_cast_like_a_dynamic_input_folds_and_batchnorm_folds_into_the_conv():
+    """The dynamo exporter without its optimizer writes a Conv's zero bias as Expand(CastLike(0, x), [C])."""
+    rng = np.random.default_rng(0)
+    proto = _model(
+        [
+            helper.make_node("CastLike", ["zero", "x"], ["zero_like_x"]),
+            helper.make_node("Expand", ["zero_like_x", "channels"], ["bias"]),
+            helper.make_node("Conv", ["x", "w", "bias"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["y"]),
+        ],
+        [_vi("x", ["batch", 3, "height", "width"])],
+        [_vi("y", ["batch", 4, "height", "width"])],
+        [
+            _const("zero", np.array(0.0, np.float64)),
+            _const("channels", np.array([4], np.int64)),
+            _const("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+            *(_const(n, rng.uniform(0.5, 1.5, 4).astype(np.float32)) for n in ("scale", "shift", "mean", "var")),
+        ],
+    )
+    model, report = optimize(proto, "cleanup,fold-batchnorm", shapes={"x": [2, 3, 8, 8]}, seed=0)
+    assert [r.status for r in report.passes] == ["applied", "applied"]
+    assert op_counts(model) == {"Conv": 1}
+
+
 # merge-initializers ------------------------------------------------------------------------------
 
 

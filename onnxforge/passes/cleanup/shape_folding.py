@@ -1,4 +1,5 @@
-"""Replace Shape and Size of tensors whose shapes are static by constants, so shape arithmetic folds away."""
+"""Replace what depends only on a tensor's static shape or type by constants, so shape arithmetic folds away:
+Shape and Size of statically shaped tensors, CastLike of a small constant to a tensor of known type."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import onnx_graphsurgeon as gs
 from onnxforge.ir import Model, infer_shapes
 from onnxforge.ir.ops import is_onnx_op
 from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.passes.cleanup.constant_folding import SMALL_BYTES
 from onnxforge.passes.registry import register_pass
 
 
 @register_pass("fold-shapes")
 class FoldShapes(Pass):
-    """Turn Shape/Size of statically shaped tensors into constants (after shape inference)."""
+    """Turn Shape/Size of statically shaped tensors, and CastLike of small constants, into constants."""
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         inference = infer_shapes(model)
@@ -39,6 +41,8 @@ class FoldShapes(Pass):
 
 
 def _static_result(node: gs.Node) -> np.ndarray | None:
+    if is_onnx_op(node, "CastLike"):
+        return _cast_like(node)
     if not is_onnx_op(node, "Shape", "Size") or not node.inputs:
         return None
     source = node.inputs[0]
@@ -52,6 +56,18 @@ def _static_result(node: gs.Node) -> np.ndarray | None:
     start = _clamp(node.attrs.get("start", 0), rank)
     end = _clamp(node.attrs.get("end", rank), rank)
     return np.array(dims[start:end], dtype=np.int64)
+
+
+def _cast_like(node: gs.Node) -> np.ndarray | None:
+    """CastLike(constant, x) needs only x's type: the dynamo exporter writes a Conv's zero bias so, with x the
+    model's input, and a bias left computed keeps BatchNorm from folding into the Conv."""
+    value, like = node.inputs[0], node.inputs[1]
+    if not isinstance(value, gs.Constant) or like.dtype is None:
+        return None
+    dtype = np.dtype(like.dtype)
+    if dtype.kind not in "biuf" or value.values.size * dtype.itemsize > SMALL_BYTES:
+        return None
+    return np.asarray(value.values).astype(dtype)
 
 
 def _clamp(index: int, rank: int) -> int:
