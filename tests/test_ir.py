@@ -13,6 +13,7 @@ from onnxforge.backends import get_backend
 from onnxforge.errors import ModelLoadError
 from onnxforge.ir import infer_shapes, load_model, save_model, to_networkx
 from onnxforge.ir.external import ExternalValues
+from onnxforge.ir.shapes import merge_symbolic_dims
 
 
 def _mlp(width: int = 64) -> onnx.ModelProto:
@@ -332,3 +333,33 @@ def test_sequence_and_optional_values_survive_copy_and_export():
     np.testing.assert_array_equal(out["y"], [[0, 1]])
     assert not out["has"]
     assert len(out["seq"]) == 3
+
+
+def _renamed_batch_with_an_unknown_op() -> onnx.ModelProto:
+    """x [batch, 4] + y [b2, 4] (the same batch at run time) feeding an op of an unknown domain."""
+    nodes = [
+        helper.make_node("Add", ["x", "y"], ["s"]),
+        helper.make_node("Relu", ["s"], ["r"]),
+        helper.make_node("Mystery", ["r"], ["z"], domain="example.unknown"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b2", 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("example.unknown", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def test_symbolic_dims_merge_where_an_op_requires_them_equal_and_no_file_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # onnxruntime's own driver saves the model here when a shape stays unknown
+    model = load_model(_renamed_batch_with_an_unknown_op())
+    infer_shapes(model)
+
+    merge_symbolic_dims(model)
+
+    assert model.graph.tensors()["r"].shape[1] == 4
+    assert model.graph.tensors()["r"].shape[0] in ("batch", "b2")
+    assert list(tmp_path.iterdir()) == []

@@ -80,7 +80,14 @@ def merge_symbolic_dims(model: Model) -> int:
     level = logger.level
     logger.setLevel(logging.ERROR)  # it warns about every merge
     try:
-        inferred = SymbolicShapeInference.infer_shapes(_weights_as_inputs(skeleton), auto_merge=True)
+        # Its `infer_shapes` driver, less the step that saves the model into the working folder when some shape
+        # stays unknown: a run writes no file.
+        inference = SymbolicShapeInference(2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
+        inference._preprocess(_weights_as_inputs(skeleton))
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        inferred = inference.out_mp_
     except Exception:  # noqa: BLE001 - its failure (unsupported op, bad model) leaves onnx's shapes
         return 0
     finally:
