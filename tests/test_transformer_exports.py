@@ -14,6 +14,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 import torch
@@ -27,13 +28,13 @@ from onnxforge.passes.pruning import ChannelGroups
 
 RTOL = 1e-4
 CI_CASES = [("bert-like", "torchscript"), ("bert-like", "dynamo")]
-# Hugging Face models whose every attention block fuses, by exporter. Not here (docs/fusion.md says why): BERT,
-# DistilBERT and RoBERTa exported by TorchScript (a -inf mask and a softmax guarded against fully masked rows,
-# as test_explain_says_which_condition_declined_attention_and_where builds) and HuBERT exported by dynamo (its
-# sequence length is arithmetic on the number of samples, which the head split's target cannot be read through).
+# Hugging Face models, each exporter: every attention block fuses. BERT, DistilBERT and RoBERTa exported by
+# TorchScript mask with -inf and guard the softmax against fully masked rows (as _GuardedBert builds), HuBERT's
+# dynamo export computes its sequence length from the number of samples (a dim named `((s71//10)) - 1`).
 HF_CASES = [
-    ("bert", "dynamo"), ("distilbert", "dynamo"), ("roberta", "dynamo"), ("vit", "torchscript"), ("vit", "dynamo"),
-    ("whisper-encoder", "torchscript"), ("whisper-encoder", "dynamo"), ("hubert", "torchscript"),
+    ("bert", "torchscript"), ("bert", "dynamo"), ("distilbert", "torchscript"), ("distilbert", "dynamo"),
+    ("roberta", "torchscript"), ("roberta", "dynamo"), ("vit", "torchscript"), ("vit", "dynamo"),
+    ("whisper-encoder", "torchscript"), ("whisper-encoder", "dynamo"), ("hubert", "torchscript"), ("hubert", "dynamo"),
 ]
 
 
@@ -57,14 +58,31 @@ def _fuses_every_block(name: str, exporter: str, opset: int = 17) -> None:
     arch = ARCHITECTURES[name]
     proto = _export(name, exporter, opset)
     assert _ops(proto)["Softmax"] == arch.layers
-    samples = [feeds(arch, 2, length) for length in arch.lengths]
-    fused, report = onnxforge.optimize(proto, "cleanup,fuse", data=samples[:1], seed=0)
+    fused, report = onnxforge.optimize(proto, "cleanup,fuse", data=[feeds(arch, 2, arch.lengths[0])], seed=0)
     fused_proto = fused.to_proto()
     ops = _ops(fused_proto)
     assert ops["Attention"] + ops["MultiHeadAttention"] == arch.layers, report.explanation()
     assert "Softmax" not in ops and "Erf" not in ops
     assert ops["SkipLayerNormalization"] >= 2 * arch.layers - 1  # the first residual may follow the embeddings
-    for sample in samples:  # two sequence lengths, neither the one the model was exported with... nor verified on
+    _assert_same_outputs(proto, fused_proto, arch)
+
+
+def _samples(arch) -> list[dict[str, np.ndarray]]:
+    """Inputs at two sequence lengths (padding in the first sequence); for a masked model, also with every token
+    of the second sequence masked, so that its rows attend to no key at all."""
+    samples = []
+    for length in arch.lengths:
+        sample = feeds(arch, 2, length)
+        samples.append(sample)
+        if "attention_mask" in sample:
+            masked = sample["attention_mask"].copy()
+            masked[1] = 0
+            samples.append({**sample, "attention_mask": masked})
+    return samples
+
+
+def _assert_same_outputs(proto: onnx.ModelProto, fused_proto: onnx.ModelProto, arch) -> None:
+    for sample in _samples(arch):  # neither the length the model was exported with nor the one verified on
         expected, actual = _run(proto, sample), _run(fused_proto, sample)
         assert max(float(np.abs(e - a).max() / np.abs(e).max()) for e, a in zip(expected, actual)) < RTOL
 
@@ -105,8 +123,8 @@ def test_fused_dynamic_export_has_at_least_the_fused_ops_of_onnxruntimes_optimiz
 # --- heads -------------------------------------------------------------------------------------------------
 
 
-def _params_after_pruning(proto: onnx.ModelProto, arch) -> float:
-    pruned, report = onnxforge.optimize(proto, "cleanup,prune:ratio=0.3", data=[feeds(arch, 2, 8)], seed=0)
+def _params_after_pruning(proto: onnx.ModelProto, arch, passes: str = "cleanup,prune:ratio=0.3") -> float:
+    pruned, report = onnxforge.optimize(proto, passes, data=[feeds(arch, 2, 8)], seed=0)
     assert [r.status for r in report.passes][-1] == "applied", report.passes
     return pruned.stats().params / load_model(proto).stats().params
 
@@ -118,6 +136,19 @@ def test_prune_finds_the_attention_heads_of_a_dynamic_export(name, exporter):
     cleaned, _ = onnxforge.optimize(proto, "cleanup", data=[feeds(arch, 2, 8)], seed=0)
     heads = [g for g in ChannelGroups.compute(cleaned) if g.unit == "heads"]
     assert [(g.channels, g.prunable) for g in heads] == [(arch.heads, True)] * arch.layers, [g.reason for g in heads]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, exporter", [("bert", "torchscript"), ("distilbert", "torchscript"),
+                                            ("roberta", "torchscript"), ("hubert", "dynamo")])
+def test_prune_finds_the_fused_attention_heads_of_hugging_face_exports(name, exporter):
+    pytest.importorskip("transformers")
+    arch = ARCHITECTURES[name]
+    proto = _export(name, exporter)
+    fused, _ = onnxforge.optimize(proto, "cleanup,fuse", data=[feeds(arch, 2, arch.lengths[0])], seed=0)
+    heads = [g for g in ChannelGroups.compute(fused) if g.unit == "heads"]
+    assert [(g.channels, g.prunable) for g in heads] == [(arch.heads, True)] * arch.layers, [g.reason for g in heads]
+    assert _params_after_pruning(proto, arch, "cleanup,fuse,prune:ratio=0.3") < 0.85
 
 
 def test_prune_removes_as_many_parameters_from_a_dynamic_export_as_from_a_static_one():
@@ -143,7 +174,7 @@ def _export_static(module: torch.nn.Module, arch) -> onnx.ModelProto:
 
 class _GuardedLayer(BertLayer):
     """A BERT layer masking with -inf and guarding the softmax against fully masked rows (NaN becomes 0), as
-    scaled_dot_product_attention's export does: onnxruntime's Attention gives NaN there, so it must not fuse."""
+    Hugging Face's BERT, DistilBERT and RoBERTa export by TorchScript: onnxruntime's Attention gives NaN there."""
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
@@ -157,34 +188,92 @@ class _GuardedLayer(BertLayer):
 
 
 class _GuardedBert(BertLike):
-    def __init__(self):
+    """BertLike with _GuardedLayer; `head_bias` adds a bias per head (as ALiBi does), so masked rows are per head."""
+
+    def __init__(self, head_bias: bool = False):
         super().__init__()
         self.layers = torch.nn.ModuleList(_GuardedLayer(32, 4) for _ in range(2))
+        self.head_bias = head_bias
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         batch, length = input_ids.shape
         positions = torch.arange(length).unsqueeze(0).expand(batch, length)
         x = self.embed_norm(self.tokens(input_ids) + self.positions(positions))
         bias = torch.where(attention_mask[:, None, None, :] == 0, float("-inf"), 0.0)
+        if self.head_bias:
+            bias = bias + torch.arange(4.0).view(1, 4, 1, 1)
         for layer in self.layers:
             x = layer(x, bias)
         return x
 
 
-def test_explain_says_which_condition_declined_attention_and_where(tmp_path):
+def _export_guarded(path, head_bias: bool = False, opset: int = 17) -> onnx.ModelProto:
     torch.manual_seed(0)
-    module, arch = _GuardedBert().eval(), ARCHITECTURES["bert-like"]
+    module, arch = _GuardedBert(head_bias).eval(), ARCHITECTURES["bert-like"]
     with torch.no_grad():
-        torch.onnx.export(module, arch.example(2, 8), tmp_path / "model.onnx", input_names=arch.input_names,
-                          dynamic_axes=arch.dynamic, opset_version=17, dynamo=False)
+        torch.onnx.export(module, arch.example(2, 8), path, input_names=arch.input_names, dynamic_axes=arch.dynamic,
+                          opset_version=opset, dynamo=False)
+    return onnx.load(path)
+
+
+@pytest.mark.parametrize("opset", [14, 18])  # ReduceMax's axes: an attribute, an input
+def test_softmax_guarded_against_fully_masked_rows_fuses_and_gives_their_zeros(tmp_path, opset):
+    arch = ARCHITECTURES["bert-like"]
+    proto = _export_guarded(tmp_path / "model.onnx", opset=opset)
+    fused, report = onnxforge.optimize(proto, "cleanup,fuse", data=[feeds(arch, 2, 8)], seed=0)
+    ops = _ops(fused.to_proto())
+    assert ops["Attention"] == 2 and "Softmax" not in ops, report.explanation()
+    # Padding, and a sequence whose every token is masked: the guard's 0 rows, where Attention alone gives NaN.
+    _assert_same_outputs(proto, fused.to_proto(), arch)
+
+
+def test_explain_says_which_condition_declined_attention_and_where(tmp_path):
+    _export_guarded(tmp_path / "model.onnx", head_bias=True)
     result = succeeded(run_cli(OPTIMIZE, tmp_path / "model.onnx", "--passes", "cleanup,fuse", "--explain",
                                "--no-verify", "-o", tmp_path / "out.onnx"))
-    lines = [line.strip() for line in result.stdout.splitlines() if "may hold -inf" in line]
+    lines = [line.strip() for line in result.stdout.splitlines() if "may differ between heads" in line]
     # One line per (rule, reason), with the count of places and their node names.
     assert [line.split(" declined")[0] for line in lines] == ["attention", "multihead-attention"], result.stdout
     assert lines[0].startswith("attention declined at 2 places (/layers.0/Reshape_3, /layers.1/Reshape_3): ")
-    assert "onnxruntime's Attention would give NaN there" in lines[0]
+    assert "the softmax is guarded against fully masked rows" in lines[0]
     assert _ops(onnx.load(tmp_path / "out.onnx"))["Softmax"] == 2
+
+
+# --- embeddings below opset 17 ------------------------------------------------------------------------------
+
+
+class _Embeddings(torch.nn.Module):
+    """Token embeddings plus `added` ([1, S, H] position rows sliced from a table as Hugging Face does, or one
+    learned [1, 1, H] vector), LayerNorm: decomposed at opset 14, which has no LayerNormalization."""
+
+    def __init__(self, added: str):
+        super().__init__()
+        self.tokens, self.positions = torch.nn.Embedding(30, 32), torch.nn.Embedding(16, 32)
+        self.register_buffer("position_ids", torch.arange(16).unsqueeze(0))
+        self.vector = torch.nn.Parameter(torch.randn(1, 1, 32))
+        self.norm, self.added = torch.nn.LayerNorm(32), added
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        tokens = self.tokens(input_ids)
+        if self.added == "positions":
+            return self.norm(tokens + self.positions(self.position_ids[:, : input_ids.shape[1]]))
+        return self.norm(tokens + self.vector)
+
+
+@pytest.mark.parametrize("added, fused", [("positions", 1), ("vector", 0)])
+def test_embeddings_layernorm_below_opset_17_becomes_skip_layernorm_with_position_rows_as_skip(tmp_path, added, fused):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        torch.onnx.export(_Embeddings(added).eval(), (torch.randint(0, 30, (2, 8)),), tmp_path / "model.onnx",
+                          input_names=["ids"], dynamic_axes={"ids": {0: "batch", 1: "sequence"}}, opset_version=14,
+                          dynamo=False)
+    proto = onnx.load(tmp_path / "model.onnx")
+    optimized, report = onnxforge.optimize(proto, "cleanup,fuse", seed=0)
+    assert _ops(optimized.to_proto())["SkipLayerNormalization"] == fused, report.explanation()
+    for length in (5, 13):
+        sample = {"ids": np.random.default_rng(length).integers(0, 30, (3, length))}
+        expected, actual = _run(proto, sample)[0], _run(optimized.to_proto(), sample)[0]
+        assert float(np.abs(expected - actual).max()) < RTOL
 
 
 # --- the symbolic reasoning underneath ------------------------------------------------------------------------
@@ -199,3 +288,18 @@ def test_reshape_targets_with_symbolic_dims_zeros_and_minus_one_resolve_to_heads
     assert reshaped(["B", "S", 32], [-1, 4, 8]) is None  # B*S is no single dim
     assert reshaped(["B", "S", 32], [0, 0, -1, -1]) is None
     assert reshaped(["B", "S", 32], [0, 0, 4, 8], allowzero=1) == [0, 0, 4, 8]
+
+
+def test_shape_arithmetic_on_a_dim_matches_the_dim_the_exporter_named_with_that_expression():
+    from onnxforge.ir.shape_values import canonical_dim, dims_of, shape_value
+
+    # The dynamo export of HuBERT: frames = samples // 10 - 1, computed from Shape and named by the exporter.
+    audio = gs.Variable("audio", np.float32, ["batch", "s71"])
+    frames = gs.Variable("frames", np.float32, ["batch", "((s71//10)) - 1", 32])
+    samples, quotient, length = (gs.Variable(name, np.int64) for name in ("samples", "quotient", "length"))
+    gs.Node("Shape", inputs=[audio], outputs=[samples], attrs={"start": 1, "end": 2})
+    gs.Node("Div", inputs=[samples, gs.Constant("ten", np.array([10]))], outputs=[quotient])
+    gs.Node("Add", inputs=[gs.Constant("minus_one", np.array([-1])), quotient], outputs=[length])
+    assert shape_value(length) == [dims_of(frames)[1]]
+    assert canonical_dim("((s71//10)) - 1") == canonical_dim("(s71 // 10) - 1") != canonical_dim("s71//10")
+    assert canonical_dim("sequence") == "sequence"

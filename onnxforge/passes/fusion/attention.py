@@ -22,8 +22,10 @@ Batch-major blocks may have dynamic batch and sequence axes (TorchScript's `dyna
 exporter): the head reshapes' targets are read back from their shape arithmetic (onnxforge.ir.shape_values)
 and each must provably split [B, S, H*d] into constant H heads of constant size d, and the merge undo it. The
 dynamo exporter's spelling of scaled_dot_product_attention is recognized too: K^T through [B*H, T, d] rows,
-and a softmax guarded against fully masked rows, fused only where the mask is provably finite (onnxruntime's
-Attention gives NaN for such a row, not 0). Sequence-major blocks still need static shapes.
+and a softmax guarded against fully masked rows (NaN becomes 0; Hugging Face models exported by TorchScript
+write it too). onnxruntime's Attention gives NaN for such a row, so where the mask may hold -inf (never +inf
+or NaN) and is one for every head, the fused output is set to 0 in the rows whose keys are all -inf: what the
+guard gives. Sequence-major blocks still need static shapes.
 
 Other backends than onnxruntime get the standard Attention op where the model's opset has it (23), on the
 4-D heads; below that they get nothing (standard ONNX has no attention op).
@@ -54,11 +56,13 @@ from onnxforge.ir.shape_values import (
     reshaped,
     same_dims,
     shape_value,
+    traced_dims,
 )
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
 from onnxforge.passes.registry import register_pass
 
 STANDARD_ATTENTION_OPSET = 23
+REDUCE_AXES_INPUT_OPSET = 18  # ReduceMax takes its axes as an input from opset 18, as an attribute before
 
 # --- pattern pieces ---------------------------------------------------------------------------------------
 
@@ -305,21 +309,31 @@ def _softmax_over_keys(match: Match, context: FusionContext) -> bool:
 FINITE_MASK_OPS = {"Add", "Cast", "Concat", "Expand", "Mul", "Reshape", "Slice", "Squeeze", "Sub", "Unsqueeze", "Where"}
 
 
-def _finite(tensor: gs.Tensor, depth: int = 0) -> bool:
+def _finite(tensor: gs.Tensor, minus_inf: bool = False, depth: int = 0) -> bool:
     """Provably free of infinities and NaN: computed from integer or boolean inputs and finite float constants
-    by ops that keep finite values finite (a Mul by -1e4 of a 0/1 mask, a Where choosing 0 or finfo.min)."""
+    by ops that keep finite values finite (a Mul by -1e4 of a 0/1 mask, a Where choosing 0 or finfo.min).
+
+    With `minus_inf`, -inf is allowed too (a Where choosing 0 or -inf), never +inf or NaN: a Mul or a Sub's
+    subtrahend must then be finite, since -inf * 0, -inf * -1 and x - (-inf) are not.
+    """
     if isinstance(tensor, gs.Constant):
         values = np.asarray(tensor.values)
-        return values.dtype.kind != "f" or bool(np.isfinite(values).all())
+        if values.dtype.kind != "f":
+            return True
+        return bool(np.isfinite(values).all() or minus_inf and not (np.isnan(values) | (values == np.inf)).any())
     if tensor.dtype is not None and np.dtype(tensor.dtype).kind in "biu":
         return True
     if depth > 16 or len(tensor.inputs) != 1 or tensor.inputs[0].op not in FINITE_MASK_OPS:
         return False
     node = tensor.inputs[0]
     if node.op == "Where":
-        return all(_finite(t, depth + 1) for t in node.inputs[1:])
-    data = node.inputs if node.op in ("Add", "Mul", "Sub", "Concat") else node.inputs[:1]
-    return all(_finite(t, depth + 1) for t in data)
+        return all(_finite(t, minus_inf, depth + 1) for t in node.inputs[1:])
+    if node.op == "Mul":
+        return all(_finite(t, False, depth + 1) for t in node.inputs)
+    if node.op == "Sub":
+        return _finite(node.inputs[0], minus_inf, depth + 1) and _finite(node.inputs[1], False, depth + 1)
+    data = node.inputs if node.op in ("Add", "Concat") else node.inputs[:1]
+    return all(_finite(t, minus_inf, depth + 1) for t in data)
 
 
 def _scale(match: Match) -> float | None:
@@ -439,11 +453,11 @@ def _fuse_batch_major(op, match: Match, context: FusionContext, projected: bool)
     if not _softmax_over_keys(match, context):
         return decline("the Softmax is not over the keys")
     b = match.bindings
-    if "guarded" in b and "mask" in b and not _finite(b["mask"]):
-        return decline(
-            "the softmax is guarded against fully masked rows (their NaN becomes 0) and the mask may hold -inf: "
-            "onnxruntime's Attention would give NaN there"
-        )
+    guards_masked_rows = "guarded" in b and "mask" in b and not _finite(b["mask"])
+    if guards_masked_rows:
+        declined = _why_masked_rows_cannot_be_zeroed(b["mask"])
+        if declined is not None:
+            return declined
     scale = _scale(match)
     if scale is None:
         return decline("the scale is not one finite constant other than 0")
@@ -466,6 +480,8 @@ def _fuse_batch_major(op, match: Match, context: FusionContext, projected: bool)
             return decline("Q, K and V are not float32")
         inputs = _optional_inputs(b["q"], b["k"], b["v"], None, None, bias)
         out = op.MultiHeadAttention(*inputs, _domain=CONTRIB_DOMAIN, num_heads=dims.heads, scale=scale)
+    if guards_masked_rows:
+        out = op.Where(_rows_with_a_key(op, bias, context), out, op.const(np.zeros((), np.float32), "zero"))
     # onnx's shape inference does not know contrib ops: give later rules the shape it cannot infer (the merge's).
     out.dtype = np.float32
     merged = (dims.batch, dims.length, dims.heads * dims.size)
@@ -473,6 +489,38 @@ def _fuse_batch_major(op, match: Match, context: FusionContext, projected: bool)
         out.shape = [None if is_unnamed(d) else d for d in merged]
         return out
     return op.Reshape(out, op.const(np.array(_shape(match.output), np.int64), "out_shape"))
+
+
+def _why_masked_rows_cannot_be_zeroed(mask: gs.Tensor) -> Declined | None:
+    """Why the fused block could not give 0 where the guarded softmax does; None when it can.
+
+    With scores finite, a row of softmax(scores + mask) is NaN exactly where the mask is -inf for every key,
+    provided it holds no +inf or NaN. onnxruntime's Attention gives NaN there too and the same values
+    elsewhere (exp(-inf) is 0), so zeroing the rows whose keys are all -inf gives what the guard gives; a
+    row is one query of every head at once, so the mask must be the same for every head.
+    """
+    if not _finite(mask, minus_inf=True):
+        return decline(
+            "the softmax is guarded against fully masked rows (their NaN becomes 0) and the mask may hold +inf or "
+            "NaN: onnxruntime's Attention would not give 0 there"
+        )
+    dims = traced_dims(mask)
+    if dims is None or len(dims) > 4 or (len(dims) >= 3 and dims[-3] != 1):
+        return decline(
+            "the softmax is guarded against fully masked rows (their NaN becomes 0) and the mask may differ "
+            "between heads: the rows to zero are not rows of the fused output"
+        )
+    return None
+
+
+def _rows_with_a_key(op: GraphBuilder, bias: gs.Tensor, context: FusionContext) -> gs.Tensor:
+    """[B|1, S, 1], true where a query attends to at least one key: the bias [B|1, 1, S, T] is not all -inf."""
+    if context.opset >= REDUCE_AXES_INPUT_OPSET:
+        largest = op.ReduceMax(bias, op.const(np.array([-1], np.int64), "keys_axis"), keepdims=1)
+    else:
+        largest = op.ReduceMax(bias, axes=[-1], keepdims=1)
+    rows = op.Reshape(largest, op.const(np.array([0, -1, 1], np.int64), "rows_shape"))
+    return op.Greater(rows, op.const(np.array(-np.inf, np.float32), "minus_inf"))
 
 
 def _fuse_sequence_major(op, match: Match, context: FusionContext):

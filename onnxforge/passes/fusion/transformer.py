@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.ir.ops import CONTRIB_DOMAIN
 from onnxforge.ir.patterns import Match, RewriteRule, decline
+from onnxforge.ir.shape_values import is_unnamed, same_dims, traced_dims
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
 from onnxforge.passes.fusion.normalization import (
     LAYER_NORM_MIN_OPSET,
@@ -113,10 +114,18 @@ def _skip_decomposed_layernorm(op, match: Match, context: FusionContext, x, skip
         return decline("")  # fuse-normalization makes it a LayerNormalization first: skip-layernorm takes that
     if not context.contrib_ops or _trailing_count(b["sum"], b["mean"], b["variance"]) != 1:
         return None
+    if not _known_same_shape(x, skip):
+        addends = _input_and_broadcast_skip(x, skip)
+        if addends is None:
+            return decline(
+                "x and skip are not provably of one [batch, sequence, hidden] shape, and neither is a [1, sequence, "
+                "hidden] skip of the other"
+            )
+        x, skip = addends
     shape = x.shape
     eps = _epsilon(epsilon, len(shape) if shape else 0)
-    if not _known_same_shape(x, skip) or len(shape) not in (2, 3) or eps is None:
-        return decline("x and skip are not provably of one [batch, sequence, hidden] shape, or epsilon is not float32")
+    if len(shape) not in (2, 3) or eps is None:
+        return decline("x is not [batch, sequence, hidden] or [rows, hidden], or epsilon is not float32")
     if x.dtype != np.float32 or skip.dtype != np.float32 or not isinstance(shape[-1], int):
         return None
     vectors = [_over_last_axis(v, shape[-1]) for v in (gamma, beta)]
@@ -129,6 +138,32 @@ def _skip_decomposed_layernorm(op, match: Match, context: FusionContext, x, skip
     node = op.nodes[-1]
     node.outputs[1], node.outputs[2] = gs.Variable.empty(), gs.Variable.empty()
     return normalized, {"sum": total}
+
+
+def _input_and_broadcast_skip(x: gs.Tensor, skip: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor] | None:
+    """(input, skip) of x + skip where shapes read through the ops that computed them are provably one, or where
+    one addend has batch 1 and the other not (position embeddings added to token embeddings, [1, S, H] +
+    [B, S, H]); None otherwise.
+
+    Their sequence lengths need not be provably equal: onnxruntime's SkipLayerNormalization refuses, at run time,
+    a skip whose sequence length is not the input's, so a sum that would broadcast along the sequence fails
+    instead of giving other values.
+    """
+    x_dims, skip_dims = traced_dims(x), traced_dims(skip)
+    if x_dims is None or skip_dims is None or len(x_dims) != 3 or len(skip_dims) != 3:
+        return None
+    if not isinstance(x_dims[2], int) or x_dims[2] != skip_dims[2]:
+        return None
+    if same_dims(x_dims, skip_dims) and not any(is_unnamed(d) for d in x_dims):
+        return x, skip
+    if x_dims[0] == 1 and skip_dims[0] != 1:
+        x, skip, x_dims, skip_dims = skip, x, skip_dims, x_dims
+    if skip_dims[0] != 1 or x_dims[0] == 1:
+        return None
+    # A skip of one row ([1, 1, H], a learned vector) broadcasts along the sequence, which the op refuses.
+    if isinstance(skip_dims[1], int) and skip_dims[1] != x_dims[1]:
+        return None
+    return x, skip
 
 
 def _over_last_axis(values: gs.Constant, width: int) -> np.ndarray | None:
