@@ -40,8 +40,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from case_variants import page_header
-from cnn_exports import ARCHITECTURES, EXPORTERS, export, torchvision_available
+from cnn_exports import ARCHITECTURES, export, torchvision_available
 from paired_timing import BenchmarkRun, Timing, file_bytes, interleaved_timing
+from torch_exports import EXPORTERS
 from trained_models import ort_session
 
 import onnxforge

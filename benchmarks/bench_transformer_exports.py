@@ -31,7 +31,8 @@ import onnxruntime as ort
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from transformer_exports import ARCHITECTURES, EXPORTERS, export, feeds
+from torch_exports import EXPORTERS
+from transformer_exports import ARCHITECTURES, export, feeds
 
 import onnxforge
 

@@ -10,8 +10,6 @@ random, so that folding them is really checked (fresh BatchNorms are the identit
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,8 +17,8 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from torch_exports import export_dynamic
 
-EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSETS = {"torchscript": 17, "dynamo": 18}
 CLASSES = 10
 
@@ -316,22 +314,9 @@ def export(arch: Architecture, exporter: str, opset: int | None = None, folding:
     dynamo's `optimize`); both fold BatchNorm into the Conv before it otherwise, so only then is it left to us.
     """
     opset = opset or DEFAULT_OPSETS[exporter]
-    module = arch.build()
     inputs = arch.example(2, arch.sizes[0])
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if exporter == "torchscript":
-            torch.onnx.export(module, inputs, buffer, input_names=arch.input_names, output_names=["logits"],
-                              dynamic_axes={**arch.dynamic, "logits": {0: "batch"}}, opset_version=opset,
-                              dynamo=False, do_constant_folding=folding)
-            return onnx.load_from_string(buffer.getvalue())
-        dims = {name: torch.export.Dim.AUTO for axes in arch.dynamic.values() for name in axes.values()}
-        shapes = tuple({axis: dims[name] for axis, name in arch.dynamic[n].items()} for n in arch.input_names)
-        program = torch.onnx.export(module, inputs, input_names=arch.input_names, output_names=["logits"],
-                                    dynamic_shapes=shapes, opset_version=opset, dynamo=True, verbose=False,
-                                    optimize=folding)
-        return program.model_proto
+    return export_dynamic(arch.build(), inputs, arch.input_names, ("logits", {0: "batch"}), arch.dynamic, exporter,
+                          opset, folding)
 
 
 def feeds(arch: Architecture, batch: int, size: int) -> dict[str, np.ndarray]:

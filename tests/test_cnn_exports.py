@@ -15,10 +15,10 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from cnn_exports import ARCHITECTURES, EXPORTERS, export, feeds
+from cnn_exports import ARCHITECTURES, export, feeds
 from torch import nn
+from torch_exports import EXPORTERS, op_counts, run_as_exported
 
 import onnxforge
 
@@ -39,17 +39,6 @@ CHECKED_AT = [(1, 64), (3, 48)]  # (batch, image size): neither is the (2, 64) t
 @functools.cache
 def _export(name: str, exporter: str, folding: bool = True) -> onnx.ModelProto:
     return export(ARCHITECTURES[name], exporter, folding=folding)
-
-
-def _run(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)
-
-
-def _ops(model: onnx.ModelProto) -> Counter:
-    return Counter(node.op_type for node in model.graph.node)
 
 
 def _modules(name: str, kind: type[nn.Module]) -> int:
@@ -73,8 +62,9 @@ def _fused_keeps_outputs(name: str, exporter: str, folding: bool) -> Counter:
     fused_proto = fused.to_proto()
     for batch, size in CHECKED_AT:
         sample = feeds(arch, batch, size)
-        assert _max_rel_error(_run(proto, sample), _run(fused_proto, sample)) < RTOL, (batch, size)
-    return _ops(fused_proto)
+        expected, actual = run_as_exported(proto, sample), run_as_exported(fused_proto, sample)
+        assert _max_rel_error(expected, actual) < RTOL, (batch, size)
+    return op_counts(fused_proto)
 
 
 @pytest.mark.parametrize("name, exporter", _cases(TORCHSCRIPT_CI))
@@ -86,7 +76,7 @@ def test_cleanup_fuse_keeps_the_outputs_of_a_dynamic_export_and_fuses_every_acti
     # What fuse made, against the modules of the network: every SiLU (x * Sigmoid(x)) one op, onnxruntime's
     # QuickGelu; Hardswish and Hardsigmoid are single ops in the export already; no BatchNorm anywhere.
     assert ops["QuickGelu"] == _modules(name, nn.SiLU)
-    assert ops["Sigmoid"] == _ops(proto)["Sigmoid"] - _modules(name, nn.SiLU)
+    assert ops["Sigmoid"] == op_counts(proto)["Sigmoid"] - _modules(name, nn.SiLU)
     assert ops["HardSwish"] == _modules(name, nn.Hardswish)
     assert ops["Conv"] == _modules(name, nn.Conv2d) and ops["BatchNormalization"] == 0
 
@@ -95,7 +85,7 @@ def test_cleanup_fuse_keeps_the_outputs_of_a_dynamic_export_and_fuses_every_acti
 def test_cleanup_fuse_folds_every_batchnorm_the_exporter_left(name, exporter):
     # The exporters fold BatchNorm themselves unless their graph optimization is off; then it is left to fuse.
     proto = _export(name, exporter, folding=False)
-    assert _ops(proto)["BatchNormalization"] == _modules(name, nn.BatchNorm2d)
+    assert op_counts(proto)["BatchNormalization"] == _modules(name, nn.BatchNorm2d)
     ops = _fused_keeps_outputs(name, exporter, folding=False)
     assert ops["BatchNormalization"] == 0 and ops["Conv"] == _modules(name, nn.Conv2d)
 
@@ -113,10 +103,10 @@ def test_cleanup_fuse_quant_gives_a_valid_int8_model_within_its_error_budget(nam
     assert any("QLinearConv" in note for note in quant.notes)
     quantized = model.to_proto()
     onnx.checker.check_model(quantized, full_check=True)
-    assert _ops(quantized)["QLinearConv"] > 0
+    assert op_counts(quantized)["QLinearConv"] > 0
     for batch, size in CHECKED_AT:
         sample = feeds(arch, batch, size)
-        expected, actual = _run(proto, sample), _run(quantized, sample)
+        expected, actual = run_as_exported(proto, sample), run_as_exported(quantized, sample)
         assert min(_cosine(e, a) for e, a in zip(expected, actual)) >= MIN_COSINE, (batch, size)
 
 

@@ -7,8 +7,6 @@ dynamic batch and sequence (or frames / patches) axes.
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,8 +14,7 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
-
-EXPORTERS = ("torchscript", "dynamo")
+from torch_exports import export_dynamic
 
 
 @dataclass
@@ -148,20 +145,7 @@ def export(arch: Architecture, exporter: str, opset: int = 17) -> onnx.ModelProt
     """The architecture exported by `exporter` ("torchscript" with dynamic_axes, or "dynamo" with dynamic shapes)."""
     module = arch.build()
     inputs = arch.example(2, arch.lengths[0])
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if exporter == "torchscript":
-            torch.onnx.export(module, inputs, buffer, input_names=arch.input_names, output_names=["hidden"],
-                              dynamic_axes={**arch.dynamic, "hidden": {0: "batch"}}, opset_version=opset,
-                              dynamo=False)
-            return onnx.load_from_string(buffer.getvalue())
-        dims = {name: torch.export.Dim.AUTO for axes in arch.dynamic.values() for name in axes.values()}
-        shapes = tuple({axis: dims[name] for axis, name in arch.dynamic[n].items()} for n in arch.input_names)
-        program = torch.onnx.export(module, inputs, input_names=arch.input_names, output_names=["hidden"],
-                                    dynamic_shapes=shapes, opset_version=opset, dynamo=True, verbose=False,
-                                    optimize=True)
-        return program.model_proto
+    return export_dynamic(module, inputs, arch.input_names, ("hidden", {0: "batch"}), arch.dynamic, exporter, opset)
 
 
 def feeds(arch: Architecture, batch: int, length: int) -> dict[str, np.ndarray]:
