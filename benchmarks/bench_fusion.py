@@ -120,7 +120,8 @@ def run_ort_optimizer(source: Path, target: Path, options: dict) -> dict:
     from onnxruntime.transformers.optimizer import optimize_model
 
     started = time.perf_counter()
-    with _quiet_logging():
+    # Its symbolic shape inference saves a model into the working folder when a shape stays unknown: not ours.
+    with _quiet_logging(), contextlib.chdir(target.parent):
         optimized = optimize_model(str(source), use_gpu=False, **options)
         optimized.save_model_to_file(str(target))
     fused = optimized.get_fused_operator_statistics()

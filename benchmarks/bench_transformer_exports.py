@@ -16,6 +16,7 @@ Writes benchmarks/results/transformer_exports.json and .md (needs `transformers`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -71,7 +72,8 @@ def max_rel_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 def onnxruntime_optimizer(path: Path, heads: int, hidden: int) -> onnx.ModelProto:
     from onnxruntime.transformers.optimizer import optimize_model
 
-    with warnings.catch_warnings():
+    # Its symbolic shape inference saves a model into the working folder when a shape stays unknown.
+    with warnings.catch_warnings(), contextlib.chdir(path.parent):
         warnings.simplefilter("ignore")
         optimized = optimize_model(str(path), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0)
     return optimized.model

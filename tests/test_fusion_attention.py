@@ -412,11 +412,16 @@ def test_skip_layernorm_gives_the_sum_where_the_residual_path_reads_it():
 
 
 @pytest.mark.parametrize(
-    "variant", [{"skip_shape": (1, S, E)}, {"axis": 1}], ids=["broadcast_skip", "not_the_last_axis"]
+    "variant, reason",
+    [({"skip_shape": (1, S, E)}, "not provably of one shape"), ({"axis": 1}, "other than the last axis")],
+    ids=["broadcast_skip", "not_the_last_axis"],
 )
-def test_skip_layernorm_declines(variant):
-    model, stats = _apply("fuse-skip-layernorm", _residual_graph(**variant))
+def test_skip_layernorm_declines_and_explain_says_why(variant, reason):
+    proto = _residual_graph(**variant)
+    model, stats = _apply("fuse-skip-layernorm", proto)
     assert stats == {} and op_counts(model) == {"Add": 1, "LayerNormalization": 1}
+    _, report = onnxforge.optimize(proto, "fuse-skip-layernorm", seed=0)
+    assert "skip-layernorm declined at 1 place" in report.explanation() and reason in report.explanation()
 
 
 def test_skip_layernorm_emits_nothing_for_tvm():

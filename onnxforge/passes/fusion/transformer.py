@@ -60,20 +60,22 @@ def _skip_layernorm(op, match: Match, context: FusionContext, x, skip, gamma, be
     b = match.bindings
     layernorm = b["normalized"].inputs[0]
     shape = x.shape
-    if (
-        not context.contrib_ops
-        or not _known_same_shape(x, skip)
-        or len(shape) not in (2, 3)
-        or x.dtype != np.float32
-        or skip.dtype != np.float32
-        or layernorm.attrs.get("axis", -1) not in (-1, len(shape) - 1)
-        or layernorm.attrs.get("stash_type", 1) != 1
-    ):
-        return None
+    if not context.contrib_ops:
+        return None  # not a near miss: the backend has no contrib ops
+    if not _known_same_shape(x, skip):
+        return decline("x and skip are not provably of one shape (SkipLayerNormalization does not broadcast)")
+    if len(shape) not in (2, 3):
+        return decline(f"the sum has rank {len(shape)}: SkipLayerNormalization takes [batch, sequence, hidden] or "
+                       "[rows, hidden]")
+    if x.dtype != np.float32 or skip.dtype != np.float32:
+        return decline(f"the sum is {np.dtype(x.dtype).name if x.dtype else 'of unknown type'}: onnxruntime's "
+                       "SkipLayerNormalization kernel on CPU is float32 only")
+    if layernorm.attrs.get("axis", -1) not in (-1, len(shape) - 1) or layernorm.attrs.get("stash_type", 1) != 1:
+        return decline("the LayerNormalization normalizes other than the last axis, or in another precision")
     width = shape[-1]
     vectors = [gamma] + ([beta] if beta is not None else []) + ([b["bias"]] if "bias" in b else [])
     if not isinstance(width, int) or not all(_vector_over(v, width) for v in vectors):
-        return None
+        return decline("gamma, beta or the bias is not a float32 vector over a constant hidden width")
     inputs = [x, skip, gamma, beta, b.get("bias")]
     while inputs[-1] is None:
         inputs.pop()
