@@ -37,6 +37,9 @@ _SEQUENCE_WORDS = ("seq", "sequence", "len", "time", "frames", "tokens")
 _SEQUENCE_DEFAULT = 16
 _SAMPLE_RATE_NAME = re.compile(r"^(sr|fs)$|sampl\w*_?rate|^rate$", re.IGNORECASE)
 SAMPLE_RATES = (16000, 8000)  # what a scalar sample-rate input gets, the first by default
+RANDOM_INTEGER_HIGH = 8  # random integers are drawn below this (or below the table they index, if smaller)
+# An integer mask of 0 and 1 (BERT's attention_mask): other values turn the additive mask into inf, then NaN.
+_MASK_NAME = re.compile(r"mask", re.IGNORECASE)
 # A random input larger than this is refused: a declared shape that large is a mistake or an attack.
 RANDOM_INPUT_LIMIT_BYTES = 2**31
 
@@ -108,14 +111,17 @@ def random_inputs(
     a batch-like dim (named N, b, bs, batch, batch_size or containing "batch", or an unnamed first
     axis) gets `batch`, default 1; a dim whose name contains seq, sequence, len, time, frames or
     tokens gets 16; any other gets 1.
-    Floats are standard normal, integers uniform in [0, 8) (small enough to index any vocabulary), bools fair
-    coin flips; an integer scalar named like a sample rate (sr, fs, sample_rate, sampling_rate) is 16000.
+    Floats are standard normal, integers uniform in [0, 8) (small enough to index most vocabularies), or below the
+    length of the smallest constant table the input indexes (`index_limits`: BERT's 2 token types), 0 or 1 when
+    named like a mask, bools fair coin flips; an integer scalar named like a sample rate (sr, fs, sample_rate,
+    sampling_rate) is 16000.
     """
     if batch is not None and batch < 1:
         raise DataError(f"batch must be 1 or more, got {batch}")
     specs = input_specs(model)
     shapes = dict(shapes or {})
     bound = check_shapes(specs, shapes)
+    limits = index_limits(model)
     rng = np.random.default_rng(seed)
     inputs = {}
     for spec in specs:
@@ -129,8 +135,40 @@ def random_inputs(
         if is_sample_rate(spec, shape):
             inputs[spec.name] = np.full(shape, SAMPLE_RATES[0], dtype=spec.dtype)
         else:
-            inputs[spec.name] = np.asarray(_random_array(spec, shape, rng))  # scalars as 0-d arrays
+            high = min(RANDOM_INTEGER_HIGH, limits.get(spec.name, RANDOM_INTEGER_HIGH))
+            if _MASK_NAME.search(spec.name):
+                high = 2
+            inputs[spec.name] = np.asarray(_random_array(spec, shape, rng, high))  # scalars as 0-d arrays
     return inputs
+
+
+def index_limits(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer inputs that index a constant table: input name -> the table's length along the gathered axis (the
+    shortest, when an input indexes several). A table is a weight or a Constant read by Gather, the input being
+    its indices directly or through Cast."""
+    graph = model.graph
+    tables = {init.name: list(init.dims) for init in graph.initializer}
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
+            tables[node.output[0]] = list(value.dims)
+    sources = {value.name: value.name for value in graph.input if value.name not in tables}
+    for node in graph.node:  # toposorted: a Cast's input is resolved before the Cast
+        if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and node.input[0] in sources:
+            sources[node.output[0]] = sources[node.input[0]]
+    limits: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        data, indices = node.input[0], node.input[1]
+        if indices not in sources or data not in tables or not tables[data]:
+            continue
+        dims = tables[data]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if -len(dims) <= axis < len(dims) and dims[axis] > 0:
+            name = sources[indices]
+            limits[name] = min(limits.get(name, dims[axis]), dims[axis])
+    return limits
 
 
 def is_sample_rate(spec: InputSpec, shape: Sequence[int]) -> bool:
@@ -249,8 +287,10 @@ def save_samples(
 
 
 def _dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
+    # Older exporters (Paddle2ONNX, early TensorFlow converters) declare a dynamic dim as -1; onnxruntime runs
+    # such an input at any size, so it is an unknown dim here too. Other negative dims stay an error.
     if dim.HasField("dim_value"):
-        return dim.dim_value
+        return None if dim.dim_value == -1 else dim.dim_value
     if dim.HasField("dim_param"):
         return dim.dim_param
     return None
@@ -300,13 +340,13 @@ def _default_dim(dim: Dim, axis: int, bound: Mapping[str, int], batch: int | Non
     return default_dim(dim, axis, batch)
 
 
-def _random_array(spec: InputSpec, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+def _random_array(spec: InputSpec, shape: list[int], rng: np.random.Generator, high: int) -> np.ndarray:
     if spec.elem_type in _FLOAT_TYPES:
         return rng.standard_normal(shape, dtype=np.float32).astype(spec.dtype)
     if spec.elem_type == TensorProto.BOOL:
         return rng.random(shape) < 0.5
     if spec.dtype.kind in "iu" or spec.dtype.name.startswith(("int", "uint")):
-        return rng.integers(0, 8, size=shape).astype(spec.dtype)
+        return rng.integers(0, high, size=shape).astype(spec.dtype)
     raise DataError(
         f"cannot make random values for input {spec.name!r} of type {spec.dtype.name}; "
         "give real samples with --data"

@@ -1,8 +1,10 @@
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
+from onnxforge import optimize
 from onnxforge.data import input_specs, load_samples, parse_shape_overrides, random_inputs, save_samples
 from onnxforge.errors import DataError
 
@@ -414,3 +416,53 @@ def test_a_sample_rate_input_gets_16000():
     inputs = random_inputs(_speech_model())
 
     assert inputs["sr"].shape == () and int(inputs["sr"]) == 16000
+
+
+def _bert_inputs_model() -> onnx.ModelProto:
+    """BERT's embedding inputs as the TorchScript exporter writes them: token types index a table of 2 rows, ids
+    (through a Cast) one of 30 rows, and the attention mask becomes the additive mask (1 - mask) * float32 min."""
+    f32_min = float(np.finfo(np.float32).min)
+    tensors = [
+        helper.make_tensor("types", TensorProto.FLOAT, [2, 4], np.ones(8, np.float32)),
+        helper.make_tensor("words", TensorProto.FLOAT, [30, 4], np.ones(120, np.float32)),
+        helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+        helper.make_tensor("lowest", TensorProto.FLOAT, [], [f32_min]),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["types", "token_type_ids"], ["type_embedding"]),
+        helper.make_node("Cast", ["input_ids"], ["ids32"], to=TensorProto.INT32),
+        helper.make_node("Gather", ["words", "ids32"], ["word_embedding"]),
+        helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["one", "mask_float"], ["masked"]),
+        helper.make_node("Mul", ["masked", "lowest"], ["additive_mask"]),
+        helper.make_node("Add", ["type_embedding", "word_embedding"], ["embedding"]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "sequence"])
+        for name in ("input_ids", "attention_mask", "token_type_ids")
+    ]
+    outputs = [
+        helper.make_tensor_value_info("embedding", TensorProto.FLOAT, None),
+        helper.make_tensor_value_info("additive_mask", TensorProto.FLOAT, None),
+    ]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=tensors)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_random_integers_stay_within_the_table_they_index_and_a_mask_is_zero_or_one():
+    inputs = random_inputs(_bert_inputs_model(), shapes={"input_ids": [4, 64]}, seed=0)
+
+    assert set(np.unique(inputs["token_type_ids"])) == {0, 1}
+    assert set(np.unique(inputs["attention_mask"])) == {0, 1}
+    assert inputs["input_ids"].min() >= 0 and inputs["input_ids"].max() == 7
+
+
+def test_a_bert_encoder_with_dynamic_axes_is_verified_with_no_flags_on_finite_outputs():
+    model = _bert_inputs_model()
+
+    _, report = optimize(model, "cleanup", seed=0)  # token types up to 7 made this a DataError
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, random_inputs(model, seed=0))
+
+    assert report.verification["inputs"]["source"] == "random"
+    assert all(np.isfinite(output).all() for output in outputs)  # a mask of 2 gives inf, then NaN in softmax

@@ -134,12 +134,17 @@ def test_shape_given_is_used_as_it_is_without_searching():
 
 
 def test_random_token_ids_that_index_out_of_range_point_at_data():
+    # ids + 4 index a table of 4 rows: no random id is in range, and the input is not the indices themselves.
     table = helper.make_tensor("table", TensorProto.FLOAT, [4, 2], np.ones(8, np.float32))
+    offset = helper.make_tensor("offset", TensorProto.INT64, [], [4])
     model = _graph_model(
-        [helper.make_node("Gather", ["table", "ids"], ["y"])],
+        [
+            helper.make_node("Add", ["ids", "offset"], ["shifted"]),
+            helper.make_node("Gather", ["table", "shifted"], ["y"]),
+        ],
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [table],
+        [table, offset],
     )
 
     with pytest.raises(DataError, match=r"out of range with the random integers of 'ids'.*--data"):
@@ -222,6 +227,17 @@ def test_quant_times_its_choices_on_the_shape_given(exported):
     result = quant.run(model, PassContext(timing=QUICK, feeds=Feeds(shapes={"x": [1, 576]})))
 
     assert result.stats["layers"] == 3
+
+
+def test_a_dim_declared_minus_one_is_dynamic_and_searched_like_one_without_a_name():
+    # Paddle2ONNX (rapidocr's OCR models) and early converters write a dynamic dim as dim_value -1.
+    model = _reflect_pad_model(pad=200)
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, -1]))
+
+    _, report = optimize(model, "cleanup", seed=0)
+
+    assert report.verification["inputs"]["shapes"] == {"x": [1, 256]}
+    assert report.passes[0].status == "unchanged"
 
 
 def test_verification_report_says_how_the_shapes_were_found():

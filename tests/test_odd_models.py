@@ -495,3 +495,47 @@ def test_a_weight_both_branches_of_an_if_read_is_stored_once(tmp_path):
         want = ort.InferenceSession(source.SerializeToString()).run(None, {"x": feed})[0]
         got = ort.InferenceSession(str(path)).run(None, {"x": feed})[0]
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# --- verification that would compare nothing -------------------------------------------------------------
+
+
+def _nan_on_random_inputs() -> onnx.ModelProto:
+    """y = sqrt(x - 100) + 1: NaN for every random input, finite for inputs above 100."""
+    nodes = [
+        helper.make_node("Sub", ["x", "hundred"], ["shifted"]),
+        helper.make_node("Sqrt", ["shifted"], ["root"]),
+        helper.make_node("Add", ["root", "one"], ["y"]),
+        helper.make_node("Identity", ["y"], ["z"]),
+    ]
+    inits = [numpy_helper.from_array(np.float32(100), "hundred"), numpy_helper.from_array(np.float32(1), "one")]
+    graph = helper.make_graph(
+        nodes,
+        "nan",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_output_nan_everywhere_on_random_inputs_is_one_error_pointing_at_data(tmp_path):
+    from test_cli import OPTIMIZE, run_cli
+
+    model = tmp_path / "model.onnx"
+    onnx.save(_nan_on_random_inputs(), model)
+
+    result = run_cli(OPTIMIZE, model, "--passes", "cleanup", "-o", tmp_path / "out.onnx")
+
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: the model's output z is NaN or infinite everywhere on random inputs: verification would compare "
+        "nothing; give inputs it computes on with --data"
+    ]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_same_model_verifies_on_samples_it_computes_on():
+    samples = [{"x": np.full((2, 3), 101 + i, np.float32)} for i in range(3)]
+    optimized, report = onnxforge.optimize(_nan_on_random_inputs(), "cleanup", data=samples, seed=0)
+    assert report.passes[0].status == "applied"

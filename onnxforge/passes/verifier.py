@@ -12,7 +12,7 @@ import onnx
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import Backend, BackendOptions
 from onnxforge.data import input_specs
-from onnxforge.errors import BackendError, ModelLoadError, OnnxforgeError
+from onnxforge.errors import BackendError, DataError, ModelLoadError, OnnxforgeError
 from onnxforge.feeds import Feeds
 from onnxforge.ir import Model
 from onnxforge.ir.shapes import skeleton_proto
@@ -89,6 +89,16 @@ class Verifier:
                 f"the input model fails on random inputs ({shapes}): {exc}; "
                 "fix dynamic dims with --shape NAME=DIMS or verify on real samples with --data"
             ) from None
+        never_finite = _never_finite(self.reference_outputs)
+        if never_finite:
+            where, what = (
+                ("on the samples given", "check the samples") if self.feeds.samples
+                else ("on random inputs", "give inputs it computes on with --data")
+            )
+            raise DataError(
+                f"the model's output {', '.join(never_finite)} is NaN or infinite everywhere {where}: verification "
+                f"would compare nothing; {what}"
+            )
         if source is not None:
             self._check_import(model, source)
         return self.reference_outputs
@@ -169,6 +179,18 @@ def _dtype_names(model: Model) -> set[str]:
             if tensor.dtype is not None and not isinstance(tensor.dtype, int):
                 names.add(np.dtype(tensor.dtype).name)
     return names
+
+
+def _never_finite(outputs: Outputs) -> list[str]:
+    """The float outputs with no finite value in any run (an empty one has nothing to compare either way)."""
+    def float_array(value) -> bool:
+        return isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size > 0
+
+    names = outputs[0].keys() if outputs else []
+    return [
+        name for name in names
+        if all(float_array(run[name]) for run in outputs) and not any(np.isfinite(run[name]).any() for run in outputs)
+    ]
 
 
 def _as_declared(value: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
