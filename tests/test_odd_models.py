@@ -386,6 +386,38 @@ def test_cleanup_folds_a_transpose_of_a_weight_nothing_else_reads():
     assert _ops(optimized) == ["MatMul"] and optimized.stats().bytes == load_model(proto).stats().bytes
 
 
+def _gate_slices_of_a_bias(bias_read_whole: bool) -> onnx.ModelProto:
+    """Four 1 KiB gate slices of a 4 KiB bias, each added to x (as an LSTM's gates are split); with
+    `bias_read_whole`, the bias is also added whole elsewhere (as silero-vad's other If branch does)."""
+    bias = numpy_helper.from_array(np.random.default_rng(0).standard_normal(1024).astype(np.float32), "bias")
+    inits = [bias] + [numpy_helper.from_array(np.array([v], np.int64), n)
+                      for n, v in (("s0", 0), ("s1", 256), ("s2", 512), ("s3", 768), ("s4", 1024))]
+    nodes = []
+    for gate in range(4):
+        nodes += [helper.make_node("Slice", ["bias", f"s{gate}", f"s{gate + 1}"], [f"b{gate}"]),
+                  helper.make_node("Add", ["x", f"b{gate}"], [f"y{gate}"])]
+    nodes.append(helper.make_node("Concat", [f"y{gate}" for gate in range(4)], ["y"], axis=1))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1024])]
+    if bias_read_whole:
+        nodes.append(helper.make_node("Add", ["y", "bias"], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 1024]))
+    graph = helper.make_graph(nodes, "gates", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 256])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_cleanup_does_not_store_small_slices_of_a_bias_that_stays():
+    proto = _gate_slices_of_a_bias(bias_read_whole=True)
+    optimized, _ = onnxforge.optimize(proto, "cleanup", seed=0)
+    assert optimized.stats().bytes <= load_model(proto).stats().bytes and "Slice" in _ops(optimized)
+
+
+def test_cleanup_folds_small_slices_of_a_bias_nothing_else_reads():
+    proto = _gate_slices_of_a_bias(bias_read_whole=False)
+    optimized, _ = onnxforge.optimize(proto, "cleanup", seed=0)
+    assert "Slice" not in _ops(optimized) and optimized.stats().bytes <= load_model(proto).stats().bytes
+
+
 # --- 6: a weight several layers share is quantized once ---------------------------------------------------
 
 

@@ -36,7 +36,7 @@ NEVER_FOLD = {
 }
 
 
-# Results up to this size are always folded: shapes, indices, scalars.
+# Results up to this size computed from constants no larger are always folded: shapes, indices, scalars.
 SMALL_BYTES = 1024
 
 
@@ -325,12 +325,17 @@ def _content_key(value: np.ndarray) -> bytes:
 def _growing_groups(
     results: list[gs.Variable], values: dict[str, np.ndarray], folded_away: set[int], max_growth: int
 ) -> list[gs.Variable]:
-    """The results (over SMALL_BYTES) of the groups that would add more than `max_growth` bytes of weights.
+    """The results of the groups that would add more than `max_growth` bytes of weights: results over SMALL_BYTES,
+    and smaller ones computed from a weight over it (a gate's slice of an LSTM bias); shape arithmetic is free.
 
     Results computed from a common weight form one group: the weight is freed only if all of them are stored.
     A weight is freed when every node reading it (in subgraphs too) is in `folded_away`.
     """
-    large = [t for t in results if values[t.name].nbytes > SMALL_BYTES]
+    large = [
+        t for t in results
+        if values[t.name].nbytes > SMALL_BYTES
+        or any(int(w._values.nbytes) > SMALL_BYTES for w in _source_weights(t, values))
+    ]
     owner: dict[int, int] = {}  # freed weight -> index of the first result using it
     parent = list(range(len(large)))
 
