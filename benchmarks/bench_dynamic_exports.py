@@ -12,9 +12,10 @@ The sentence encoder all-MiniLM-L6-v2 of trained_models.py (BERT with mean pooli
 The two dynamic exports are made by tests/transformer_exports.py's `export`, as the fusion tests make theirs.
 
 For each export: fp32 as exported; onnxruntime's transformer optimizer (`optimize_model(path, model_type="bert",
-num_heads=12, hidden_size=384)`, its defaults otherwise); onnxforge `cleanup,fuse`; onnxforge `cleanup,fuse,quant`
+num_heads=12, hidden_size=384)`, its defaults otherwise); onnxforge `cleanup,fuse`; onnxforge `cleanup,fuse,quant`;
+onnxforge `cleanup,prune:ratio=0.3:scope=layer:method=taylor-free,fuse` (bench_prune.py's "prune 30% layer"), all
 with the case's calibration sentences as data. Each variant is judged on the held-out sentences against its own
-export's fp32 (worst cosine of the sentence embeddings) and the four are timed together in interleaved blocks
+export's fp32 (worst cosine of the sentence embeddings) and the five are timed together in interleaved blocks
 (batch 1, 128 tokens, onnxruntime graph optimization "all", thread spinning off; case_variants.judge_and_time).
 Then the three fp32 exports and their three int8 models are timed together against the static fp32, to compare
 the exports with each other. Writes benchmarks/results/dynamic_exports.json and .md (-quick with --quick).
@@ -22,6 +23,7 @@ the exports with each other. Writes benchmarks/results/dynamic_exports.json and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -36,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from bench_transformer_exports import fused_counts
-from case_variants import judge_and_time, page_header, run_benchmark, run_pipeline
+from case_variants import judge_and_time, page_header, parameter_count, parameters_cell, run_benchmark, run_pipeline
 from paired_timing import Timing, file_bytes, interleaved_timing
 from trained_models import (
     MINILM_INPUTS,
@@ -58,6 +60,7 @@ EXPORTS: dict[str, tuple[str, int] | None] = {
 PIPELINES = {
     "onnxforge cleanup,fuse": "cleanup,fuse",
     "onnxforge cleanup,fuse,quant": "cleanup,fuse,quant",
+    "onnxforge prune 30% layer": "cleanup,prune:ratio=0.3:scope=layer:method=taylor-free,fuse",
 }
 ORT_OPTIMIZER = "onnxruntime optimizer"
 INT8 = "onnxforge cleanup,fuse,quant"
@@ -147,7 +150,8 @@ def ort_optimizer(source: Path, out: Path) -> dict:
 
     started = time.perf_counter()
     try:
-        with warnings.catch_warnings():
+        # Its symbolic shape inference saves a model into the working folder when a shape stays unknown.
+        with warnings.catch_warnings(), contextlib.chdir(out.parent):
             warnings.simplefilter("ignore")
             optimized = optimize_model(
                 str(source), model_type="bert", num_heads=HEADS, hidden_size=HIDDEN
@@ -207,6 +211,7 @@ def bench_case(case: EncoderCase, timing: Timing, work: Path) -> dict:
         for variant in variants.values():
             if variant["path"]:
                 variant["ops"] = op_counts(Path(variant["path"]))
+                variant["params"] = parameter_count(Path(variant["path"]))
         exports[label] = {
             "exporter": exporter or ("torchscript (static)", 17),
             **describe_export(path, static, case),
@@ -272,17 +277,17 @@ def markdown(results: list[dict], setup: dict, env: dict) -> str:
         lines += ["", result["description"], ""]
         lines += [
             (
-                "| export | variant | nodes | attention fused | speed vs this export's fp32 (IQR) | latency | "
-                "worst cosine (held out) | time taken |"
+                "| export | variant | nodes | attention fused | parameters | speed vs this export's fp32 (IQR) | "
+                "latency | worst cosine (held out) | time taken |"
             ),
-            "|---" * 8 + "|",
+            "|---" * 9 + "|",
         ]
         for label, info in result["exports"].items():
             blocks = info["variants"]["fp32"]["ops"]["softmax"]
             for name, v in info["variants"].items():
                 if v["path"] is None:
                     lines.append(
-                        f"| {label} | {name} | failed: {v['failure']} | | | | | {v['seconds']} s |"
+                        f"| {label} | {name} | failed: {v['failure']} | | | | | | {v['seconds']} s |"
                     )
                     continue
                 iqr = v.get("speedup_iqr")
@@ -294,6 +299,7 @@ def markdown(results: list[dict], setup: dict, env: dict) -> str:
                     name,
                     str(v["ops"]["nodes"]),
                     f"{v['ops']['attention']} / {blocks}",
+                    parameters_cell(v, info["variants"]["fp32"]),
                     speed,
                     f"{v['median_ms']:.2f} ms",
                     f"{v['agreement']['worst_cosine']:.4f}",
