@@ -25,11 +25,11 @@ import onnxruntime
 from onnxforge import optimize
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import BackendOptions
+from onnxforge.comparison import compare_outputs
 from onnxforge.data import random_inputs
 from onnxforge.examples import build_example_model
 from onnxforge.ir import Model, load_model, save_model
 from onnxforge.ir.shapes import skeleton_proto
-from onnxforge.verify import compare_outputs
 from paired_timing import BenchmarkRun, Timing, file_bytes, paired_timing
 from torch_models import residual_cnn, transformer_encoder
 

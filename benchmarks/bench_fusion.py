@@ -33,8 +33,8 @@ import onnxruntime
 from onnxforge import optimize
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import BackendOptions
+from onnxforge.comparison import compare_outputs
 from onnxforge.ir import Model, save_model
-from onnxforge.verify import compare_outputs
 from paired_timing import BenchmarkRun, Timing, file_bytes, interleaved_timing
 from torch_models import bert_like, residual_cnn, transformer_encoder
 

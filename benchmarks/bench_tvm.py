@@ -31,10 +31,10 @@ import numpy as np
 from onnxforge import optimize
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import BackendOptions
+from onnxforge.comparison import compare_outputs
 from onnxforge.data import random_inputs
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.measure import MeasureOptions
-from onnxforge.verify import compare_outputs
 from paired_timing import BenchmarkRun
 from torch_models import residual_cnn, transformer_encoder
 

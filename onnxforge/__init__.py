@@ -30,11 +30,12 @@ _EXPORTS = {
 
 __all__ = ["__version__", *_EXPORTS]
 
-if TYPE_CHECKING:
-    from onnxforge.api import measure_model, optimize
-    from onnxforge.errors import OnnxforgeError
-    from onnxforge.ir import Model, load_model, save_model
-    from onnxforge.passes import Pass, PassContext, PassManager, PassResult, register_pass
+if TYPE_CHECKING:  # `x as x`: re-exported (`__all__` above is built at run time, so linters cannot read it)
+    from onnxforge.api import measure_model as measure_model, optimize as optimize
+    from onnxforge.errors import OnnxforgeError as OnnxforgeError
+    from onnxforge.ir import Model as Model, load_model as load_model, save_model as save_model
+    from onnxforge.passes import Pass as Pass, PassContext as PassContext, PassManager as PassManager
+    from onnxforge.passes import PassResult as PassResult, register_pass as register_pass
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,7 @@ import onnx
 
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import BackendOptions, Compiled, require_static_inputs
+from onnxforge.comparison import Comparison, compare_outputs
 from onnxforge.data import load_samples
 from onnxforge.errors import DataError
 from onnxforge.feeds import Feeds
@@ -32,8 +33,8 @@ from onnxforge.passes import (
 )
 from onnxforge.passes.cleanup.set_shapes import SetShapes, fix_input_shapes
 from onnxforge.passes.decisions import Decisions
+from onnxforge.passes.manager import OnError
 from onnxforge.report import OptimizationReport
-from onnxforge.verify import compare_outputs
 
 Samples = list[dict[str, np.ndarray]]
 
@@ -48,7 +49,7 @@ def optimize(
     verify: bool = True,
     rtol: float = 1e-4,
     seed: int | None = None,
-    on_error: str = "rollback",
+    on_error: OnError = "rollback",
     measure: bool = False,
     measure_options: MeasureOptions | None = None,
     backend: str = "ort",
@@ -245,7 +246,7 @@ def _as_loaded(model: Any) -> str | bytes | None:
     return None
 
 
-def _error_on(samples: Samples, original: Model | str | bytes, result: Model, backend: str):
+def _error_on(samples: Samples, original: Model | str | bytes, result: Model, backend: str) -> Comparison:
     before = get_backend(backend).prepare(original)
     after = get_backend(backend).prepare(result)
     return compare_outputs([before.run(s) for s in samples], [after.run(s) for s in samples])

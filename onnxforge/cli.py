@@ -470,7 +470,7 @@ def _compare(args: argparse.Namespace) -> int:
     from onnxforge.frontends import from_onnx
     from onnxforge.ir.output_set import check_output_paths
     from onnxforge.report import write_json
-    from onnxforge.verify import compare_outputs
+    from onnxforge.comparison import compare_outputs
 
     reference = from_onnx(args.reference)
     candidate = from_onnx(args.candidate)

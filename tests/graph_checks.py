@@ -9,11 +9,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.backends import BackendOptions, get_backend
+from onnxforge.comparison import compare_outputs
 from onnxforge.data import random_inputs
 from onnxforge.ir import Model, load_model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.passes import PassContext, PassResult, create_passes
-from onnxforge.verify import compare_outputs
 
 
 def op_counts(model: Model) -> Counter:

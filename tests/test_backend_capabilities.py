@@ -20,7 +20,9 @@ from onnxforge.passes import PassContext, create_passes
 from onnxforge.passes.fusion.base import FUSED_CONTRIB_OPS
 from onnxforge.passes.quantization.quant import QUANTIZED_CONTRIB_OPS
 
-PASSES = Path(__file__).parent.parent / "onnxforge" / "passes"
+PACKAGE = Path(__file__).parent.parent / "onnxforge"
+# The code passes run: the pass families and the calibration layer they share.
+PASS_CODE = (PACKAGE / "passes", PACKAGE / "calibration")
 PIPELINE = "cleanup,fuse,quant:bits=4:measure=false"
 
 
@@ -98,8 +100,9 @@ def test_no_pass_compares_the_backend_name():
     """Passes ask `ctx.capabilities`; a comparison with a backend's name would treat its aliases differently."""
     comparison = re.compile(r"""(==|!=|\bin)\s*[(\[{]?["'](ort|onnxruntime|tvm)["']|["'](ort|onnxruntime|tvm)["']\s*(==|!=)""")
     found = [
-        f"{path.relative_to(PASSES)}:{number}: {line.strip()}"
-        for path in sorted(PASSES.rglob("*.py"))
+        f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}"
+        for folder in PASS_CODE
+        for path in sorted(folder.rglob("*.py"))
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if comparison.search(line)
     ]

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from onnxforge.backends import get_backend
-from onnxforge.verify import compare_outputs
+from onnxforge.comparison import compare_outputs
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "writing-a-pass.md"
 FILE_BLOCK = re.compile(r"<!-- file: (?P<name>[\w.]+) -->\n```python\n(?P<code>.*?)\n```", re.DOTALL)

@@ -13,7 +13,7 @@ import pytest
 
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import BackendOptions
-from onnxforge.verify import compare_outputs
+from onnxforge.comparison import compare_outputs
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "fusion.md"
 FILE_BLOCK = re.compile(r"<!-- file: (?P<name>[\w.]+) -->\n```python\n(?P<code>.*?)\n```", re.DOTALL)

@@ -8,8 +8,8 @@ import onnx
 
 from onnxforge.backends import get_backend
 from onnxforge.cli import optimize_main
+from onnxforge.comparison import compare_outputs
 from onnxforge.examples import INPUT_SHAPE, build_example_model
-from onnxforge.verify import compare_outputs
 
 
 def _op_counts(path) -> Counter:

@@ -9,13 +9,13 @@ import pytest
 from graph_checks import apply, constant, make_model, max_rel_error, op_counts, padded_token_samples, value_info
 from onnx import TensorProto, helper
 
+from onnxforge.calibration.probes import replacement_errors
 from onnxforge.errors import PassError
 from onnxforge.ir import Model, infer_shapes, load_model
 from onnxforge.passes.base import PassContext
 from onnxforge.passes.layers import find_layers
 from onnxforge.passes.lowrank.factorization import ranks_for_budget, spectrum
 from onnxforge.passes.lowrank.lowrank import Candidate, as_candidate, factor_layer, spatial_candidate
-from onnxforge.passes.weight_probes import replacement_errors
 from test_prune_pass import relative_error
 
 RNG = np.random.default_rng(0)

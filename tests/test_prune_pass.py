@@ -13,14 +13,14 @@ from test_pruning_channel_groups import MODELS, _exported
 
 from onnxforge import optimize
 from onnxforge.backends import BackendOptions, get_backend
+from onnxforge.calibration import recovery
+from onnxforge.calibration.observe import observe_tensors
 from onnxforge.data import random_inputs
 from onnxforge.errors import PassError
 from onnxforge.frontends.torch import from_torch
 from onnxforge.ir import load_model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.passes import PassContext
-from onnxforge.passes.activations import observe_tensors
-from onnxforge.passes import refit as recovery
 from onnxforge.passes.layers import find_layers
 from onnxforge.passes.pruning import ChannelGroups
 from onnxforge.passes.pruning.importance import channel_importance, input_statistics

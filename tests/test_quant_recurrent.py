@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 import onnxforge
-from onnxforge.verify import compare_outputs
+from onnxforge.comparison import compare_outputs
 
 VOCABULARY = 50
 

@@ -11,7 +11,7 @@ from graph_checks import constant, op_counts, value_info
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxforge
-from onnxforge.verify import compare_outputs
+from onnxforge.comparison import compare_outputs
 
 FEATURES = 64
 RNG = np.random.default_rng(11)

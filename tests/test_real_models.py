@@ -18,11 +18,11 @@ import pytest
 
 import onnxforge
 from onnxforge.backends import get_backend
+from onnxforge.comparison import compare_outputs
 from onnxforge.data import random_inputs
 from onnxforge.ir import Model, load_model, save_model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.report import OptimizationReport
-from onnxforge.verify import compare_outputs
 
 RTOL = 1e-4
 LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"

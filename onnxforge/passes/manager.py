@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from onnxforge.comparison import compare_outputs
 from onnxforge.errors import OnnxforgeError, PassUsageError
 from onnxforge.ir import Model, ModelStats
 from onnxforge.limits import TimeLimitError, check_deadlines, time_limit
@@ -19,7 +20,6 @@ from onnxforge.passes.base import (
     add_counters,
 )
 from onnxforge.passes.verifier import Verifier, VerifyOptions
-from onnxforge.verify import compare_outputs
 
 OnError = Literal["rollback", "stop"]
 

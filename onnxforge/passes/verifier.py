@@ -11,13 +11,13 @@ import onnx
 
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import Backend, BackendOptions
+from onnxforge.comparison import Comparison, compare_outputs
 from onnxforge.data import input_specs
 from onnxforge.errors import BackendError, DataError, ModelLoadError, OnnxforgeError
 from onnxforge.feeds import Feeds
 from onnxforge.ir import Model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.ir.validity import check_model
-from onnxforge.verify import Comparison, compare_outputs
 
 Outputs = list[dict[str, np.ndarray]]
 # How many steps of float16 / bfloat16 a lossless pass may move a half-precision model's outputs by

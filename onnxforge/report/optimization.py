@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnxforge.comparison import Comparison
 from onnxforge.ir import ModelStats
 from onnxforge.ir.output_set import OutputSet
 from onnxforge.measure import LatencyStats
 from onnxforge.passes.manager import PassRecord
-from onnxforge.verify import Comparison
 
 
 @dataclass

@@ -10,18 +10,18 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxforge.calibration.observe import Sample, observed, sampled_rows
+from onnxforge.calibration.probes import replacement_errors
+from onnxforge.calibration.recovery import MAX_ROWS, input_rows, layer_targets, refit_layers
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model, infer_shapes
 from onnxforge.ir.edit import make_constant, unique_name
-from onnxforge.passes.activations import Sample, observed, sampled_rows
 from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.layer_costs import LayerCost, describe_change, layer_costs
 from onnxforge.passes.layers import Layer, excluded_by, find_layers, half_precision_note
 from onnxforge.passes.lowrank.factorization import Spectrum, ranks_for_budget, spectrum
-from onnxforge.passes.refit import MAX_ROWS, input_rows, layer_targets, refit_layers
 from onnxforge.passes.registry import register_pass
 from onnxforge.passes.speed_check import kept_if_faster
-from onnxforge.passes.weight_probes import replacement_errors
 
 # A factorization must cut the layer's parameters (and so its multiply-accumulates) at least this much.
 MAX_KEPT = 0.9

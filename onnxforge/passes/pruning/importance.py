@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxforge.calibration.observe import Sample, counted_rows, observed
 from onnxforge.ir import Model
-from onnxforge.passes.activations import Sample, counted_rows, observed
 from onnxforge.passes.base import PassContext
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelSlot
 

@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxforge.calibration.recovery import data_shortfall, layer_targets, layers_reached, refit_layers, refittable
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model
 from onnxforge.ir.edit import make_constant
@@ -18,7 +19,6 @@ from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelGroups
 from onnxforge.passes.pruning.channel_surgery import remove_channels
 from onnxforge.passes.pruning.importance import DATA_METHODS, channel_importance, input_statistics
 from onnxforge.passes.pruning.selection import kept_for_refit, reader_grams
-from onnxforge.passes.refit import data_shortfall, layer_targets, layers_reached, refit_layers, refittable
 from onnxforge.passes.pruning.sparsity import SPEED_NOTE, magnitude_mask, two_of_four_mask
 from onnxforge.passes.registry import register_pass
 from onnxforge.passes.speed_check import kept_if_faster
@@ -36,9 +36,9 @@ class ChannelPruning(Pass):
     (activation, taylor-free; see importance.py). scope=layer removes `ratio` of every group's channels,
     scope=global the `ratio` least important channels of all groups together (at least one kept per group);
     either way a group keeps the multiple of `round_to` channels nearest to that (kernels block channels by 8 or 16).
-    With recover=true the layers after the pruned channels are refitted on --data (refit.py), and each group keeps
-    the channels from which its readers' refit best reproduces what they computed (select=refit, selection.py;
-    attention heads by importance).
+    With recover=true the layers after the pruned channels are refitted on --data (calibration/recovery.py), and
+    each group keeps the channels from which its readers' refit best reproduces what they computed (select=refit,
+    selection.py; attention heads by importance).
     structure=unstructured zeros the `ratio` smallest weights of each layer and structure=2:4 two of every
     four along the input axis: shapes stay, so only the compressed file shrinks on dense kernels.
     """

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxforge.calibration.observe import Sample, observed, sampled_rows
+from onnxforge.calibration.recovery import MAX_ROWS, design_columns, design_weights, input_rows, ridge_strength
 from onnxforge.ir import Model
-from onnxforge.passes.activations import Sample, observed, sampled_rows
 from onnxforge.passes.base import PassContext
 from onnxforge.passes.pruning.channel_groups import ChannelGroup
-from onnxforge.passes.refit import MAX_ROWS, design_columns, design_weights, input_rows, ridge_strength
 
 # Ridge of the reader's fit, relative to its mean squared input, as in recovery's weakest tried strengths: it keeps
 # the Gram matrix invertible where channels are exactly dependent (a channel that is always 0).

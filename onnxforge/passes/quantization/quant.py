@@ -9,12 +9,13 @@ from typing import Literal
 
 import numpy as np
 
+from onnxforge.calibration.observe import Sample, observe_tensors, run_model
+from onnxforge.comparison import Comparison, compare_outputs
 from onnxforge.data import split_samples
 from onnxforge.errors import PassError, PassUsageError
 from onnxforge.ir import Model
 from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.decisions import Measured
-from onnxforge.passes.activations import Sample, observe_tensors, run_model
 from onnxforge.passes.quantization.exposing import constant_node_weights, split_attention_projections, split_gemms
 from onnxforge.passes.quantization.calibration import RangeObserver, scale_and_zero_point
 from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer, model_nodes, numbered_layers
@@ -25,7 +26,6 @@ from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerF
 from onnxforge.passes.quantization.sensitivity import BudgetFit, ErrorBudget, fit_error_budget
 from onnxforge.passes.quantization.weights import QuantSpec
 from onnxforge.passes.registry import register_pass
-from onnxforge.verify import Comparison, compare_outputs
 
 # Layer types each mode can quantize; embedding tables (Gather) are weight-only int8 rows in every mode.
 MODE_OPS = {

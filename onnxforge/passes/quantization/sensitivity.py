@@ -5,18 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from onnxforge.calibration.observe import Sample, run_model
+from onnxforge.comparison import Comparison, compare_outputs
 from onnxforge.passes.base import PassContext
-from onnxforge.passes.activations import Sample, run_model
 from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
 from onnxforge.passes.quantization.rewrite import LayerFormat
-from onnxforge.verify import Comparison, compare_outputs
 
 
 @dataclass(frozen=True)
 class ErrorBudget:
     """How far the quantized model may be from float: the worst relative error and/or the worst cosine.
 
-    Errors are those of `onnxforge.verify.compare_outputs`, the worst over outputs and samples.
+    Errors are those of `onnxforge.comparison.compare_outputs`, the worst over outputs and samples.
     """
 
     max_error: float | None = None

@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from onnxforge.comparison import compare_outputs
 from onnxforge.errors import OnnxforgeError
-from onnxforge.verify import compare_outputs
 
 
 def _rng():

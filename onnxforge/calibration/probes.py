@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxforge.calibration.observe import Sample
 from onnxforge.ir import Model
 from onnxforge.ir.edit import unique_name
-from onnxforge.passes.activations import Sample
-from onnxforge.passes.base import PassContext
-from onnxforge.passes.layers import Layer
+
+if TYPE_CHECKING:  # calibration sits below passes: it only reads a layer's fields and calls ctx.prepare
+    from onnxforge.passes.base import PassContext
+    from onnxforge.passes.layers import Layer
 
 
 def replacement_errors(

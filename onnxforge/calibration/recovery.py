@@ -11,14 +11,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxforge.calibration.observe import Sample, observe_tensors, observed, sampled_rows
 from onnxforge.ir import Model
 from onnxforge.ir.edit import make_constant
-from onnxforge.passes.activations import Sample, observe_tensors, observed, sampled_rows
-from onnxforge.passes.base import PassContext
+
+if TYPE_CHECKING:  # calibration sits below passes: it only hands ctx on to observe
+    from onnxforge.passes.base import PassContext
 
 MAX_ROWS = 20000  # rows (tokens, output pixels) fitted per layer: enough for thousands of unknowns
 # Ridge strengths tried, relative to the mean squared input; the fit is pulled towards the current weights,

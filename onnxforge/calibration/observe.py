@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxforge.ir import Model
-from onnxforge.passes.base import PassContext
+
+if TYPE_CHECKING:  # calibration sits below passes: it only calls ctx.prepare
+    from onnxforge.passes.base import PassContext
 
 Sample = dict[str, np.ndarray]
 # The input that marks a sample's real tokens (1) and its padding (0), by the Hugging Face convention. Rows of a
