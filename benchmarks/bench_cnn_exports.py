@@ -43,7 +43,7 @@ from case_variants import page_header
 from cnn_exports import ARCHITECTURES, export, torchvision_available
 from paired_timing import BenchmarkRun, Timing, file_bytes, interleaved_timing
 from torch_exports import EXPORTERS
-from trained_models import ort_session
+from cases.trained_case import ort_session
 
 import onnxforge
 from onnxforge.ir import save_model

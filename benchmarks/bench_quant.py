@@ -4,7 +4,7 @@
     python benchmarks/bench_quant.py                          # about 5 minutes on 2 cores
     python benchmarks/bench_quant.py --quick --cases silero-vad
 
-For each case of trained_models.py (a sentence encoder, a speech detector, a text-detection CNN): the fp32 model,
+For each case of cases/ (a sentence encoder, a speech detector, a text-detection CNN): the fp32 model,
 onnxruntime's `quantize_dynamic` and `quantize_static` (ort_quantization.py), and onnxforge's pipelines (OURS),
 each given the case's calibration samples as `data=`. Every model is then judged on the case's held-out inputs
 (never used to calibrate) against fp32, its file size taken, and all of a case's models timed together in
@@ -23,7 +23,8 @@ import onnx.version_converter
 from case_variants import judge_and_time, page_header, run_benchmark, run_pipeline, variant_table
 from ort_quantization import ort_quantize_dynamic, ort_quantize_static
 from paired_timing import Timing, file_bytes
-from trained_models import CASE_BUILDERS, TrainedCase
+from cases import CASE_BUILDERS
+from cases.trained_case import TrainedCase
 
 
 # onnxforge's pipelines per case. The OCR detector ships at opset 12; per-channel QDQ needs 13.

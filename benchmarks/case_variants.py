@@ -18,7 +18,8 @@ import onnxruntime
 from onnxforge import optimize
 from onnxforge.ir import save_model
 from paired_timing import BenchmarkRun, Timing, interleaved_timing
-from trained_models import TrainedCase, missing_packages, ort_session, trained_cases
+from cases import missing_packages, trained_cases
+from cases.trained_case import TrainedCase, ort_session
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The lossless passes are verified at 1e-4 relative on random inputs, except where the model itself amplifies

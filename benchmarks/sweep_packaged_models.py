@@ -58,7 +58,7 @@ def export_minilm_dynamic(package_dir: Path, path: Path) -> None:
     """all-MiniLM-L6-v2 with its mean pooling, exported by torch.onnx.export (TorchScript) with dynamic batch and
     sequence axes, as most users export it."""
     import torch
-    from trained_models import minilm_sentence_module
+    from cases.minilm_encoder import minilm_sentence_module
 
     module, _ = minilm_sentence_module(package_dir / "model")
     ids = torch.randint(1000, 2000, (2, 16))

@@ -11,15 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import trained_models  # noqa: E402
-from trained_models import (  # noqa: E402
-    TrainedCase,
-    decisions_unchanged,
-    embedding_cosines,
-    positive_iou,
-    relative_l2,
-    save_calibration,
-)
+import cases  # noqa: E402
+from cases.agreement import decisions_unchanged, embedding_cosines, positive_iou, relative_l2  # noqa: E402
+from cases.trained_case import TrainedCase, ort_session, save_calibration  # noqa: E402
+from sources.english_text import CALIBRATION_COUNT, MORE_SENTENCES, SENTENCES, read_corpus  # noqa: E402
 
 from onnxforge.data import load_samples  # noqa: E402
 
@@ -73,14 +68,14 @@ def test_agreement_lists_the_headline_metric_first(tmp_path):
 
 # find_spec, not importorskip: importing silero_vad imports torch and sets its thread count for the whole process.
 @pytest.mark.skipif(
-    bool(trained_models.missing_packages("silero-vad")),
-    reason=f"not installed: {', '.join(trained_models.missing_packages('silero-vad'))}",
+    bool(cases.missing_packages("silero-vad")),
+    reason=f"not installed: {', '.join(cases.missing_packages('silero-vad'))}",
 )
 def test_silero_vad_case_streams_and_its_calibration_file_reads_back(tmp_path):
-    (case,) = trained_models.trained_cases(tmp_path, ["silero-vad"])
+    (case,) = cases.trained_cases(tmp_path, ["silero-vad"])
     assert case.model_path.exists()
     assert case.held_out and case.calibration and case.timing_feed["input"].shape == (1, 576)
-    session = trained_models.ort_session(case.model_path)
+    session = ort_session(case.model_path)
     reference = case.evaluate(session)
     assert reference[0].shape == (len(case.held_out),)
     agreement = case.agreement(reference, case.evaluate(session))
@@ -96,7 +91,18 @@ def test_silero_vad_case_streams_and_its_calibration_file_reads_back(tmp_path):
 
 def test_the_encoders_extra_calibration_text_repeats_no_sentence_of_its_own():
     """The extra calibration sentences are new text: none is held out (or used twice)."""
-    from english_text import MORE_SENTENCES
-
     assert len(set(MORE_SENTENCES)) == len(MORE_SENTENCES)
-    assert not set(MORE_SENTENCES) & set(trained_models.SENTENCES)
+    assert not set(MORE_SENTENCES) & set(SENTENCES)
+
+
+def test_a_corpus_file_reads_one_sentence_a_line_without_comments_or_blank_lines(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("# a comment\nLet's meet at the café.\n\nIs this seat taken?\n", encoding="utf-8")
+    assert read_corpus(corpus) == ("Let's meet at the café.", "Is this seat taken?")
+
+
+def test_the_english_corpus_holds_out_sentences_after_the_calibration_ones_and_ends_with_the_long_passage():
+    assert len(SENTENCES) > CALIBRATION_COUNT
+    assert not any(s.startswith("#") for s in SENTENCES + MORE_SENTENCES)
+    assert SENTENCES[0].startswith("The museum will be closed on Monday")
+    assert SENTENCES[-1].startswith("The lighthouse stood on a bare rock") and len(SENTENCES[-1]) > 300

@@ -1,0 +1,62 @@
+"""What every trained case is: an fp32 model, its calibration and held-out inputs, and how to judge a copy of it;
+the onnxruntime session the benchmarks run it in, and its calibration samples as a file for `--data`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass
+class TrainedCase:
+    """A trained fp32 model, its calibration and held-out inputs, and how to judge a quantized copy of it.
+
+    `evaluate` runs an onnxruntime session over the held-out inputs and returns what `agreement` compares;
+    `agreement(reference, candidate)` gives metric name -> value, the headline metric (named by `headline`, the
+    one the targets are judged on) first. Each metric is a function of (reference, candidate) in `metrics`.
+    """
+
+    name: str
+    description: str
+    model_path: Path
+    calibration: list[Feed]
+    held_out: list[Feed]
+    timing_feed: Feed
+    headline: str = ""
+    metrics: dict[str, Callable[[list[np.ndarray], list[np.ndarray]], float]] = field(default_factory=dict)
+
+    def evaluate(self, session) -> list[np.ndarray]:
+        """Run `session` on every held-out feed; return its first output for each."""
+        return [session.run(None, feed)[0] for feed in self.held_out]
+
+    def agreement(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
+        """Compare a candidate's `evaluate` result with fp32's: metric name -> value, the headline first."""
+        return {name: float(metric(reference, candidate)) for name, metric in self.metrics.items()}
+
+
+def ort_session(model_path: str | os.PathLike[str], threads: int = 0):
+    """An onnxruntime CPU session as the benchmark times it: graph optimization ALL, intra-op spinning off."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # A spinning pool steals the cores of the session timed after it (benchmarks/README.md, "How two models are timed").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def save_calibration(case: TrainedCase, path: str | os.PathLike[str]) -> Path:
+    """Write the case's calibration samples as one stacked `.npz` (each array N x input shape) that onnxforge's
+    `--data` reads back as they were (`data.save_samples`)."""
+    from onnxforge.data import save_samples
+
+    path = Path(path)
+    save_samples(path, case.calibration)
+    return path

@@ -1,0 +1,1 @@
+"""Where the benchmarks' real inputs come from: English text, synthesized speech, rendered text images."""
