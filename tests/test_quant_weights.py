@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.errors import PassError
-from onnxforge.passes.quantization.calibration import code_range
+from onnxforge.passes.quantization.ranges import code_range
 from onnxforge.passes.quantization.weights import (
     QuantizedWeight,
     QuantSpec,

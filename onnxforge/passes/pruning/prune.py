@@ -212,8 +212,7 @@ def _rounded(group: ChannelGroup, removed: int, round_to: int) -> int:
     keep more), at least `round_to` and at most all; attention heads, and groups smaller than `round_to`, as chosen.
 
     Kernels work on blocks of channels (onnxruntime's NCHWc convolutions 8 or 16 at a time, tensor cores 8), and
-    a depthwise Conv with a count between multiples leaves the blocked path: in bench_prune, the trained detector
-    pruned 30% per layer ran 1.90x faster than fp32 with multiples of 8 and 1.25x with the exact counts.
+    a depthwise Conv with a count between multiples leaves the blocked path (docs/pruning.md has the measured cost).
     """
     if group.unit == "heads" or group.channels < round_to or removed == 0:
         return removed

@@ -17,7 +17,7 @@ from onnxforge.ir import Model
 from onnxforge.passes.base import Pass, PassContext, PassResult
 from onnxforge.passes.decisions import Measured
 from onnxforge.passes.quantization.exposing import constant_node_weights, split_attention_projections, split_gemms
-from onnxforge.passes.quantization.calibration import RangeObserver, scale_and_zero_point
+from onnxforge.passes.quantization.ranges import RangeObserver, scale_and_zero_point
 from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer, model_nodes, numbered_layers
 from onnxforge.passes.quantization.choice import MeasuredChoice, choose_by_measurement, refine_by_float_prefix
 from onnxforge.passes.layers import Layer, excluded_by, half_precision_note

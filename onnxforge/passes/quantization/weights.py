@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from onnxforge.errors import PassError
-from onnxforge.passes.quantization.calibration import code_range, scale_and_zero_point
+from onnxforge.passes.quantization.ranges import code_range, scale_and_zero_point
 
 # method="search" tries clipping the range to each of these fractions of its extremes.
 _SEARCH_RATIOS = np.linspace(1.0, 0.5, 21)

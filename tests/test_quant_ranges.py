@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from onnxforge.passes.quantization.calibration import RangeObserver, code_range, scale_and_zero_point
+from onnxforge.passes.quantization.ranges import RangeObserver, code_range, scale_and_zero_point
 
 
 def _observed(values: np.ndarray, chunks: int = 1) -> RangeObserver:
