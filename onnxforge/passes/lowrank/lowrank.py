@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.calibration.observe import Sample, observed, sampled_rows
 from onnxforge.calibration.probes import replacement_errors
 from onnxforge.calibration.recovery import MAX_ROWS, input_rows, layer_targets, refit_layers
+from onnxforge.data import split_samples
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model, infer_shapes
 from onnxforge.ir.edit import make_constant, unique_name
@@ -110,7 +111,8 @@ class LowRank(Pass):
         notes = [_skipped_note(c, r) for c, r in zip(candidates, ranks) if not c.worth_it(r)]
         stats = {"layers_considered": len(candidates), "layers_factored": len(chosen)}
         if by_output_error:
-            notes.append(f"ranks chosen by the model's output error on {len(_fit_and_check(ctx.data)[1])} samples "
+            held_back = split_samples(ctx.data, at_most=HELD_BACK)[1]
+            notes.append(f"ranks chosen by the model's output error on {len(held_back)} samples "
                          f"held back from the whitening, each layer truncated alone at {len(PROBED)} ranks")
         notes += half_precision_note(model.graph, "lowrank")
         if not chosen:
@@ -163,7 +165,7 @@ class LowRank(Pass):
         """
         if not candidates:
             return []
-        fit, check = _fit_and_check(ctx.data)
+        fit, check = split_samples(ctx.data, at_most=HELD_BACK)
         moments = _second_moments(model, candidates, fit, ctx)
         fitted = [spectrum(c.matrix, moment) for c, moment in zip(candidates, moments)]
         probed = [_probe_ranks(c) for c in candidates]
@@ -270,15 +272,6 @@ def _input_rows(
     else:
         output, count = None, value.size // value.shape[-1]
     return input_rows(node, value, sampled_rows(sample, count, limit, rng), output, with_bias=False)
-
-
-def _fit_and_check(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
-    """The samples to whiten on and those held back to measure the model's output error on: the last quarter
-    (at least one, at most HELD_BACK). A single sample does both."""
-    if len(samples) < 2:
-        return samples, samples
-    held = min(max(1, len(samples) // 4), HELD_BACK)
-    return samples[:-held], samples[-held:]
 
 
 def _probe_ranks(candidate: Candidate) -> list[int]:
