@@ -331,10 +331,10 @@ def _growing_groups(
     Results computed from a common weight form one group: the weight is freed only if all of them are stored.
     A weight is freed when every node reading it (in subgraphs too) is in `folded_away`.
     """
+    sources = {id(t): _source_weights(t, values) for t in results}
     large = [
         t for t in results
-        if values[t.name].nbytes > SMALL_BYTES
-        or any(int(w._values.nbytes) > SMALL_BYTES for w in _source_weights(t, values))
+        if values[t.name].nbytes > SMALL_BYTES or any(int(w._values.nbytes) > SMALL_BYTES for w in sources[id(t)])
     ]
     owner: dict[int, int] = {}  # freed weight -> index of the first result using it
     parent = list(range(len(large)))
@@ -347,7 +347,7 @@ def _growing_groups(
 
     freed: dict[int, int] = {}  # weight id -> bytes
     for index, tensor in enumerate(large):
-        for weight in _source_weights(tensor, values):
+        for weight in sources[id(tensor)]:
             if not all(id(consumer) in folded_away for consumer in weight.outputs):
                 continue
             freed[id(weight)] = int(weight._values.nbytes)
