@@ -11,8 +11,6 @@ find again once a pass forgets it.
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections import Counter
 
 import numpy as np
@@ -20,6 +18,7 @@ import onnx
 import pytest
 import torch
 from torch import nn
+from torch_exports import export_dynamic
 
 import onnxforge
 from onnxforge.ir import load_model
@@ -75,19 +74,10 @@ def _export(exporter: str) -> onnx.ModelProto:
     torch.manual_seed(0)
     module = _HuggingFaceStyleEncoder().eval()
     example = tuple(torch.from_numpy(v) for v in _feeds(2, 8).values())
-    names = ["input_ids", "attention_mask"]
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if exporter == "torchscript":
-            buffer = io.BytesIO()
-            axes = {0: "batch", 1: "sequence"}
-            torch.onnx.export(module, example, buffer, input_names=names, output_names=["hidden"], opset_version=17,
-                              dynamic_axes={n: axes for n in [*names, "hidden"]}, dynamo=False)
-            return onnx.load_from_string(buffer.getvalue())
-        dims = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
-        program = torch.onnx.export(module, example, input_names=names, output_names=["hidden"],
-                                    dynamic_shapes=(dims, dims), opset_version=18, dynamo=True, verbose=False)
-        return program.model_proto
+    axes = {0: "batch", 1: "sequence"}
+    opset = 17 if exporter == "torchscript" else 18
+    return export_dynamic(module, example, ["input_ids", "attention_mask"], ("hidden", axes),
+                          {"input_ids": axes, "attention_mask": axes}, exporter, opset)
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
