@@ -21,7 +21,8 @@ from torch import nn
 from torch_exports import export_dynamic
 
 import onnxforge
-from onnxforge.ir import load_model
+from onnxforge.ir import infer_shapes, load_model
+from onnxforge.ir.shape_values import refine_reshapes
 from onnxforge.passes.pruning import ChannelGroups
 
 WIDTH, HEADS, LAYERS, MAX_LENGTH = 32, 4, 2, 16
@@ -96,3 +97,17 @@ def test_fuse_after_prune_fuses_every_attention_block_of_a_hugging_face_style_dy
     assert pruned.stats().params / load_model(proto).stats().params < 0.8  # heads went, not just MLP channels
     ops = Counter(node.op for node in pruned.graph.nodes)
     assert ops["Attention"] + ops["MultiHeadAttention"] == LAYERS, report.explanation()
+
+
+def test_the_dims_the_head_analysis_merges_do_not_stay_in_the_model():
+    # They are assumptions (a broadcast's operands equal): onnxruntime reuses buffers between tensors whose dims
+    # share a name, so a model that kept them could fail to run (PP-OCRv4's detector did, after prune).
+    cleaned, _ = onnxforge.optimize(_export("torchscript"), "cleanup", seed=0)
+    infer_shapes(cleaned)
+    if refine_reshapes(cleaned.graph):  # what the analysis does before it merges
+        infer_shapes(cleaned)
+    inferred = {name: t.shape for name, t in cleaned.graph.tensors().items()}
+
+    ChannelGroups.compute(cleaned)
+
+    assert {name: t.shape for name, t in cleaned.graph.tensors().items()} == inferred

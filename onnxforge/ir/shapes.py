@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import onnx
@@ -61,21 +63,49 @@ def infer_shapes(model: Model) -> ShapeInferenceResult:
     return ShapeInferenceResult(not message, updated, message)
 
 
-def merge_symbolic_dims(model: Model) -> int:
-    """Give the main graph's tensors the dims onnxruntime's symbolic shape inference finds, in place, where onnx's
-    left a dim unknown or invented (`unk__N`); how many tensors changed.
+@contextlib.contextmanager
+def merged_symbolic_dims(model: Model) -> Iterator[int]:
+    """Within the block, the main graph's tensors hold the dims onnxruntime's symbolic shape inference finds where
+    onnx's left a dim unknown or invented (`unk__N`); yields how many tensors changed, and restores their shapes
+    on exit.
 
     It merges the symbolic dims an op requires equal (`auto_merge`: the operands of a broadcast, a Reshape's
     leading axes), which is what lets a batch named by the input reach a head merge written `reshape(*shape, -1)`.
-    That is an assumption where one operand could be 1 at run time, so callers verify what they build on it.
-    Nothing changes when it fails.
+    That is an assumption where one operand could be 1 at run time: an analysis may read it, a model must not keep
+    it (onnxruntime reuses buffers between tensors whose dims have one name). Nothing changes when it fails.
     """
+    found = _symbolic_dims(model)
+    changed = {}
+    for name, tensor in model.graph.tensors().items():
+        dims = found.get(name)
+        if not isinstance(tensor, gs.Variable) or dims is None:
+            continue
+        current = list(tensor.shape) if tensor.shape is not None else None
+        if current is not None and len(current) != len(dims):
+            continue
+        merged = [
+            f if c is None or (isinstance(c, str) and c.startswith("unk__") and f is not None) else c
+            for c, f in zip(current or dims, dims)
+        ]
+        if merged != current:
+            changed[name] = (tensor, tensor.shape)
+            tensor.shape = merged
+    try:
+        yield len(changed)
+    finally:
+        for tensor, shape in changed.values():
+            tensor.shape = shape
+
+
+def _symbolic_dims(model: Model) -> dict[str, list]:
+    """The dims onnxruntime's symbolic shape inference (auto_merge) gives the main graph's values, by name; empty
+    when it fails or the model has weights in subgraphs."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     skeleton = skeleton_proto(model)
     subgraphs = itertools.islice(proto_graphs(skeleton.graph), 1, None)  # the main graph comes first
     if any(t.data_location == onnx.TensorProto.EXTERNAL for g in subgraphs for t in g.initializer):
-        return 0  # a subgraph's weights cannot become inputs (a Loop body's are positional) and are never opened
+        return {}  # a subgraph's weights cannot become inputs (a Loop body's are positional) and are never opened
     logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
     level = logger.level
     logger.setLevel(logging.ERROR)  # it warns about every merge
@@ -89,27 +119,14 @@ def merge_symbolic_dims(model: Model) -> int:
         inference._update_output_from_vi()
         inferred = inference.out_mp_
     except Exception:  # noqa: BLE001 - its failure (unsupported op, bad model) leaves onnx's shapes
-        return 0
+        return {}
     finally:
         logger.setLevel(level)
-    infos = {info.name: info for info in inferred.graph.value_info}
-    changed = 0
-    for name, tensor in model.graph.tensors().items():
-        info = infos.get(name)
-        if not isinstance(tensor, gs.Variable) or info is None or not info.type.tensor_type.HasField("shape"):
-            continue
-        found = [_dim(d) for d in info.type.tensor_type.shape.dim]
-        current = list(tensor.shape) if tensor.shape is not None else None
-        if current is not None and len(current) != len(found):
-            continue
-        merged = [
-            f if c is None or (isinstance(c, str) and c.startswith("unk__") and f is not None) else c
-            for c, f in zip(current or found, found)
-        ]
-        if merged != current:
-            tensor.shape = merged
-            changed += 1
-    return changed
+    return {
+        info.name: [_dim(d) for d in info.type.tensor_type.shape.dim]
+        for info in inferred.graph.value_info
+        if info.type.tensor_type.HasField("shape")
+    }
 
 
 def _weights_as_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.ir import Model, infer_shapes, to_networkx
 from onnxforge.ir.ops import CONTRIB_DOMAIN, is_onnx_op
 from onnxforge.ir.shape_values import dims_of, refine_reshapes, reshaped, shape_value
-from onnxforge.ir.shapes import merge_symbolic_dims
+from onnxforge.ir.shapes import merged_symbolic_dims
 from onnxforge.passes.base import Analysis
 
 # Ops that compute each element from the same element of their one data input.
@@ -126,8 +126,8 @@ class ChannelGroups(Analysis):
         infer_shapes(model)
         if refine_reshapes(model.graph):  # head sizes computed from Shape (dynamic axes): spread what is known
             infer_shapes(model)
-        merge_symbolic_dims(model)  # a batch the exporter's shape arithmetic renamed is the input's again
-        return _ChannelWalk(model.graph, _read_by_subgraphs(model)).run()
+        with merged_symbolic_dims(model):  # a batch the exporter's shape arithmetic renamed is the input's again
+            return _ChannelWalk(model.graph, _read_by_subgraphs(model)).run()
 
 
 @dataclass(frozen=True)
