@@ -17,14 +17,14 @@ os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 _EXPORTS = {
     "Model": "onnxforge.ir",
     "OnnxforgeError": "onnxforge.errors",
-    "Pass": "onnxforge.passes",
-    "PassContext": "onnxforge.passes",
-    "PassManager": "onnxforge.passes",
-    "PassResult": "onnxforge.passes",
+    "Pass": "onnxforge.pipeline",
+    "PassContext": "onnxforge.pipeline",
+    "PassManager": "onnxforge.pipeline",
+    "PassResult": "onnxforge.pipeline",
     "load_model": "onnxforge.ir",
     "measure_model": "onnxforge.api",
     "optimize": "onnxforge.api",
-    "register_pass": "onnxforge.passes",
+    "register_pass": "onnxforge.pipeline",
     "save_model": "onnxforge.ir",
 }
 
@@ -34,8 +34,8 @@ if TYPE_CHECKING:  # `x as x`: re-exported (`__all__` above is built at run time
     from onnxforge.api import measure_model as measure_model, optimize as optimize
     from onnxforge.errors import OnnxforgeError as OnnxforgeError
     from onnxforge.ir import Model as Model, load_model as load_model, save_model as save_model
-    from onnxforge.passes import Pass as Pass, PassContext as PassContext, PassManager as PassManager
-    from onnxforge.passes import PassResult as PassResult, register_pass as register_pass
+    from onnxforge.pipeline import Pass as Pass, PassContext as PassContext, PassManager as PassManager
+    from onnxforge.pipeline import PassResult as PassResult, register_pass as register_pass
 
 
 def __getattr__(name: str) -> Any:

@@ -22,7 +22,7 @@ from onnxforge.ir.model import PROTOBUF_LIMIT_BYTES
 from onnxforge.ir.shapes import infer_shapes, skeleton_proto
 from onnxforge.limits import DEFAULT_EXECUTION_TIMEOUT_S, bounded_in_time
 from onnxforge.measure import LatencyStats, MeasureOptions
-from onnxforge.passes import (
+from onnxforge.pipeline import (
     Instrument,
     Pass,
     PassContext,
@@ -32,8 +32,8 @@ from onnxforge.passes import (
     load_plugin,
 )
 from onnxforge.passes.cleanup.set_shapes import SetShapes, fix_input_shapes
-from onnxforge.passes.decisions import Decisions
-from onnxforge.passes.manager import OnError
+from onnxforge.pipeline.decisions import Decisions
+from onnxforge.pipeline.manager import OnError
 from onnxforge.report import OptimizationReport
 
 Samples = list[dict[str, np.ndarray]]

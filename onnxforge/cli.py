@@ -357,7 +357,7 @@ def _stage_artifact(compiled, artifact: str, written) -> list[str]:
 
 
 def _list_passes(args: argparse.Namespace) -> int:
-    from onnxforge.passes import available_passes, load_plugin
+    from onnxforge.pipeline import available_passes, load_plugin
 
     for plugin in args.plugin:
         load_plugin(plugin)

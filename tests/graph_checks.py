@@ -13,7 +13,7 @@ from onnxforge.comparison import compare_outputs
 from onnxforge.data import random_inputs
 from onnxforge.ir import Model, load_model
 from onnxforge.ir.shapes import skeleton_proto
-from onnxforge.passes import PassContext, PassResult, create_passes
+from onnxforge.pipeline import PassContext, PassResult, create_passes
 
 
 def op_counts(model: Model) -> Counter:

@@ -16,7 +16,7 @@ from onnxforge.backends import backend_names, get_backend
 from onnxforge.frontends.torch import from_torch
 from onnxforge.ir import Model, load_model
 from onnxforge.ir.ops import CONTRIB_DOMAIN
-from onnxforge.passes import PassContext, create_passes
+from onnxforge.pipeline import PassContext, create_passes
 from onnxforge.passes.fusion.base import FUSED_CONTRIB_OPS
 from onnxforge.passes.quantization.quant import QUANTIZED_CONTRIB_OPS
 

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.api import optimize
 from onnxforge.frontends import from_onnx
-from onnxforge.passes import PassContext, create_passes
+from onnxforge.pipeline import PassContext, create_passes
 
 _FLOAT_VALUE = numpy_helper.from_array(np.ones(1, np.float32))
 

@@ -17,8 +17,8 @@ from onnxforge import optimize
 from onnxforge.errors import DecisionsError
 from onnxforge.ir import load_model, save_model
 from onnxforge.measure import InterleavedTiming
-from onnxforge.passes import PassContext, PassManager, create_passes
-from onnxforge.passes.decisions import Decisions
+from onnxforge.pipeline import PassContext, PassManager, create_passes
+from onnxforge.pipeline.decisions import Decisions
 
 OPTIMIZE = [sys.executable, "-c", "import sys; from onnxforge.cli import optimize_main; sys.exit(optimize_main())"]
 # Short timings: these tests check what is recorded and replayed, not which format is faster.

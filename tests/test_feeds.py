@@ -20,8 +20,8 @@ from onnxforge.errors import DataError
 from onnxforge.feeds import Feeds
 from onnxforge.frontends import from_onnx
 from onnxforge.measure import InterleavedTiming
-from onnxforge.passes import Pass, PassContext, PassResult, create_passes
-from onnxforge.passes.speed_check import kept_if_faster
+from onnxforge.pipeline import Pass, PassContext, PassResult, create_passes
+from onnxforge.pipeline.acceptance import kept_if_faster
 
 QUICK = InterleavedTiming(blocks=2, block_s=0.01, min_runs=2, warmup=1)
 

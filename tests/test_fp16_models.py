@@ -30,8 +30,8 @@ from onnxforge.comparison import compare_outputs
 from onnxforge.data import random_inputs
 from onnxforge.ir import load_model
 from onnxforge.ir.shapes import skeleton_proto
-from onnxforge.passes.registry import available_passes
-from onnxforge.passes.verifier import lossless_tolerance
+from onnxforge.pipeline.registry import available_passes
+from onnxforge.pipeline.verifier import lossless_tolerance
 
 OPTIMIZE = [sys.executable, "-c", "import sys; from onnxforge.cli import optimize_main; sys.exit(optimize_main())"]
 # Options a pass needs to run at all on these models.

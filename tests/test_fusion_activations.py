@@ -18,7 +18,7 @@ from torch import nn
 import onnxforge
 from onnxforge.frontends.torch import from_torch
 from onnxforge.ir import Model
-from onnxforge.passes import PassContext, create_passes
+from onnxforge.pipeline import PassContext, create_passes
 
 
 class Lambda(nn.Module):

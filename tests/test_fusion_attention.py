@@ -24,7 +24,7 @@ from torch import nn
 import onnxforge
 from onnxforge.frontends.torch import from_torch
 from onnxforge.ir import Model, load_model
-from onnxforge.passes import PassContext, create_passes
+from onnxforge.pipeline import PassContext, create_passes
 
 RTOL = 1e-4
 B, S, E, H = 2, 6, 16, 4

@@ -17,7 +17,7 @@ from torch import nn
 import onnxforge
 from onnxforge.frontends.torch import from_torch
 from onnxforge.ir import Model
-from onnxforge.passes import PassContext, create_passes
+from onnxforge.pipeline import PassContext, create_passes
 
 DECOMPOSED_LAYER_NORM = {"ReduceMean": 2, "Sub": 1, "Pow": 1, "Add": 2, "Sqrt": 1, "Div": 1, "Mul": 1}
 

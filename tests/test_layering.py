@@ -42,14 +42,18 @@ def test_ruff_passes_on_the_whole_repository():
 @pytest.mark.parametrize(
     ("path", "source", "banned"),
     [
-        ("onnxforge/ir/new.py", "from onnxforge.passes.base import Pass\n", "onnxforge.passes"),
+        ("onnxforge/ir/new.py", "from onnxforge.pipeline.base import Pass\n", "onnxforge.pipeline"),
+        ("onnxforge/ir/new.py", "from onnxforge.passes.layers import find_layers\n", "onnxforge.passes"),
         ("onnxforge/ir/new.py", "from onnxforge import backends\n", "onnxforge.backends"),
         ("onnxforge/ir/new.py", "import onnxruntime as ort\nort.InferenceSession('m')\n", "onnxruntime.Infer"),
         ("onnxforge/passes/new.py", "from onnxforge.backends.onnxruntime import OrtBackend\n", "onnxforge.backends"),
         ("onnxforge/passes/fusion/new.py", "import tvm\n", "tvm"),
         ("onnxforge/passes/cleanup/new.py", "import onnxruntime as ort\n", "onnxruntime"),
         ("onnxforge/passes/quantization/new.py", "from onnxforge.api import optimize\n", "onnxforge.api"),
-        ("onnxforge/backends/new.py", "from onnxforge.passes.registry import get_pass\n", "onnxforge.passes"),
+        ("onnxforge/backends/new.py", "from onnxforge.pipeline.registry import get_pass\n", "onnxforge.pipeline"),
+        ("onnxforge/pipeline/new.py", "from onnxforge.passes.quantization.quant import Quantize\n", "onnxforge.passes"),
+        ("onnxforge/pipeline/new.py", "import onnxruntime as ort\n", "onnxruntime"),
+        ("onnxforge/pipeline/new.py", "from onnxforge.report import OptimizationReport\n", "onnxforge.report"),
         ("onnxforge/backends/tvm/new.py", "from onnxforge.report import OptimizationReport\n", "onnxforge.report"),
         ("onnxforge/calibration/new.py", "from onnxforge.backends import get_backend\n", "onnxforge.backends"),
     ],
@@ -65,11 +69,11 @@ def test_calibration_may_name_pass_types_for_type_checking_only():
         "from __future__ import annotations\n"
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n"
-        "    from onnxforge.passes.base import PassContext\n"
+        "    from onnxforge.pipeline.context import PassContext\n"
         "def observe(ctx: PassContext) -> None: ...\n"
     )
     assert _check_as("onnxforge/calibration/new.py", typing_only).returncode == 0
-    at_run_time = "from onnxforge.passes.base import PassContext\n__all__ = ['PassContext']\n"
+    at_run_time = "from onnxforge.pipeline.context import PassContext\n__all__ = ['PassContext']\n"
     result = _check_as("onnxforge/calibration/new.py", at_run_time)
     assert result.returncode == 1 and "TID253" in result.stdout, result.stdout
 

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from onnxforge.calibration.probes import replacement_errors
 from onnxforge.errors import PassError
 from onnxforge.ir import Model, infer_shapes, load_model
-from onnxforge.passes.base import PassContext
+from onnxforge.pipeline.context import PassContext
 from onnxforge.passes.layers import find_layers
 from onnxforge.passes.lowrank.factorization import ranks_for_budget, spectrum
 from onnxforge.passes.lowrank.lowrank import Candidate, as_candidate, factor_layer, spatial_candidate

@@ -17,11 +17,11 @@ from torch import nn
 import onnxforge
 from onnxforge.ir import Model, load_model
 from onnxforge.ir.patterns import RewriteRule
-from onnxforge.passes import PassContext, create_passes
-from onnxforge.passes.base import CompositePass, Pass, PassResult
+from onnxforge.pipeline import PassContext, create_passes
+from onnxforge.pipeline.base import CompositePass, Pass, PassResult
 from onnxforge.passes.fusion.base import RuleBasedPass
-from onnxforge.passes.manager import PassManager
-from onnxforge.passes.verifier import VerifyOptions
+from onnxforge.pipeline.manager import PassManager
+from onnxforge.pipeline.verifier import VerifyOptions
 
 
 def _ops(model: Model | onnx.ModelProto) -> list[str]:

@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxforge import optimize
 from onnxforge.errors import OnnxforgeError
 from onnxforge.ir import Model, load_model
-from onnxforge.passes import Analysis, Instrument, Pass, PassContext, PassManager, PassResult
-from onnxforge.passes.analyses import GraphView
+from onnxforge.pipeline import Analysis, Instrument, Pass, PassContext, PassManager, PassResult
+from onnxforge.pipeline.analyses import GraphView
 
 
 def _model():

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxforge.errors import OnnxforgeError, PassError
 from onnxforge.frontends import from_onnx
 from onnxforge.ir import Model
-from onnxforge.passes import (
+from onnxforge.pipeline import (
     Pass,
     PassFailedError,
     PassManager,
@@ -28,8 +28,8 @@ from onnxforge.passes import (
     load_plugin,
     register_pass,
 )
-from onnxforge.passes import registry
-from onnxforge.passes.registry import available_passes, parse_pass_list
+from onnxforge.pipeline import registry
+from onnxforge.pipeline.registry import available_passes, parse_pass_list
 from test_cli import ONNXFORGE, OPTIMIZE, only_error_line, run_cli, succeeded
 
 _W = np.random.default_rng(3).standard_normal((8, 3)).astype(np.float32)
@@ -309,7 +309,7 @@ def test_accepted_lossy_pass_becomes_the_reference_for_the_next_lossless_check()
 
 _RELU_PLUGIN = '''
 from onnxforge.ir.edit import bypass_node
-from onnxforge.passes import Pass, PassResult, register_pass
+from onnxforge.pipeline import Pass, PassResult, register_pass
 
 
 DECORATOR
@@ -541,7 +541,7 @@ def test_describe_round_trips_through_the_pass_list_parser(text):
 
 def test_a_plugin_file_also_imported_as_a_module_registers_without_a_clash(tmp_path, monkeypatch):
     (tmp_path / "twice_passes.py").write_text(
-        "from onnxforge.passes import Pass, PassResult, register_pass\n"
+        "from onnxforge.pipeline import Pass, PassResult, register_pass\n"
         "@register_pass('test-twice')\n"
         "class Twice(Pass):\n"
         "    '''Does nothing.'''\n"

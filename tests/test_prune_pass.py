@@ -20,7 +20,7 @@ from onnxforge.errors import PassError
 from onnxforge.frontends.torch import from_torch
 from onnxforge.ir import load_model
 from onnxforge.ir.shapes import skeleton_proto
-from onnxforge.passes import PassContext
+from onnxforge.pipeline import PassContext
 from onnxforge.passes.layers import find_layers
 from onnxforge.passes.pruning import ChannelGroups
 from onnxforge.passes.pruning.importance import channel_importance, input_statistics

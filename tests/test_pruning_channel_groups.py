@@ -15,7 +15,7 @@ from onnxforge.frontends.torch import from_torch
 from onnxforge.ir import Model, load_model
 from onnxforge.ir.edit import make_constant
 from onnxforge.ir.shapes import skeleton_proto
-from onnxforge.passes import PassContext
+from onnxforge.pipeline import PassContext
 from onnxforge.passes.pruning import ChannelGroup, ChannelGroups, remove_channels
 
 RTOL = 1e-5

@@ -17,7 +17,7 @@ from onnxforge import optimize
 from onnxforge.api import for_backend
 from onnxforge.errors import BackendError, PassError, PassUsageError
 from onnxforge.ir import load_model
-from onnxforge.passes import PassContext, create_passes
+from onnxforge.pipeline import PassContext, create_passes
 
 
 class _Classifier(torch.nn.Module):

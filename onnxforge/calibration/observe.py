@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.ir import Model
 
 if TYPE_CHECKING:  # calibration sits below passes: it only calls ctx.prepare
-    from onnxforge.passes.base import PassContext
+    from onnxforge.pipeline.context import PassContext
 
 Sample = dict[str, np.ndarray]
 # The input that marks a sample's real tokens (1) and its padding (0), by the Hugging Face convention. Rows of a

@@ -13,7 +13,7 @@ from onnxforge.ir import Model
 from onnxforge.ir.edit import unique_name
 
 if TYPE_CHECKING:  # calibration sits below passes: it only reads a layer's fields and calls ctx.prepare
-    from onnxforge.passes.base import PassContext
+    from onnxforge.pipeline.context import PassContext
     from onnxforge.passes.layers import Layer
 
 

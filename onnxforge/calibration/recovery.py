@@ -21,7 +21,7 @@ from onnxforge.ir import Model
 from onnxforge.ir.edit import make_constant
 
 if TYPE_CHECKING:  # calibration sits below passes: it only hands ctx on to observe
-    from onnxforge.passes.base import PassContext
+    from onnxforge.pipeline.context import PassContext
 
 MAX_ROWS = 20000  # rows (tokens, output pixels) fitted per layer: enough for thousands of unknowns
 # Ridge strengths tried, relative to the mean squared input; the fit is pulled towards the current weights,

@@ -13,7 +13,7 @@ from onnxforge.comparison import Comparison
 from onnxforge.ir import ModelStats
 from onnxforge.ir.output_set import OutputSet
 from onnxforge.measure import LatencyStats
-from onnxforge.passes.manager import PassRecord
+from onnxforge.pipeline.manager import PassRecord
 
 
 @dataclass

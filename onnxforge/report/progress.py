@@ -6,7 +6,7 @@ import sys
 from typing import TextIO
 
 from onnxforge.ir import Model
-from onnxforge.passes import Instrument, Pass, PassRecord
+from onnxforge.pipeline import Instrument, Pass, PassRecord
 
 
 class ProgressPrinter(Instrument):

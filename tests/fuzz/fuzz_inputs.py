@@ -25,7 +25,7 @@ with atheris.instrument_imports():
     from onnxforge.errors import OnnxforgeError
     from onnxforge.ir import load_model
     from onnxforge.ir.shapes import skeleton_proto
-    from onnxforge.passes import create_passes
+    from onnxforge.pipeline import create_passes
 
 FOLDER = Path(tempfile.mkdtemp(prefix="onnxforge-fuzz-"))
 (FOLDER / "weights.bin").write_bytes(np.arange(32, dtype=np.float32).tobytes())

@@ -1,6 +1,6 @@
 """A broken plugin for the CLI tests: claims to be lossless but turns every Add into a Sub."""
 
-from onnxforge.passes import Pass, PassResult, register_pass
+from onnxforge.pipeline import Pass, PassResult, register_pass
 
 
 @register_pass("test-add-to-sub")

@@ -3,7 +3,7 @@
 import time
 from dataclasses import dataclass
 
-from onnxforge.passes import Pass, PassResult, register_pass
+from onnxforge.pipeline import Pass, PassResult, register_pass
 
 
 @register_pass("test-sleep")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from onnxforge.passes.base import CompositePass, Pass
+from onnxforge.pipeline.base import CompositePass, Pass
 from onnxforge.passes.cleanup.constant_folding import FoldConstants
 from onnxforge.passes.cleanup.dead_code import RemoveDeadCode
 from onnxforge.passes.cleanup.identity import RemoveIdentity
@@ -12,7 +12,7 @@ from onnxforge.passes.cleanup.initializer_merging import MergeDuplicateInitializ
 from onnxforge.passes.cleanup.opset_upgrade import UpgradeOpset
 from onnxforge.passes.cleanup.set_shapes import SetShapes
 from onnxforge.passes.cleanup.shape_folding import FoldShapes
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.registry import register_pass
 
 __all__ = [
     "Cleanup",

@@ -18,8 +18,9 @@ from onnxforge.ir import Model
 from onnxforge.ir.edit import replace_uses, unique_name
 from onnxforge.ir.ops import is_onnx_op
 from onnxforge.ir.shapes import infer_shapes
-from onnxforge.passes.base import Pass, PassContext, PassResult
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.context import PassContext
+from onnxforge.pipeline.registry import register_pass
 
 # Random ops differ per run; QuantizeLinear/DequantizeLinear on weights mark quantization for runtimes,
 # and folding them would turn int8 weights back into float ones.

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from onnxforge.ir import Model
-from onnxforge.passes.base import Pass, PassContext, PassResult
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.context import PassContext
+from onnxforge.pipeline.registry import register_pass
 
 
 @register_pass("remove-dead")

@@ -10,8 +10,9 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.ir import Model
 from onnxforge.ir.edit import replace_uses
-from onnxforge.passes.base import Pass, PassContext, PassResult
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.context import PassContext
+from onnxforge.pipeline.registry import register_pass
 
 
 @register_pass("merge-initializers")

@@ -10,8 +10,9 @@ import onnx.version_converter
 
 from onnxforge.errors import PassError
 from onnxforge.ir import Model, load_model
-from onnxforge.passes.base import Pass, PassContext, PassResult
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.context import PassContext
+from onnxforge.pipeline.registry import register_pass
 
 LATEST_OPSET = onnx.defs.onnx_opset_version()
 

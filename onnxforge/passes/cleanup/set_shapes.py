@@ -11,8 +11,9 @@ from numbers import Integral
 
 from onnxforge.errors import DataError, PassError, PassUsageError
 from onnxforge.ir import Model, infer_shapes
-from onnxforge.passes.base import Pass, PassContext, PassResult
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.context import PassContext
+from onnxforge.pipeline.registry import register_pass
 
 Shapes = Mapping[str, Sequence[int]]
 

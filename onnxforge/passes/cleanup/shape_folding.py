@@ -10,9 +10,10 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.ir import Model, infer_shapes
 from onnxforge.ir.ops import is_onnx_op
-from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.context import PassContext
 from onnxforge.passes.cleanup.constant_folding import SMALL_BYTES
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.registry import register_pass
 
 
 @register_pass("fold-shapes")

@@ -9,9 +9,9 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 
-from onnxforge.passes.base import CompositePass, Pass
+from onnxforge.pipeline.base import CompositePass, Pass
 from onnxforge.passes.fusion.base import RuleBasedPass, fusion_passes
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.registry import register_pass
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

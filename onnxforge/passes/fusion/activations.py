@@ -24,7 +24,7 @@ from onnxforge.ir.patterns import (
     is_exactly,
 )
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.registry import register_pass
 
 GELU_MIN_OPSET = 20
 SWISH_MIN_OPSET = 24

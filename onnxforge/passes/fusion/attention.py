@@ -59,7 +59,7 @@ from onnxforge.ir.shape_values import (
     traced_dims,
 )
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.registry import register_pass
 
 STANDARD_ATTENTION_OPSET = 23
 REDUCE_AXES_INPUT_OPSET = 18  # ReduceMax takes its axes as an input from opset 18, as an attribute before

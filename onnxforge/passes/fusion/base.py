@@ -8,7 +8,8 @@ from typing import ClassVar
 
 from onnxforge.ir import Model, infer_shapes
 from onnxforge.ir.patterns import RewriteRule, apply_rules, near_misses
-from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.context import PassContext
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class RuleBasedPass(Pass):
 
 def fusion_passes() -> list[type[RuleBasedPass]]:
     """Every registered fusion pass, in the order `fuse` runs them."""
-    from onnxforge.passes.registry import available_passes
+    from onnxforge.pipeline.registry import available_passes
 
     passes = [cls for cls in available_passes().values() if issubclass(cls, RuleBasedPass)]
     return sorted(passes, key=lambda cls: (cls.order, cls.name))

@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.ir.patterns import PatternBuilder, PatternValue, RewriteRule
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.registry import register_pass
 
 MIN_OPSET = 7  # BatchNormalization-6 defaults to training mode (is_test=0); Gemm-6 needs broadcast=1
 

@@ -13,9 +13,10 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnxforge.ir import Model
 from onnxforge.ir.edit import replace_uses
 from onnxforge.ir.ops import CONTRIB_DOMAIN, ONNX_DOMAINS
-from onnxforge.passes.base import PassContext, PassResult
+from onnxforge.pipeline.base import PassResult
+from onnxforge.pipeline.context import PassContext
 from onnxforge.passes.fusion.base import RuleBasedPass
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.registry import register_pass
 
 # Domains whose operators are pure functions of their inputs and attributes, random ops aside.
 # Ops of other domains may keep state or draw random numbers: they are never merged.

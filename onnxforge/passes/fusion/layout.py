@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.ir.patterns import RewriteRule, Var
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.registry import register_pass
 
 Shape = Sequence[int | str | None] | None
 RESHAPE_MIN_OPSET = 5  # the target shape became an input in Reshape-5

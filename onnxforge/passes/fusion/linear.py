@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.ir.patterns import RewriteRule
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.registry import register_pass
 
 GEMM_MIN_OPSET = 7  # Gemm before 7 broadcasts its bias only with broadcast=1
 

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.ir.patterns import PatternBuilder, PatternValue, RewriteRule, decline
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.registry import register_pass
 
 LAYER_NORM_MIN_OPSET = 17
 RMS_NORM_MIN_OPSET = 23

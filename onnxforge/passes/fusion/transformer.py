@@ -28,7 +28,7 @@ from onnxforge.passes.fusion.normalization import (
     _times_itself,
     _trailing_count,
 )
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.registry import register_pass
 
 # --- SkipLayerNormalization -----------------------------------------------------------------------------
 

@@ -17,12 +17,13 @@ from onnxforge.data import split_samples
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model, infer_shapes
 from onnxforge.ir.edit import make_constant, unique_name
-from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.context import PassContext
 from onnxforge.passes.layer_costs import LayerCost, describe_change, layer_costs
 from onnxforge.passes.layers import Layer, excluded_by, find_layers, half_precision_note
 from onnxforge.passes.lowrank.factorization import Spectrum, ranks_for_budget, spectrum
-from onnxforge.passes.registry import register_pass
-from onnxforge.passes.speed_check import kept_if_faster
+from onnxforge.pipeline.registry import register_pass
+from onnxforge.pipeline.acceptance import kept_if_faster
 
 # A factorization must cut the layer's parameters (and so its multiply-accumulates) at least this much.
 MAX_KEPT = 0.9

@@ -24,7 +24,7 @@ from onnxforge.ir import Model, infer_shapes, to_networkx
 from onnxforge.ir.ops import CONTRIB_DOMAIN, is_onnx_op
 from onnxforge.ir.shape_values import dims_of, refine_reshapes, reshaped, shape_value
 from onnxforge.ir.shapes import merged_symbolic_dims
-from onnxforge.passes.base import Analysis
+from onnxforge.pipeline.base import Analysis
 
 # Ops that compute each element from the same element of their one data input.
 ELEMENTWISE_UNARY = frozenset(

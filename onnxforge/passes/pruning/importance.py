@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.calibration.observe import Sample, counted_rows, observed
 from onnxforge.ir import Model
-from onnxforge.passes.base import PassContext
+from onnxforge.pipeline.context import PassContext
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelSlot
 
 DATA_METHODS = ("activation", "taylor-free")

@@ -12,7 +12,8 @@ from onnxforge.calibration.recovery import data_shortfall, layer_targets, layers
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model
 from onnxforge.ir.edit import make_constant
-from onnxforge.passes.base import Pass, PassContext, PassResult
+from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.context import PassContext
 from onnxforge.passes.layer_costs import LayerCost, describe_change, layer_costs
 from onnxforge.passes.layers import excluded_by, find_layers
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelGroups
@@ -20,8 +21,8 @@ from onnxforge.passes.pruning.channel_surgery import remove_channels
 from onnxforge.passes.pruning.importance import DATA_METHODS, channel_importance, input_statistics
 from onnxforge.passes.pruning.selection import kept_for_refit, reader_grams
 from onnxforge.passes.pruning.sparsity import SPEED_NOTE, magnitude_mask, two_of_four_mask
-from onnxforge.passes.registry import register_pass
-from onnxforge.passes.speed_check import kept_if_faster
+from onnxforge.pipeline.registry import register_pass
+from onnxforge.pipeline.acceptance import kept_if_faster
 
 SPARSE_OPS = ("MatMul", "Gemm", "Conv")
 

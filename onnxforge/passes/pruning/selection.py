@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.calibration.observe import Sample, observed, sampled_rows
 from onnxforge.calibration.recovery import MAX_ROWS, design_columns, design_weights, input_rows, ridge_strength
 from onnxforge.ir import Model
-from onnxforge.passes.base import PassContext
+from onnxforge.pipeline.context import PassContext
 from onnxforge.passes.pruning.channel_groups import ChannelGroup
 
 # Ridge of the reader's fit, relative to its mean squared input, as in recovery's weakest tried strengths: it keeps

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxforge.passes.base import PassContext
-from onnxforge.passes.decisions import Measured
+from onnxforge.pipeline.context import PassContext
+from onnxforge.pipeline.decisions import Measured
 from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
 from onnxforge.passes.quantization.rewrite import LayerFormat
 

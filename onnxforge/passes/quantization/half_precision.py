@@ -46,8 +46,9 @@ from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
 from onnxforge.ir import Model, infer_shapes
 from onnxforge.ir.edit import make_constant, replace_uses, unique_name
 from onnxforge.ir.ops import ONNX_DOMAINS
-from onnxforge.passes.base import Pass, PassContext, PassResult
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.context import PassContext
+from onnxforge.pipeline.registry import register_pass
 
 KEEP_FLOAT32 = frozenset(
     {

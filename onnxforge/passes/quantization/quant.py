@@ -14,8 +14,9 @@ from onnxforge.comparison import Comparison, compare_outputs
 from onnxforge.data import split_samples
 from onnxforge.errors import PassError, PassUsageError
 from onnxforge.ir import Model
-from onnxforge.passes.base import Pass, PassContext, PassResult
-from onnxforge.passes.decisions import Measured
+from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.context import PassContext
+from onnxforge.pipeline.decisions import Measured
 from onnxforge.passes.quantization.exposing import constant_node_weights, split_attention_projections, split_gemms
 from onnxforge.passes.quantization.ranges import RangeObserver, scale_and_zero_point
 from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer, model_nodes, numbered_layers
@@ -25,7 +26,7 @@ from onnxforge.passes.quantization.quantized_ops import quantized_ops
 from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, quantized_output
 from onnxforge.passes.quantization.sensitivity import BudgetFit, ErrorBudget, fit_error_budget
 from onnxforge.passes.quantization.weights import QuantSpec
-from onnxforge.passes.registry import register_pass
+from onnxforge.pipeline.registry import register_pass
 
 # Layer types each mode can quantize; embedding tables (Gather) are weight-only int8 rows in every mode.
 MODE_OPS = {

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from onnxforge.calibration.observe import Sample, run_model
 from onnxforge.comparison import Comparison, compare_outputs
-from onnxforge.passes.base import PassContext
+from onnxforge.pipeline.context import PassContext
 from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
 from onnxforge.passes.quantization.rewrite import LayerFormat
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import networkx as nx
 
 from onnxforge.ir import Model, to_networkx
-from onnxforge.passes.base import Analysis
+from onnxforge.pipeline.base import Analysis
 
 
 class GraphView(Analysis):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from onnxforge.ir import Model
-from onnxforge.passes.base import PassContext
-from onnxforge.passes.decisions import Measured
+from onnxforge.pipeline.context import PassContext
+from onnxforge.pipeline.decisions import Measured
 
 
 def kept_if_faster(

@@ -12,14 +12,9 @@ from onnxforge.comparison import compare_outputs
 from onnxforge.errors import OnnxforgeError, PassUsageError
 from onnxforge.ir import Model, ModelStats
 from onnxforge.limits import TimeLimitError, check_deadlines, time_limit
-from onnxforge.passes.base import (
-    CompositePass,
-    Pass,
-    PassContext,
-    PassResult,
-    add_counters,
-)
-from onnxforge.passes.verifier import Verifier, VerifyOptions
+from onnxforge.pipeline.base import CompositePass, Pass, PassResult, add_counters
+from onnxforge.pipeline.context import PassContext
+from onnxforge.pipeline.verifier import Verifier, VerifyOptions
 
 OnError = Literal["rollback", "stop"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxforge.errors import PassError
-from onnxforge.passes.base import Pass
+from onnxforge.pipeline.base import Pass
 
 ENTRY_POINT_GROUP = "onnxforge.passes"
 
@@ -153,10 +153,10 @@ def create_passes(steps: str | Sequence[str | Pass | tuple[str, dict[str, Any]]]
     return passes
 
 
+BUILTIN_FAMILIES = ("cleanup", "fusion", "lowrank", "pruning", "quantization")
+
+
 def _load_builtins() -> None:
-    # Importing the pass families runs their @register_pass decorators.
-    import onnxforge.passes.cleanup  # noqa: F401
-    import onnxforge.passes.fusion  # noqa: F401
-    import onnxforge.passes.lowrank  # noqa: F401
-    import onnxforge.passes.pruning  # noqa: F401
-    import onnxforge.passes.quantization  # noqa: F401
+    # Importing the pass families (onnxforge.passes.*) runs their @register_pass decorators.
+    for family in BUILTIN_FAMILIES:
+        importlib.import_module(f"onnxforge.passes.{family}")
