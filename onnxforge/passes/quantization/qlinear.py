@@ -66,7 +66,7 @@ def conv_group(graph: gs.Graph, conv: gs.Node) -> ConvGroup | None:
 def write_qlinear_conv(group: ConvGroup, weight_zero_point: gs.Constant) -> None:
     """Turn `group` into one QLinearConv writing the quantized output; `weight_zero_point` stands in for a weight
     DequantizeLinear without one (a 0 of the weight's type, as onnxruntime fills in). Attributes at their defaults
-    are left out (about 0.3% of a CNN's int8 file). DequantizeLinear nodes that other nodes still read
+    are left out, to keep the file small. DequantizeLinear nodes that other nodes still read
     stay; the rest are left without consumers, for cleanup."""
     conv, quantize = group.conv, group.quantize
     x, w = group.dequantize[0].inputs, group.dequantize[1].inputs

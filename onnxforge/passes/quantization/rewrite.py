@@ -344,11 +344,11 @@ class LayerRewriter:
 
     def _new_tensor(self, name: str) -> gs.Variable:
         """A tensor for an inserted node's output, untyped: onnx infers its type and shape from the node's inputs,
-        and leaving it out of value_info keeps the file small (about 1% on a small CNN's QDQ graph)."""
+        and leaving it out of value_info keeps the file small."""
         return gs.Variable(self._unique(name))
 
     def _add(self, op: str, inputs: list, outputs: list, attrs: dict | None = None, domain: str = "") -> gs.Node:
-        """Insert an unnamed node (a name for each of a CNN's hundreds of Q/DQ nodes costs another 1% of the file)."""
+        """Insert an unnamed node: names for the hundreds of Q/DQ nodes of a model would grow the file."""
         node = gs.Node(op, inputs=inputs, outputs=outputs, attrs=attrs or {}, domain=domain or None)
         self.graph.nodes.append(node)
         return node
