@@ -172,7 +172,7 @@ def _check_pass_on(proto: onnx.ModelProto, model_name: str, pass_name: str) -> N
     onnx.checker.check_model(optimized.to_proto())
     inputs = _fresh_inputs(proto)
     comparison = compare_outputs(_outputs(proto.SerializeToString(), inputs), _outputs(optimized, inputs))
-    pass_ = onnxforge.passes.create_passes(spec)[0]
+    pass_ = onnxforge.pipeline.create_passes(spec)[0]
     if pass_.lossless:
         assert comparison.within(lossless_tolerance(load_model(proto), 1e-4)), comparison.to_dict()
     else:
