@@ -18,6 +18,7 @@ import pytest
 import torch
 from graph_checks import op_counts
 from model_builders import torch_cases
+from test_cli import OPTIMIZE, run_cli, succeeded
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -202,6 +203,31 @@ def test_attention_declines_a_reshape_that_is_not_a_head_split():
 def test_attention_declines_a_softmax_over_another_axis():
     model, stats = _apply("fuse-attention", _attention_graph(softmax_axis=2))
     assert stats == {} and op_counts(model)["Softmax"] == 1
+
+
+def _scale_per_head(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The block with its scores divided by a different number in each head: valid, but not one scale."""
+    root_d = next(t for t in proto.graph.initializer if t.name == "root_d")
+    root_d.CopyFrom(_const("root_d", np.linspace(1.5, 3.0, H, dtype=np.float32).reshape(1, H, 1, 1)))
+    return proto
+
+
+@pytest.mark.parametrize(
+    "proto, reason",
+    [
+        (_attention_graph(softmax_axis=2), "the Softmax is not over the keys"),
+        (_scale_per_head(_attention_graph()), "the scale is not one finite constant other than 0"),
+    ],
+    ids=["softmax_over_queries", "scale_per_head"],
+)
+def test_explain_says_where_and_why_attention_nearly_matched(tmp_path, proto, reason):
+    onnx.save(proto, tmp_path / "model.onnx")
+    result = succeeded(run_cli(OPTIMIZE, tmp_path / "model.onnx", "--passes", "cleanup,fuse", "--explain",
+                               "-o", tmp_path / "out.onnx"))
+    # The notes of fuse's members are fuse's; the root of the match is the last Reshape (an unnamed node).
+    assert "fuse (unchanged):" in result.stdout
+    assert f"  attention declined at 1 place (Reshape): {reason}" in result.stdout.splitlines()
+    assert op_counts(load_model(tmp_path / "out.onnx"))["Softmax"] == 1
 
 
 def test_attention_declines_when_the_probabilities_are_also_an_output():

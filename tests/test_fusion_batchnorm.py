@@ -138,6 +138,23 @@ def test_bn_in_training_mode_is_kept():
     )
     _, result = apply("fold-batchnorm", proto)
     assert not result.changed
+    assert result.notes == [
+        "fold-batchnorm declined at 1 place (BatchNormalization): the BatchNormalization is in training mode"
+    ]
+
+
+def test_bn_after_a_conv_whose_weight_is_computed_is_kept_and_says_why():
+    proto = _model(
+        [helper.make_node("Conv", ["x", "w"], ["y"]), _bn()],
+        [_vi("x", [1, 3, 5, 5]), _vi("w", [4, 3, 3, 3])],
+        [_vi("z", None)],
+        _bn_stats(4),
+    )
+    _, result = apply("fold-batchnorm", proto)
+    assert not result.changed
+    assert result.notes == [
+        "fold-batchnorm declined at 1 place (BatchNormalization): the Conv's weight or bias is not a constant"
+    ]
 
 
 def test_bn_with_running_statistics_outputs_is_kept_since_before_opset_14_that_means_training():
@@ -176,6 +193,7 @@ def test_bn_with_statistics_from_a_graph_input_is_kept():
     )
     _, result = apply("fold-batchnorm", proto)
     assert not result.changed
+    assert result.notes[0].endswith(": the BatchNormalization's scale, bias, mean or variance is not a constant")
 
 
 def test_bn_whose_scale_is_infinite_is_kept():
@@ -188,6 +206,7 @@ def test_bn_whose_scale_is_infinite_is_kept():
     )
     _, result = apply("fold-batchnorm", proto)
     assert not result.changed
+    assert result.notes[0].endswith(": the variance plus epsilon is not positive in every channel")
 
 
 def test_bn_in_double_precision_is_kept():

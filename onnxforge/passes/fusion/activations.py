@@ -128,7 +128,15 @@ def _tanh_gelu_applies(match, x: gs.Tensor, cubic: gs.Constant, scale: gs.Consta
     )
 
 
-def _gelu(approximate: str, contrib_op: str) -> Callable[..., gs.Tensor | None]:
+def _needs_opset(op_type: str, opset: int, context: FusionContext) -> Declined:
+    """Declined: `op_type` is standard only from `opset`, and the backend runs no contrib op in its place."""
+    return decline(
+        f"{op_type} needs opset {opset} (the model has {context.opset}) where the backend does not run "
+        f"onnxruntime's contrib ops: put upgrade-opset:to={opset} before fuse"
+    )
+
+
+def _gelu(approximate: str, contrib_op: str) -> Callable[..., gs.Tensor | Declined]:
     """Standard Gelu from opset 20, onnxruntime's `contrib_op` below it, else decline."""
 
     def replacement(op, x, context: FusionContext):
@@ -136,7 +144,7 @@ def _gelu(approximate: str, contrib_op: str) -> Callable[..., gs.Tensor | None]:
             return op.Gelu(x, approximate=approximate)
         if context.contrib_ops:
             return getattr(op, contrib_op)(x, _domain=CONTRIB_DOMAIN)
-        return None
+        return _needs_opset("Gelu", GELU_MIN_OPSET, context)
 
     return replacement
 
@@ -176,7 +184,7 @@ def _silu(op, x, context: FusionContext):
         return op.QuickGelu(x, alpha=1.0, _domain=CONTRIB_DOMAIN)
     if context.opset >= SWISH_MIN_OPSET:
         return op.Swish(x)
-    return None
+    return _needs_opset("Swish", SWISH_MIN_OPSET, context)
 
 
 SILU = RewriteRule("silu", _x_sigmoid_x, _silu, _is_float32)
@@ -212,7 +220,12 @@ def _x_relu6_times_sixth(op, x):  # x * F.relu6(x + 3) * (1 / 6)
 
 def _hardswish(op, x, context: FusionContext):
     """Standard HardSwish from opset 14; onnxruntime has no contrib op for it, so decline below."""
-    return op.HardSwish(x) if context.opset >= HARDSWISH_MIN_OPSET else None
+    if context.opset >= HARDSWISH_MIN_OPSET:
+        return op.HardSwish(x)
+    return decline(
+        f"HardSwish needs opset {HARDSWISH_MIN_OPSET} (the model has {context.opset}): put "
+        f"upgrade-opset:to={HARDSWISH_MIN_OPSET} before fuse"
+    )
 
 
 HARDSWISH = RewriteRule(
@@ -227,6 +240,5 @@ HARDSWISH = RewriteRule(
 class FuseActivations(RuleBasedPass):
     """Fuse decomposed GELU (erf and tanh forms), SiLU (x * sigmoid(x)) and HardSwish into single ops."""
 
-    order = 40
     needs_shapes = True
     rules = (GELU_ERF, GELU_TANH, SILU, HARDSWISH)

@@ -58,7 +58,7 @@ from onnxforge.ir.shape_values import (
     shape_value,
     traced_dims,
 )
-from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
+from onnxforge.passes.fusion.base import NO_CONTRIB_OPS, FusionContext, RuleBasedPass
 from onnxforge.pipeline.registry import register_pass
 
 STANDARD_ATTENTION_OPSET = 23
@@ -274,17 +274,17 @@ def _same_static_size(merged: list[Dim] | None, q: list[Dim], heads: int, size: 
     return merged is not None and all(isinstance(d, int) for d in (*merged, *dims)) and np.prod(merged) == np.prod(dims)
 
 
-def _sequence_major_heads(match: Match) -> Heads | None:
+def _sequence_major_heads(match: Match) -> Heads | Declined:
     """The dimensions of a sequence-major block whose reshapes only unpack, split and merge heads."""
     b = match.bindings
     x, split, q = _shape(b["x"]), _shape(b["qkv_split"]), _shape(b["qh"])
     if x is None or split is None or q is None or len(x) != 3 or len(split) != 5 or q[-1] == 0:
-        return None
+        return decline("the input or the heads have no static shape (sequence-major blocks need static shapes)")
     length, batch, hidden, size = x[0], x[1], split[4], q[-1]
     if split != (1, length, batch, 3, hidden) or _shape(b["qkv_packed"]) != (3, length, batch, hidden):
-        return None
+        return decline("the packed projection is not unpacked into Q, K and V of shape [sequence, batch, hidden]")
     if hidden % size:
-        return None
+        return decline("the hidden size is not a multiple of the head size")
     heads = hidden // size
     rows = (length, batch * heads, size)
     if len(q) == 4:
@@ -294,7 +294,7 @@ def _sequence_major_heads(match: Match) -> Heads | None:
         head_shapes = {"qh": (batch * heads, length, size), "vh": (batch * heads, length, size)}
         head_shapes.update(kt=(batch * heads, size, length))
     if any(_shape(b[f"{n}_rows"]) != rows for n in "qkv") or any(_shape(b[n]) != s for n, s in head_shapes.items()):
-        return None
+        return decline("the reshapes and transposes do not provably split Q, K and V into heads")
     return Heads(batch, length, length, heads, size)
 
 
@@ -383,18 +383,18 @@ def _attention_bias(
     if scores_rank == 4:
         return _attention_bias_4d(op, mask, dims, lengths)
     shape = _shape(mask)
-    if shape is None or not _is_float32(mask) or len(shape) > scores_rank:
-        return None
+    if shape is None or len(shape) > scores_rank:
+        return decline(f"the mask has no static shape of rank at most {scores_rank}")
     is_4d = len(shape) == 4
     shape = (1,) * (scores_rank - len(shape)) + shape
     if scores_rank == 3:  # [B*H|1, S|1, T|1] -> [B|1, H|1, S|1, T|1]
         if shape[0] not in (1, dims.batch * dims.heads):
-            return None
+            return decline("the mask does not broadcast to the scores")
         shape = (1, 1, *shape[1:]) if shape[0] == 1 else (dims.batch, dims.heads, *shape[1:])
         mask, is_4d = op.Reshape(mask, op.const(np.array(shape, np.int64), "bias_shape")), True
     full = (dims.batch, dims.heads, dims.length, dims.key_length)
     if any(m not in (1, f) for m, f in zip(shape, full)):
-        return None
+        return decline("the mask does not broadcast to the scores")
     if not is_4d or shape[2:] != full[2:]:
         mask = op.Expand(mask, op.const(np.array([1, 1, *full[2:]], np.int64), "bias_expand"))
     return mask
@@ -526,13 +526,21 @@ def _rows_with_a_key(op: GraphBuilder, bias: gs.Tensor, context: FusionContext) 
 def _fuse_sequence_major(op, match: Match, context: FusionContext):
     """Attention on x transposed to batch-major, with nn.MultiheadAttention's packed weights."""
     dims = _sequence_major_heads(match)
-    if dims is None or not _softmax_over_keys(match, context) or "guarded" in match.bindings:
-        return None
+    if isinstance(dims, Declined):
+        return dims
+    if not _softmax_over_keys(match, context):
+        return decline("the Softmax is not over the keys")
+    if "guarded" in match.bindings:
+        return decline("the softmax is guarded against fully masked rows, which no sequence-major block takes")
     scale = _scale(match)
     bias = _attention_bias(op, match.bindings.get("mask"), dims, len(match.bindings["kt"].shape), ())
     packed, x = _packed_weights(match, ("",)), match.bindings["x"]
-    if scale is None or isinstance(bias, Declined) or bias is None or packed is None or not _is_float32(x):
-        return None
+    if scale is None:
+        return decline("the scale is not one finite constant other than 0")
+    if isinstance(bias, Declined):
+        return bias
+    if packed is None or not _is_float32(x):
+        return decline("the input or the packed Q, K and V weight and bias are not float32")
     weight, qkv_bias = op.const(packed[0], "qkv_weight"), op.const(packed[1], "qkv_bias")
     inputs = _optional_inputs(op.Transpose(x, perm=[1, 0, 2]), weight, qkv_bias, None, None, bias)
     out = op.Attention(*inputs, _domain=CONTRIB_DOMAIN, num_heads=dims.heads, scale=scale)
@@ -545,16 +553,20 @@ def _fuse_standard(op, match: Match, context: FusionContext, qh, kt, vh):
     """The standard Attention op (opset 23) on 4-D heads [B, H, S, d]; the split and merge stay as they are."""
     q, k, v = _shape(qh), _shape(kt), _shape(vh)
     if q is None or k is None or v is None or len(q) != 4 or not _is_float32(qh, kt, vh):
-        return None
+        return decline("Q, K^T and V are not float32 heads of static 4-D shape")
     batch, heads, length, size = q
     if k != (batch, heads, size, k[3]) or v != (batch, heads, k[3], size):
-        return None
+        return decline("Q, K^T and V are not heads of one [batch, heads, sequence, size] layout")
     if "guarded" in match.bindings:
-        return None
+        return decline("the softmax is guarded against fully masked rows, which the standard op does not take")
     dims = Heads(batch, length, k[3], heads, size)
     scale, mask = _scale(match), _attention_bias(op, match.bindings.get("mask"), dims, 4, ())
-    if scale is None or isinstance(mask, Declined) or not _softmax_over_keys(match, context):
-        return None
+    if scale is None:
+        return decline("the scale is not one finite constant other than 0")
+    if isinstance(mask, Declined):
+        return mask
+    if not _softmax_over_keys(match, context):
+        return decline("the Softmax is not over the keys")
     return op.Attention(*_optional_inputs(qh, op.Transpose(kt, perm=[0, 1, 3, 2]), vh, mask), scale=scale)
 
 
@@ -570,16 +582,16 @@ def _project_batch_major(op, match: Match, a, w, b):
     x, rows, out = _shape(a), _shape(match.bindings["rows"]), _shape(match.output)
     gemm = match.bindings["projected"].inputs[0]
     if x is None or rows is None or out is None or len(x) != 3 or not _is_float32(a, w, b):
-        return None
+        return decline("the input, the rows or the output is not float32 of static shape, or the input is not 3-D")
     batch, length, width = x
     weight = np.asarray(w.values).T if gemm.attrs.get("transB", 0) else np.asarray(w.values)
     bias = np.asarray(b.values)
     if rows != (length * batch, width) or weight.ndim != 2 or weight.shape[0] != width:
-        return None
+        return decline("the Gemm's rows are not the [sequence * batch, width] rows of the input")
     if out != (batch, length, weight.shape[1]) or bias.size not in (1, weight.shape[1]) or bias.ndim > 2:
-        return None
+        return decline("the output is not [batch, sequence, width], or the bias is not one value per column")
     if bias.ndim == 2 and bias.shape[0] != 1:
-        return None
+        return decline("the bias is not one value per column")
     alpha, beta = gemm.attrs.get("alpha", 1.0), gemm.attrs.get("beta", 1.0)
     weight = weight * np.float32(alpha) if alpha != 1.0 else weight
     bias = np.broadcast_to(bias.reshape(-1) * np.float32(beta), (weight.shape[1],))
@@ -588,7 +600,7 @@ def _project_batch_major(op, match: Match, a, w, b):
 
 
 def _uses_contrib_ops(match, context: FusionContext) -> bool | Declined:
-    return context.contrib_ops or decline("the backend does not run onnxruntime's contrib ops (com.microsoft)")
+    return context.contrib_ops or decline(NO_CONTRIB_OPS)
 
 
 def _has_standard_attention(match, context: FusionContext) -> bool | Declined:
@@ -632,5 +644,4 @@ class FuseAttention(RuleBasedPass):
     """Fuse self-attention (Q/K/V projections, scaling, optional mask, Softmax) into one onnxruntime op."""
 
     rules = RULES
-    order = 50
     needs_shapes = True

@@ -29,13 +29,14 @@ class FusionContext:
 FUSED_CONTRIB_OPS = (
     "Attention", "BiasGelu", "FastGelu", "Gelu", "MultiHeadAttention", "QuickGelu", "SkipLayerNormalization"
 )
+# Why a rule that would write one of them declines on other backends (what `--explain` says).
+NO_CONTRIB_OPS = "the backend does not run onnxruntime's contrib ops (com.microsoft)"
 
 
 class RuleBasedPass(Pass):
-    """A pass made of rewrite rules. Subclasses list `rules`; `order` places the pass inside `fuse`."""
+    """A pass made of rewrite rules. Subclasses list `rules`; `FUSION_STAGES` places the pass inside `fuse`."""
 
     rules: ClassVar[Sequence[RewriteRule]] = ()
-    order: ClassVar[int] = 100
     needs_shapes: ClassVar[bool] = False
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -68,10 +69,3 @@ class RuleBasedPass(Pass):
         whole = super().describe()
         return f"{whole}/{self.rules[0].name}" if "rules" in vars(self) else whole
 
-
-def fusion_passes() -> list[type[RuleBasedPass]]:
-    """Every registered fusion pass, in the order `fuse` runs them."""
-    from onnxforge.pipeline.registry import available_passes
-
-    passes = [cls for cls in available_passes().values() if issubclass(cls, RuleBasedPass)]
-    return sorted(passes, key=lambda cls: (cls.order, cls.name))

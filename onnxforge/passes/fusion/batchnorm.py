@@ -11,18 +11,22 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxforge.ir.patterns import PatternBuilder, PatternValue, RewriteRule
+from onnxforge.ir.patterns import Declined, PatternBuilder, PatternValue, RewriteRule, Var, decline
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
 from onnxforge.pipeline.registry import register_pass
 
 MIN_OPSET = 7  # BatchNormalization-6 defaults to training mode (is_test=0); Gemm-6 needs broadcast=1
 
 
-def _producer(kind: str, with_bias: bool) -> Callable[[PatternBuilder, PatternValue], PatternValue]:
-    """The pattern of a `kind` node reading x and a constant weight (and bias), its output bound as `y`."""
+def _producer(
+    kind: str, with_bias: bool, constant: bool = True
+) -> Callable[[PatternBuilder, PatternValue], PatternValue]:
+    """The pattern of a `kind` node reading x and a weight (and bias), its output bound as `y`; the weight and bias
+    must be constants, or, not `constant`, may be any value (a condition then says why it declines)."""
 
     def pattern(op, x):
-        inputs = [x, op.const("w")] + ([op.const("b")] if with_bias else [])
+        weight = op.const if constant else Var
+        inputs = [x, weight("w")] + ([weight("b")] if with_bias else [])
         return getattr(op, kind)(*inputs, _name="y")
 
     return pattern
@@ -92,13 +96,13 @@ def _all_float32_or_float16(*tensors: gs.Tensor | None) -> bool:
 
 def _fold(
     op, x: gs.Tensor, node: gs.Node, w: gs.Constant, b: gs.Constant | None, scale: np.ndarray | None, shift: np.ndarray
-) -> gs.Tensor | None:
+) -> gs.Tensor | Declined:
     """Rebuild `node` (reading x) so that it computes its old output * scale + shift, per output channel.
 
-    Declines (None) a scale or shift that is not finite: 0 * inf in the old graph is NaN, not a folded weight.
+    Declines a scale or shift that is not finite: 0 * inf in the old graph is NaN, not a folded weight.
     """
     if not np.isfinite(shift).all() or (scale is not None and not np.isfinite(scale).all()):
-        return None
+        return decline("the per-channel scale or shift is not finite")
     weights = np.asarray(w.values)
     dtype = weights.dtype  # float32, or float16 from fold-batchnorm on an fp16 model
     channels = _channels(node, weights)
@@ -118,32 +122,40 @@ def _fold(
 
 
 def _batchnorm(kind: str, with_bias: bool):
-    producer = _producer(kind, with_bias)
+    producer = _producer(kind, with_bias, constant=False)
 
-    def pattern(op, x):
-        stats = [op.const(name) for name in ("scale", "shift", "mean", "var")]
-        return op.BatchNormalization(producer(op, x), *stats)
+    def pattern(op, x):  # weights and statistics of any value, so that `_bn_foldable` says which is not constant
+        return op.BatchNormalization(producer(op, x), *(Var(name) for name in ("scale", "shift", "mean", "var")))
 
     return pattern
 
 
-def _bn_foldable(match, context: FusionContext, y, w, scale, shift, mean, var, b=None) -> bool:
+def _bn_foldable(match, context: FusionContext, y, w, scale, shift, mean, var, b=None) -> bool | Declined:
     bn, node = match.root, y.inputs[0]
-    if context.opset < MIN_OPSET or bn.attrs.get("training_mode", 0) or not bn.attrs.get("spatial", 1):
-        return False
-    if sum(t.name != "" for t in bn.outputs) != 1:  # before opset 14, more outputs meant training mode
-        return False
+    if context.opset < MIN_OPSET:
+        return decline(f"opset {context.opset} is below {MIN_OPSET}: BatchNormalization may be in training mode")
+    # Before opset 14, more outputs than one meant training mode.
+    if bn.attrs.get("training_mode", 0) or sum(t.name != "" for t in bn.outputs) != 1:
+        return decline("the BatchNormalization is in training mode")
+    if not bn.attrs.get("spatial", 1):
+        return decline("the BatchNormalization has spatial=0: its statistics are not one value per channel")
+    if not all(isinstance(t, gs.Constant) for t in (w, b) if t is not None):
+        return decline(f"the {node.op}'s weight or bias is not a constant")
+    if not all(isinstance(t, gs.Constant) for t in (scale, shift, mean, var)):
+        return decline("the BatchNormalization's scale, bias, mean or variance is not a constant")
     if not _all_float32_or_float16(w, b, scale, shift, mean, var):
-        return False
+        return decline(f"the {node.op}'s weights and the statistics are not all float32 or all float16")
     channels = _channels(node, np.asarray(w.values))
     if channels is None or not _bias_fits(node, channels, b):
-        return False
+        return decline(f"the {node.op}'s weight or bias does not give it one value per output channel")
     if any(np.shape(t.values) != (channels,) for t in (scale, shift, mean, var)):
-        return False
+        return decline(f"the statistics are not one value per output channel of the {node.op}")
     if not (np.asarray(var.values, np.float64) + bn.attrs.get("epsilon", 1e-5) > 0).all():
-        return False  # the BN divides by zero (or takes the root of a negative number)
+        return decline("the variance plus epsilon is not positive in every channel")  # the BN divides by zero
     # A MatMul's columns are the BN channels (axis 1) only when its output is 2-D.
-    return node.op != "MatMul" or (y.shape is not None and len(y.shape) == 2)
+    if node.op == "MatMul" and (y.shape is None or len(y.shape) != 2):
+        return decline("the MatMul's output is not known to be 2-D: only then are its columns the channels")
+    return True
 
 
 def _fold_bn(op, match, x, y, w, scale, shift, mean, var, b=None):
@@ -160,7 +172,6 @@ _BN_SPELLINGS = [(k, bias) for k in ("Conv", "ConvTranspose", "Gemm") for bias i
 class FoldBatchNorm(RuleBasedPass):
     """Fold inference BatchNormalization into the Conv, ConvTranspose, Gemm or 2-D MatMul before it."""
 
-    order = 20
     needs_shapes = True  # a MatMul's output rank decides whether BN's channels are its columns
     rules = (
         RewriteRule("fold-batchnorm", [_batchnorm(k, bias) for k, bias in _BN_SPELLINGS], _fold_bn, _bn_foldable),
@@ -190,22 +201,30 @@ def _affine(follower: str, kind: str, with_bias: bool):
     return pattern
 
 
-def _per_channel(context: FusionContext, y, w, c, b=None) -> np.ndarray | None:
+def _per_channel(context: FusionContext, y, w, c, b=None) -> np.ndarray | Declined:
+    """The constant `c` as one value per output channel of the node producing `y`, or why it is not."""
     node, weights = y.inputs[0], np.asarray(w.values)
     channels = _channels(node, weights)
-    if context.opset < MIN_OPSET or channels is None or not _bias_fits(node, channels, b) or not _all_float32(w, b, c):
-        return None
-    return _channel_vector(c, channels, _output_rank(node, weights))
+    if context.opset < MIN_OPSET:
+        return decline(f"opset {context.opset} is below {MIN_OPSET}")
+    if channels is None or not _bias_fits(node, channels, b):
+        return decline(f"the {node.op}'s weight or bias does not give it one value per output channel")
+    if not _all_float32(w, b, c):
+        return decline(f"the {node.op}'s weights or the constant are not float32")
+    vector = _channel_vector(c, channels, _output_rank(node, weights))
+    if vector is None:
+        return decline("the constant varies along another axis than the output channels")
+    return vector
 
 
 def _fold_mul(op, context, x, y, w, c, b=None):
     s = _per_channel(context, y, w, c, b)
-    return None if s is None else _fold(op, x, y.inputs[0], w, b, s, np.zeros_like(s))
+    return s if isinstance(s, Declined) else _fold(op, x, y.inputs[0], w, b, s, np.zeros_like(s))
 
 
 def _fold_add(op, context, x, y, w, c, b=None):
     t = _per_channel(context, y, w, c, b)
-    return None if t is None else _fold(op, x, y.inputs[0], w, b, None, t)
+    return t if isinstance(t, Declined) else _fold(op, x, y.inputs[0], w, b, None, t)
 
 
 _SCALE_SPELLINGS = [(k, bias) for k in ("Conv", "ConvTranspose", "Gemm") for bias in (False, True)]
@@ -215,7 +234,6 @@ _SCALE_SPELLINGS = [(k, bias) for k in ("Conv", "ConvTranspose", "Gemm") for bia
 class FoldScaleIntoConv(RuleBasedPass):
     """Fold Mul or Add by a per-output-channel (or scalar) constant into the Conv, ConvTranspose or Gemm before it."""
 
-    order = 21
     rules = (
         RewriteRule("fold-mul", [_affine("Mul", k, bias) for k, bias in _SCALE_SPELLINGS], _fold_mul),
         RewriteRule("fold-add", [_affine("Add", k, bias) for k, bias in _SCALE_SPELLINGS], _fold_add),

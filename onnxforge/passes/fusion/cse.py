@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
-from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -13,9 +12,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnxforge.ir import Model
 from onnxforge.ir.edit import replace_uses
 from onnxforge.ir.ops import CONTRIB_DOMAIN, ONNX_DOMAINS
-from onnxforge.pipeline.base import PassResult
+from onnxforge.pipeline.base import Pass, PassResult
 from onnxforge.pipeline.context import PassContext
-from onnxforge.passes.fusion.base import RuleBasedPass
 from onnxforge.pipeline.registry import register_pass
 
 # Domains whose operators are pure functions of their inputs and attributes, random ops aside.
@@ -32,10 +30,8 @@ COMMUTATIVE_OPS = frozenset(
 
 
 @register_pass("cse")
-class EliminateCommonSubexpressions(RuleBasedPass):
+class EliminateCommonSubexpressions(Pass):
     """Merge nodes with the same op, attributes and inputs (same tensors or equal constants) into one."""
-
-    order: ClassVar[int] = 5
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         merged = 0

@@ -212,7 +212,6 @@ _PAD_CONSUMERS = [("Conv", 1), ("Conv", 2), ("AveragePool", 0), ("MaxPool", 0)]
 class SimplifyLayout(RuleBasedPass):
     """Merge Transpose pairs, collapse Reshape/Flatten/Squeeze/Unsqueeze chains, fold Pad into Conv and pool pads."""
 
-    order = 10
     needs_shapes = True
     rules = (
         RewriteRule("merge-transposes", _transpose_pair, _merge_transposes),

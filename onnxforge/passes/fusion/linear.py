@@ -36,6 +36,5 @@ def _gemm(op, a, w, bias):
 class FuseMatMulAdd(RuleBasedPass):
     """Fuse MatMul(A, W) + bias into Gemm where A is 2-D and W and the bias are constants."""
 
-    order = 70
     needs_shapes = True
     rules = (RewriteRule("fuse-matmul-add", _matmul_add, _gemm, _is_2d_linear),)

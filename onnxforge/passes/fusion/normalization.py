@@ -17,12 +17,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxforge.ir.patterns import PatternBuilder, PatternValue, RewriteRule, decline
+from onnxforge.ir.patterns import Declined, PatternBuilder, PatternValue, RewriteRule, decline
 from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
 from onnxforge.pipeline.registry import register_pass
 
 LAYER_NORM_MIN_OPSET = 17
 RMS_NORM_MIN_OPSET = 23
+NOT_OVER_NORMALIZED_DIMS = "the normalization is not float32, or {} is not a float32 constant over its normalized axes"
 
 Pattern = Callable[..., PatternValue]
 
@@ -87,6 +88,10 @@ def _epsilon(epsilon: gs.Constant, rank: int) -> float | None:
     return float(values.reshape(-1)[0])
 
 
+def _dtype_name(x: gs.Tensor) -> str:
+    return np.dtype(x.dtype).name if x.dtype is not None else "of unknown type"
+
+
 def _unit_scale(op, x: gs.Tensor, k: int) -> gs.Constant:
     return op.const(np.ones(x.shape[len(x.shape) - k :], np.float32), "scale")
 
@@ -104,7 +109,7 @@ def _layer_norm_pattern(mean: Pattern, square: Pattern) -> Pattern:
 
 
 def _normalization(op_type: str, min_opset: int):
-    """The replacement building `op_type` with a unit scale over the averaged trailing axes (None declines)."""
+    """The replacement building `op_type` with a unit scale over the averaged trailing axes."""
 
     def replacement(op, x, variance, epsilon, context: FusionContext, mean=None):
         if context.opset < min_opset:
@@ -112,12 +117,14 @@ def _normalization(op_type: str, min_opset: int):
                 f"{op_type} needs opset {min_opset} (the model has {context.opset}): put "
                 f"upgrade-opset:to={min_opset} before fuse"
             )
+        if x.dtype != np.float32:
+            return decline(f"x is {_dtype_name(x)}: only float32 is fused")
         k = _trailing_count(x, variance) if mean is None else _trailing_count(x, mean, variance)
-        if x.dtype != np.float32 or k is None:
-            return None
+        if k is None:
+            return decline("the means are not all over the same trailing axes of x, of constant sizes")
         eps = _epsilon(epsilon, len(x.shape))
         if eps is None:
-            return None
+            return decline("epsilon is not one float32 value")
         return getattr(op, op_type)(x, _unit_scale(op, x, k), axis=-k, epsilon=eps)
 
     return replacement
@@ -156,8 +163,6 @@ def _rms_norm_pattern(mean: Pattern, square: Pattern, divide: Pattern) -> Patter
     return pattern
 
 
-
-
 RMS_NORM = RewriteRule(
     "rms-norm",
     [
@@ -173,14 +178,14 @@ RMS_NORM = RewriteRule(
 # --- the affine part: gamma and beta folded into the normalization's scale and bias ----------------------
 
 
-def _normalization(op: PatternBuilder, x, kind: str, with_bias: bool) -> PatternValue:
+def _normalized(op: PatternBuilder, x, kind: str, with_bias: bool) -> PatternValue:
     inputs = [x, op.const("scale")] + ([op.const("bias")] if with_bias else [])
     return getattr(op, kind)(*inputs, _name="normalized")
 
 
 def _scaled(kind: str, with_bias: bool, through_cast: bool = False) -> Pattern:
     def pattern(op, x):  # normalization(x) * gamma, optionally through a Cast
-        normalized = _normalization(op, x, kind, with_bias)
+        normalized = _normalized(op, x, kind, with_bias)
         if through_cast:
             normalized = op.Cast(normalized, to=onnx.TensorProto.FLOAT)
         return op.Mul(normalized, op.const("gamma"))
@@ -190,7 +195,7 @@ def _scaled(kind: str, with_bias: bool, through_cast: bool = False) -> Pattern:
 
 def _shifted(kind: str, with_bias: bool) -> Pattern:
     def pattern(op, x):  # normalization(x) + beta
-        return op.Add(_normalization(op, x, kind, with_bias), op.const("beta"))
+        return op.Add(_normalized(op, x, kind, with_bias), op.const("beta"))
 
     return pattern
 
@@ -213,31 +218,31 @@ def _over_normalized_dims(values: gs.Constant, x: gs.Tensor, axis: int) -> np.nd
     return np.broadcast_to(array.reshape(padded[start:]), normalized)
 
 
-def _fold_gamma(op, x, normalized, scale, gamma, bias=None):
+def _fold_gamma(op, x, normalized, scale, gamma, bias=None) -> gs.Tensor | Declined:
     """The normalization with scale * gamma (and bias * gamma) as its weights."""
     node = normalized.inputs[0]
     axis = node.attrs.get("axis", -1)
     factor = _over_normalized_dims(gamma, x, axis)
     old_scale = _over_normalized_dims(scale, x, axis)
     if factor is None or old_scale is None or normalized.dtype != np.float32:
-        return None
+        return decline(NOT_OVER_NORMALIZED_DIMS.format("gamma"))
     inputs = [x, op.const(old_scale * factor, "scale")]
     if bias is not None:
         old_bias = _over_normalized_dims(bias, x, axis)
         if old_bias is None:
-            return None
+            return decline(NOT_OVER_NORMALIZED_DIMS.format("the bias"))
         inputs.append(op.const(old_bias * factor, "bias"))
     return getattr(op, node.op)(*inputs, **node.attrs)
 
 
-def _fold_beta(op, x, normalized, scale, beta, bias=None):
+def _fold_beta(op, x, normalized, scale, beta, bias=None) -> gs.Tensor | Declined:
     """The normalization with bias + beta as its bias."""
     node = normalized.inputs[0]
     axis = node.attrs.get("axis", -1)
     shift = _over_normalized_dims(beta, x, axis)
     old_bias = 0.0 if bias is None else _over_normalized_dims(bias, x, axis)
     if shift is None or old_bias is None or normalized.dtype != np.float32:
-        return None
+        return decline(NOT_OVER_NORMALIZED_DIMS.format("beta"))
     return op.LayerNormalization(x, scale, op.const(old_bias + shift, "bias"), **node.attrs)
 
 
@@ -262,6 +267,5 @@ FOLD_BETA = RewriteRule(
 class FuseNormalization(RuleBasedPass):
     """Fuse decomposed LayerNorm and RMSNorm, gamma and beta included, into their single standard ops."""
 
-    order = 30
     needs_shapes = True
     rules = (LAYER_NORM, RMS_NORM, FOLD_GAMMA, FOLD_BETA)

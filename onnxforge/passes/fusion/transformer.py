@@ -16,9 +16,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxforge.ir.ops import CONTRIB_DOMAIN
-from onnxforge.ir.patterns import Match, RewriteRule, decline
+from onnxforge.ir.patterns import Declined, Match, RewriteRule, decline
 from onnxforge.ir.shape_values import is_unnamed, same_dims, traced_dims
-from onnxforge.passes.fusion.base import FusionContext, RuleBasedPass
+from onnxforge.passes.fusion.base import NO_CONTRIB_OPS, FusionContext, RuleBasedPass
 from onnxforge.passes.fusion.normalization import (
     LAYER_NORM_MIN_OPSET,
     _epsilon,
@@ -61,7 +61,7 @@ def _skip_layernorm(op, match: Match, context: FusionContext, x, skip, gamma, be
     layernorm = b["normalized"].inputs[0]
     shape = x.shape
     if not context.contrib_ops:
-        return None  # not a near miss: the backend has no contrib ops
+        return decline(NO_CONTRIB_OPS)
     if not _known_same_shape(x, skip):
         return decline("x and skip are not provably of one shape (SkipLayerNormalization does not broadcast)")
     if len(shape) not in (2, 3):
@@ -114,8 +114,10 @@ def _skip_decomposed_layernorm(op, match: Match, context: FusionContext, x, skip
     b = match.bindings
     if context.opset >= LAYER_NORM_MIN_OPSET:
         return decline("")  # fuse-normalization makes it a LayerNormalization first: skip-layernorm takes that
-    if not context.contrib_ops or _trailing_count(b["sum"], b["mean"], b["variance"]) != 1:
-        return None
+    if not context.contrib_ops:
+        return decline(NO_CONTRIB_OPS)
+    if _trailing_count(b["sum"], b["mean"], b["variance"]) != 1:
+        return decline("the means are not both over the last axis, or its size is not constant")
     if not _known_same_shape(x, skip):
         addends = _input_and_broadcast_skip(x, skip)
         if addends is None:
@@ -129,10 +131,10 @@ def _skip_decomposed_layernorm(op, match: Match, context: FusionContext, x, skip
     if len(shape) not in (2, 3) or eps is None:
         return decline("x is not [batch, sequence, hidden] or [rows, hidden], or epsilon is not float32")
     if x.dtype != np.float32 or skip.dtype != np.float32 or not isinstance(shape[-1], int):
-        return None
+        return decline("x or skip is not float32 with a constant hidden width")
     vectors = [_over_last_axis(v, shape[-1]) for v in (gamma, beta)]
     if any(v is None for v in vectors):
-        return None
+        return decline("gamma or beta is not a float32 vector over the hidden width")
     inputs = [x, skip, op.const(vectors[0], "gamma"), op.const(vectors[1], "beta")]
     if not match.used_outside("sum"):
         return op.SkipLayerNormalization(*inputs, _domain=CONTRIB_DOMAIN, epsilon=eps)
@@ -206,25 +208,28 @@ def _contrib_fast_gelu(op, x):
     return op.FastGelu(op.Add(x, op.const("bias")), _domain=CONTRIB_DOMAIN)
 
 
-def _last_axis_bias(x: gs.Tensor, bias: gs.Constant) -> np.ndarray | None:
-    """The bias as a [width] vector when it adds one value per element of x's last axis; else None."""
+def _last_axis_bias(x: gs.Tensor, bias: gs.Constant) -> np.ndarray | Declined:
+    """The bias as a [width] vector when it adds one value per element of x's last axis; else why not."""
     values = np.asarray(bias.values)
-    if x.shape is None or not x.shape or values.dtype != np.float32 or x.dtype != np.float32:
-        return None
+    if values.dtype != np.float32 or x.dtype != np.float32:
+        return decline("x or the bias is not float32")
+    if x.shape is None or not x.shape or not isinstance(x.shape[-1], int):
+        return decline("x has no known constant last axis")
     width = x.shape[-1]
     leading = values.shape[:-1]
-    if not isinstance(width, int) or values.ndim == 0 or values.shape[-1] != width or any(d != 1 for d in leading):
-        return None
-    if values.ndim > len(x.shape):  # the bias would add leading axes to the sum
-        return None
+    # A bias of more axes than x would add leading axes to the sum.
+    if values.ndim == 0 or values.shape[-1] != width or any(d != 1 for d in leading) or values.ndim > len(x.shape):
+        return decline("the bias is not one vector over x's last axis")
     return values.reshape(width)
 
 
 def _biased(contrib_op: str):
     def replacement(op, x, bias, context: FusionContext):
+        if not context.contrib_ops:
+            return decline(NO_CONTRIB_OPS)
         vector = _last_axis_bias(x, bias)
-        if not context.contrib_ops or vector is None:
-            return None
+        if isinstance(vector, Declined):
+            return vector
         return getattr(op, contrib_op)(x, op.const(vector, "bias"), _domain=CONTRIB_DOMAIN)
 
     return replacement
@@ -239,7 +244,6 @@ class FuseSkipLayerNorm(RuleBasedPass):
     """Fuse Add (residual, optionally a bias too) + LayerNormalization into SkipLayerNormalization (onnxruntime)."""
 
     rules = (SKIP_LAYERNORM, SKIP_DECOMPOSED_LAYERNORM)
-    order = 60
     needs_shapes = True
 
 
@@ -248,5 +252,4 @@ class FuseBiasGelu(RuleBasedPass):
     """Fuse a bias Add + Gelu into BiasGelu, or into FastGelu for the tanh approximation (onnxruntime)."""
 
     rules = (BIAS_GELU, BIAS_FAST_GELU)
-    order = 60
     needs_shapes = True
