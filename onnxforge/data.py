@@ -234,23 +234,6 @@ def load_samples(path: str | os.PathLike[str], model: onnx.ModelProto) -> list[S
     return samples
 
 
-def split_samples(
-    samples: Sequence[Sample], held_out_fraction: float = 0.25, at_most: int | None = None
-) -> tuple[list[Sample], list[Sample]]:
-    """Split samples into a calibration part and a held-out part that judges fidelity: the last quarter, at least
-    one sample and at most `at_most`. Every pass that holds samples out splits them here.
-
-    With fewer than 4 samples there is nothing to spare: both parts are all the samples.
-    """
-    samples = list(samples)
-    if len(samples) < 4:
-        return samples, samples
-    held_out = max(1, round(len(samples) * held_out_fraction))
-    if at_most is not None:
-        held_out = min(held_out, at_most)
-    return samples[:-held_out], samples[-held_out:]
-
-
 def save_samples(
     path: str | os.PathLike[str],
     samples: Sequence[Mapping[str, np.ndarray]],

@@ -1,4 +1,5 @@
-"""Backends say what they can run; passes ask that (through PassContext), never the backend's name."""
+"""Backends say what they can run; passes ask that (through PassContext), never the backend's name. What must
+not depend on the backend (constant folding's values, contrib-op schemas) comes from the reference runtime."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
+from graph_checks import apply, constant, make_model, value_info
 from model_builders import BertLike
+from onnx import TensorProto, helper
 from test_cli import OPTIMIZE, run_cli, succeeded
 
 from onnxforge.backends import backend_names, get_backend
+from onnxforge.errors import BackendError
 from onnxforge.frontends.torch import from_torch
 from onnxforge.ir import Model, load_model
 from onnxforge.ir.ops import CONTRIB_DOMAIN
@@ -75,15 +80,88 @@ def test_tvm_compiles_static_shapes_only_and_runs_just_the_contrib_ops_its_impor
     assert not capabilities.runs_contrib_ops(*FUSED_CONTRIB_OPS)
 
 
-def test_fuse_and_int4_quant_write_byte_identical_models_for_ort_and_its_alias_onnxruntime(encoder, tmp_path):
+def _optimize_for_ort_and_its_alias(path: Path, passes: str, folder: Path) -> dict[str, bytes]:
+    """The bytes `optimize --passes <passes>` writes for --backend ort and for --backend onnxruntime."""
     outputs = {}
     for name in ("ort", "onnxruntime"):
-        outputs[name] = tmp_path / f"{name}.onnx"
-        succeeded(run_cli(OPTIMIZE, encoder, "--passes", PIPELINE, "--backend", name, "--seed", 1, "-o", outputs[name]))
-    assert outputs["ort"].read_bytes() == outputs["onnxruntime"].read_bytes()
-    contrib = _contrib_ops(onnx.load(str(outputs["onnxruntime"])))
+        output = folder / f"{name}.onnx"
+        succeeded(run_cli(OPTIMIZE, path, "--passes", passes, "--backend", name, "--seed", 1, "-o", output))
+        outputs[name] = output.read_bytes()
+    return outputs
+
+
+def test_fuse_and_int4_quant_write_byte_identical_models_for_ort_and_its_alias_onnxruntime(encoder, tmp_path):
+    outputs = _optimize_for_ort_and_its_alias(encoder, PIPELINE, tmp_path)
+    assert outputs["ort"] == outputs["onnxruntime"]
+    contrib = _contrib_ops(onnx.load_from_string(outputs["onnxruntime"]))
     assert contrib["MatMulNBits"] > 0 and contrib["SkipLayerNormalization"] > 0
     assert contrib["MultiHeadAttention"] + contrib["Attention"] == 2
+
+
+def test_fuse_and_fp16_write_byte_identical_models_for_ort_and_its_alias_onnxruntime(encoder, tmp_path):
+    outputs = _optimize_for_ort_and_its_alias(encoder, "cleanup,fuse,fp16", tmp_path)
+    assert outputs["ort"] == outputs["onnxruntime"]
+    proto = onnx.load_from_string(outputs["onnxruntime"])
+    assert _contrib_ops(proto)["SkipLayerNormalization"] > 0
+    assert any(weight.data_type == TensorProto.FLOAT16 for weight in proto.graph.initializer)
+
+
+def _constant_subexpression() -> onnx.ModelProto:
+    """y = x + sqrt(c * 2) + sum(c): three nodes computed from constants only."""
+    return make_model(
+        [
+            helper.make_node("Mul", ["c", "two"], ["c2"]),
+            helper.make_node("Sqrt", ["c2"], ["c3"]),
+            helper.make_node("ReduceSum", ["c"], ["total"], keepdims=0),
+            helper.make_node("Add", ["x", "c3"], ["s"]),
+            helper.make_node("Add", ["s", "total"], ["y"]),
+        ],
+        [value_info("x", [4])],
+        [value_info("y", [4])],
+        [constant("c", np.arange(1, 5, dtype=np.float32)), constant("two", np.array(2.0, np.float32))],
+    )
+
+
+def test_the_reference_runtime_evaluates_a_model_without_inputs_as_written():
+    proto = _constant_subexpression()
+    del proto.graph.node[3:]  # the constant part only: c3 and total are its outputs
+    proto.graph.ClearField("input")
+    proto.graph.ClearField("output")
+    proto.graph.output.extend([helper.make_empty_tensor_value_info("c3"), helper.make_empty_tensor_value_info("total")])
+
+    values = PassContext().evaluate(proto)
+
+    np.testing.assert_array_equal(values["c3"], np.sqrt(np.arange(1, 5, dtype=np.float32) * 2))
+    assert values["total"] == np.float32(10)
+    proto.graph.node.append(helper.make_node("NoSuchOp", ["c3"], ["bad"]))
+    proto.graph.output.append(helper.make_empty_tensor_value_info("bad"))
+    with pytest.raises(BackendError, match="onnxruntime cannot load the model"):
+        PassContext().evaluate(proto)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_constant_folding_stores_the_same_values_whatever_the_backend(backend):
+    proto = _constant_subexpression()
+    for_ort, result = apply("fold-constants", proto, backend="ort")
+    for_backend, _ = apply("fold-constants", proto, backend=backend)
+    assert result.stats["tensors_made_constant"] == 2
+    assert for_backend.to_proto().SerializeToString() == for_ort.to_proto().SerializeToString()
+
+
+def test_fp16_reads_contrib_op_schemas_from_the_reference_runtime_whatever_the_backend():
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Gelu", ["h"], ["y"], domain=CONTRIB_DOMAIN)],
+        [value_info("x", [2, 8])],
+        [value_info("y", [2, 4])],
+        [constant("W", np.ones((8, 4), np.float32))],
+    )
+    proto.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    assert PassContext(backend="tvm").operator_schema("Gelu", CONTRIB_DOMAIN, 1) is not None
+    assert PassContext().operator_schema("NoSuchOp", CONTRIB_DOMAIN, 1) is None
+    for_ort, result = apply("fp16", proto, backend="ort")
+    for_tvm, _ = apply("fp16", proto, backend="tvm")
+    assert result.stats["nodes_converted"] == 2  # Gelu too: its com.microsoft schema admits float16
+    assert for_tvm.to_proto().SerializeToString() == for_ort.to_proto().SerializeToString()
 
 
 def test_passes_write_for_tvm_no_contrib_op_that_only_onnxruntime_runs(encoder):

@@ -68,8 +68,8 @@ def test_a_quant_run_records_each_measured_choice_as_a_value_with_its_timings_be
 def test_the_report_of_a_run_holds_its_decisions_and_the_seed_a_replay_reuses():
     _, report = optimize(_mlp(), "prune:ratio=0.5")
     payload = json.loads(json.dumps(report.to_dict(), default=str))
-    assert list(payload["decisions"]["values"]) == ["1:prune:ratio=0.5/kept after timing"]
-    assert len(payload["decisions"]["timings"]["1:prune:ratio=0.5/kept after timing"]["speedups"]) in (1, 2)
+    assert list(payload["decisions"]["values"]) == ["1:prune:ratio=0.5/whole model kept"]
+    assert len(payload["decisions"]["timings"]["1:prune:ratio=0.5/whole model kept"]["speedups"]) in (1, 2)
     _, replay = optimize(_mlp(), "prune:ratio=0.5", decisions=payload)
     assert replay.verification["seed"] == payload["verification"]["seed"]
     assert replay.to_dict()["decisions"]["values"] == payload["decisions"]["values"]
@@ -155,7 +155,7 @@ def test_cli_report_then_decisions_replays_into_a_byte_identical_model(tmp_path)
     passes = "cleanup,prune:ratio=0.5"
     recorded = _optimize_cli("m.onnx", "--passes", passes, "-o", "a/out.onnx", "--report", "r.json", cwd=tmp_path)
     assert recorded.returncode == 0, recorded.stderr
-    assert "2:prune:ratio=0.5/kept after timing" in json.loads((tmp_path / "r.json").read_text())["decisions"]["values"]
+    assert "2:prune:ratio=0.5/whole model kept" in json.loads((tmp_path / "r.json").read_text())["decisions"]["values"]
     replayed = _optimize_cli("m.onnx", "--passes", passes, "-o", "b/out.onnx", "--decisions", "r.json", cwd=tmp_path)
     assert replayed.returncode == 0, replayed.stderr
     assert "decisions_replayed=1" in replayed.stdout

@@ -21,7 +21,7 @@ from onnxforge.feeds import Feeds
 from onnxforge.frontends import from_onnx
 from onnxforge.measure import InterleavedTiming
 from onnxforge.pipeline import Pass, PassContext, PassResult, create_passes
-from onnxforge.pipeline.acceptance import kept_if_faster
+from onnxforge.pipeline.acceptance import Acceptance
 
 QUICK = InterleavedTiming(blocks=2, block_s=0.01, min_runs=2, warmup=1)
 
@@ -213,11 +213,10 @@ def test_speed_check_times_on_the_shape_given():
     original = from_onnx(_reflect_pad_model())
     model = original.copy()
     ctx = PassContext(timing=QUICK, feeds=Feeds(shapes={"x": [1, 576]}))
-    stats, notes = {}, []
 
-    kept_if_faster(original, model, ctx, 0.0, stats, notes)
+    verdict = Acceptance(min_speedup=0.0).judge(original, model, ctx)
 
-    assert stats["measured_speedup"] > 0
+    assert verdict.kept and verdict.stats["measured_speedup"] > 0
 
 
 def test_quant_times_its_choices_on_the_shape_given(exported):

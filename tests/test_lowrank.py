@@ -262,7 +262,7 @@ def test_replacing_a_weight_costs_its_share_of_the_outputs():
     samples = graded_samples(4, 64, seed=8)
     loud, quiet = find_layers(model.graph)
     zeros = np.zeros((64, 64), np.float32)
-    [[same, none]] = replacement_errors(model, [loud], [[loud.weight.values, zeros]], samples, PassContext())
+    [[same, none]] = replacement_errors(model, [loud], [[loud.weight.values, zeros]], samples, PassContext().calibration)
     assert same == 0 and none == pytest.approx(
         relative_error(source, matmul_model(quiet.weight.values), samples) ** 2, rel=1e-4
     )

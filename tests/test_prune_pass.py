@@ -19,6 +19,7 @@ from onnxforge.data import random_inputs
 from onnxforge.errors import PassError
 from onnxforge.frontends.torch import from_torch
 from onnxforge.ir import load_model
+from onnxforge.ir.layers import as_layer
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.pipeline import PassContext
 from onnxforge.passes.layers import find_layers
@@ -309,14 +310,14 @@ def test_recovery_refits_the_biases_and_residual_sums_that_fused_transformer_ops
     refit changes those biases, and fits the layers before a SkipLayerNormalization to the sum it takes."""
     model = load_model(bert_like["fused"])
     layers = [node for node in model.graph.nodes if recovery.refittable(node) and node.op == "MatMul"]
-    holders = [(recovery._bias(node)[0].op, recovery._residual_addend(node) is not None) for node in layers]
+    holders = [(as_layer(node).bias[0].op, recovery._residual_addend(node) is not None) for node in layers]
     assert holders == [("SkipLayerNormalization", True), ("BiasGelu", False), ("SkipLayerNormalization", True)] * 2
-    ctx, samples = PassContext(backend="ort"), _random_samples(bert_like["fused"], 2, seed=4)
-    targets = recovery.layer_targets(model, layers, samples, ctx, residual=True)
+    calibration, samples = PassContext(backend="ort").calibration, _random_samples(bert_like["fused"], 2, seed=4)
+    targets = recovery.layer_targets(model, layers, samples, calibration, residual=True)
     for node in layers:
         skip = recovery._residual_addend(node)
         seen = {}
-        observe_tensors(model, [node.outputs[0].name, *[skip] * bool(skip)], samples[:1], ctx, seen.setdefault)
+        observe_tensors(model, [node.outputs[0].name, *[skip] * bool(skip)], samples[:1], calibration, seen.setdefault)
         wanted = sum(value.reshape(-1, value.shape[-1]) for value in seen.values())[targets[id(node)].positions[0]]
         assert np.allclose(targets[id(node)].rows[0], wanted, atol=1e-5), node.name
 
@@ -325,7 +326,7 @@ def test_recovery_refits_the_biases_and_residual_sums_that_fused_transformer_ops
     plain, _ = apply(options, bert_like["fused"], data=calibration)
     recovered, _ = apply(options + ":recover=true", bert_like["fused"], data=calibration)
     def biases(graph_model) -> dict[str, np.ndarray]:
-        found = [recovery._bias(node) for node in graph_model.graph.nodes if node.op == "MatMul"]
+        found = [as_layer(node).bias for node in graph_model.graph.nodes if node.op == "MatMul"]
         return {holder.name: holder.inputs[index].values for holder, index in filter(None, found)}
 
     before, after = biases(model), biases(recovered)
@@ -340,28 +341,28 @@ def test_ratio_zero_leaves_heads_unchanged(bert_like):
 
 
 @pytest.mark.parametrize("name", ["upsampling", "conv_head", "ffn", "residual"])
-def test_recoveryinput_rows_times_the_weights_give_each_layers_output(name):
+def test_recovery_design_rows_times_the_weights_give_each_layers_output(name):
     """The least-squares problem recovery solves is exact at the current weights, for every layer it refits."""
     model = load_model(_exported(name, fold_bn=True))
-    ctx = PassContext(backend="ort")
+    calibration = PassContext(backend="ort").calibration
     sample = _random_samples(model.to_proto(), 1, seed=3)
     layers = [node for node in model.graph.nodes if recovery.refittable(node)]
     assert layers
     for node in layers:
         seen = {}
         names = [node.inputs[0].name, node.outputs[0].name]
-        observe_tensors(model, names, sample, ctx, lambda tensor, value: seen.setdefault(tensor, value))
-        bias, output = recovery._bias(node), seen[names[1]]
-        y = recovery.channels_last(node, output)
-        x = recovery.input_rows(node, seen[names[0]], np.arange(len(y)), output.shape, bias is not None)
-        assert np.allclose(x @ recovery._design_weights(node, bias), y, rtol=1e-4, atol=1e-4), node.name
-        # design_columns names the columns that read an input channel: zeroing the channel zeroes just those.
+        observe_tensors(model, names, sample, calibration, lambda tensor, value: seen.setdefault(tensor, value))
+        (weights, with_bias), output = recovery.design_weights(node), seen[names[1]]
+        y = as_layer(node).output_rows(output)
+        x = recovery.design_rows(node, seen[names[0]], np.arange(len(y)), output.shape, with_bias)
+        assert np.allclose(x @ weights, y, rtol=1e-4, atol=1e-4), node.name
+        # matrix_rows names the design columns that read an input channel: zeroing the channel zeroes just those.
         silenced = seen[names[0]].copy()
         channels = np.moveaxis(silenced, 1 if node.op in ("Conv", "ConvTranspose") else -1, 0)  # a view
         channel = int(np.argmax(np.abs(channels).reshape(len(channels), -1).sum(1)))  # one that is not all 0
         channels[channel] = 0
-        columns = recovery.design_columns(node, np.array([channel]))
-        changed = x != recovery.input_rows(node, silenced, np.arange(len(y)), output.shape, bias is not None)
+        columns = as_layer(node).matrix_rows(np.array([channel]))
+        changed = x != recovery.design_rows(node, silenced, np.arange(len(y)), output.shape, with_bias)
         assert set(np.flatnonzero(changed.any(0))) <= set(columns) and changed[:, columns].any(), node.name
 
 
@@ -378,22 +379,25 @@ def wide_cnn() -> onnx.ModelProto:
 
 
 def test_pruning_reports_each_layers_size_and_the_measured_speed():
-    source = wide_cnn()
-    model, result = apply("prune:ratio=0.5", source)
-    assert result.changed and result.stats["measured_speedup"] > 1.2  # in fact about 3x: a wide margin for noise
-    conv_lines = [note for note in result.notes if note.startswith("Conv ")]
+    # The pass manager times the pruned model: prune declares min_speedup as its acceptance.
+    _, report = optimize(wide_cnn(), "prune:ratio=0.5", seed=0)
+    (record,) = report.passes
+    assert record.status == "applied" and record.stats["measured_speedup"] > 1.2  # in fact about 3x: wide margin
+    conv_lines = [note for note in record.notes if note.startswith("Conv ")]
     assert len(conv_lines) == 4  # every Conv reads or makes pruned channels
     assert "params 1792 -> 896, MACs 1.8M -> 884.7K (2.00x fewer)" in conv_lines[0]  # 64 -> 32 outputs of 3x3x3
     assert "(4.00x fewer)" in conv_lines[1]  # 64 -> 32 inputs and outputs
-    assert any(note.startswith("all 4 layers changed: ") for note in result.notes)
-    assert any(note.startswith("whole model measured ") for note in result.notes)
+    assert any(note.startswith("all 4 layers changed: ") for note in record.notes)
+    assert any(note.startswith("whole model measured ") for note in record.notes)
 
 
 def test_a_pruned_model_below_min_speedup_is_not_kept():
     source = wide_cnn()
-    model, result = apply("prune:ratio=0.5:min_speedup=100", source)
-    assert not result.changed and result.stats["measured_speedup"] < 100 and result.stats["params_removed"] == 0
-    assert result.notes[-2].startswith("timed again: ") and "left as it was" in result.notes[-1]
+    model, report = optimize(source, "prune:ratio=0.5:min_speedup=100", seed=0)
+    (record,) = report.passes
+    assert record.status == "unchanged" and record.stats["measured_speedup"] < 100
+    assert record.stats["params_removed"] == 0 and record.after == record.before
+    assert record.notes[-2].startswith("timed again: ") and "left as it was" in record.notes[-1]
     assert max_rel_error(source, model) == 0
 
 
@@ -420,7 +424,7 @@ def test_data_importance_sees_channels_that_weights_misjudge():
     down[unread] = 0  # ...and the next layer ignores the other
     _set(consumer, down)
     samples = _random_samples(source, 8, seed=7)
-    statistics = input_statistics(model, [group], samples, PassContext(backend="ort"))
+    statistics = input_statistics(model, [group], samples, PassContext(backend="ort").calibration)
     assert set(np.argsort(channel_importance(group, "l1"))[-2:]) == {dead, unread}
     activation = channel_importance(group, "activation", statistics)
     assert np.argmin(activation) == dead and activation[dead] < 1e-6

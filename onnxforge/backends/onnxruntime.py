@@ -57,16 +57,20 @@ class OrtBackend(Backend):
         self.check_target(options.target)
         with model_source(model) as source:
             session_options, weights = _session_options(options, source)
-            # onnxruntime's exceptions share no base class below Exception.
-            try:
-                session = ort.InferenceSession(
-                    source.model_bytes, sess_options=session_options, providers=["CPUExecutionProvider"]
-                )
-            except Exception as exc:
-                raise BackendError(f"onnxruntime cannot load the model: {_one_line(exc)}") from exc
+            session = create_session(source.model_bytes, session_options)
         # onnxruntime uses the arrays of weights given in memory in place: they must live as long as the session.
         session.onnxforge_weights = weights
         return OrtPrepared(session)
+
+
+def create_session(model_bytes: bytes, session_options: ort.SessionOptions) -> ort.InferenceSession:
+    """An inference session of the serialized model on the CPU execution provider; BackendError when onnxruntime
+    rejects it."""
+    # onnxruntime's exceptions share no base class below Exception.
+    try:
+        return ort.InferenceSession(model_bytes, sess_options=session_options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BackendError(f"onnxruntime cannot load the model: {_one_line(exc)}") from exc
 
 
 class OrtPrepared(Prepared):

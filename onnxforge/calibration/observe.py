@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxforge.data import Sample
 from onnxforge.ir import Model
 
-if TYPE_CHECKING:  # calibration sits below passes: it only calls ctx.prepare
-    from onnxforge.pipeline.context import PassContext
+if TYPE_CHECKING:
+    from onnxforge.calibration.context import Calibration
 
-Sample = dict[str, np.ndarray]
 # The input that marks a sample's real tokens (1) and its padding (0), by the Hugging Face convention. Rows of a
 # [batch, tokens, ...] tensor at padding positions do not reach a pooled or masked output, so data-aware methods
 # fit and measure only the real ones.
@@ -24,17 +24,17 @@ def observe_tensors(
     model: Model,
     names: Sequence[str],
     samples: Sequence[Sample],
-    ctx: PassContext,
+    calibration: Calibration,
     visit: Callable[[str, np.ndarray], None],
 ) -> None:
     """Run `model` on each sample and call `visit(name, value)` for every named tensor of its main graph."""
-    for _, values in observed(model, names, samples, ctx):
+    for _, values in observed(model, names, samples, calibration):
         for name in names:
             visit(name, values[name])
 
 
 def observed(
-    model: Model, names: Sequence[str], samples: Sequence[Sample], ctx: PassContext
+    model: Model, names: Sequence[str], samples: Sequence[Sample], calibration: Calibration
 ) -> Iterator[tuple[Sample, dict[str, np.ndarray]]]:
     """Each sample with the values the named tensors of `model`'s main graph take on it.
 
@@ -50,9 +50,9 @@ def observed(
             if isinstance(tensor, gs.Variable):
                 tensor.dtype = tensor.dtype or np.float32
                 probe.graph.outputs.append(tensor)
-    prepared = ctx.prepare(probe, graph_optimization="disable")
+    run = calibration.runner(probe, graph_optimization="disable")
     for sample in samples:
-        yield sample, prepared.run(sample)
+        yield sample, run(sample)
 
 
 def counted_rows(sample: Sample, rows: int) -> np.ndarray:
@@ -70,7 +70,7 @@ def sampled_rows(sample: Sample, rows: int, limit: int, rng: np.random.Generator
     return np.sort(rng.choice(counted, min(limit, len(counted)), replace=False))
 
 
-def run_model(model: Model, samples: Sequence[Sample], ctx: PassContext) -> list[dict[str, np.ndarray]]:
-    """The outputs of `model` on each sample, on the context's backend with its optimizations on."""
-    prepared = ctx.prepare(model)
-    return [prepared.run(sample) for sample in samples]
+def run_model(model: Model, samples: Sequence[Sample], calibration: Calibration) -> list[dict[str, np.ndarray]]:
+    """The outputs of `model` on each sample, on the run's backend with its optimizations on."""
+    run = calibration.runner(model)
+    return [run(sample) for sample in samples]

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxforge.calibration.observe import Sample
+from onnxforge.data import Sample
 from onnxforge.ir import Model
 from onnxforge.ir.edit import unique_name
+from onnxforge.ir.layers import Layer
 
-if TYPE_CHECKING:  # calibration sits below passes: it only reads a layer's fields and calls ctx.prepare
-    from onnxforge.pipeline.context import PassContext
-    from onnxforge.passes.layers import Layer
+if TYPE_CHECKING:
+    from onnxforge.calibration.context import Calibration
 
 
 def replacement_errors(
@@ -22,7 +22,7 @@ def replacement_errors(
     layers: Sequence[Layer],
     replacements: Sequence[Iterable[np.ndarray]],
     samples: Sequence[Sample],
-    ctx: PassContext,
+    calibration: Calibration,
 ) -> list[list[float]]:
     """For each layer and each of its `replacements` (weights in the layout stored, taken one at a time), the
     model's relative squared error on `samples` when only that layer has that weight: |y' - y|² / |y|² over
@@ -39,10 +39,10 @@ def replacement_errors(
         probe.graph.inputs.append(weight)
         originals[weight.name] = np.asarray(layer.weight.values, np.float32)
     probe.graph.cleanup()
-    prepared = ctx.prepare(probe)
+    run = calibration.runner(probe)
 
     def outputs(changed: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        return [prepared.run({**sample, **originals, **changed}) for sample in samples]
+        return [run({**sample, **originals, **changed}) for sample in samples]
 
     reference = outputs({})
     return [

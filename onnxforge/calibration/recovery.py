@@ -8,7 +8,6 @@ still drifts in.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,18 +15,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxforge.calibration.observe import Sample, observe_tensors, observed, sampled_rows
+from onnxforge.calibration.observe import observe_tensors, observed, sampled_rows
+from onnxforge.data import Sample
 from onnxforge.ir import Model
 from onnxforge.ir.edit import make_constant
+from onnxforge.ir.layers import CONVOLUTIONS, Layer, as_layer
 
-if TYPE_CHECKING:  # calibration sits below passes: it only hands ctx on to observe
-    from onnxforge.pipeline.context import PassContext
+if TYPE_CHECKING:
+    from onnxforge.calibration.context import Calibration
 
 MAX_ROWS = 20000  # rows (tokens, output pixels) fitted per layer: enough for thousands of unknowns
 # Ridge strengths tried, relative to the mean squared input; the fit is pulled towards the current weights,
 # so a strong ridge changes little where the calibration data says little.
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-CONVOLUTIONS = ("Conv", "ConvTranspose")
 # A layer read by a Sigmoid is fitted through it in SIGMOID_STEPS Gauss-Newton steps, where one step, a Gram matrix
 # per output column, costs at most SIGMOID_WORK multiply-adds.
 SIGMOID_STEPS = 30
@@ -35,9 +35,6 @@ SIGMOID_WORK = 2e9
 # Below this many calibration rows per weight a fit solves for (of one output), a refit tends to learn its
 # calibration samples rather than the layer: the pass says that more --data would help.
 ROWS_PER_UNKNOWN = 4
-# Where a MatMul's reader holds the bias added to its output: an Add's constant input, or the bias input of
-# onnxruntime's fused ops that add a bias before doing more (their first input is the MatMul's output).
-BIAS_INPUTS = {"Add": (0, 1), "BiasGelu": (1,), "FastGelu": (1,), "SkipLayerNormalization": (4,)}
 
 
 @dataclass
@@ -69,7 +66,11 @@ def layers_reached(model: Model, producers: Sequence[gs.Node]) -> list[gs.Node]:
 
 
 def layer_targets(
-    model: Model, layers: Sequence[gs.Node], samples: Sequence[Sample], ctx: PassContext, residual: bool = False
+    model: Model,
+    layers: Sequence[gs.Node],
+    samples: Sequence[Sample],
+    calibration: Calibration,
+    residual: bool = False,
 ) -> dict[int, Targets]:
     """Each layer's outputs on the samples at random positions (enough for its fit), by node id.
 
@@ -81,16 +82,17 @@ def layer_targets(
     per_sample = 2 * MAX_ROWS // max(len(samples), 1) + 1  # enough to fill both the fit and its check
     targets = {id(node): Targets([], [], [], _residual_addend(node) if residual else None) for node in layers}
     watched = {name for node in layers for name in (node.outputs[0].name, targets[id(node)].residual) if name}
-    for sample, values in observed(model, sorted(watched), samples, ctx):
+    for sample, values in observed(model, sorted(watched), samples, calibration):
         for node in layers:
             target, output = targets[id(node)], values[node.outputs[0].name]
             if target.residual and values[target.residual].shape != output.shape:
                 target.residual = None  # broadcast into the sum (a skip input may be): fit the layer's own output
-            rows = channels_last(node, output)
+            layer = as_layer(node)
+            rows = layer.output_rows(output)
             positions = sampled_rows(sample, len(rows), per_sample, rng)
             picked = rows[positions].astype(np.float64)
             if target.residual:
-                picked += channels_last(node, values[target.residual])[positions]
+                picked += layer.output_rows(values[target.residual])[positions]
             target.positions.append(positions)
             target.rows.append(picked)
             target.shapes.append(output.shape)
@@ -100,7 +102,7 @@ def layer_targets(
 def _residual_addend(node: gs.Node) -> str | None:
     """The other addend of a residual sum that is all that reads the layer's output (after its bias Add if any):
     an Add of two computed tensors of the same shape, or the skip input of onnxruntime's SkipLayerNormalization."""
-    tensor, _ = _after_bias(node, _bias(node))
+    tensor, _ = _after_bias(node, as_layer(node).bias)
     tensor = node.outputs[0] if tensor is None else tensor
     reader = tensor.outputs[0] if len(tensor.outputs) == 1 else None
     if reader is not None and reader.op == "SkipLayerNormalization" and reader.inputs[0] is tensor:
@@ -119,7 +121,7 @@ def data_shortfall(layers: Sequence[gs.Node], targets: dict[int, Targets]) -> st
     short = []
     for node in layers:
         rows = sum(len(positions) for positions in targets[id(node)].positions)
-        unknowns = len(_design_weights(node, _bias(node)))
+        unknowns = len(design_weights(node)[0])
         if rows < ROWS_PER_UNKNOWN * unknowns:
             short.append((rows / unknowns, rows, unknowns))
     if not short:
@@ -133,7 +135,11 @@ def data_shortfall(layers: Sequence[gs.Node], targets: dict[int, Targets]) -> st
 
 
 def refit_layers(
-    model: Model, layers: Sequence[gs.Node], targets: dict[int, Targets], samples: Sequence[Sample], ctx: PassContext
+    model: Model,
+    layers: Sequence[gs.Node],
+    targets: dict[int, Targets],
+    samples: Sequence[Sample],
+    calibration: Calibration,
 ) -> int:
     """Refit the weight (and bias) of each layer to its targets from its current inputs; return how many.
 
@@ -143,19 +149,20 @@ def refit_layers(
     rng = np.random.default_rng(1)
     refitted = 0
     for node in layers:
-        bias, target = _bias(node), targets[id(node)]
+        layer = as_layer(node)
+        bias, target = layer.bias, targets[id(node)]
         names = [node.inputs[0].name, *([target.residual] if target.residual else [])]
         seen: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        observe_tensors(model, names, samples, ctx, lambda name, value: seen[name].append(value))
+        observe_tensors(model, names, samples, calibration, lambda name, value: seen[name].append(value))
         rows = [
-            (input_rows(node, x, positions, shape, bias is not None), y)
+            (design_rows(node, x, positions, shape, bias is not None), y)
             for x, positions, shape, y in zip(seen[names[0]], target.positions, target.shapes, target.rows)
         ]
         if target.residual:
-            addends = [channels_last(node, value)[at] for value, at in zip(seen[names[1]], target.positions)]
+            addends = [layer.output_rows(value)[at] for value, at in zip(seen[names[1]], target.positions)]
             rows = [(x, y - addend) for (x, y), addend in zip(rows, addends)]
         fit, check = _split(rows, rng)
-        current = _design_weights(node, bias)
+        current = _design_weights(layer, bias)
         sigmoid = _sigmoid_after(node, bias, current.shape)
         choice = _best_fit(fit, check, current, sigmoid)
         if choice is None:
@@ -165,13 +172,16 @@ def refit_layers(
         solution = _ridge_solution(x, y, current, ridge)
         if through_sigmoid:
             solution = sigmoid.refine(x, y, solution, current, ridge)
-        _write(model, node, bias, solution)
+        _write(model, layer, bias, solution)
         refitted += 1
     return refitted
 
 
 def _split(rows: list, rng: np.random.Generator) -> tuple[tuple, tuple]:
-    """(fit, check) design rows and targets: the last quarter of the samples checks, or every 4th row of one."""
+    """(fit, check) design rows and targets that choose the ridge: the last quarter of the samples (rounded down, at
+    least one) checks, or every 4th row of a single sample. Not the run's split (`Calibration.split`), which judges
+    a pass's result: this check must never overlap the fit, also with 2 or 3 samples, where that split uses every
+    sample for both."""
     if len(rows) >= 2:
         held = max(1, len(rows) // 4)
         return _stack(rows[:-held], MAX_ROWS, rng), _stack(rows[-held:], MAX_ROWS // 4, rng)
@@ -296,146 +306,52 @@ def _after_bias(node: gs.Node, bias: tuple[gs.Node, int] | None) -> tuple[gs.Ten
 
 
 def refittable(node: gs.Node) -> bool:
-    """Whether recovery can refit `node`: a MatMul, Gemm or ungrouped 2-D Conv or ConvTranspose with a constant
-    weight."""
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    if not isinstance(weight, gs.Constant):
+    """Whether recovery can refit `node`: a MatMul (2-D weight), a Gemm (no transA, alpha 1, beta 1 where it has a
+    bias) or an ungrouped 2-D Conv or ConvTranspose with explicit padding, of a constant weight."""
+    layer = as_layer(node)
+    if layer is None:
         return False
-    if node.op in CONVOLUTIONS:
+    if layer.op in CONVOLUTIONS:
         explicit = node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET") and "output_shape" not in node.attrs
-        return node.attrs.get("group", 1) == 1 and len(weight.shape) == 4 and explicit
-    if node.op == "Gemm":
-        beta_ok = node.attrs.get("beta", 1.0) == 1.0 or not _has_bias(node)
+        return node.attrs.get("group", 1) == 1 and len(layer.weight.shape) == 4 and explicit
+    if layer.op == "Gemm":
+        beta_ok = node.attrs.get("beta", 1.0) == 1.0 or layer.bias is None
         return not node.attrs.get("transA", 0) and node.attrs.get("alpha", 1.0) == 1.0 and beta_ok
-    return node.op == "MatMul" and len(weight.shape) == 2
+    return layer.op == "MatMul" and len(layer.weight.shape) == 2
 
 
-def _has_bias(node: gs.Node) -> bool:
-    return len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and len(node.inputs[2].shape) <= 1
-
-
-def _bias(node: gs.Node) -> tuple[gs.Node, int] | None:
-    """(node, input) of the consumer's bias: its own (Gemm, Conv), or the constant that the one reader of a MatMul
-    adds to it (an Add, or a fused op of onnxruntime's that adds a bias first: BIAS_INPUTS)."""
-    if _has_bias(node):
-        return node, 2
-    readers = node.outputs[0].outputs
-    if node.op != "MatMul" or len(readers) != 1 or readers[0].op not in BIAS_INPUTS:
-        return None
-    reader, width = readers[0], node.inputs[1].shape[-1]
-    if reader.op != "Add" and reader.inputs[0] is not node.outputs[0]:
-        return None
-    for index in BIAS_INPUTS[reader.op]:
-        tensor = reader.inputs[index] if index < len(reader.inputs) else None
-        if isinstance(tensor, gs.Constant) and tensor.shape in ([width], (width,)):
-            return reader, index
-    return None
-
-
-def channels_last(node: gs.Node, value: np.ndarray) -> np.ndarray:
-    """A layer output as rows of channels: [positions, channels]."""
-    if node.op in CONVOLUTIONS:
-        return np.moveaxis(value, 1, -1).reshape(-1, value.shape[1])
-    return value.reshape(-1, value.shape[-1])
-
-
-def input_rows(
+def design_rows(
     node: gs.Node, x: np.ndarray, positions: np.ndarray, output_shape: tuple[int, ...], with_bias: bool
 ) -> np.ndarray:
     """The fit's design rows for the output `positions`: what the layer reads there (a trailing 1 for the bias)."""
-    if node.op == "Conv":
-        rows = _patches(node, x, positions)
-    elif node.op == "ConvTranspose":
-        rows = _transposed_patches(node, x, output_shape[2:])[positions]
-    else:
-        rows = x.reshape(-1, x.shape[-1])[positions]
-    rows = rows.astype(np.float64)
+    rows = as_layer(node).input_rows(x, positions, output_shape)
     return np.hstack([rows, np.ones((len(rows), 1))]) if with_bias else rows
 
 
-def _patches(node: gs.Node, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """im2col at some output positions of a 2-D Conv: the input window each reads (C, kh, kw order)."""
-    kernel = node.inputs[1].shape[2:]
-    strides = node.attrs.get("strides", [1] * len(kernel))
-    dilations = node.attrs.get("dilations", [1] * len(kernel))
-    pads = node.attrs.get("pads", [0] * 2 * len(kernel))
-    padded = np.pad(x, [(0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])])
-    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))
-    windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
-    n, c, oh, ow, kh, kw = windows.shape
-    batch, row, column = np.unravel_index(positions, (n, oh, ow))
-    return windows[batch, :, row, column].reshape(len(positions), c * kh * kw)
-
-
-def _transposed_patches(node: gs.Node, x: np.ndarray, output_size: tuple[int, int]) -> np.ndarray:
-    """One row per output position of a 2-D ConvTranspose, holding the input value each kernel tap scatters
-    there, or 0 (C, kh, kw order)."""
-    n, c, h, w = x.shape
-    kh, kw = node.inputs[1].shape[2:]
-    strides = node.attrs.get("strides", [1, 1])
-    dilations = node.attrs.get("dilations", [1, 1])
-    pads = node.attrs.get("pads", [0, 0, 0, 0])
-    oh, ow = output_size
-    rows = np.zeros((n, oh, ow, c, kh, kw), x.dtype)
-    for ky in range(kh):
-        oy = np.arange(h) * strides[0] - pads[0] + ky * dilations[0]
-        inside_y = (oy >= 0) & (oy < oh)
-        for kx in range(kw):
-            ox = np.arange(w) * strides[1] - pads[1] + kx * dilations[1]
-            inside_x = (ox >= 0) & (ox < ow)
-            tap = rows[:, :, :, :, ky, kx]
-            tap[:, oy[inside_y][:, None], ox[inside_x][None, :], :] = x[:, :, inside_y][:, :, :, inside_x].transpose(
-                0, 2, 3, 1
-            )
-    return rows.reshape(n * oh * ow, c * kh * kw)
-
-
 def design_weights(node: gs.Node) -> tuple[np.ndarray, bool]:
-    """A refittable layer's weights as its fit solves for them ([design columns, outputs], in `input_rows`'s column
+    """A refittable layer's weights as its fit solves for them ([design columns, outputs], in `design_rows`'s column
     order), and whether the design has the trailing column of ones for a bias."""
-    bias = _bias(node)
-    return _design_weights(node, bias), bias is not None
+    layer = as_layer(node)
+    bias = layer.bias
+    return _design_weights(layer, bias), bias is not None
 
 
-def design_columns(node: gs.Node, positions: np.ndarray) -> np.ndarray:
-    """The design columns (of `input_rows`) that read the given positions of the layer's input channel axis."""
-    taps = math.prod(node.inputs[1].shape[2:]) if node.op in CONVOLUTIONS else 1
-    return (np.asarray(positions, np.int64)[:, None] * taps + np.arange(taps)).ravel()
-
-
-def _design_weights(node: gs.Node, bias: tuple[gs.Node, int] | None) -> np.ndarray:
-    """The consumer's weights as the fit's [inputs (+1), outputs] matrix; a bias after a MatMul fits as a change (0)."""
-    weight = np.asarray(node.inputs[1].values, np.float64)
-    if node.op == "Conv":
-        matrix = weight.reshape(len(weight), -1).T
-    elif node.op == "ConvTranspose":  # [C, O, kh, kw]: a row per (C, kh, kw), as the patches
-        matrix = weight.transpose(0, 2, 3, 1).reshape(-1, weight.shape[1])
-    elif node.op == "Gemm" and node.attrs.get("transB", 0):
-        matrix = weight.T
-    else:
-        matrix = weight
+def _design_weights(layer: Layer, bias: tuple[gs.Node, int] | None) -> np.ndarray:
+    """The layer's matrix, with a row for its bias; a bias after a MatMul fits as a change (0)."""
+    matrix = layer.matrix()
     if bias is None:
         return matrix
-    row = np.asarray(node.inputs[2].values, np.float64) if bias[0] is node else np.zeros(matrix.shape[1])
+    own = bias[0] is layer.node
+    row = np.asarray(layer.node.inputs[2].values, np.float64) if own else np.zeros(matrix.shape[1])
     return np.vstack([matrix, row.reshape(1, -1)])
 
 
-def _write(model: Model, node: gs.Node, bias: tuple[gs.Node, int] | None, solution: np.ndarray) -> None:
-    weight = node.inputs[1]
-    coefficients = solution[:-1] if bias is not None else solution
-    if node.op == "Conv":
-        values = coefficients.T.reshape(weight.shape)
-    elif node.op == "ConvTranspose":
-        c, o, kh, kw = weight.shape
-        values = coefficients.reshape(c, kh, kw, o).transpose(0, 3, 1, 2)
-    elif node.op == "Gemm" and node.attrs.get("transB", 0):
-        values = coefficients.T
-    else:
-        values = coefficients
-    node.inputs[1] = make_constant(model.graph, weight.name, values.astype(np.float32))
+def _write(model: Model, layer: Layer, bias: tuple[gs.Node, int] | None, solution: np.ndarray) -> None:
+    weight = layer.weight
+    values = layer.stored(solution[:-1] if bias is not None else solution)
+    layer.node.inputs[1] = make_constant(model.graph, weight.name, values.astype(np.float32))
     if bias is not None:
         holder, index = bias
         old = holder.inputs[index]
-        values = solution[-1].reshape(old.shape) + (0 if holder is node else np.asarray(old.values, np.float64))
+        values = solution[-1].reshape(old.shape) + (0 if holder is layer.node else np.asarray(old.values, np.float64))
         holder.inputs[index] = make_constant(model.graph, old.name, values.astype(np.float32))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
@@ -13,6 +13,7 @@ from onnxforge.errors import PassError
 from onnxforge.ir import Model
 
 if TYPE_CHECKING:
+    from onnxforge.pipeline.acceptance import Acceptance
     from onnxforge.pipeline.context import PassContext
 
 T = TypeVar("T")
@@ -52,6 +53,8 @@ class Pass:
     """Base of every pass. Subclasses set `Options` (a dataclass) and implement `run`.
 
     `lossless = True` promises the outputs do not change (beyond float rounding): the pass manager checks it.
+    A lossy pass that promises speed or size declares it in `acceptance`: the pass manager keeps its result only
+    if it reaches that.
     """
 
     name: ClassVar[str] = ""
@@ -67,6 +70,11 @@ class Pass:
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         raise NotImplementedError
+
+    def acceptance(self) -> Acceptance | None:
+        """What a result of this pass must reach (speed, size) for the pass manager to keep it rather than the model
+        before the pass; None (the default): kept once verified. Run directly, a pass is not judged."""
+        return None
 
     def describe(self) -> str:
         """The pass name with its non-default options, as written on the command line."""
@@ -93,8 +101,10 @@ class Pass:
 class CompositePass(Pass):
     """A pass made of member passes run in rounds until a round changes nothing (`cleanup`, `fuse`).
 
-    Run by a pass manager, each member is verified, and rolled back, on its own: one member that breaks the
-    model does not cost the others. Run directly, the members run unverified. Options have `max_rounds`.
+    Run by a pass manager, each member is verified, judged by its `acceptance`, and rolled back, on its own, as if
+    it stood in the pipeline: one member that breaks the model does not cost the others. Members that are all
+    lossless and declare no acceptance are checked once as a whole first, and one by one only if that fails.
+    Run directly, the members run unchecked. Options have `max_rounds`.
     """
 
     def members(self) -> list[Pass]:
@@ -102,6 +112,40 @@ class CompositePass(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         return run_until_stable(self.members(), model, ctx, self.options.max_rounds)
+
+    def checked_whole(self) -> bool:
+        """Whether a pass manager may check this pass once as a whole before its members: every member, nested
+        ones included, is lossless and declares no acceptance."""
+        return all(
+            member.lossless
+            and member.acceptance() is None
+            and (not isinstance(member, CompositePass) or member.checked_whole())
+            for member in self.members()
+        )
+
+
+class Pipeline(CompositePass):
+    """A list of passes used as one pass (in another pipeline, a plugin, a config): run once in order, or in rounds
+    with `max_rounds`. A pass manager runs its members as it runs its own passes: each verified, judged by its
+    acceptance and rolled back on its own, with its decisions keyed by its place inside the pipeline."""
+
+    name = "pipeline"
+
+    @dataclass
+    class Options:
+        max_rounds: int = 1
+
+    def __init__(self, passes: Sequence[Pass], max_rounds: int = 1):
+        super().__init__(max_rounds=max_rounds)
+        self._members = list(passes)
+        self.lossless = all(member.lossless for member in self._members)  # type: ignore[misc]
+
+    def members(self) -> list[Pass]:
+        return list(self._members)
+
+    def describe(self) -> str:
+        rounds = f":max_rounds={self.options.max_rounds}" if self.options.max_rounds != 1 else ""
+        return f"pipeline({','.join(member.describe() for member in self._members)}){rounds}"
 
 
 def run_until_stable(steps: list[Pass], model: Model, ctx: PassContext, max_rounds: int) -> PassResult:

@@ -1,4 +1,5 @@
-"""Runs passes in order, records what each changed and cost, verifies each, and rolls back failures."""
+"""Runs passes in order, records what each changed and cost, verifies each, rolls back failures, and steps back
+lossy results that miss what their pass declared in `acceptance`."""
 
 from __future__ import annotations
 
@@ -69,7 +70,9 @@ class PassManager:
     """Run a pipeline of passes on a model.
 
     After each pass that changed the model, the verifier checks it (valid ONNX, loads, same outputs for
-    lossless passes). A failing or crashing pass is rolled back and the run continues, or with
+    lossless passes), then a lossy pass's declared acceptance (speed, size) is judged against the model before
+    it: a result that falls short is stepped back, and the pass recorded unchanged with notes that say why.
+    A failing or crashing pass is rolled back and the run continues, or with
     on_error="stop" the run ends with PassFailedError. A pass raising PassUsageError (asked for what it
     cannot do with any model) ends the run with that error either way.
     """
@@ -94,6 +97,7 @@ class PassManager:
         self.instruments = list(instruments)
         self.context = context or PassContext()
         self.verifier = Verifier(self.verify) if self.verify.enabled else None
+        self._position = ""  # the running pass's place: "3", or "3.1.2" for a composite's member (round, step)
 
     def run(self, model: Model, source: str | bytes | None = None) -> tuple[Model, list[PassRecord]]:
         """Apply the passes to a copy of `model`; return the result and one record per pass.
@@ -108,7 +112,8 @@ class PassManager:
             check_deadlines()
             for instrument in self.instruments:
                 instrument.before_pass(index, total, pass_, current)
-            self.context.begin_pass(index, pass_)
+            self._position = str(index)
+            self.context.begin_pass(self._position, pass_)
             try:
                 current, reference, record = self._run_one(pass_, current, reference)
             except PassUsageError as exc:
@@ -150,10 +155,7 @@ class PassManager:
     ) -> tuple[Model, list, PassRecord]:
         before = model.stats()
         start = time.perf_counter()
-        if isinstance(pass_, CompositePass) and self.verifier:
-            step = self._composite(pass_, model, reference, snapshot)
-        else:
-            step = self._step(pass_, model, reference, snapshot)
+        step = self._checked(pass_, model, reference, snapshot)
         record = PassRecord(pass_.describe(), "unchanged", time.perf_counter() - start, before, before)
         record.members = step.members
         record.max_rel_error = step.max_rel_error
@@ -191,14 +193,39 @@ class PassManager:
         if not result.changed:
             return _Step(model, reference, result)
         self.context.invalidate(result.preserved)
-        if not self.verifier:
-            return _Step(model, reference, result)
-        verdict = self.verifier.check(model, reference, pass_.lossless)
-        max_rel = verdict.comparison.max_rel if verdict.comparison is not None else None
-        if not verdict.ok:
+        outputs, max_rel = reference, None
+        if self.verifier:
+            verdict = self.verifier.check(model, reference, pass_.lossless)
+            max_rel = verdict.comparison.max_rel if verdict.comparison is not None else None
+            if not verdict.ok:
+                self.context.invalidate()
+                return _Step(snapshot, reference, result, verdict.reason, max_rel)
+            outputs = verdict.outputs
+        if not self._accepted(pass_, snapshot, model, result):
             self.context.invalidate()
-            return _Step(snapshot, reference, result, verdict.reason, max_rel)
-        return _Step(model, verdict.outputs, result, "", max_rel)
+            return _Step(snapshot, reference, result)
+        return _Step(model, outputs, result, "", max_rel)
+
+    def _accepted(self, pass_: Pass, snapshot: Model, model: Model, result: PassResult) -> bool:
+        """Whether the pass's result reaches what the pass declared in `acceptance` against `snapshot`, the model
+        before it; its verdict's notes and counters join the result, which no longer counts as a change if not."""
+        policy = pass_.acceptance()
+        if policy is None:
+            return True
+        verdict = policy.judge(snapshot, model, self.context)
+        result.notes = [*result.notes, *verdict.notes]
+        result.stats = {**result.stats, **verdict.stats}
+        result.changed = verdict.kept
+        return verdict.kept
+
+    def _checked(self, pass_: Pass, model: Model, reference: list, snapshot: Model) -> _Step:
+        """Run `pass_` with its checks: a composite pass's members checked as the manager's own passes are (when
+        there is anything to check), any other pass verified and judged as one step."""
+        if not isinstance(pass_, CompositePass) or not (self.verifier or not pass_.checked_whole()):
+            return self._step(pass_, model, reference, snapshot)
+        if not pass_.checked_whole():
+            return self._members_checked_in_rounds(pass_, model, reference)
+        return self._composite(pass_, model, reference, snapshot)
 
     def _composite(self, composite: CompositePass, model: Model, reference: list, snapshot: Model) -> _Step:
         """Run a composite pass whole and verify the result once; if that fails, run its members again from
@@ -211,22 +238,32 @@ class PassManager:
         return self._members_checked_in_rounds(composite, snapshot.copy(), reference)
 
     def _members_checked_in_rounds(self, composite: CompositePass, model: Model, reference: list) -> _Step:
-        """Run `composite`'s members in rounds until a round changes nothing, verifying each member that changed
-        the model and rolling back those that fail."""
+        """Run `composite`'s members in rounds until a round changes nothing, each checked as the manager's own
+        passes are (verified, judged by its acceptance, rolled back on failure; a composite member likewise), with
+        its decisions keyed by its place: round and step within the composite's position."""
         members = composite.members()
+        outer = self._position
         outcomes: dict[str, dict[str, Any]] = {}
         totals: dict[str, Any] = {}
         notes: list[str] = []
         start_reference = reference
         applied = False
         errors: list[str] = []
-        for _ in range(composite.options.max_rounds):
+        for round_number in range(1, composite.options.max_rounds + 1):
             round_changed = False
             queue = list(members)
+            step_number = 0
             while queue:
                 member = queue.pop(0)
                 name = member.describe()
-                step = self._step(member, model, reference, model.copy())
+                step_number += 1
+                self._position = f"{outer}.{round_number}.{step_number}"
+                self.context.begin_pass(self._position, member)
+                try:
+                    step = self._checked(member, model, reference, model.copy())
+                finally:
+                    self._position = outer
+                    self.context.begin_pass(outer, composite)
                 model, reference = step.model, step.reference
                 if step.error:
                     parts = member.parts()
@@ -248,7 +285,7 @@ class PassManager:
                 notes += step.result.notes
             if not round_changed:
                 break
-        max_rel = compare_outputs(start_reference, reference).max_rel if applied else None
+        max_rel = compare_outputs(start_reference, reference).max_rel if applied and self.verifier else None
         result = PassResult(changed=applied, stats=totals, notes=notes)
         error = "" if applied or not errors else "; ".join(errors)
         return _Step(model, reference, result, error, max_rel, list(outcomes.values()))

@@ -11,13 +11,13 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxforge.ir import Model
 from onnxforge.ir.edit import replace_uses, unique_name
 from onnxforge.ir.ops import is_onnx_op
 from onnxforge.ir.shapes import infer_shapes
+from onnxforge.limits import TimeLimitError
 from onnxforge.pipeline.base import Pass, PassResult
 from onnxforge.pipeline.context import PassContext
 from onnxforge.pipeline.registry import register_pass
@@ -43,7 +43,8 @@ SMALL_BYTES = 1024
 
 @register_pass("fold-constants")
 class FoldConstants(Pass):
-    """Precompute nodes whose inputs are all constants (evaluated with onnxruntime), in subgraphs too."""
+    """Precompute nodes whose inputs are all constants (evaluated by onnxruntime on the CPU, whatever the
+    backend), in subgraphs too."""
 
     @dataclass
     class Options:
@@ -68,7 +69,7 @@ class FoldConstants(Pass):
             foldable = _foldable_nodes(graph, lambda node: sizes.fits(node, max(limit, SMALL_BYTES)))
             if not foldable:
                 continue
-            values = _evaluate(foldable, model)
+            values = _evaluate(foldable, model, ctx)
             folded_tensors += _replace_with_constants(graph, foldable, values, limit, growth)
             removed += _remove_unused(graph, foldable)
         return PassResult(
@@ -209,22 +210,29 @@ def _has_graph(attr) -> bool:
     return isinstance(attr, gs.Graph) or (isinstance(attr, list) and any(isinstance(a, gs.Graph) for a in attr))
 
 
-def _evaluate(nodes: list[gs.Node], model: Model) -> dict[str, np.ndarray]:
-    """Run the foldable nodes in one onnxruntime session; node by node if that fails. Returns name -> value."""
+def _evaluate(nodes: list[gs.Node], model: Model, ctx: PassContext) -> dict[str, np.ndarray]:
+    """Run the foldable nodes in one model on the reference runtime (`ctx.evaluate`); node by node if that fails.
+    Returns name -> value."""
     try:
-        return _run_nodes(nodes, model, {})
+        return _run_nodes(nodes, model, {}, ctx)
+    except TimeLimitError:
+        raise
     except Exception:  # some node fails in onnxruntime: find the ones that work
         values: dict[str, np.ndarray] = {}
         for node in nodes:
             if all(t.name == "" or isinstance(t, gs.Constant) or t.name in values for t in node.inputs):
                 try:
-                    values.update(_run_nodes([node], model, values))
+                    values.update(_run_nodes([node], model, values, ctx))
+                except TimeLimitError:
+                    raise
                 except Exception:
                     continue
         return values
 
 
-def _run_nodes(nodes: list[gs.Node], model: Model, known: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _run_nodes(
+    nodes: list[gs.Node], model: Model, known: dict[str, np.ndarray], ctx: PassContext
+) -> dict[str, np.ndarray]:
     produced = {t.name for node in nodes for t in node.outputs}
     initializers = {}
     for node in nodes:
@@ -238,13 +246,7 @@ def _run_nodes(nodes: list[gs.Node], model: Model, known: dict[str, np.ndarray])
     )
     proto = onnx.helper.make_model(graph, opset_imports=list(model.header.opset_import))
     proto.ir_version = max(model.header.ir_version, 3)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    # Sequences and optionals cannot become weights: only tensors are folded.
-    return {name: value for name, value in zip(names, session.run(names, {})) if isinstance(value, np.ndarray)}
+    return ctx.evaluate(proto)  # tensors only: sequences and optionals cannot become weights
 
 
 def _largest_constant(model: Model) -> int:

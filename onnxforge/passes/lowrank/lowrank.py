@@ -10,20 +10,21 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxforge.calibration.observe import Sample, observed, sampled_rows
+from onnxforge.calibration.context import Calibration
 from onnxforge.calibration.probes import replacement_errors
-from onnxforge.calibration.recovery import MAX_ROWS, input_rows, layer_targets, refit_layers
-from onnxforge.data import split_samples
+from onnxforge.calibration.recovery import MAX_ROWS, layer_targets, refit_layers
+from onnxforge.calibration.statistics import input_moments
+from onnxforge.data import Sample
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model, infer_shapes
 from onnxforge.ir.edit import make_constant, unique_name
+from onnxforge.ir.layers import Layer, LayerCost, describe_change, layer_costs
 from onnxforge.pipeline.base import Pass, PassResult
 from onnxforge.pipeline.context import PassContext
-from onnxforge.passes.layer_costs import LayerCost, describe_change, layer_costs
-from onnxforge.passes.layers import Layer, excluded_by, find_layers, half_precision_note
+from onnxforge.passes.layers import excluded_by, find_layers, half_precision_note
 from onnxforge.passes.lowrank.factorization import Spectrum, ranks_for_budget, spectrum
 from onnxforge.pipeline.registry import register_pass
-from onnxforge.pipeline.acceptance import kept_if_faster
+from onnxforge.pipeline.acceptance import Acceptance
 
 # A factorization must cut the layer's parameters (and so its multiply-accumulates) at least this much.
 MAX_KEPT = 0.9
@@ -58,13 +59,10 @@ class Candidate:
 
     def stored(self, matrix: np.ndarray) -> np.ndarray:
         """A matrix of this candidate's shape in the layout of the layer's weight."""
-        weight_shape = self.layer.weight.shape
-        if self.form == "channel":
-            return matrix.T.reshape(weight_shape)
         if self.form == "spatial":
-            out_channels, in_channels, kh, kw = weight_shape
+            out_channels, in_channels, kh, kw = self.layer.weight.shape
             return matrix.reshape(in_channels, kh, out_channels, kw).transpose(2, 0, 1, 3)
-        return matrix.T if self.layer.op == "Gemm" and self.layer.node.attrs.get("transB", 0) else matrix
+        return self.layer.stored(matrix)
 
 
 @register_pass("lowrank")
@@ -94,32 +92,38 @@ class LowRank(Pass):
         min_speedup: float = 1.0  # measured below this, the model is left as it was
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        self._check_options(ctx)
+        self._check_options(ctx.calibration)
         infer_shapes(model)
         candidates = [c for c in (as_candidate(layer) for layer in find_layers(model.graph)) if c is not None]
         candidates = [c for c in candidates if c.matrix.size >= self.options.min_size and not self._excluded(c)]
-        if ctx.data:
-            for candidate, moment in zip(candidates, _second_moments(model, candidates, ctx.data, ctx)):
+        calibration = ctx.calibration
+        if calibration.samples:
+            moments = _second_moments(model, candidates, calibration.samples, calibration)
+            for candidate, moment in zip(candidates, moments):
                 candidate.second_moment = moment
         for candidate in candidates:
             whitening = candidate.second_moment if self.options.method == "whitened" else None
             candidate.spectrum = spectrum(candidate.matrix, whitening)
         by_output_error = bool(self.options.ratio) and self.options.method == "whitened"
-        ranks = self._ranks_by_output_error(model, candidates, ctx) if by_output_error else self._ranks(candidates)
+        if by_output_error:
+            ranks = self._ranks_by_output_error(model, candidates, calibration)
+        else:
+            ranks = self._ranks(candidates)
         if self.options.method == "svd" and not self.options.ratio:
             candidates, ranks = self._cheaper_conv_forms(candidates, ranks)
         chosen = [(c, r) for c, r in zip(candidates, ranks) if c.worth_it(r)]
         notes = [_skipped_note(c, r) for c, r in zip(candidates, ranks) if not c.worth_it(r)]
         stats = {"layers_considered": len(candidates), "layers_factored": len(chosen)}
         if by_output_error:
-            held_back = split_samples(ctx.data, at_most=HELD_BACK)[1]
+            held_back = calibration.split(at_most=HELD_BACK)[1]
             notes.append(f"ranks chosen by the model's output error on {len(held_back)} samples "
                          f"held back from the whitening, each layer truncated alone at {len(PROBED)} ranks")
         notes += half_precision_note(model.graph, "lowrank")
         if not chosen:
             return PassResult(False, stats=stats, notes=notes or ["no layer large enough to factor"])
-        original, costs = model.copy(), layer_costs(model.graph)
-        targets = layer_targets(model, [c.layer.node for c, _ in chosen], ctx.data, ctx) if self.options.recover else {}
+        params_before, costs = model.stats().params, layer_costs(model.graph)
+        nodes = [c.layer.node for c, _ in chosen]
+        targets = layer_targets(model, nodes, calibration.samples, calibration) if self.options.recover else {}
         firsts = {id(c.layer.node): factor_layer(model, c, r) for c, r in chosen}
         infer_shapes(model)
         after = layer_costs(model.graph)
@@ -130,22 +134,26 @@ class LowRank(Pass):
             notes.append(f"{node.op} {candidate.layer.name}: {_describe(candidate, rank)}, "
                          f"{describe_change(before_cost, combined)}")
         if self.options.recover:
-            nodes = [c.layer.node for c, _ in chosen]
-            refitted = refit_layers(model, nodes, targets, ctx.data, ctx)
-            notes.append(f"recovery: {refitted} of {len(nodes)} second factors refitted on {len(ctx.data)} samples")
-        stats["params_removed"] = original.stats().params - model.stats().params
-        if self.options.measure and not kept_if_faster(original, model, ctx, self.options.min_speedup, stats, notes):
-            return PassResult(False, stats=stats, notes=notes)
+            refitted = refit_layers(model, nodes, targets, calibration.samples, calibration)
+            samples = len(calibration.samples)
+            notes.append(f"recovery: {refitted} of {len(nodes)} second factors refitted on {samples} samples")
+        stats["params_removed"] = params_before - model.stats().params
         return PassResult(True, stats=stats, notes=notes)
 
-    def _check_options(self, ctx: PassContext) -> None:
+    def acceptance(self) -> Acceptance | None:
+        """With measure=true, the factored model must be min_speedup faster than the one before."""
+        if not self.options.measure:
+            return None
+        return Acceptance(min_speedup=self.options.min_speedup, zeroed=("params_removed",))
+
+    def _check_options(self, calibration: Calibration) -> None:
         o = self.options
         given = [name for name, value in (("rank", o.rank), ("energy", o.energy), ("ratio", o.ratio)) if value]
         if len(given) > 1:
             raise PassUsageError(f"lowrank: give one of rank=, energy= and ratio=, not {' and '.join(given)}")
         if o.rank < 0 or not 0 <= o.energy <= 1 or not 0 <= o.ratio <= 1:
             raise PassUsageError("lowrank: rank= is a positive integer, energy= and ratio= fractions from 0 to 1")
-        if (o.method == "whitened" or o.recover) and not ctx.data:
+        if (o.method == "whitened" or o.recover) and not calibration.samples:
             raise PassUsageError("lowrank: method=whitened and recover=true use sample inputs: give them with --data")
 
     def _ranks(self, candidates: list[Candidate]) -> list[int]:
@@ -156,7 +164,7 @@ class LowRank(Pass):
             return ranks_for_budget([c.spectrum for c in candidates], [c.shape for c in candidates], o.ratio)
         return [c.spectrum.rank_for_energy(o.energy or DEFAULT_ENERGY) for c in candidates]
 
-    def _ranks_by_output_error(self, model: Model, candidates: list[Candidate], ctx: PassContext) -> list[int]:
+    def _ranks_by_output_error(self, model: Model, candidates: list[Candidate], calibration: Calibration) -> list[int]:
         """Ranks within the budget that lose the least of the model's outputs on --data.
 
         A layer's whitened spectrum gives its own output error at each rank; how much of it reaches the model's
@@ -166,12 +174,12 @@ class LowRank(Pass):
         """
         if not candidates:
             return []
-        fit, check = split_samples(ctx.data, at_most=HELD_BACK)
-        moments = _second_moments(model, candidates, fit, ctx)
+        fit, check = calibration.split(at_most=HELD_BACK)
+        moments = _second_moments(model, candidates, fit, calibration)
         fitted = [spectrum(c.matrix, moment) for c, moment in zip(candidates, moments)]
         probed = [_probe_ranks(c) for c in candidates]
         truncated = [_truncated_weights(c, spec, ranks) for c, spec, ranks in zip(candidates, fitted, probed)]
-        errors = replacement_errors(model, [c.layer for c in candidates], truncated, check, ctx)
+        errors = replacement_errors(model, [c.layer for c in candidates], truncated, check, calibration)
         worth = [
             _output_error_worth(c.spectrum, spec, ranks, errs)
             for c, spec, ranks, errs in zip(candidates, fitted, probed, errors)
@@ -205,15 +213,12 @@ class LowRank(Pass):
 
 
 def as_candidate(layer: Layer) -> Candidate | None:
-    """The layer's weight as x @ W, for MatMul, Gemm and ungrouped 2-D Convs with explicit padding."""
-    weight = np.asarray(layer.weight.values, np.float64)
-    node = layer.node
-    if layer.op == "MatMul":
-        return Candidate(layer, weight)
-    if layer.op == "Gemm" and node.attrs.get("alpha", 1.0) == 1.0:
-        return Candidate(layer, weight.T if node.attrs.get("transB", 0) else weight)
-    if layer.op == "Conv" and weight.ndim == 4 and node.attrs.get("group", 1) == 1:
-        return Candidate(layer, weight.reshape(len(weight), -1).T, form="channel")
+    """The layer's weight as x @ W (its matrix), for MatMul, Gemm (alpha 1) and ungrouped 2-D Convs."""
+    attrs = layer.node.attrs
+    if layer.op == "MatMul" or (layer.op == "Gemm" and attrs.get("alpha", 1.0) == 1.0):
+        return Candidate(layer, layer.matrix())
+    if layer.op == "Conv" and len(layer.weight.shape) == 4 and attrs.get("group", 1) == 1:
+        return Candidate(layer, layer.matrix(), form="channel")
     return None
 
 
@@ -243,36 +248,18 @@ def conv_macs(candidate: Candidate, rank: int) -> int | None:
 
 
 def _second_moments(
-    model: Model, candidates: list[Candidate], samples: list[Sample], ctx: PassContext
+    model: Model, candidates: list[Candidate], samples: list[Sample], calibration: Calibration
 ) -> list[np.ndarray]:
-    """XᵀX / rows of each candidate's inputs over the samples (Conv: its input patches at random positions)."""
+    """XᵀX / rows of each candidate's inputs over the samples (Conv: its input patches), at most MAX_ROWS rows at
+    random positions in all; the rows are drawn input after input, in the order the candidates first read them."""
     by_input: dict[str, list[Candidate]] = {}
     for candidate in candidates:
         by_input.setdefault(candidate.layer.activation.name, []).append(candidate)
-    sums = {id(c): [np.zeros((c.shape[0], c.shape[0])), 0] for c in candidates}
-    rng = np.random.default_rng(0)
-
-    for sample, values in observed(model, list(by_input), samples, ctx):
-        for name, readers in by_input.items():
-            for candidate in readers:
-                rows = _input_rows(candidate, values[name], sample, rng, max(MAX_ROWS // len(samples), 1))
-                total = sums[id(candidate)]
-                total[0] += rows.T @ rows
-                total[1] += len(rows)
-
-    return [sums[id(c)][0] / max(sums[id(c)][1], 1) for c in candidates]
-
-
-def _input_rows(
-    candidate: Candidate, value: np.ndarray, sample: Sample, rng: np.random.Generator, limit: int
-) -> np.ndarray:
-    node = candidate.layer.node
-    if node.op == "Conv":
-        output = node.outputs[0].shape
-        count = value.shape[0] * math.prod(output[2:])
-    else:
-        output, count = None, value.size // value.shape[-1]
-    return input_rows(node, value, sampled_rows(sample, count, limit, rng), output, with_bias=False)
+    drawn = [candidate for readers in by_input.values() for candidate in readers]
+    limit = max(MAX_ROWS // len(samples), 1)
+    moments = input_moments(model, [c.layer for c in drawn], samples, calibration, rows_per_sample=limit)
+    by_candidate = {id(candidate): moment.mean for candidate, moment in zip(drawn, moments)}
+    return [by_candidate[id(candidate)] for candidate in candidates]
 
 
 def _probe_ranks(candidate: Candidate) -> list[int]:
@@ -318,8 +305,7 @@ def factor_layer(model: Model, candidate: Candidate, rank: int) -> gs.Node:
     else:
         op = "Gemm" if node.op == "Gemm" else "MatMul"
         first = gs.Node(op, inputs=[x, make_constant(model.graph, f"{weight_name}_first", a)], outputs=[hidden])
-        second = b.T if node.op == "Gemm" and node.attrs.get("transB", 0) else b
-        node.inputs[1] = make_constant(model.graph, f"{weight_name}_second", second)
+        node.inputs[1] = make_constant(model.graph, f"{weight_name}_second", layer.stored(b))
     first.name = unique_name(model.graph, f"{layer.name}_first")
     node.inputs[layer.activation_input] = hidden
     model.graph.nodes.append(first)

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxforge.ir import Model, infer_shapes, to_networkx
+from onnxforge.ir.layers import CONVOLUTIONS, LINEAR_OPS, Layer, as_layer
 from onnxforge.ir.ops import CONTRIB_DOMAIN, is_onnx_op
 from onnxforge.ir.shape_values import dims_of, refine_reshapes, reshaped, shape_value
 from onnxforge.ir.shapes import merged_symbolic_dims
@@ -265,13 +266,12 @@ class _ChannelWalk:
         """Start a group for the output channels of a Conv, ConvTranspose, Gemm or MatMul with a constant weight."""
         if _is_packed_attention(node):
             return self._attention_heads(node)
-        found = _producer_axes(node)
-        if found is None:
+        layer = _producer(node)
+        if layer is None:
             return
-        weight_axis, output_axis = found
-        channels = node.inputs[1].shape[weight_axis]
-        layout = _Layout(output_axis, (_Segment(self._new_group(channels), 0, channels),))
-        self._add("producers", layout, node, 1, weight_axis)
+        channels = layer.weight.shape[layer.out_axis]
+        layout = _Layout(layer.channel_axis, (_Segment(self._new_group(channels), 0, channels),))
+        self._add("producers", layout, node, 1, layer.out_axis)
         if len(node.inputs) > 2 and node.inputs[2].name:
             if node.op == "Gemm":
                 self._broadcast_input(node, 2, layout)
@@ -304,7 +304,7 @@ class _ChannelWalk:
             return self._combine(node, tracked)
         if not is_onnx_op(node):
             return self._fail_all(tracked, f"custom op {node.op} '{node.name}' reads the channels")
-        if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        if node.op in LINEAR_OPS:
             return self._consume(node, tracked)
         if node.op in ELEMENTWISE_NARY or node.op == "PRelu":
             return self._combine(node, tracked)
@@ -350,25 +350,23 @@ class _ChannelWalk:
         weight = node.inputs[1]
         if list(tracked) != [0] or not isinstance(weight, gs.Constant):
             return self._fail_all(tracked, f"{node.op} '{node.name}' reads the channels with a non-constant weight")
-        layout, rank = tracked[0], len(weight.shape)
-        if node.op in ("Conv", "ConvTranspose"):
+        layout, rank, layer = tracked[0], len(weight.shape), as_layer(node)
+        if node.op in CONVOLUTIONS:
             if layout.axis != 1 - rank:
                 return self._fail(layout, f"{node.op} '{node.name}' reads the channels on a spatial axis")
             group = node.attrs.get("group", 1)
             if group == 1:
-                return self._add("consumers", layout, node, 1, 1 if node.op == "Conv" else 0)
+                return self._add("consumers", layout, node, 1, layer.in_axis)
             if node.op == "Conv" and group == layout.width and weight.shape[1] == 1 and layout.repeat == 1:
                 return self._depthwise(node, layout, weight.shape[0] // group)
             return self._fail(layout, f"grouped {node.op} '{node.name}' (group={group}) reads the channels")
         if layout.axis != -1:
             return self._fail(layout, f"{node.op} '{node.name}' reads the channels on a non-feature axis")
-        if node.op == "Gemm":
-            if node.attrs.get("transA", 0):
-                return self._fail(layout, f"Gemm '{node.name}' transposes the channels (transA)")
-            return self._add("consumers", layout, node, 1, 1 if node.attrs.get("transB", 0) else 0)
-        if rank < 2:
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            return self._fail(layout, f"Gemm '{node.name}' transposes the channels (transA)")
+        if layer is None:
             return self._fail(layout, f"MatMul '{node.name}' reads the channels with a 1-D weight")
-        self._add("consumers", layout, node, 1, rank - 2)
+        self._add("consumers", layout, node, 1, layer.in_axis)
 
     def _per_head_product(self, node: gs.Node, tracked: dict[int, _Layout]) -> None:
         """A MatMul of two walked tensors (Q @ K^T, P @ V) multiplies head by head when both carry their heads
@@ -516,21 +514,17 @@ class _ChannelWalk:
         self._pass(node, _Layout(axis - len(entries), (_Segment(layout.segments[0].group, 0, heads),)))
 
 
-def _producer_axes(node: gs.Node) -> tuple[int, int] | None:
-    """(weight axis of the output channels, output axis of the channels) of a layer with a constant weight."""
-    if not is_onnx_op(node, "Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
+def _producer(node: gs.Node) -> Layer | None:
+    """`node` as a layer whose output channels start a group: an ungrouped Conv or ConvTranspose, a Gemm without
+    transA or a MatMul of a 2-D weight, reading a computed input."""
+    layer = as_layer(node)
+    if layer is None or layer.op not in LINEAR_OPS or isinstance(layer.activation, gs.Constant):
         return None
-    weight = node.inputs[1]
-    if not isinstance(weight, gs.Constant) or isinstance(node.inputs[0], gs.Constant):
-        return None
-    rank = len(weight.shape)
-    if node.op in ("Conv", "ConvTranspose") and rank >= 3 and node.attrs.get("group", 1) == 1:
-        return (0 if node.op == "Conv" else 1), 1 - rank
-    if node.op == "Gemm" and not node.attrs.get("transA", 0):
-        return (0 if node.attrs.get("transB", 0) else 1), -1
-    if node.op == "MatMul" and rank == 2:
-        return 1, -1
-    return None
+    if layer.op in CONVOLUTIONS:
+        return layer if node.attrs.get("group", 1) == 1 else None
+    if layer.op == "Gemm":
+        return None if node.attrs.get("transA", 0) else layer
+    return layer if len(layer.weight.shape) == 2 else None
 
 
 def _is_packed_attention(node: gs.Node) -> bool:

@@ -9,48 +9,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxforge.calibration.observe import Sample, counted_rows, observed
+from onnxforge.calibration.context import Calibration
+from onnxforge.calibration.statistics import ChannelMoments, channel_moments
+from onnxforge.data import Sample
 from onnxforge.ir import Model
-from onnxforge.pipeline.context import PassContext
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelSlot
 
 DATA_METHODS = ("activation", "taylor-free")
 
 
-@dataclass
-class InputStatistics:
-    """Per-channel mean |x| and mean x^2 of one layer input over calibration samples."""
-
-    abs_mean: np.ndarray
-    square_mean: np.ndarray
-
-
 def input_statistics(
-    model: Model, groups: Sequence[ChannelGroup], samples: Sequence[Sample], ctx: PassContext
-) -> dict[str, InputStatistics]:
-    """Statistics of every input that the groups' consumers read their channels from, by tensor name."""
+    model: Model, groups: Sequence[ChannelGroup], samples: Sequence[Sample], calibration: Calibration
+) -> dict[str, ChannelMoments]:
+    """The channel moments of every input that the groups' consumers read their channels from, by tensor name."""
     axes = {slot.node.inputs[0].name: _channel_axis(slot.node) for group in groups for slot in group.consumers}
-    sums: dict[str, list] = {}
-
-    for sample, values in observed(model, list(axes), samples, ctx):
-        for name, axis in axes.items():
-            value = values[name]
-            x = np.moveaxis(np.asarray(value, np.float64), axis, 0).reshape(value.shape[axis], -1)
-            x = x[:, counted_rows(sample, x.shape[1])]
-            total = sums.setdefault(name, [0.0, 0.0, 0])
-            total[0] = total[0] + np.abs(x).sum(1)
-            total[1] = total[1] + np.square(x).sum(1)
-            total[2] += x.shape[1]
-    return {name: InputStatistics(a / n, q / n) for name, (a, q, n) in sums.items()}
+    return channel_moments(model, axes, samples, calibration)
 
 
 def channel_importance(
-    group: ChannelGroup, method: str, statistics: dict[str, InputStatistics] | None = None
+    group: ChannelGroup, method: str, statistics: dict[str, ChannelMoments] | None = None
 ) -> np.ndarray:
     """Each channel's importance by `method`; the data methods need `statistics` from `input_statistics`."""
     if method in DATA_METHODS and group.consumers:
@@ -72,7 +53,7 @@ def _weight_norms(slot: ChannelSlot, norm: str) -> np.ndarray:
     return np.abs(rows).sum(1) if norm == "l1" else np.sqrt(np.square(rows).sum(1))
 
 
-def _data_scores(slot: ChannelSlot, method: str, statistics: dict[str, InputStatistics]) -> np.ndarray:
+def _data_scores(slot: ChannelSlot, method: str, statistics: dict[str, ChannelMoments]) -> np.ndarray:
     stats = statistics[slot.node.inputs[0].name]
     if method == "activation":
         return stats.abs_mean

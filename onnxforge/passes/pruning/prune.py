@@ -8,13 +8,14 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxforge.calibration.context import Calibration
 from onnxforge.calibration.recovery import data_shortfall, layer_targets, layers_reached, refit_layers, refittable
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model
 from onnxforge.ir.edit import make_constant
+from onnxforge.ir.layers import LayerCost, describe_change, layer_costs
 from onnxforge.pipeline.base import Pass, PassResult
 from onnxforge.pipeline.context import PassContext
-from onnxforge.passes.layer_costs import LayerCost, describe_change, layer_costs
 from onnxforge.passes.layers import excluded_by, find_layers
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelGroups
 from onnxforge.passes.pruning.channel_surgery import remove_channels
@@ -22,7 +23,7 @@ from onnxforge.passes.pruning.importance import DATA_METHODS, channel_importance
 from onnxforge.passes.pruning.selection import kept_for_refit, reader_grams
 from onnxforge.passes.pruning.sparsity import SPEED_NOTE, magnitude_mask, two_of_four_mask
 from onnxforge.pipeline.registry import register_pass
-from onnxforge.pipeline.acceptance import kept_if_faster
+from onnxforge.pipeline.acceptance import Acceptance
 
 SPARSE_OPS = ("MatMul", "Gemm", "Conv")
 
@@ -65,9 +66,10 @@ class ChannelPruning(Pass):
             raise PassUsageError(f"prune:ratio={ratio}: give the fraction of channels to remove, from 0 to below 1")
         if self.options.round_to < 1:
             raise PassUsageError(f"prune:round_to={self.options.round_to}: give a channel count of 1 or more")
-        if self.options.recover and not ctx.data:
+        calibration = ctx.calibration
+        if self.options.recover and not calibration.samples:
             raise PassUsageError("prune:recover=true refits layers on samples: give them with --data")
-        if self.options.method in DATA_METHODS and not ctx.data:
+        if self.options.method in DATA_METHODS and not calibration.samples:
             raise PassUsageError(f"prune:method={self.options.method} measures activations: give samples with --data")
         if self.options.structure != "channel":
             return self._sparsify(model)
@@ -86,13 +88,13 @@ class ChannelPruning(Pass):
                 candidates.append(group)
         statistics = None
         if self.options.method in DATA_METHODS and candidates:
-            statistics = input_statistics(model, candidates, ctx.data, ctx)
+            statistics = input_statistics(model, candidates, calibration.samples, calibration)
         scores = [channel_importance(group, self.options.method, statistics) for group in candidates]
         chosen = self._choose(scores)
         removed = [_rounded(group, count, self.options.round_to) for group, count in zip(candidates, chosen)]
         choices, method = [], self.options.method
         for group, keep, count, wanted in zip(
-            candidates, self._kept(model, candidates, scores, removed, ctx), removed, chosen
+            candidates, self._kept(model, candidates, scores, removed, calibration), removed, chosen
         ):
             how = f"{method}; kept for the refit" if self._selects_for_refit and group.unit != "heads" else method
             if count != wanted:
@@ -103,29 +105,34 @@ class ChannelPruning(Pass):
         stats = {"groups": len(groups), "groups_pruned": len(choices), "channels_removed": int(sum(removed))}
         if not choices:
             return PassResult(False, stats={**stats, "params_removed": 0}, notes=notes)
-        original, costs = model.copy(), layer_costs(model.graph)
+        params_before, costs = model.stats().params, layer_costs(model.graph)
         if self.options.recover:
-            notes += self._remove_and_recover(model, choices, ctx)
+            notes += self._remove_and_recover(model, choices, calibration)
         else:
             remove_channels(model, choices)
-        stats["params_removed"] = original.stats().params - model.stats().params
+        stats["params_removed"] = params_before - model.stats().params
         notes += _cost_lines(model, costs)
-        if self.options.measure and not kept_if_faster(original, model, ctx, self.options.min_speedup, stats, notes):
-            return PassResult(False, stats=stats, notes=notes)
         return PassResult(True, stats=stats, notes=notes)
 
-    def _remove_and_recover(self, model: Model, choices: list, ctx: PassContext) -> list[str]:
+    def acceptance(self) -> Acceptance | None:
+        """With measure=true, removed channels must make the model min_speedup faster; zeroed weights keep every
+        shape (only the compressed file shrinks), so structure=unstructured and 2:4 are not timed."""
+        if not self.options.measure or self.options.structure != "channel":
+            return None
+        return Acceptance(min_speedup=self.options.min_speedup, zeroed=("params_removed",))
+
+    def _remove_and_recover(self, model: Model, choices: list, calibration: Calibration) -> list[str]:
         """Remove the chosen channels, then refit the layers they reach to the unpruned model's outputs."""
         layers = layers_reached(model, [slot.node for group, _ in choices for slot in group.producers])
-        targets = layer_targets(model, layers, ctx.data, ctx, residual=True)
+        targets = layer_targets(model, layers, calibration.samples, calibration, residual=True)
         for group, keep in choices:
             for slot in group.producers:
                 if id(slot.node) in targets:
                     targets[id(slot.node)].keep(slot.positions(keep))
         remove_channels(model, choices)
         shortfall = data_shortfall(layers, targets)
-        refitted = refit_layers(model, layers, targets, ctx.data, ctx)
-        samples = len(ctx.data)
+        refitted = refit_layers(model, layers, targets, calibration.samples, calibration)
+        samples = len(calibration.samples)
         done = f"recovery: {refitted} of {len(layers)} layers after the pruned channels refitted on {samples} samples"
         return [done, *([shortfall] if shortfall else [])]
 
@@ -134,7 +141,12 @@ class ChannelPruning(Pass):
         return self.options.recover and self.options.select == "refit"
 
     def _kept(
-        self, model: Model, groups: list[ChannelGroup], scores: list[np.ndarray], removed: list[int], ctx: PassContext
+        self,
+        model: Model,
+        groups: list[ChannelGroup],
+        scores: list[np.ndarray],
+        removed: list[int],
+        calibration: Calibration,
     ) -> list[np.ndarray]:
         """The channels each group keeps: its most important, or with recovery those whose refit best reproduces
         what the readers computed; `removed[i]` go from group i either way.
@@ -147,7 +159,8 @@ class ChannelPruning(Pass):
         for_refit = [count if group.unit != "heads" else 0 for group, count in zip(groups, removed)]
         if not self._selects_for_refit or not any(for_refit):
             return by_importance
-        grams = reader_grams(model, [group for group, count in zip(groups, for_refit) if count], ctx.data, ctx)
+        refitted = [group for group, count in zip(groups, for_refit) if count]
+        grams = reader_grams(model, refitted, calibration.samples, calibration)
         return [
             kept_for_refit(group, count, grams) if count else keep
             for group, count, keep in zip(groups, for_refit, by_importance)

@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
-from onnxforge.calibration.observe import Sample, observed, sampled_rows
-from onnxforge.calibration.recovery import MAX_ROWS, design_columns, design_weights, input_rows, ridge_strength
+from onnxforge.calibration.context import Calibration
+from onnxforge.calibration.recovery import MAX_ROWS, design_weights, ridge_strength
+from onnxforge.calibration.statistics import input_moments
+from onnxforge.data import Sample
 from onnxforge.ir import Model
-from onnxforge.pipeline.context import PassContext
+from onnxforge.ir.layers import as_layer
 from onnxforge.passes.pruning.channel_groups import ChannelGroup
 
 # Ridge of the reader's fit, relative to its mean squared input, as in recovery's weakest tried strengths: it keeps
@@ -58,22 +59,15 @@ class ReaderFit:
 
 
 def reader_grams(
-    model: Model, groups: Sequence[ChannelGroup], samples: Sequence[Sample], ctx: PassContext
+    model: Model, groups: Sequence[ChannelGroup], samples: Sequence[Sample], calibration: Calibration
 ) -> dict[int, np.ndarray]:
-    """The Gram matrix of each group reader's design rows (those recovery fits) over the samples, by node id."""
+    """The Gram matrix of each group reader's design rows (those recovery fits, with its bias's column) over the
+    samples, at most MAX_ROWS rows at random positions in all, by node id."""
     readers = list({id(slot.node): slot.node for group in groups for slot in group.consumers}.values())
-    names = list(dict.fromkeys(t.name for node in readers for t in (node.inputs[0], node.outputs[0])))
-    rng = np.random.default_rng(2)
     per_sample = MAX_ROWS // max(len(samples), 1) + 1
-    grams: dict[int, np.ndarray] = {}
-    with_bias = {id(node): design_weights(node)[1] for node in readers}
-    for sample, seen in observed(model, names, samples, ctx):
-        for node in readers:
-            x, y = seen[node.inputs[0].name], seen[node.outputs[0].name]
-            positions = sampled_rows(sample, _positions(node, y), per_sample, rng)
-            rows = input_rows(node, x, positions, y.shape, with_bias[id(node)])
-            grams[id(node)] = grams.get(id(node), 0) + rows.T @ rows
-    return grams
+    layers = [as_layer(node) for node in readers]
+    moments = input_moments(model, layers, samples, calibration, rows_per_sample=per_sample, seed=2, bias=True)
+    return {id(node): moment.gram for node, moment in zip(readers, moments)}
 
 
 def kept_for_refit(group: ChannelGroup, count: int, grams: dict[int, np.ndarray]) -> np.ndarray:
@@ -87,7 +81,8 @@ def kept_for_refit(group: ChannelGroup, count: int, grams: dict[int, np.ndarray]
         ridged = gram + ridge_strength(gram, RIDGE) * np.eye(len(gram))
         energy = float(np.sum(weights * (gram @ weights)))
         fits.append(ReaderFit(np.linalg.inv(ridged), weights.copy(), 1 / max(energy, 1e-30)))
-        columns.append(design_columns(slot.node, slot.positions(np.arange(group.channels))).reshape(group.channels, -1))
+        rows = as_layer(slot.node).matrix_rows(slot.positions(np.arange(group.channels)))
+        columns.append(rows.reshape(group.channels, -1))
     alive, left, per_round = np.ones(group.channels, bool), count, -(-count // ROUNDS)
     while left:
         candidates = np.flatnonzero(alive)
@@ -99,9 +94,3 @@ def kept_for_refit(group: ChannelGroup, count: int, grams: dict[int, np.ndarray]
         left -= chosen.size
     return np.flatnonzero(alive)
 
-
-def _positions(node: gs.Node, output: np.ndarray) -> int:
-    """How many output positions (rows of the fit) the reader has on one sample."""
-    if node.op in ("Conv", "ConvTranspose"):
-        return output.shape[0] * int(np.prod(output.shape[2:]))
-    return int(np.prod(output.shape[:-1]))

@@ -9,7 +9,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxforge.ir import Model
-from onnxforge.passes.layers import Layer, find_layers
+from onnxforge.ir.layers import Layer
+from onnxforge.passes.layers import find_layers
 from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, LayerRewriter
 from onnxforge.passes.quantization.weights import QuantizedWeight, QuantSpec, gptq_quantize, quantize_weight
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnxforge.pipeline.acceptance import speedups_over
 from onnxforge.pipeline.context import PassContext
 from onnxforge.pipeline.decisions import Measured
 from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
@@ -61,8 +62,8 @@ def choose_by_measurement(
     """Time, per layer type, the model with only that type quantized in each candidate format against float.
 
     A type keeps the fastest candidate if it reaches `min_speedup` (or its own entry in `thresholds`); one
-    that falls short is timed again and keeps its better result, so one disturbed timing cannot turn it down
-    (the final check of the whole model still guards against a slower result); then
+    that falls short is timed again and keeps its better result (`speedups_over`), so one disturbed timing cannot
+    turn it down (the pass's acceptance, judged on the whole model, still guards against a slower result); then
     the types kept are timed together, and while the whole is slower than float (or than `min_speedup`, when
     below 1: a size-first choice) the type that gained least goes back to float.
     Each of these choices is a decision of `ctx` (the format's name, or "float"; the type sent back to float,
@@ -80,10 +81,7 @@ def choose_by_measurement(
 
         def measure(members: list[int] = members, formats: dict = formats, needed: float = needed) -> Measured:
             prepared = [ctx.prepare(builder.build({i: fmt for i in members})) for fmt in formats.values()]
-            speedups = [result.speedup for result in ctx.time_models([baseline(), *prepared], feed)[1:]]
-            if max(speedups) < needed:  # a type is turned down only when a second timing agrees
-                again = [result.speedup for result in ctx.time_models([baseline(), *prepared], feed)[1:]]
-                speedups = [max(first, second) for first, second in zip(speedups, again)]
+            speedups = speedups_over(ctx, baseline(), prepared, feed, needed).settled
             best_name, best = max(zip(formats, speedups), key=lambda pair: pair[1])
             timings = {"speedups": {name: round(s, 4) for name, s in zip(formats, speedups)}}
             return Measured(best_name if best >= needed else FLOAT, timings)
@@ -120,8 +118,8 @@ def choose_by_measurement(
 @dataclass
 class PrefixRefinement:
     """What timing float prefixes changed: the plan, how many of the first layers went back to float, and the
-    speedup that measured against the plan before; `tried` maps each prefix length timed to its speedup
-    (empty, and `speedup` None, when replayed from `replayed_from`)."""
+    worse of the two speedups that measured against the plan before; `tried` maps each prefix length timed to its
+    first speedup (empty, and `speedup` None, when replayed from `replayed_from`)."""
 
     plan: dict[int, LayerFormat]
     kept_float: list[int] = field(default_factory=list)
@@ -133,9 +131,10 @@ class PrefixRefinement:
 def refine_by_float_prefix(
     builder: CandidateBuilder, plan: Plan, ctx: PassContext, feed: Mapping[str, np.ndarray], min_gain: float
 ) -> PrefixRefinement:
-    """Leave the first layers in float where int8 starting later runs faster: the first 1, 2, 4, ... layers
-    (fewer than half) are timed in float against the plan, and the fastest prefix that gains `min_gain` in
-    two timings is kept. How many is a decision of `ctx` (0: none), replayed without timing when recorded.
+    """Leave the first layers in float where int8 starting later runs faster: the plans with the first 1, 2, 4,
+    ... layers (fewer than half) in float are timed together against the plan, again when the fastest gains
+    `min_gain` (`speedups_over`, where a change must earn its place), and the fastest prefix that gains it in
+    both timings is kept. How many is a decision of `ctx` (0: none), replayed without timing when recorded.
 
     Early layers see the largest activations with the fewest channels: quantizing the input and running
     int8 there can cost more than it saves, which timing one layer type as a whole does not show.
@@ -144,23 +143,20 @@ def refine_by_float_prefix(
     counts = [2**power for power in range(len(order)) if 2**power <= len(order) // 2]
 
     def measure() -> Measured:
-        prepared = ctx.prepare(builder.build(plan))
-        tried = {}
-        for count in counts:
-            trial = ctx.prepare(builder.build({i: plan[i] for i in order[count:]}))
-            tried[count] = ctx.time_models([prepared, trial], feed)[1].speedup
-        best = max(tried, key=tried.get, default=None)
-        if best is None or tried[best] < min_gain:
-            return Measured(0, {"tried": tried})
-        trial = ctx.prepare(builder.build({i: plan[i] for i in order[best:]}))
-        again = ctx.time_models([prepared, trial], feed)[1].speedup
-        return Measured(best if again >= min_gain else 0, {"tried": tried, "again": again})
+        if not counts:
+            return Measured(0, {"tried": {}})
+        trials = [ctx.prepare(builder.build({i: plan[i] for i in order[count:]})) for count in counts]
+        speedups = speedups_over(ctx, ctx.prepare(builder.build(plan)), trials, feed, min_gain, standing=False)
+        settled = dict(zip(counts, speedups.settled))
+        best = max(settled, key=settled.get)
+        timings = {"tried": dict(zip(counts, speedups.first)), "again": dict(zip(counts, speedups.again))}
+        return Measured(best if settled[best] >= min_gain else 0, timings)
 
     decision = ctx.decide("first layers kept float", measure, allowed=[0, *counts])
     result = PrefixRefinement(dict(plan), tried=decision.timings.get("tried", {}), replayed_from=decision.replayed_from)
     if decision.value:
         result.plan = {i: plan[i] for i in order[decision.value :]}
         result.kept_float = order[: decision.value]
-        again = decision.timings.get("again")
-        result.speedup = None if decision.replayed else min(again, result.tried[decision.value])
+        again = decision.timings.get("again", {})
+        result.speedup = None if decision.replayed else min(again[decision.value], result.tried[decision.value])
     return result

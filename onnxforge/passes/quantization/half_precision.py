@@ -13,7 +13,8 @@ Which nodes compute in half precision:
   a lookup of a large weight at runtime indices (Gather on an embedding table) is half precision.
 A node computes in half precision only if its operator schema (at the model's opset) admits the half type;
 inputs whose schema admits only float32 (Resize scales) stay float32. Ops of other domains use
-onnxruntime's schemas (com.microsoft Attention, FusedMatMul, ...); ops without any schema stay float32.
+onnxruntime's schemas (com.microsoft Attention, FusedMatMul, ...), asked of the reference runtime
+(`ctx.operator_schema`) whatever the backend; ops without any schema stay float32.
 Nodes holding subgraphs (If, Loop, Scan) keep float32 inputs and outputs; their bodies are converted inside,
 with casts at each body's borders, and outer values read by a body are cast once, in the outer graph.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -41,7 +43,6 @@ import numpy as np
 import onnx
 import onnx.defs
 import onnx_graphsurgeon as gs
-from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
 
 from onnxforge.ir import Model, infer_shapes
 from onnxforge.ir.edit import make_constant, replace_uses, unique_name
@@ -166,7 +167,7 @@ class HalfPrecisionPass(Pass):
     half: ClassVar[HalfType]
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return HalfPrecisionConversion(model, self.half, self.options).run()
+        return HalfPrecisionConversion(model, self.half, self.options, ctx.operator_schema).run()
 
 
 @register_pass("fp16")
@@ -220,11 +221,15 @@ class WeightCounts:
 
 
 class HalfPrecisionConversion:
-    """One conversion of a model to a half type: plan every node, then convert weights and insert casts."""
+    """One conversion of a model to a half type: plan every node, then convert weights and insert casts.
 
-    def __init__(self, model: Model, half: HalfType, options: HalfPrecisionOptions):
+    `other_schema(op, domain, opset)` gives the schemas onnx does not have (`PassContext.operator_schema`).
+    """
+
+    def __init__(self, model: Model, half: HalfType, options: HalfPrecisionOptions, other_schema: Callable):
         self.model = model
         self.half = half
+        self.other_schema = other_schema
         self.keep_io_types = options.keep_io_types
         self.keep = (KEEP_FLOAT32 - set(options.convert)) | set(options.keep)
         self.float32: set[int] = set()  # ids of the tensors that were float32 before the conversion
@@ -291,7 +296,10 @@ class HalfPrecisionConversion:
         reason = self._float32_reason(node)
         if reason:
             return NodePlan(node, half=False, float32_reason=reason)
-        signature = _signature(node.op, _domain(node), self._opset(node))
+        signature = _onnx_signature(node.op, _domain(node), self._opset(node))
+        if signature is None:
+            schema = self.other_schema(node.op, _domain(node), self._opset(node))
+            signature = None if schema is None else Signature.of(schema.inputs, schema.outputs, schema.allowed)
         if signature is None:
             return NodePlan(node, half=False, float32_reason="no operator schema")
         inputs = signature.half_slots(node.inputs, signature.inputs, signature.variadic_inputs, self.float32, self.half)
@@ -491,7 +499,21 @@ class Signature:
     outputs: tuple[str, ...]
     variadic_inputs: bool
     variadic_outputs: bool
-    allowed: dict[str, frozenset[str]]
+    allowed: Mapping[str, frozenset[str]]
+
+    @classmethod
+    def of(
+        cls, inputs: tuple[tuple[str, str], ...], outputs: tuple[tuple[str, str], ...],
+        allowed: Mapping[str, frozenset[str]],
+    ) -> Signature:
+        """The signature of a schema's formal inputs and outputs, each (type string, option), and type variables."""
+        return cls(
+            inputs=tuple(t for t, _ in inputs),
+            outputs=tuple(t for t, _ in outputs),
+            variadic_inputs=bool(inputs) and inputs[-1][1] == "Variadic",
+            variadic_outputs=bool(outputs) and outputs[-1][1] == "Variadic",
+            allowed=allowed,
+        )
 
     def half_slots(
         self, tensors: list[gs.Tensor], formal: tuple[str, ...], variadic: bool, float32: set[int], half: HalfType
@@ -514,39 +536,17 @@ class Signature:
 
 
 @functools.cache
-def _signature(op: str, domain: str, opset: int) -> Signature | None:
-    """The signature of `op` in `domain` at `opset`, from onnx's schemas or else onnxruntime's; None if neither."""
+def _onnx_signature(op: str, domain: str, opset: int) -> Signature | None:
+    """The signature of `op` in `domain` at `opset` from onnx's schemas; None if onnx does not define it."""
     try:
         schema = onnx.defs.get_schema(op, opset, domain)
-        inputs = tuple((p.type_str, p.option.name) for p in schema.inputs)
-        outputs = tuple((p.type_str, p.option.name) for p in schema.outputs)
     except onnx.defs.SchemaError:
-        schema = _onnxruntime_schema(op, domain, opset)
-        if schema is None:
-            return None
-        inputs = tuple((p.typeStr, p.option.name) for p in schema.inputs)
-        outputs = tuple((p.typeStr, p.option.name) for p in schema.outputs)
-    return Signature(
-        inputs=tuple(t for t, _ in inputs),
-        outputs=tuple(t for t, _ in outputs),
-        variadic_inputs=bool(inputs) and inputs[-1][1] == "Variadic",
-        variadic_outputs=bool(outputs) and outputs[-1][1] == "Variadic",
-        allowed={c.type_param_str: frozenset(c.allowed_type_strs) for c in schema.type_constraints},
+        return None
+    return Signature.of(
+        tuple((p.type_str, p.option.name) for p in schema.inputs),
+        tuple((p.type_str, p.option.name) for p in schema.outputs),
+        {c.type_param_str: frozenset(c.allowed_type_strs) for c in schema.type_constraints},
     )
-
-
-def _onnxruntime_schema(op: str, domain: str, opset: int):
-    """onnxruntime's newest schema of `op` up to `opset` (contrib ops), or None."""
-    candidates = [s for s in _onnxruntime_schemas().get((domain, op), []) if s.since_version <= opset]
-    return max(candidates, key=lambda s: s.since_version, default=None)
-
-
-@functools.cache
-def _onnxruntime_schemas() -> dict[tuple[str, str], list]:
-    schemas: dict[tuple[str, str], list] = {}
-    for schema in get_all_operator_schema():
-        schemas.setdefault((schema.domain, schema.name), []).append(schema)
-    return schemas
 
 
 def _looks_up_weight(node: gs.Node, inputs: list[int]) -> bool:

@@ -9,19 +9,22 @@ from typing import Literal
 
 import numpy as np
 
-from onnxforge.calibration.observe import Sample, observe_tensors, run_model
+from onnxforge.calibration.context import Calibration
+from onnxforge.calibration.observe import observe_tensors, run_model
+from onnxforge.calibration.statistics import input_moments
 from onnxforge.comparison import Comparison, compare_outputs
-from onnxforge.data import split_samples
+from onnxforge.data import Sample
 from onnxforge.errors import PassError, PassUsageError
 from onnxforge.ir import Model
+from onnxforge.ir.layers import Layer
 from onnxforge.pipeline.base import Pass, PassResult
 from onnxforge.pipeline.context import PassContext
-from onnxforge.pipeline.decisions import Measured
+from onnxforge.pipeline.acceptance import Acceptance
 from onnxforge.passes.quantization.exposing import constant_node_weights, split_attention_projections, split_gemms
 from onnxforge.passes.quantization.ranges import RangeObserver, scale_and_zero_point
 from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer, model_nodes, numbered_layers
 from onnxforge.passes.quantization.choice import MeasuredChoice, choose_by_measurement, refine_by_float_prefix
-from onnxforge.passes.layers import Layer, excluded_by, half_precision_note
+from onnxforge.passes.layers import excluded_by, half_precision_note
 from onnxforge.passes.quantization.quantized_ops import quantized_ops
 from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, quantized_output
 from onnxforge.passes.quantization.sensitivity import BudgetFit, ErrorBudget, fit_error_budget
@@ -93,7 +96,7 @@ class Quantize(Pass):
         contrib_ops = runs_quantized_contrib_ops(ctx)
         fmt = resolve_format(self.options, model.graph.opset, contrib_ops)
         budget = ErrorBudget(self.options.max_error, self.options.min_cosine)
-        self._check_data(fmt, budget, ctx)
+        self._check_data(fmt, budget, ctx.calibration)
         work = model.copy()
         for graph in list(work.graphs()):
             constant_node_weights(graph)
@@ -102,14 +105,17 @@ class Quantize(Pass):
         layers = numbered_layers(work)
         nodes = model_nodes(work)
         in_body = {index: nodes[index][0].name for index in layers if nodes[index][0] is not work.graph}
-        plan, notes = self._initial_plan(layers, fmt, contrib_ops, has_data=bool(ctx.data), in_body=in_body)
+        calibration = ctx.calibration
+        has_data = bool(calibration.samples)
+        plan, notes = self._initial_plan(layers, fmt, contrib_ops, has_data=has_data, in_body=in_body)
         plan, opset_note = per_tensor_below_per_axis_opset(plan, layers, work.graph.opset)
-        calibration, held_out = split_samples(ctx.data or [])
+        calibration_samples, held_out = calibration.split()
         static = [layers[i] for i, layer_fmt in plan.items() if layer_fmt.mode == "static"]
+        main_graph_layers = [layers[i] for i in plan if i not in in_body]
         builder = CandidateBuilder(
             work,
-            self._weight_quantizer(work, [layers[i] for i in plan if i not in in_body], calibration, ctx),
-            self._calibrate(work, static, calibration, ctx) if static else {},
+            self._weight_quantizer(work, main_graph_layers, calibration_samples, calibration),
+            self._calibrate(work, static, calibration_samples, calibration) if static else {},
             contrib_ops,
         )
         feed = ctx.feed(model) if self.options.measure else {}  # only timing runs the model on it
@@ -118,7 +124,7 @@ class Quantize(Pass):
             plan = self._measured_plan(builder, plan, layers, fmt, ctx, feed, notes, lines)
         if plan and budget.given:
             gentler = gentler_formats(plan, layers, contrib_ops)
-            fit = fit_error_budget(builder, plan, budget, ctx, calibration, held_out, gentler)
+            fit = fit_error_budget(builder, plan, budget, calibration, gentler)
             notes.update(_budget_notes(fit, budget, layers, ctx))
             plan = fit.plan
         for index, layer_fmt in plan.items():
@@ -136,35 +142,19 @@ class Quantize(Pass):
             return PassResult(False, stats=stats, notes=lines)
         quantized = builder.build(plan)
         if held_out:
-            error = compare_outputs(run_model(model, held_out, ctx), run_model(quantized, held_out, ctx))
+            error = compare_outputs(run_model(model, held_out, calibration), run_model(quantized, held_out, calibration))
             stats.update(held_out_max_rel_error=error.max_rel, held_out_min_cosine=error.min_cosine)
             lines.append(f"error on {len(held_out)} held-out samples: {_describe_error(error)}")
-        if self.options.measure and not self._faster_as_a_whole(model, quantized, ctx, feed, stats, lines):
-            lines.append("slower than float as a whole: the model is left as it was")
-            return PassResult(False, stats=stats, notes=lines)
         model.graph = quantized.graph
         return PassResult(True, stats=stats, notes=lines)
 
-    def _faster_as_a_whole(
-        self, model: Model, quantized: Model, ctx: PassContext, feed: dict, stats: dict, lines: list[str]
-    ) -> bool:
-        """Whether the quantized model is not slower than float (than min_speedup, when below 1) as a whole: timed,
-        or replayed from recorded decisions; stats and lines say which and what it measured."""
-        needed = min(1.0, self.options.min_speedup)
-
-        def measure() -> Measured:
-            speedup = ctx.time_models([ctx.prepare(model), ctx.prepare(quantized)], feed)[1].speedup
-            return Measured(speedup >= needed, {"speedup": round(speedup, 4)})
-
-        decision = ctx.decide("whole model kept", measure, allowed=[True, False])
-        if decision.replayed:
-            stats["decisions_replayed"] = ctx.replayed_decisions()
-            verdict = "kept" if decision.value else "not kept"
-            lines.append(f"whole model {verdict} as {decision.replayed_from} records, not timed")
-        else:
-            speedup = stats["measured_speedup"] = decision.timings["speedup"]
-            lines.append(f"whole model measured {speedup:.2f}x against float on {ctx.backend}/{ctx.target}")
-        return decision.value
+    def acceptance(self) -> Acceptance | None:
+        """With measure=true, the quantized model must not be slower than float as a whole (nor than min_speedup,
+        when that is below 1: a size-first choice)."""
+        if not self.options.measure:
+            return None
+        too_slow = "slower than float as a whole: the model is left as it was"
+        return Acceptance(min_speedup=min(1.0, self.options.min_speedup), baseline="float", too_slow=too_slow)
 
     def _initial_plan(
         self, layers: dict[int, Layer], fmt: LayerFormat, contrib_ops: bool, has_data: bool, in_body: dict[int, str]
@@ -231,7 +221,7 @@ class Quantize(Pass):
             plan = refined.plan
         return plan
 
-    def _check_data(self, fmt: LayerFormat, budget: ErrorBudget, ctx: PassContext) -> None:
+    def _check_data(self, fmt: LayerFormat, budget: ErrorBudget, calibration: Calibration) -> None:
         needs = []
         if fmt.mode == "static":
             needs.append("static quantization calibrates activations on samples")
@@ -239,7 +229,7 @@ class Quantize(Pass):
             needs.append("weight_method=gptq fits weights to calibration activations")
         if budget.given:
             needs.append("an error budget (max_error, min_cosine) is judged on samples")
-        if needs and not ctx.data:
+        if needs and not calibration.samples:
             raise PassUsageError(f"quant: {needs[0]}: give sample inputs with --data (data= in the Python API)")
 
     def _reason_to_skip(self, layer: Layer, fmt: LayerFormat, contrib_ops: bool, in_body: bool) -> str:
@@ -267,11 +257,11 @@ class Quantize(Pass):
         return {}
 
     def _calibrate(
-        self, model: Model, layers: list[Layer], samples: list[Sample], ctx: PassContext
+        self, model: Model, layers: list[Layer], samples: list[Sample], calibration: Calibration
     ) -> dict[str, ActivationQuantization]:
         names = sorted({t.name for layer in layers for t in (layer.activation, quantized_output(layer))})
         observers = {name: RangeObserver() for name in names}
-        observe_tensors(model, names, samples, ctx, lambda name, value: observers[name].observe(value))
+        observe_tensors(model, names, samples, calibration, lambda name, value: observers[name].observe(value))
         result = {}
         for name, observer in observers.items():
             low, high = observer.range(self.options.calibration, percentile=self.options.percentile)
@@ -280,26 +270,24 @@ class Quantize(Pass):
         return result
 
     def _weight_quantizer(
-        self, model: Model, layers: list[Layer], samples: list[Sample], ctx: PassContext
+        self, model: Model, layers: list[Layer], samples: list[Sample], calibration: Calibration
     ) -> WeightQuantizer:
+        """Quantizes weights by `weight_method`; for gptq and search, with the second moments of what each MatMul
+        reads on `samples` (GPTQ's Hessian XᵀX over every row, and its diagonal per row), by weight name."""
         method = self.options.weight_method
         if method == "rtn" or not samples:
             return WeightQuantizer(method)
         matmuls = [layer for layer in layers if layer.op == "MatMul"]
-        by_input: dict[str, list[str]] = {}
+        readers: dict[str, Layer] = {}  # one MatMul per input: those reading the same input read the same rows
         for layer in matmuls:
-            by_input.setdefault(layer.activation.name, []).append(layer.weight.name)
+            readers.setdefault(layer.activation.name, layer)
+        moments = dict(zip(readers, input_moments(model, list(readers.values()), samples, calibration)))
         hessians: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
-
-        def accumulate(name: str, value: np.ndarray) -> None:
-            rows = value.reshape(-1, value.shape[-1]).astype(np.float64)
-            gram = rows.T @ rows
-            for weight in by_input[name]:
-                hessians[weight] = hessians.get(weight, 0) + gram
-                counts[weight] = counts.get(weight, 0) + len(rows)
-
-        observe_tensors(model, sorted(by_input), samples, ctx, accumulate)
+        for layer in matmuls:
+            moment, weight = moments[layer.activation.name], layer.weight.name
+            hessians[weight] = hessians.get(weight, 0) + moment.gram
+            counts[weight] = counts.get(weight, 0) + moment.rows
         energy = {name: np.diag(h) / max(counts[name], 1) for name, h in hessians.items()}
         return WeightQuantizer(method, hessians=hessians, input_energy=energy)
 

@@ -21,8 +21,8 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxforge.ir import Model
+from onnxforge.ir.layers import Layer
 from onnxforge.ir.ops import CONTRIB_DOMAIN
-from onnxforge.passes.layers import Layer
 from onnxforge.passes.quantization.qlinear import conv_group, write_qlinear_conv
 from onnxforge.passes.quantization.weights import QuantizedWeight, QuantSpec, int4_tensor, pack_matmul_nbits
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from onnxforge.calibration.observe import Sample, run_model
+from onnxforge.calibration.context import Calibration
+from onnxforge.calibration.observe import run_model
 from onnxforge.comparison import Comparison, compare_outputs
-from onnxforge.pipeline.context import PassContext
 from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
 from onnxforge.passes.quantization.rewrite import LayerFormat
 
@@ -55,13 +55,11 @@ def fit_error_budget(
     builder: CandidateBuilder,
     plan: Plan,
     budget: ErrorBudget,
-    ctx: PassContext,
-    calibration: Sequence[Sample],
-    held_out: Sequence[Sample],
+    calibration: Calibration,
     gentler: Mapping[int, LayerFormat] | None = None,
 ) -> BudgetFit:
     """Move the most sensitive layers of `plan` to a gentler format, or else to float, as few as the budget
-    allows on the held-out samples.
+    allows on the held-out samples (`calibration.split()`).
 
     A layer's sensitivity is the error of the model with only that layer quantized, on the calibration
     samples. `gentler` gives layers a format that loses less (and gains less speed); when moving every layer
@@ -70,17 +68,20 @@ def fit_error_budget(
     makes the error worse.
     """
     gentler = gentler or {}
-    reference_held_out = run_model(builder.model, held_out, ctx)
+    calibration_samples, held_out = calibration.split()
+    reference_held_out = run_model(builder.model, held_out, calibration)
 
     def error_on_held_out(candidate: Plan) -> Comparison:
-        return compare_outputs(reference_held_out, run_model(builder.build(candidate), held_out, ctx))
+        return compare_outputs(reference_held_out, run_model(builder.build(candidate), held_out, calibration))
 
     full = error_on_held_out(plan)
     if budget.met(full):
         return BudgetFit(dict(plan), error=full)
-    reference = run_model(builder.model, calibration, ctx)
+    reference = run_model(builder.model, calibration_samples, calibration)
     sensitivity = {
-        index: budget.score(compare_outputs(reference, run_model(builder.build({index: fmt}), calibration, ctx)))
+        index: budget.score(
+            compare_outputs(reference, run_model(builder.build({index: fmt}), calibration_samples, calibration))
+        )
         for index, fmt in plan.items()
     }
     order = sorted(plan, key=lambda index: sensitivity[index], reverse=True)
