@@ -133,7 +133,9 @@ def optimize(
         runner = manager.verifier
         report.error = compare_outputs(runner.reference_outputs, runner.run(result))
     if samples:
-        report.data_error = _error_on(samples, as_loaded or original, result, backend)
+        held_out = context.calibration.split()[1]
+        report.data_error = _error_on(held_out, as_loaded or original, result, backend)
+        report.data_error_samples = {"held_out": len(held_out), "of": len(samples)}
     if measure:
         options = BackendOptions(target=target, threads=threads, extra=dict(backend_settings or {}))
         inputs = feeds.first(skeleton_proto(original), lambda: get_backend(backend).prepare(original).run)

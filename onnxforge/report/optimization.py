@@ -26,7 +26,8 @@ class OptimizationReport:
     passes: list[PassRecord]
     verification: dict[str, Any]
     error: Comparison | None = None
-    data_error: Comparison | None = None
+    data_error: Comparison | None = None  # on the --data samples that calibration held out
+    data_error_samples: dict[str, int] = field(default_factory=dict)  # {"held_out": n, "of": all --data samples}
     latency_before: LatencyStats | None = None
     latency_after: LatencyStats | None = None
     latency_setup: dict[str, Any] = field(default_factory=dict)
@@ -43,6 +44,13 @@ class OptimizationReport:
         if self.latency_before and self.latency_after and self.latency_after.median_ms > 0:
             return self.latency_before.median_ms / self.latency_after.median_ms
         return None
+
+    def _data_error_samples(self) -> str:
+        """Which --data samples the error was measured on, for the summary line."""
+        held_out, total = self.data_error_samples["held_out"], self.data_error_samples["of"]
+        if held_out == total:
+            return f"{total} --data samples, fewer than 4: none held out from calibration"
+        return f"{held_out} of {total} --data samples, held out from calibration"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +70,7 @@ class OptimizationReport:
             "decisions": self.decisions,
             "error_vs_original": self.error.to_dict() if self.error else None,
             "error_vs_original_on_data": self.data_error.to_dict() if self.data_error else None,
+            "error_vs_original_on_data_samples": self.data_error_samples or None,
             "latency": None
             if self.latency_before is None
             else {
@@ -131,7 +140,7 @@ class OptimizationReport:
             lines.append(f"  random inputs {shapes}: dynamic dims {inputs['found_by']}")
         if self.data_error is not None:
             lines.append(
-                f"  error vs original (--data samples): max rel {self.data_error.max_rel:.3g}"
+                f"  error vs original ({self._data_error_samples()}): max rel {self.data_error.max_rel:.3g}"
                 + (f", min cosine {self.data_error.min_cosine:.6f}" if self.data_error.min_cosine is not None else "")
             )
         if self.latency_before is not None and self.latency_after is not None:
