@@ -129,13 +129,13 @@ def test_a_second_timing_is_taken_only_when_the_first_would_overturn_the_default
     context = PassContext(timing=QUICK)
     plain, slower = _model(), _model()
     AddsWork().run(slower, context)
-    feed = context.feed(plain)
-    fast, slow = context.prepare(plain), context.prepare(slower)
+    feed = context.runtime.feed(plain)
+    fast, slow = context.runtime.prepare(plain), context.runtime.prepare(slower)
     # Standing candidates (a pass's result) are turned down only when a second timing agrees: the better counts.
-    turned_down = speedups_over(context, fast, [slow], feed, needed=1.0)
+    turned_down = speedups_over(context.runtime, fast, [slow], feed, needed=1.0)
     assert len(turned_down.again) == 1 and turned_down.settled == [max(turned_down.first + turned_down.again)]
-    assert speedups_over(context, fast, [slow], feed, needed=0.0).again == []
+    assert speedups_over(context.runtime, fast, [slow], feed, needed=0.0).again == []
     # A candidate that must earn its place (a refinement) is taken only when a second timing agrees: the worse counts.
-    taken = speedups_over(context, slow, [fast], feed, needed=1.0, standing=False)
+    taken = speedups_over(context.runtime, slow, [fast], feed, needed=1.0, standing=False)
     assert len(taken.again) == 1 and taken.settled == [min(taken.first + taken.again)]
-    assert speedups_over(context, fast, [slow], feed, needed=1.0, standing=False).again == []
+    assert speedups_over(context.runtime, fast, [slow], feed, needed=1.0, standing=False).again == []

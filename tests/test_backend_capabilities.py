@@ -61,7 +61,7 @@ def test_every_name_of_a_backend_gives_the_same_backend_object():
     assert get_backend("onnxruntime") is get_backend("ort")
     assert get_backend("onnxruntime").name == "ort"
     assert {"ort", "onnxruntime", "tvm"} <= set(backend_names())
-    assert PassContext(backend="onnxruntime").capabilities is PassContext(backend="ort").capabilities
+    assert PassContext(backend="onnxruntime").runtime.capabilities is PassContext(backend="ort").runtime.capabilities
 
 
 def test_onnxruntime_runs_every_contrib_op_the_passes_write_and_takes_dynamic_shapes():
@@ -129,14 +129,14 @@ def test_the_reference_runtime_evaluates_a_model_without_inputs_as_written():
     proto.graph.ClearField("output")
     proto.graph.output.extend([helper.make_empty_tensor_value_info("c3"), helper.make_empty_tensor_value_info("total")])
 
-    values = PassContext().evaluate(proto)
+    values = PassContext().runtime.evaluate(proto)
 
     np.testing.assert_array_equal(values["c3"], np.sqrt(np.arange(1, 5, dtype=np.float32) * 2))
     assert values["total"] == np.float32(10)
     proto.graph.node.append(helper.make_node("NoSuchOp", ["c3"], ["bad"]))
     proto.graph.output.append(helper.make_empty_tensor_value_info("bad"))
     with pytest.raises(BackendError, match="onnxruntime cannot load the model"):
-        PassContext().evaluate(proto)
+        PassContext().runtime.evaluate(proto)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
@@ -156,8 +156,8 @@ def test_fp16_reads_contrib_op_schemas_from_the_reference_runtime_whatever_the_b
         [constant("W", np.ones((8, 4), np.float32))],
     )
     proto.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
-    assert PassContext(backend="tvm").operator_schema("Gelu", CONTRIB_DOMAIN, 1) is not None
-    assert PassContext().operator_schema("NoSuchOp", CONTRIB_DOMAIN, 1) is None
+    assert PassContext(backend="tvm").runtime.operator_schema("Gelu", CONTRIB_DOMAIN, 1) is not None
+    assert PassContext().runtime.operator_schema("NoSuchOp", CONTRIB_DOMAIN, 1) is None
     for_ort, result = apply("fp16", proto, backend="ort")
     for_tvm, _ = apply("fp16", proto, backend="tvm")
     assert result.stats["nodes_converted"] == 2  # Gelu too: its com.microsoft schema admits float16
@@ -175,7 +175,7 @@ def test_passes_write_for_tvm_no_contrib_op_that_only_onnxruntime_runs(encoder):
 
 
 def test_no_pass_compares_the_backend_name():
-    """Passes ask `ctx.capabilities`; a comparison with a backend's name would treat its aliases differently."""
+    """Passes ask `ctx.runtime.capabilities`: a comparison with a backend's name would treat aliases differently."""
     comparison = re.compile(r"""(==|!=|\bin)\s*[(\[{]?["'](ort|onnxruntime|tvm)["']|["'](ort|onnxruntime|tvm)["']\s*(==|!=)""")
     found = [
         f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}"

@@ -81,7 +81,7 @@ def test_calibration_may_name_pass_types_for_type_checking_only():
 @pytest.mark.parametrize(
     ("path", "source"),
     [
-        # The two passes that once ran or read onnxruntime themselves: now they ask ctx.evaluate, ctx.operator_schema.
+        # The two passes that once ran or read onnxruntime themselves now ask ctx.runtime (evaluate, operator_schema).
         ("onnxforge/passes/cleanup/constant_folding.py", "import onnxruntime as ort\n__all__ = ['ort']\n"),
         (
             "onnxforge/passes/quantization/half_precision.py",

@@ -12,6 +12,7 @@ import numpy as np
 from onnxforge.backends.base import Prepared
 from onnxforge.ir import Model
 from onnxforge.pipeline.context import PassContext
+from onnxforge.pipeline.runtime import Runtime
 from onnxforge.pipeline.decisions import Measured
 
 KEPT = "whole model kept"  # the key of the timing decision, after the pass's position and description
@@ -28,7 +29,7 @@ class Speedups:
 
 
 def speedups_over(
-    ctx: PassContext,
+    runtime: Runtime,
     baseline: Prepared,
     candidates: Sequence[Prepared],
     feed: Mapping[str, np.ndarray],
@@ -46,10 +47,10 @@ def speedups_over(
     if not candidates:
         return Speedups([], [], [])
     prepared = [baseline, *candidates]
-    first = [result.speedup for result in ctx.time_models(prepared, feed)[1:]]
+    first = [result.speedup for result in runtime.time_models(prepared, feed)[1:]]
     if (max(first) >= needed) == standing:  # the default stands: one timing is enough
         return Speedups(first, [], first)
-    again = [result.speedup for result in ctx.time_models(prepared, feed)[1:]]
+    again = [result.speedup for result in runtime.time_models(prepared, feed)[1:]]
     settle = max if standing else min
     return Speedups(first, again, [settle(pair) for pair in zip(first, again)])
 
@@ -81,7 +82,7 @@ class Acceptance:
 
     def judge(self, before: Model, after: Model, ctx: PassContext) -> Verdict:
         """Whether `after`, the pass's result, is kept rather than `before`: the size bound first, then timing
-        (interleaved on `ctx.feed`, timed again when below min_speedup: kept if either timing reaches it), a
+        (interleaved on `ctx.runtime.feed`, timed again when below min_speedup: kept if either timing reaches it), a
         decision of `ctx` that a replay takes from its record without timing."""
         verdict = Verdict(True)
         if self.max_size_ratio is not None:
@@ -104,7 +105,9 @@ class Acceptance:
         needed = self.min_speedup
 
         def measure() -> Measured:
-            speedups = speedups_over(ctx, ctx.prepare(before), [ctx.prepare(after)], ctx.feed(before), needed)
+            runtime = ctx.runtime
+            baseline, candidate = runtime.prepare(before), runtime.prepare(after)
+            speedups = speedups_over(runtime, baseline, [candidate], runtime.feed(before), needed)
             timings = [round(s, 4) for s in speedups.first + speedups.again]
             return Measured(speedups.settled[0] >= needed, {"speedups": timings})
 
@@ -115,7 +118,7 @@ class Acceptance:
             verdict.stats["decisions_replayed"] = ctx.replayed_decisions()
         else:
             first, *again = decision.timings["speedups"]
-            where = f"against {self.baseline} on {ctx.backend}/{ctx.target}"
+            where = f"against {self.baseline} on {ctx.runtime.backend}/{ctx.runtime.target}"
             verdict.notes.append(f"whole model measured {first:.2f}x {where}")
             verdict.notes.extend(f"timed again: {speedup:.2f}x" for speedup in again)
             verdict.stats["measured_speedup"] = max(decision.timings["speedups"])

@@ -1,38 +1,30 @@
-"""The per-run state passes share: the analysis cache, sample data, the backend and target, recorded decisions."""
+"""What a running pass may ask for: cached analyses, the calibration samples, the runtime, recorded decisions."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from onnxforge.backends.base import BackendCapabilities, BackendOptions, Prepared
 from onnxforge.calibration.context import Calibration
 from onnxforge.feeds import Feeds
 from onnxforge.ir import Model
-from onnxforge.ir.shapes import skeleton_proto
-from onnxforge.measure import InterleavedTiming, RelativeLatency, interleaved_latency
+from onnxforge.measure import InterleavedTiming
 from onnxforge.pipeline.decisions import Decision, Decisions, Measured
+from onnxforge.pipeline.runtime import Runtime
 
 if TYPE_CHECKING:
-    import onnx
-
-    from onnxforge.backends.reference import OperatorSchema
     from onnxforge.pipeline.base import Analysis, Pass
 
 
 class PassContext:
-    """Per-run state shared by passes: the analysis cache, the calibration samples, the backend and target to run on.
+    """What a running pass may ask for, in three parts and its decisions:
 
-    Passes that run or time models (measured choices) do it through `prepare` and `time_models`, so that no pass
-    imports a backend, on inputs from `feed`: the run's one `Feeds` decides them, so --data, --shape and dims
-    found by running the model apply to every pass. Data-aware passes reach the --data samples through
-    `calibration` alone (onnxforge.calibration.context.Calibration: the samples, their one split into calibration
-    and held-out parts, running models on them, statistics cached until `invalidate`).
-    A choice made by timing goes through `decide`, which records it, or replays it from `decisions` given from
-    an earlier run. What must not depend on the backend (the values constant folding stores, the schemas of
-    contrib ops) comes from the reference runtime, onnxruntime on the CPU: `evaluate`, `operator_schema`.
+    - `analysis(kind, model)`: facts about the model computed once and cached until a pass changes it;
+    - `calibration` (onnxforge.calibration.context.Calibration): the --data samples, their one split into
+      calibration and held-out parts, running models on them, statistics cached until `invalidate`;
+    - `runtime` (Runtime): the run's backend and target, what they can run, preparing, feeding and timing models,
+      and the reference runtime, so that no pass imports a backend;
+    - `decide(what, measure)`: a choice made by timing, recorded, or replayed from an earlier run's record.
     """
 
     def __init__(
@@ -45,12 +37,8 @@ class PassContext:
         decisions: Decisions | None = None,
         feeds: Feeds | None = None,
     ):
-        self.calibration = Calibration(data, lambda model, optimization: self.prepare(model, optimization).run)
-        self.feeds = feeds if feeds is not None else Feeds(samples=data)
-        self.backend = backend
-        self.target = target
-        self.threads = threads
-        self.timing = timing or InterleavedTiming()
+        self.runtime = Runtime(backend, target, threads, timing, feeds if feeds is not None else Feeds(samples=data))
+        self.calibration = Calibration(data, lambda model, optimization: self.runtime.prepare(model, optimization).run)
         self.decisions = decisions or Decisions()
         self._cache: dict[type[Analysis], tuple[int, Any]] = {}
         self._pass_position = ""
@@ -70,44 +58,6 @@ class PassContext:
         """How many of the running pass's decisions so far were replayed rather than measured."""
         prefix = self._pass_position + "/"
         return sum(d.replayed for key, d in self.decisions.made.items() if key.startswith(prefix))
-
-    @property
-    def capabilities(self) -> BackendCapabilities:
-        """What this run's backend can run (contrib ops, static shapes): passes ask this, never the name."""
-        from onnxforge.backends import get_backend
-
-        return get_backend(self.backend).capabilities
-
-    def evaluate(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-        """The tensor outputs of `model`, a graph without inputs, computed exactly by the reference runtime
-        (onnxruntime's CPU kernels, the model as written) whatever this run's backend; BackendError if it cannot."""
-        from onnxforge.backends.reference import evaluate
-
-        return evaluate(model)
-
-    def operator_schema(self, op: str, domain: str, opset: int) -> OperatorSchema | None:
-        """The reference runtime's schema of `op` in `domain` at `opset` (com.microsoft's contrib ops, which onnx
-        does not define), the same whatever this run's backend; None if it has none."""
-        from onnxforge.backends.reference import operator_schema
-
-        return operator_schema(op, domain, opset)
-
-    def prepare(self, model: Model | bytes, graph_optimization: str = "all") -> Prepared:
-        """Load or compile `model` on this run's backend and target, ready to run or time."""
-        from onnxforge.backends import get_backend
-
-        options = BackendOptions(target=self.target, threads=self.threads, graph_optimization=graph_optimization)
-        return get_backend(self.backend).prepare(model, options)
-
-    def feed(self, model: Model) -> dict[str, np.ndarray]:
-        """The inputs to run or time `model` on once: the first --data sample, else random inputs of the shapes
-        the run decided (--shape, or dims found by running the model on this context's backend)."""
-        return self.feeds.first(skeleton_proto(model), lambda: self.prepare(model).run)
-
-    def time_models(self, prepared: Sequence[Prepared], inputs: Mapping[str, np.ndarray]) -> list[RelativeLatency]:
-        """Time prepared models against each other in interleaved blocks; speedups are relative to the first."""
-        feed = dict(inputs)
-        return interleaved_latency([lambda p=p: p.run(feed) for p in prepared], self.timing)
 
     def analysis(self, kind: type[Analysis], model: Model) -> Any:
         """Return `kind` computed on `model`, from the cache when still valid."""

@@ -211,7 +211,7 @@ def _has_graph(attr) -> bool:
 
 
 def _evaluate(nodes: list[gs.Node], model: Model, ctx: PassContext) -> dict[str, np.ndarray]:
-    """Run the foldable nodes in one model on the reference runtime (`ctx.evaluate`); node by node if that fails.
+    """Run the foldable nodes in one model on the reference runtime (`ctx.runtime.evaluate`); node by node if that fails.
     Returns name -> value."""
     try:
         return _run_nodes(nodes, model, {}, ctx)
@@ -246,7 +246,7 @@ def _run_nodes(
     )
     proto = onnx.helper.make_model(graph, opset_imports=list(model.header.opset_import))
     proto.ir_version = max(model.header.ir_version, 3)
-    return ctx.evaluate(proto)  # tensors only: sequences and optionals cannot become weights
+    return ctx.runtime.evaluate(proto)  # tensors only: sequences and optionals cannot become weights
 
 
 def _largest_constant(model: Model) -> int:

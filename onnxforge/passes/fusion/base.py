@@ -42,7 +42,7 @@ class RuleBasedPass(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if self.needs_shapes:
             infer_shapes(model)
-        contrib_ops = ctx.capabilities.runs_contrib_ops(*FUSED_CONTRIB_OPS)
+        contrib_ops = ctx.runtime.capabilities.runs_contrib_ops(*FUSED_CONTRIB_OPS)
         context = FusionContext(opset=model.graph.opset, contrib_ops=contrib_ops)
         graphs = list(model.graphs())
         counts = apply_rules(graphs, self.rules, context)

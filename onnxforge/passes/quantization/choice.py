@@ -70,7 +70,7 @@ def choose_by_measurement(
     or None): replayed from an earlier run's record, none of them is timed.
     """
     thresholds = thresholds or {}
-    baseline = functools.cache(lambda: ctx.prepare(builder.model))
+    baseline = functools.cache(lambda: ctx.runtime.prepare(builder.model))
     contrib_ops = builder.contrib_ops
     ops = {index: builder.layers[index].op for index in plan}
     by_type: dict[str, TypeMeasurement] = {}
@@ -80,8 +80,8 @@ def choose_by_measurement(
         needed = thresholds.get(op, min_speedup)
 
         def measure(members: list[int] = members, formats: dict = formats, needed: float = needed) -> Measured:
-            prepared = [ctx.prepare(builder.build({i: fmt for i in members})) for fmt in formats.values()]
-            speedups = speedups_over(ctx, baseline(), prepared, feed, needed).settled
+            prepared = [ctx.runtime.prepare(builder.build({i: fmt for i in members})) for fmt in formats.values()]
+            speedups = speedups_over(ctx.runtime, baseline(), prepared, feed, needed).settled
             best_name, best = max(zip(formats, speedups), key=lambda pair: pair[1])
             timings = {"speedups": {name: round(s, 4) for name, s in zip(formats, speedups)}}
             return Measured(best_name if best >= needed else FLOAT, timings)
@@ -101,7 +101,8 @@ def choose_by_measurement(
             break
 
         def measure_together(combined: dict = combined, chosen: dict = chosen) -> Measured:
-            speedup = ctx.time_models([baseline(), ctx.prepare(builder.build(combined))], feed)[1].speedup
+            candidate = ctx.runtime.prepare(builder.build(combined))
+            speedup = ctx.runtime.time_models([baseline(), candidate], feed)[1].speedup
             weakest = min(chosen, key=lambda op: chosen[op].best_speedup)
             return Measured(None if speedup >= min(1.0, min_speedup) else weakest, {"speedup": round(speedup, 4)})
 
@@ -145,8 +146,9 @@ def refine_by_float_prefix(
     def measure() -> Measured:
         if not counts:
             return Measured(0, {"tried": {}})
-        trials = [ctx.prepare(builder.build({i: plan[i] for i in order[count:]})) for count in counts]
-        speedups = speedups_over(ctx, ctx.prepare(builder.build(plan)), trials, feed, min_gain, standing=False)
+        runtime = ctx.runtime
+        trials = [runtime.prepare(builder.build({i: plan[i] for i in order[count:]})) for count in counts]
+        speedups = speedups_over(runtime, runtime.prepare(builder.build(plan)), trials, feed, min_gain, standing=False)
         settled = dict(zip(counts, speedups.settled))
         best = max(settled, key=settled.get)
         timings = {"tried": dict(zip(counts, speedups.first)), "again": dict(zip(counts, speedups.again))}

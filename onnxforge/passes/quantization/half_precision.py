@@ -14,7 +14,7 @@ Which nodes compute in half precision:
 A node computes in half precision only if its operator schema (at the model's opset) admits the half type;
 inputs whose schema admits only float32 (Resize scales) stay float32. Ops of other domains use
 onnxruntime's schemas (com.microsoft Attention, FusedMatMul, ...), asked of the reference runtime
-(`ctx.operator_schema`) whatever the backend; ops without any schema stay float32.
+(`ctx.runtime.operator_schema`) whatever the backend; ops without any schema stay float32.
 Nodes holding subgraphs (If, Loop, Scan) keep float32 inputs and outputs; their bodies are converted inside,
 with casts at each body's borders, and outer values read by a body are cast once, in the outer graph.
 
@@ -167,7 +167,7 @@ class HalfPrecisionPass(Pass):
     half: ClassVar[HalfType]
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return HalfPrecisionConversion(model, self.half, self.options, ctx.operator_schema).run()
+        return HalfPrecisionConversion(model, self.half, self.options, ctx.runtime.operator_schema).run()
 
 
 @register_pass("fp16")

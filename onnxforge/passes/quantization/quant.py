@@ -118,7 +118,7 @@ class Quantize(Pass):
             self._calibrate(work, static, calibration_samples, calibration) if static else {},
             contrib_ops,
         )
-        feed = ctx.feed(model) if self.options.measure else {}  # only timing runs the model on it
+        feed = ctx.runtime.feed(model) if self.options.measure else {}  # only timing runs the model on it
         lines: list[str] = [opset_note] if opset_note else []
         if plan and self.options.measure:
             plan = self._measured_plan(builder, plan, layers, fmt, ctx, feed, notes, lines)
@@ -295,7 +295,7 @@ class Quantize(Pass):
 def runs_quantized_contrib_ops(ctx: PassContext) -> bool:
     """Whether the backend runs the onnxruntime contrib ops quantized layers may become; without them, layers are
     written in standard ONNX ops only."""
-    return ctx.capabilities.runs_contrib_ops(*QUANTIZED_CONTRIB_OPS)
+    return ctx.runtime.capabilities.runs_contrib_ops(*QUANTIZED_CONTRIB_OPS)
 
 
 def resolve_format(options: Quantize.Options, opset: int, contrib_ops: bool) -> LayerFormat:
@@ -425,7 +425,7 @@ def _measurement_notes(
     thresholds: dict[str, float],
 ) -> tuple[list[str], dict[int, str]]:
     """One line per layer type with its timings, and the reason for each layer measurement left float."""
-    where = f"{ctx.backend}/{ctx.target}"
+    where = f"{ctx.runtime.backend}/{ctx.runtime.target}"
     lines, notes = [], {}
     for op, measured in choice.by_type.items():
         example = layers[measured.members[0]]
