@@ -237,7 +237,7 @@ def test_a_budget_spent_by_output_error_beats_one_spent_by_energy_on_held_out_sa
     calibration, held_out = graded_samples(32, 64, seed=6), graded_samples(8, 64, seed=7)
     by_energy, energy_ranks = energy_allocation(source, calibration, 0.25)
     by_output, result = apply("lowrank:ratio=0.25:method=whitened:measure=false", source, data=calibration)
-    assert any(note.startswith("ranks chosen by the model's output error on 8 samples") for note in result.notes)
+    assert any(note.startswith("ranks chosen by the model's output error on 8 held-out samples") for note in result.notes)
     loud, quiet = ([n for n in by_output.graph.nodes if n.name == name][0] for name in ("loud", "quiet"))
     assert loud.inputs[1].shape[0] > energy_ranks[0] and quiet.inputs[1].shape[0] < energy_ranks[1]
     # The same budget: 2 * 64 * 64 / 4 = 2048 parameters, 16 ranks of 128.

@@ -30,9 +30,11 @@ class Calibration:
         self._runner = runner
         self._entries: list[_Entry] = []
 
-    def split(self, at_most: int | None = None) -> tuple[list[Sample], list[Sample]]:
-        """The samples as (calibration part, held-out part that judges fidelity): the last quarter held out, at
-        least one sample and at most `at_most`. Every pass that holds samples out splits them here.
+    def split(self) -> tuple[list[Sample], list[Sample]]:
+        """The run's one split of the samples: (calibration part, held-out part), the last quarter (at least one
+        sample) held out. Passes fit, gather statistics and refit on the calibration part only; the held-out part
+        judges fidelity (a pass's choices, the run's error against the original), so no figure of it is measured
+        on a sample anything was fitted to.
 
         With fewer than 4 samples there is nothing to spare: both parts are all the samples.
         """
@@ -40,8 +42,6 @@ class Calibration:
         if len(samples) < 4:
             return samples, samples
         held_out = max(1, round(len(samples) / 4))
-        if at_most is not None:
-            held_out = min(held_out, at_most)
         return samples[:-held_out], samples[-held_out:]
 
     def runner(self, model: Model, graph_optimization: str = "all") -> Runner:

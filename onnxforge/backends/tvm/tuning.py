@@ -216,8 +216,8 @@ def _meta_schedule_log(path: Path) -> Iterator[None]:
 def _tensor_intrinsics(target: tvm.target.Target) -> Iterator[None]:
     """Make MetaSchedule's `import tvm.s_tir.tensor_intrin` register only the tensor intrinsics of the target's CPU.
 
-    The full package parses the TVMScript of every GPU's intrinsics too: 35 to 50 s on a busy 2-core machine, in
-    this process and in every builder worker, where it ran past the builder's 30 s timeout. The stand-in package
+    The full package parses the TVMScript of every GPU's intrinsics too, in this process and in every builder
+    worker, where that can outlast the builder's timeout on a small machine (docs/tvm.md). The stand-in package
     is taken out again afterwards, so that a later full import (for a GPU target) still registers everything.
     """
     module = _cpu_intrinsics(target)

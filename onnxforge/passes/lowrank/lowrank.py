@@ -32,7 +32,7 @@ DEFAULT_ENERGY = 0.9  # when neither rank, energy nor ratio is given
 # With ratio= and method=whitened, the model's output error is measured with each layer alone truncated to keep
 # these fractions of its parameters.
 PROBED = (0.1, 0.35, 0.7)
-HELD_BACK = 8  # samples at most that measure it, held back from the whitening the probes use
+HELD_BACK = 8  # held-out samples at most that measure it
 
 
 @dataclass
@@ -97,8 +97,9 @@ class LowRank(Pass):
         candidates = [c for c in (as_candidate(layer) for layer in find_layers(model.graph)) if c is not None]
         candidates = [c for c in candidates if c.matrix.size >= self.options.min_size and not self._excluded(c)]
         calibration = ctx.calibration
-        if calibration.samples:
-            moments = _second_moments(model, candidates, calibration.samples, calibration)
+        fit, held_out = calibration.split()
+        if fit:
+            moments = _second_moments(model, candidates, fit, calibration)
             for candidate, moment in zip(candidates, moments):
                 candidate.second_moment = moment
         for candidate in candidates:
@@ -115,15 +116,14 @@ class LowRank(Pass):
         notes = [_skipped_note(c, r) for c, r in zip(candidates, ranks) if not c.worth_it(r)]
         stats = {"layers_considered": len(candidates), "layers_factored": len(chosen)}
         if by_output_error:
-            held_back = calibration.split(at_most=HELD_BACK)[1]
-            notes.append(f"ranks chosen by the model's output error on {len(held_back)} samples "
-                         f"held back from the whitening, each layer truncated alone at {len(PROBED)} ranks")
+            notes.append(f"ranks chosen by the model's output error on {len(held_out[-HELD_BACK:])} held-out "
+                         f"samples, each layer truncated alone at {len(PROBED)} ranks")
         notes += half_precision_note(model.graph, "lowrank")
         if not chosen:
             return PassResult(False, stats=stats, notes=notes or ["no layer large enough to factor"])
         params_before, costs = model.stats().params, layer_costs(model.graph)
         nodes = [c.layer.node for c, _ in chosen]
-        targets = layer_targets(model, nodes, calibration.samples, calibration) if self.options.recover else {}
+        targets = layer_targets(model, nodes, fit, calibration) if self.options.recover else {}
         firsts = {id(c.layer.node): factor_layer(model, c, r) for c, r in chosen}
         infer_shapes(model)
         after = layer_costs(model.graph)
@@ -134,9 +134,8 @@ class LowRank(Pass):
             notes.append(f"{node.op} {candidate.layer.name}: {_describe(candidate, rank)}, "
                          f"{describe_change(before_cost, combined)}")
         if self.options.recover:
-            refitted = refit_layers(model, nodes, targets, calibration.samples, calibration)
-            samples = len(calibration.samples)
-            notes.append(f"recovery: {refitted} of {len(nodes)} second factors refitted on {samples} samples")
+            refitted = refit_layers(model, nodes, targets, fit, calibration)
+            notes.append(f"recovery: {refitted} of {len(nodes)} second factors refitted on {len(fit)} samples")
         stats["params_removed"] = params_before - model.stats().params
         return PassResult(True, stats=stats, notes=notes)
 
@@ -168,22 +167,17 @@ class LowRank(Pass):
         """Ranks within the budget that lose the least of the model's outputs on --data.
 
         A layer's whitened spectrum gives its own output error at each rank; how much of it reaches the model's
-        outputs is measured at a few ranks (PROBED fractions of its parameters), on samples held back from that
-        whitening so that what it overfits shows: the model runs with that layer alone truncated. Between those
-        ranks the ratio is interpolated, beyond them held.
+        outputs is measured at a few ranks (PROBED fractions of its parameters), on held-out samples (at most
+        HELD_BACK), which the whitening never saw, so that what it overfits shows: the model runs with that layer
+        alone truncated. Between those ranks the ratio is interpolated, beyond them held.
         """
         if not candidates:
             return []
-        fit, check = calibration.split(at_most=HELD_BACK)
-        moments = _second_moments(model, candidates, fit, calibration)
-        fitted = [spectrum(c.matrix, moment) for c, moment in zip(candidates, moments)]
+        check = calibration.split()[1][-HELD_BACK:]
         probed = [_probe_ranks(c) for c in candidates]
-        truncated = [_truncated_weights(c, spec, ranks) for c, spec, ranks in zip(candidates, fitted, probed)]
+        truncated = [_truncated_weights(c, c.spectrum, ranks) for c, ranks in zip(candidates, probed)]
         errors = replacement_errors(model, [c.layer for c in candidates], truncated, check, calibration)
-        worth = [
-            _output_error_worth(c.spectrum, spec, ranks, errs)
-            for c, spec, ranks, errs in zip(candidates, fitted, probed, errors)
-        ]
+        worth = [_output_error_worth(c.spectrum, ranks, errs) for c, ranks, errs in zip(candidates, probed, errors)]
         shapes = [c.shape for c in candidates]
         return ranks_for_budget([c.spectrum for c in candidates], shapes, self.options.ratio, worth, MAX_KEPT)
 
@@ -273,10 +267,10 @@ def _truncated_weights(candidate: Candidate, spec: Spectrum, ranks: list[int]) -
         yield candidate.stored(np.matmul(*spec.factors(rank)))
 
 
-def _output_error_worth(spec: Spectrum, fitted: Spectrum, ranks: list[int], errors: list[float]) -> np.ndarray:
+def _output_error_worth(spec: Spectrum, ranks: list[int], errors: list[float]) -> np.ndarray:
     """What each singular value of `spec` is worth to the model's outputs: its squared value (the layer's output
-    energy) times the model's error per unit of the layer's own at the probed ranks (by `fitted`'s tails)."""
-    tails = np.append(np.cumsum(fitted.s[::-1] ** 2)[::-1], 0.0)
+    energy) times the model's error per unit of the layer's own at the probed ranks (by `spec`'s tails)."""
+    tails = np.append(np.cumsum(spec.s[::-1] ** 2)[::-1], 0.0)
     floor = 1e-12 * max(float(tails[0]), 1e-300)
     ratios = [error / max(float(tails[rank]), floor) for rank, error in zip(ranks, errors)]
     return np.interp(np.arange(1, spec.full_rank + 1), ranks, ratios) * spec.s**2

@@ -88,7 +88,7 @@ class ChannelPruning(Pass):
                 candidates.append(group)
         statistics = None
         if self.options.method in DATA_METHODS and candidates:
-            statistics = input_statistics(model, candidates, calibration.samples, calibration)
+            statistics = input_statistics(model, candidates, calibration.split()[0], calibration)
         scores = [channel_importance(group, self.options.method, statistics) for group in candidates]
         chosen = self._choose(scores)
         removed = [_rounded(group, count, self.options.round_to) for group, count in zip(candidates, chosen)]
@@ -124,16 +124,16 @@ class ChannelPruning(Pass):
     def _remove_and_recover(self, model: Model, choices: list, calibration: Calibration) -> list[str]:
         """Remove the chosen channels, then refit the layers they reach to the unpruned model's outputs."""
         layers = layers_reached(model, [slot.node for group, _ in choices for slot in group.producers])
-        targets = layer_targets(model, layers, calibration.samples, calibration, residual=True)
+        fit = calibration.split()[0]
+        targets = layer_targets(model, layers, fit, calibration, residual=True)
         for group, keep in choices:
             for slot in group.producers:
                 if id(slot.node) in targets:
                     targets[id(slot.node)].keep(slot.positions(keep))
         remove_channels(model, choices)
         shortfall = data_shortfall(layers, targets)
-        refitted = refit_layers(model, layers, targets, calibration.samples, calibration)
-        samples = len(calibration.samples)
-        done = f"recovery: {refitted} of {len(layers)} layers after the pruned channels refitted on {samples} samples"
+        refitted = refit_layers(model, layers, targets, fit, calibration)
+        done = f"recovery: {refitted} of {len(layers)} layers after the pruned channels refitted on {len(fit)} samples"
         return [done, *([shortfall] if shortfall else [])]
 
     @property
@@ -160,7 +160,7 @@ class ChannelPruning(Pass):
         if not self._selects_for_refit or not any(for_refit):
             return by_importance
         refitted = [group for group, count in zip(groups, for_refit) if count]
-        grams = reader_grams(model, refitted, calibration.samples, calibration)
+        grams = reader_grams(model, refitted, calibration.split()[0], calibration)
         return [
             kept_for_refit(group, count, grams) if count else keep
             for group, count, keep in zip(groups, for_refit, by_importance)
