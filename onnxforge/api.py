@@ -101,7 +101,8 @@ def optimize(
         original, as_loaded = fixed, None
     feeds = Feeds(samples, dict(shapes or {}))
     verify_options = VerifyOptions(
-        enabled=verify, rtol=rtol, seed=seed, shapes=shapes, backend=backend, data=samples, feeds=feeds
+        enabled=verify, rtol=rtol, seed=seed, shapes=shapes, backend=backend, threads=threads, data=samples,
+        feeds=feeds,
     )
     context = PassContext(
         data=samples, backend=backend, target=target, threads=threads, decisions=replay, feeds=feeds

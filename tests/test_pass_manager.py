@@ -13,7 +13,10 @@ from onnxforge import optimize
 from onnxforge.errors import OnnxforgeError
 from onnxforge.ir import Model, load_model
 from onnxforge.pipeline import Analysis, Instrument, Pass, PassContext, PassManager, PassResult
+from onnxforge.backends.base import BackendOptions
+from onnxforge.backends.onnxruntime import OrtBackend
 from onnxforge.pipeline.analyses import GraphView
+from onnxforge.pipeline.verifier import Verifier, VerifyOptions
 
 
 def _model():
@@ -166,3 +169,24 @@ def test_with_data_the_checks_run_on_real_samples_where_random_inputs_would_fail
     assert report.verification["metric"].endswith("--data samples")
     with pytest.raises(OnnxforgeError, match="fails on random inputs"):
         optimize(model, "cleanup")
+
+
+class _OptionsSeen(OrtBackend):
+    """onnxruntime, keeping the options every model was prepared with."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[BackendOptions] = []
+
+    def prepare(self, model, options=None):
+        self.seen.append(options)
+        return super().prepare(model, options)
+
+
+def test_the_verifier_runs_models_with_the_runs_threads():
+    backend = _OptionsSeen()
+    verifier = Verifier(VerifyOptions(threads=1), backend=backend)
+    model = _model()
+    reference = verifier.reference(model)
+    assert verifier.check(model, reference, lossless=True).ok
+    assert len(backend.seen) == 2 and all(options.threads == 1 for options in backend.seen)

@@ -34,6 +34,8 @@ class VerifyOptions:
     of `data` (real inputs) when given, else on `samples` random input sets drawn once per run from `seed`
     (a fresh seed when None), with dynamic dims taken from `shapes` or found by running the model. `feeds`, when
     given, decides those inputs instead of `data` and `shapes` (the run's one `Feeds`, shared with the passes).
+    Models run on `backend` with the run's `threads`, for the host CPU whatever the run's target: a model built
+    for another device or board could not run here to be checked.
     """
 
     enabled: bool = True
@@ -42,6 +44,7 @@ class VerifyOptions:
     seed: int | None = None
     shapes: Mapping[str, Sequence[int]] | None = None
     backend: str = "ort"
+    threads: int | None = None
     data: Sequence[Mapping[str, np.ndarray]] | None = None
     feeds: Feeds | None = None
 
@@ -76,7 +79,8 @@ class Verifier:
         that changed the model's meaning is an error, not a silently different baseline.
         """
         proto = skeleton_proto(model)
-        prepared = self.backend.prepare(model if source is None else source, BackendOptions())
+        options = BackendOptions(threads=self.options.threads)
+        prepared = self.backend.prepare(model if source is None else source, options)
         self.feeds.resolve(proto, prepared.run, self.seed)
         self.inputs = self.feeds.inputs(proto, self.options.samples, self.seed)
         try:
@@ -123,7 +127,7 @@ class Verifier:
         A pass may change an input's float type (fp16 without keep_io_types): it gets the same values.
         """
         inputs = self._as_declared(model) if isinstance(model, Model) else self.inputs
-        prepared = self.backend.prepare(model, BackendOptions())
+        prepared = self.backend.prepare(model, BackendOptions(threads=self.options.threads))
         return [prepared.run(sample) for sample in inputs]
 
     def _as_declared(self, model: Model) -> list[dict[str, np.ndarray]]:
