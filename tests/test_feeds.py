@@ -208,7 +208,7 @@ def test_passes_get_the_inputs_of_the_run(shapes, verify, expected):
     assert report.verification["inputs"]["shapes"] == {"x": list(expected)}
 
 
-def test_speed_check_times_on_the_shape_given():
+def test_the_acceptance_timing_runs_on_the_shape_given():
     """It drew its own random input with every dynamic dim at its default, which this model cannot run."""
     original = from_onnx(_reflect_pad_model())
     model = original.copy()
