@@ -361,6 +361,8 @@ def test_float_prefix_refinement_times_the_first_layers_in_float_and_explains_it
     data = _samples([1, 16, 12, 12], 8)
     model, result = apply("quant:mode=static:float_prefix=true:min_speedup=0.5", _conv_net(), data=data)
     assert any(note.startswith("float prefixes timed against the plan (first 1: ") for note in result.notes)
+    # A prefix reaching min_speedup is kept only if a second timing agrees, and the notes show that timing.
+    assert any(note.startswith("timed again, a prefix kept only if both reach 0.5x: first 1: ") for note in result.notes)
     assert result.stats["layers_quantized"] + result.stats["layers_float"] == 2
 
 

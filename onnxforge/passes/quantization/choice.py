@@ -120,12 +120,14 @@ def choose_by_measurement(
 class PrefixRefinement:
     """What timing float prefixes changed: the plan, how many of the first layers went back to float, and the
     worse of the two speedups that measured against the plan before; `tried` maps each prefix length timed to its
-    first speedup (empty, and `speedup` None, when replayed from `replayed_from`)."""
+    first speedup, `again` to its second when they were timed again (both empty, and `speedup` None, when replayed
+    from `replayed_from`)."""
 
     plan: dict[int, LayerFormat]
     kept_float: list[int] = field(default_factory=list)
     speedup: float | None = 1.0
     tried: dict[int, float] = field(default_factory=dict)
+    again: dict[int, float] = field(default_factory=dict)
     replayed_from: str = ""
 
 
@@ -155,10 +157,10 @@ def refine_by_float_prefix(
         return Measured(best if settled[best] >= min_gain else 0, timings)
 
     decision = ctx.decide("first layers kept float", measure, allowed=[0, *counts])
-    result = PrefixRefinement(dict(plan), tried=decision.timings.get("tried", {}), replayed_from=decision.replayed_from)
+    tried, again = decision.timings.get("tried", {}), decision.timings.get("again", {})
+    result = PrefixRefinement(dict(plan), tried=tried, again=again, replayed_from=decision.replayed_from)
     if decision.value:
         result.plan = {i: plan[i] for i in order[decision.value :]}
         result.kept_float = order[: decision.value]
-        again = decision.timings.get("again", {})
-        result.speedup = None if decision.replayed else min(again[decision.value], result.tried[decision.value])
+        result.speedup = None if decision.replayed else min(again[decision.value], tried[decision.value])
     return result

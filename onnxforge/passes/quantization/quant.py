@@ -212,6 +212,9 @@ class Quantize(Pass):
             else:
                 tried = ", ".join(f"first {k}: {s:.2f}x" for k, s in refined.tried.items())
                 lines.append(f"float prefixes timed against the plan ({tried or 'none: too few layers'})")
+                if refined.again:
+                    again = ", ".join(f"first {k}: {s:.2f}x" for k, s in refined.again.items())
+                    lines.append(f"timed again, a prefix kept only if both reach {min_speedup:g}x: {again}")
             for index in refined.kept_float:
                 ran = f"ran {refined.speedup:.2f}x as fast" if refined.speedup else "was recorded faster"
                 notes[index] = (
