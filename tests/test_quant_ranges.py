@@ -107,6 +107,13 @@ def test_grid_represents_zero_exactly_and_its_range_within_half_a_step(low, widt
             assert code == zero_point and dequantized == 0.0
 
 
+def test_a_range_whose_scale_would_be_subnormal_gets_scale_one():
+    # Found by the property above: float32 cannot place 2.3e-42 within half of a 1.8e-44 step.
+    assert scale_and_zero_point(1.1615018715946602e-42, 2.3230037431893203e-42, 8, False, True) == (np.float32(1), 128)
+    assert scale_and_zero_point(-1e-37, 1e-37, 8, True, False)[0] == np.float32(1)
+    assert scale_and_zero_point(-1e-30, 1e-30, 8, True, False)[0] < 1
+
+
 def test_grid_of_arrays_is_the_grid_of_each_element():
     lows, highs = np.array([-1.0, 0.0, 2.0, -3.0]), np.array([3.0, 0.0, 5.0, -1.0])
     scales, zero_points = scale_and_zero_point(lows, highs, bits=4)

@@ -42,7 +42,8 @@ def scale_and_zero_point(
 
     Accepts scalars or arrays (one range per element) and answers in kind: a float32 scale and an int zero
     point, or arrays of them. Symmetric grids put the zero point at 0 (signed) or mid-range (unsigned) and
-    map max(|low|, |high|) to the largest code 2**(bits-1) - 1. An empty range [0, 0] gets scale 1.
+    map max(|low|, |high|) to the largest code 2**(bits-1) - 1. An empty range [0, 0], or one whose scale would be
+    below float32's smallest normal number, gets scale 1.
     """
     low = np.minimum(np.asarray(low, dtype=np.float64), 0.0)
     high = np.maximum(np.asarray(high, dtype=np.float64), 0.0)
@@ -51,9 +52,10 @@ def scale_and_zero_point(
         width = np.maximum(-low, high) / (2 ** (bits - 1) - 1)
     else:
         width = (high - low) / (code_high - code_low)
-    # A range too narrow for float32 (empty, or below its smallest number) gets scale 1, so dividing stays finite.
+    # A range too narrow for float32's normal numbers (empty, or so small that its scale would be subnormal, where
+    # float32 keeps too few digits to place a value within half a step) gets scale 1: its values code as 0.
     scale = width.astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0))
+    scale = np.where(scale >= np.finfo(np.float32).tiny, scale, np.float32(1.0))
     if symmetric:
         zero_point = np.full(scale.shape, 0 if signed else 2 ** (bits - 1), dtype=np.int64)
     else:
