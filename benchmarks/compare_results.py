@@ -50,9 +50,8 @@ def side_by_side(runs: list[dict[str, Any]], labels: list[str]) -> str:
                   f"| speed {labels[0]} | speed {labels[1]} |", "|---|---|---|---|---|---|"]
         for variant in dict.fromkeys([*before, *after]):
             old, new = before.get(variant, {}), after.get(variant, {})
-            same = old.get("bytes") is not None and old.get("bytes") == new.get("bytes")
             lines.append(
-                f"| {variant} | {_agreement(old)} | {_agreement(new)} | {'yes' if same else 'no'} "
+                f"| {variant} | {_agreement(old)} | {_agreement(new)} | {_same_size(old, new)} "
                 f"| {_speed(old)} | {_speed(new)} |"
             )
     return "\n".join(lines) + "\n"
@@ -64,6 +63,13 @@ def _agreement(variant: dict[str, Any]) -> str:
     if variant.get("failure"):
         return "failed"
     return ", ".join(f"{name} {value:.4f}" for name, value in (variant.get("agreement") or {}).items())
+
+
+def _same_size(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """'yes' or 'no' when both runs recorded the model's bytes, else empty (a benchmark that counts parameters)."""
+    if old.get("bytes") is None or new.get("bytes") is None:
+        return ""
+    return "yes" if old["bytes"] == new["bytes"] else "no"
 
 
 def _speed(variant: dict[str, Any]) -> str:
