@@ -17,7 +17,7 @@ from onnxforge.calibration.observe import counted_rows, observed, sampled_rows
 from onnxforge.calibration.recovery import design_rows
 from onnxforge.data import Sample
 from onnxforge.ir import Model
-from onnxforge.ir.layers import CONVOLUTIONS, Layer
+from onnxforge.ir.layers import Layer
 
 if TYPE_CHECKING:
     from onnxforge.calibration.context import Calibration
@@ -101,7 +101,7 @@ def _input_moments(
     for sample, values in observed(model, names, samples, calibration):
         for index, layer in enumerate(layers):
             x, y = values[layer.activation.name], values[layer.node.outputs[0].name]
-            positions = _output_positions(layer, y)
+            positions = layer.output_positions(y.shape)
             if rows_per_sample is None:
                 chosen = np.arange(positions)
             else:
@@ -110,13 +110,6 @@ def _input_moments(
             grams[index] = grams[index] + rows.T @ rows
             counts[index] += len(rows)
     return [SecondMoment(np.asarray(gram, np.float64), count) for gram, count in zip(grams, counts)]
-
-
-def _output_positions(layer: Layer, output: np.ndarray) -> int:
-    """How many output positions (rows of the fit) a layer has on one sample: a Conv's pixels, a MatMul's rows."""
-    if layer.op in CONVOLUTIONS:
-        return output.shape[0] * int(np.prod(output.shape[2:]))
-    return int(np.prod(output.shape[:-1]))
 
 
 def _channel_moments(

@@ -8,6 +8,7 @@ selects the layers it takes from `as_layer`'s.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,10 @@ class Layer:
         """The axis of the output that holds the output channels, counted from the end: axis 1 of a
         convolution's, the last of a MatMul's or Gemm's."""
         return 1 - len(self.weight.shape) if self.op in CONVOLUTIONS else -1
+
+    def output_positions(self, shape: Sequence[int]) -> int:
+        """How many rows `output_rows` gives for an output of `shape`: every axis but the channels'."""
+        return int(np.prod(np.delete(np.asarray(shape), self.channel_axis)))
 
     def output_rows(self, value: np.ndarray) -> np.ndarray:
         """A value of the layer's output as rows of channels: [positions, channels]."""
