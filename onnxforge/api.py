@@ -32,6 +32,7 @@ from onnxforge.pipeline import (
     load_plugin,
 )
 from onnxforge.passes.cleanup.set_shapes import SetShapes, fix_input_shapes
+from onnxforge.pipeline.budget import DEFAULT_BUDGET, Budget
 from onnxforge.pipeline.decisions import Decisions
 from onnxforge.pipeline.manager import OnError
 from onnxforge.report import OptimizationReport
@@ -45,6 +46,7 @@ def optimize(
     passes: str | Sequence[str | Pass] = "cleanup",
     *,
     data: str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | Callable[[], Iterable[Mapping]] | None = None,
+    budget: str | Budget | None = DEFAULT_BUDGET,
     shapes: Mapping[str, Sequence[int]] | None = None,
     verify: bool = True,
     rtol: float = 1e-4,
@@ -67,6 +69,10 @@ def optimize(
 
     data: sample inputs (an .npz, a folder of them, a list of input dicts, or a function returning an iterable
     of them) for passes that use data and for the report's error on real inputs.
+    budget: how far the outputs may move from the original's, on the held-out samples of `data` (else on the
+    verification inputs): "cosine=0.99,rel=0.05,top1=0.99,equal=0.99,metric=FILE.py:FUNCTION>=BOUND" in any
+    combination, a Budget, or None / "none" for no bound. Lossy passes spend it and results outside it are
+    stepped back (docs/budget.md).
     measure: time the model before and after on `backend`/`target`, with the backend's own `backend_settings`
     (for tvm: tune_trials, tune_records, rpc).
     decisions: a report JSON of an earlier run (a path, or the report as a dict): its measured decisions are
@@ -88,6 +94,7 @@ def optimize(
     as_loaded = _as_loaded(model)
     source = as_loaded if isinstance(as_loaded, str) else type(model).__name__
     pipeline = create_passes(passes)
+    error_budget = Budget.parse(budget) if isinstance(budget, str) else budget
     shapes = _input_shapes(shapes, pipeline)
     samples = _samples(data, original)
     inputs_fixed = {}
@@ -109,7 +116,7 @@ def optimize(
     )
     manager = PassManager(
         pipeline, verify=verify_options, on_error=on_error, instruments=instruments, context=context,
-        pass_timeout=pass_timeout,
+        pass_timeout=pass_timeout, budget=error_budget,
     )
     result, records = manager.run(original, as_loaded)
     report = OptimizationReport(
@@ -127,6 +134,16 @@ def optimize(
         },
     )
     report.decisions = context.decisions.to_dict()
+    if manager.tracker is not None:
+        tracker = manager.tracker
+        report.budget = {
+            "bounds": tracker.budget.describe(),
+            "default": isinstance(budget, str) and budget.strip() == DEFAULT_BUDGET,
+            "measured_on": tracker.where,
+            "spent": tracker.spent,
+            "fraction_spent": round(tracker.budget.spent(tracker.spent), 4),
+        }
+    report.budget_given = error_budget is not None
     report.inputs_made_constant = list(original.inputs_made_constant)
     if inputs_fixed:
         report.inputs_fixed = {"backend": runtime.name, "shapes": inputs_fixed}

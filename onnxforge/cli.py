@@ -181,6 +181,12 @@ def _add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugin", action="append", default=[], help="module or .py file that registers passes")
     parser.add_argument("--on-error", choices=["rollback", "stop"], help="when a pass fails (default rollback)")
     parser.add_argument("--no-verify", action="store_true", help="skip checking each pass (faster, unsafe)")
+    parser.add_argument(
+        "--budget",
+        metavar="BOUNDS",
+        help="how far lossy passes may move the outputs, on held-out --data samples (else random inputs): "
+        "cosine=0.99, top1=, rel=, equal=, metric=FILE.py:FUNCTION>=BOUND, or none (default cosine=0.99)",
+    )
     parser.add_argument("--rtol", type=_tolerance, help="tolerance for lossless passes (default 1e-4)")
     parser.add_argument("--seed", type=int, help="seed of the random verification inputs")
     parser.add_argument(
@@ -260,15 +266,18 @@ def _optimize_settings(args: argparse.Namespace) -> dict:
     """Merge command line, --config file and defaults, in that order of precedence."""
     from onnxforge.config import PipelineConfig, load_config
     from onnxforge.data import parse_shape_overrides
+    from onnxforge.pipeline.budget import DEFAULT_BUDGET
 
     config = load_config(args.config) if args.config else PipelineConfig()
-    names = ("passes", "output", "report", "data", "on_error", "rtol", "seed", "measure", "backend", "target")
+    names = ("passes", "output", "report", "data", "budget", "on_error", "rtol", "seed", "measure", "backend")
+    names += ("target",)
     settings = {}
     for name in (*names, "threads", "external_data"):
         given = getattr(args, name)
         settings[name] = given if given is not None else getattr(config, name)
         if settings[name] is None:
             settings[name] = OPTIMIZE_DEFAULTS.get(name)
+    settings["budget"] = settings["budget"] or DEFAULT_BUDGET
     settings["verify"] = False if args.no_verify else config.verify is not False
     settings["plugins"] = [*(config.plugins or []), *args.plugin]
     settings["shapes"] = {**(config.shapes or {}), **parse_shape_overrides(args.shape)}
@@ -321,6 +330,8 @@ def _optimize(args: argparse.Namespace) -> int:
             report.save_json(report_path, written)
         written.commit()
     if not args.quiet:
+        for warning in report.warnings():
+            print(f"warning: {warning}", file=sys.stderr)
         print(report.summary())
         if not output:
             print("  (no -o given: the optimized model was not saved)")

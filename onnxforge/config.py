@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ class PipelineConfig:
     output: str | None = None
     report: str | None = None
     data: str | None = None
+    budget: str | None = None
     shapes: dict[str, list[int]] | None = None
     plugins: list[str] | None = None
     on_error: str | None = None
@@ -46,7 +48,7 @@ class PipelineConfig:
 
     def optimize_kwargs(self) -> dict[str, Any]:
         """The fields `onnxforge.optimize` takes, for `optimize(model, **config.optimize_kwargs())`."""
-        names = ("passes", "data", "shapes", "plugins", "on_error", "verify", "rtol", "seed", "measure")
+        names = ("passes", "data", "budget", "shapes", "plugins", "on_error", "verify", "rtol", "seed", "measure")
         names += ("backend", "target", "threads")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
@@ -56,6 +58,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "output": (str,),
     "report": (str,),
     "data": (str,),
+    "budget": (str,),
     "shapes": (dict,),
     "plugins": (list,),
     "on_error": (str,),
@@ -71,6 +74,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
 _CHOICES = {"on_error": ("rollback", "stop"), "external_data": ("auto", "yes", "no")}
 _MINIMUMS = {"rtol": (0, "a finite number, 0 or more"), "threads": (1, "a whole number, 1 or more")}
 _RELATIVE_PATHS = ("output", "report", "data")
+_METRIC_FILE = re.compile(r"(metric\s*=\s*)(?!/)([^:,]+\.py)")  # a budget's metric file, relative to the config
 
 
 def load_config(path: str | Path) -> PipelineConfig:
@@ -104,6 +108,8 @@ def load_config(path: str | Path) -> PipelineConfig:
     for name in _RELATIVE_PATHS:
         if name in values:
             values[name] = str(base / values[name])
+    if "budget" in values:
+        values["budget"] = _METRIC_FILE.sub(lambda m: m[1] + str(base / m[2]), values["budget"])
     if "plugins" in values:
         values["plugins"] = [str(base / p) if p.endswith(".py") else p for p in values["plugins"]]
     if isinstance(values.get("passes"), list):

@@ -66,11 +66,11 @@ def test_a_quant_run_records_each_measured_choice_as_a_value_with_its_timings_be
 
 
 def test_the_report_of_a_run_holds_its_decisions_and_the_seed_a_replay_reuses():
-    _, report = optimize(_mlp(), "prune:ratio=0.5")
+    _, report = optimize(_mlp(), "prune:ratio=0.5", budget=None)
     payload = json.loads(json.dumps(report.to_dict(), default=str))
     assert list(payload["decisions"]["values"]) == ["1:prune:ratio=0.5/whole model kept"]
     assert len(payload["decisions"]["timings"]["1:prune:ratio=0.5/whole model kept"]["speedups"]) in (1, 2)
-    _, replay = optimize(_mlp(), "prune:ratio=0.5", decisions=payload)
+    _, replay = optimize(_mlp(), "prune:ratio=0.5", decisions=payload, budget=None)
     assert replay.verification["seed"] == payload["verification"]["seed"]
     assert replay.to_dict()["decisions"]["values"] == payload["decisions"]["values"]
     assert replay.passes[0].stats["decisions_replayed"] == 1 and "measured_speedup" not in replay.passes[0].stats

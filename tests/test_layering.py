@@ -56,6 +56,8 @@ def test_ruff_passes_on_the_whole_repository():
         ("onnxforge/pipeline/new.py", "from onnxforge.report import OptimizationReport\n", "onnxforge.report"),
         ("onnxforge/backends/tvm/new.py", "from onnxforge.report import OptimizationReport\n", "onnxforge.report"),
         ("onnxforge/calibration/new.py", "from onnxforge.backends import get_backend\n", "onnxforge.backends"),
+        ("onnxforge/distill/new.py", "import onnxruntime as ort\n", "onnxruntime"),
+        ("onnxforge/passes/distillation/new.py", "import torch\n", "torch"),
     ],
 )
 def test_an_import_from_a_banned_layer_fails_the_lint(path, source, banned):

@@ -41,7 +41,7 @@ def test_ratio_zero_leaves_the_model_and_its_outputs_unchanged(name):
 @pytest.mark.parametrize("name", PRUNABLE)
 def test_half_the_channels_go_and_the_model_stays_valid_and_smaller(name, scope):
     source = _exported(name, fold_bn=True)
-    _, report = optimize(source, f"prune:measure=false:ratio=0.5:scope={scope}", seed=0)
+    _, report = optimize(source, f"prune:measure=false:ratio=0.5:scope={scope}", seed=0, budget=None)
     [record] = report.passes
     assert record.status == "applied", record.error
     assert record.stats["channels_removed"] > 0 and record.after.params < record.before.params
@@ -381,7 +381,7 @@ def wide_cnn() -> onnx.ModelProto:
 
 def test_pruning_reports_each_layers_size_and_the_measured_speed():
     # The pass manager times the pruned model: prune declares min_speedup as its acceptance.
-    _, report = optimize(wide_cnn(), "prune:ratio=0.5", seed=0)
+    _, report = optimize(wide_cnn(), "prune:ratio=0.5", seed=0, budget=None)
     (record,) = report.passes
     assert record.status == "applied" and record.stats["measured_speedup"] > 1.2  # in fact about 3x: wide margin
     conv_lines = [note for note in record.notes if note.startswith("Conv ")]
@@ -394,7 +394,7 @@ def test_pruning_reports_each_layers_size_and_the_measured_speed():
 
 def test_a_pruned_model_below_min_speedup_is_not_kept():
     source = wide_cnn()
-    model, report = optimize(source, "prune:ratio=0.5:min_speedup=100", seed=0)
+    model, report = optimize(source, "prune:ratio=0.5:min_speedup=100", seed=0, budget=None)
     (record,) = report.passes
     assert record.status == "unchanged" and record.stats["measured_speedup"] < 100
     assert record.stats["params_removed"] == 0 and record.after == record.before

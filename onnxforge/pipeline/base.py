@@ -53,12 +53,15 @@ class Pass:
     """Base of every pass. Subclasses set `Options` (a dataclass) and implement `run`.
 
     `lossless = True` promises the outputs do not change (beyond float rounding): the pass manager checks it.
-    A lossy pass that promises speed or size declares it in `acceptance`: the pass manager keeps its result only
+    A lossy pass may spend its share of the run's error budget (`ctx.budget`); the pass manager steps back a
+    result outside the budget. A lossy pass that promises speed or size declares it in `acceptance`: the pass manager keeps its result only
     if it reaches that.
     """
 
     name: ClassVar[str] = ""
     lossless: ClassVar[bool] = True
+    # Wins back accuracy the lossy passes before it cost (distill): the error budget judges them after it.
+    recovers: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, options: Any = None, **kwargs: Any):
@@ -91,6 +94,12 @@ class Pass:
         """First line of the pass docstring."""
         lines = (cls.__doc__ or "").strip().splitlines()
         return lines[0] if lines else ""
+
+    def gentler(self) -> list[Pass]:
+        """This pass at gentler settings (less pruned, a higher rank), strongest first, for a pass manager to try
+        when the result breaks the pass's share of the error budget: it keeps the strongest that fits. Empty (the
+        default) when the pass spends its share itself (quant) or has no such setting."""
+        return []
 
     def parts(self) -> list[Pass]:
         """Smaller passes that together do what this one does, for a pass manager to verify one by one when this

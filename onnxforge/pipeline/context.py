@@ -14,6 +14,7 @@ from onnxforge.pipeline.runtime import Runtime
 
 if TYPE_CHECKING:
     from onnxforge.pipeline.base import Analysis, Pass
+    from onnxforge.pipeline.budget import PassBudget
 
 
 class PassContext:
@@ -24,7 +25,10 @@ class PassContext:
       calibration and held-out parts, running models on them, statistics cached until `invalidate`;
     - `runtime` (Runtime): the run's backend and target, what they can run, preparing, feeding and timing models,
       and the reference runtime, so that no pass imports a backend;
-    - `decide(what, measure)`: a choice made by timing, recorded, or replayed from an earlier run's record.
+    - `decide(what, measure)`: a choice made by timing, recorded, or replayed from an earlier run's record;
+    - `budget`: while a lossy pass runs, its share of the run's error budget (budget.PassBudget), or None;
+    - `teacher`: the model before the pipeline's first lossy pass, kept for a pass that wins accuracy back;
+    - `progress(line)`: a line on how a long pass is getting on, for the run's instruments to show.
     """
 
     def __init__(
@@ -41,7 +45,14 @@ class PassContext:
         self.calibration = Calibration(data, lambda model, optimization: self.runtime.prepare(model, optimization).run)
         self.decisions = decisions or Decisions()
         self._cache: dict[type[Analysis], tuple[int, Any]] = {}
+        self.budget: PassBudget | None = None
+        self.teacher: Model | None = None
+        self.on_progress: Callable[[str], None] = lambda line: None  # set by the pass manager
         self._pass_position = ""
+
+    def progress(self, line: str) -> None:
+        """Tell the run's instruments how the running pass is getting on (a step of a long loop, its loss)."""
+        self.on_progress(line)
 
     def begin_pass(self, position: str, pass_: Pass) -> None:
         """Note which pass runs now (its position in the pipeline, "3", or inside a composite pass, "3.1.2", and

@@ -1,5 +1,5 @@
 """Runs passes in order, records what each changed and cost, verifies each, rolls back failures, and steps back
-lossy results that miss what their pass declared in `acceptance`."""
+lossy results that miss what their pass declared in `acceptance` or break the run's error budget."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from onnxforge.errors import OnnxforgeError, PassUsageError
 from onnxforge.ir import Model, ModelStats
 from onnxforge.limits import TimeLimitError, check_deadlines, time_limit
 from onnxforge.pipeline.base import CompositePass, Pass, PassResult, add_counters
+from onnxforge.pipeline.budget import Budget, BudgetTracker, Losses, PassBudget, strongest_within
 from onnxforge.pipeline.context import PassContext
-from onnxforge.pipeline.verifier import Verifier, VerifyOptions
+from onnxforge.pipeline.verifier import Verifier, VerifyOptions, as_declared
 
 OnError = Literal["rollback", "stop"]
 
@@ -37,6 +38,7 @@ class PassRecord:
     error: str = ""
     max_rel_error: float | None = None
     notes: list[str] = field(default_factory=list)
+    budget: str = ""  # a lossy pass's result against the run's error budget, one line
     # A composite pass's members that changed the model or were rolled back: name, status ("applied" if it ever
     # applied, else "rolled_back"), error (why it was last rolled back, if it was).
     members: list[dict[str, Any]] = field(default_factory=list)
@@ -52,6 +54,7 @@ class PassRecord:
             "error": self.error,
             "max_rel_error_vs_previous": self.max_rel_error,
             "notes": self.notes,
+            "budget": self.budget or None,
             "members": self.members,
         }
 
@@ -65,6 +68,9 @@ class Instrument:
     def after_pass(self, index: int, total: int, record: PassRecord) -> None:
         pass
 
+    def progress(self, line: str) -> None:
+        """A line from the running pass on how it is getting on (`ctx.progress`)."""
+
 
 class PassManager:
     """Run a pipeline of passes on a model.
@@ -72,6 +78,13 @@ class PassManager:
     After each pass that changed the model, the verifier checks it (valid ONNX, loads, same outputs for
     lossless passes), then a lossy pass's declared acceptance (speed, size) is judged against the model before
     it: a result that falls short is stepped back, and the pass recorded unchanged with notes that say why.
+
+    With a `budget`, each lossy pass may spend a share of it (`ctx.budget`: what is left, split evenly among the
+    lossy passes still to run), and its result is measured against the original model on the budget's samples
+    (the held-out --data samples, else the verification inputs): a result outside the budget is stepped back.
+    Lossy passes followed by one that wins accuracy back (`recovers`: distill) are judged together after it, and
+    stepped back together if the budget is still broken there. Such a pass finds the model before the first
+    lossy pass in `ctx.teacher`.
     A failing or crashing pass is rolled back and the run continues, or with
     on_error="stop" the run ends with PassFailedError. A pass raising PassUsageError (asked for what it
     cannot do with any model) ends the run with that error either way.
@@ -85,6 +98,7 @@ class PassManager:
         instruments: Sequence[Instrument] = (),
         context: PassContext | None = None,
         pass_timeout: float | None = None,
+        budget: Budget | None = None,
     ):
         if on_error not in ("rollback", "stop"):
             raise OnnxforgeError(f"on_error must be 'rollback' or 'stop', not '{on_error}'")
@@ -98,6 +112,12 @@ class PassManager:
         self.context = context or PassContext()
         self.verifier = Verifier(self.verify) if self.verify.enabled else None
         self._position = ""  # the running pass's place: "3", or "3.1.2" for a composite's member (round, step)
+        self.budget = budget
+        self.tracker: BudgetTracker | None = None
+        self._lossy_left = 0  # lossy passes (composites' members counted) that have not started yet
+        self._started: set[int] = set()
+        self._deferred = False  # the running pass is judged against the budget after a later `recovers` pass
+        self.context.on_progress = self._progress
 
     def run(self, model: Model, source: str | bytes | None = None) -> tuple[Model, list[PassRecord]]:
         """Apply the passes to a copy of `model`; return the result and one record per pass.
@@ -106,7 +126,10 @@ class PassManager:
         """
         current = model.copy()
         reference = self.verifier.reference(current, source) if self.verifier else []
-        records = []
+        self._lossy_left = sum(_lossy_leaves(pass_) for pass_ in self.passes)
+        self.tracker = self._track_budget(current) if self.budget is not None and self._lossy_left else None
+        records: list[PassRecord] = []
+        checkpoint: tuple[int, Model, list] | None = None  # before the lossy passes a `recovers` pass judges
         total = len(self.passes)
         for index, pass_ in enumerate(self.passes, start=1):
             check_deadlines()
@@ -114,6 +137,12 @@ class PassManager:
                 instrument.before_pass(index, total, pass_, current)
             self._position = str(index)
             self.context.begin_pass(self._position, pass_)
+            recovering_later = any(later.recovers for later in self.passes[index:])
+            if _lossy_leaves(pass_) and recovering_later and self.context.teacher is None:
+                self.context.teacher = current.copy()
+            self._deferred = self.tracker is not None and recovering_later
+            if self._deferred and _lossy_leaves(pass_) and checkpoint is None:
+                checkpoint = (len(records), current.copy(), reference)
             try:
                 current, reference, record = self._run_one(pass_, current, reference)
             except PassUsageError as exc:
@@ -123,6 +152,9 @@ class PassManager:
                     instrument.after_pass(index, total, failed)
                 raise
             records.append(record)
+            if pass_.recovers and checkpoint is not None:
+                current, reference = self._judge_recovered(current, reference, records, checkpoint)
+                checkpoint = None
             for instrument in self.instruments:
                 instrument.after_pass(index, total, record)
             if record.status == "failed":
@@ -159,6 +191,7 @@ class PassManager:
         record = PassRecord(pass_.describe(), "unchanged", time.perf_counter() - start, before, before)
         record.members = step.members
         record.max_rel_error = step.max_rel_error
+        record.budget = step.budget
         if step.result is not None:
             record.notes = list(step.result.notes)
             record.stats = step.result.stats
@@ -174,6 +207,7 @@ class PassManager:
     def _step(self, pass_: Pass, model: Model, reference: list, snapshot: Model) -> _Step:
         """Run `pass_` on `model` and verify it if it changed anything; on failure the step holds `snapshot`."""
         before = model.stats()
+        share = self.context.budget = self._share(pass_)
         try:
             result = pass_.run(model, self.context)
             error = "" if isinstance(result, PassResult) else f"returned {type(result).__name__}, not PassResult"
@@ -183,6 +217,8 @@ class PassManager:
             result, error = None, str(exc)
         except Exception as exc:  # a crashing pass is reported and rolled back like a breaking one
             result, error = None, f"crashed: {type(exc).__name__}: {exc} ({_where(exc)})"
+        finally:
+            self.context.budget = None
         if error:
             self.context.invalidate()
             return _Step(snapshot, reference, None, error)
@@ -193,6 +229,10 @@ class PassManager:
         if not result.changed:
             return _Step(model, reference, result)
         self.context.invalidate(result.preserved)
+        if share is not None and pass_.gentler():
+            model, result = self._spend(pass_, model, result, snapshot, share)
+            if not result.changed:
+                return _Step(snapshot, reference, result, budget=result.notes[-1])
         outputs, max_rel = reference, None
         if self.verifier:
             verdict = self.verifier.check(model, reference, pass_.lossless)
@@ -201,10 +241,126 @@ class PassManager:
                 self.context.invalidate()
                 return _Step(snapshot, reference, result, verdict.reason, max_rel)
             outputs = verdict.outputs
-        if not self._accepted(pass_, snapshot, model, result):
+        budget, losses = self._against_budget(pass_, model, result)
+        if not result.changed or not self._accepted(pass_, snapshot, model, result):
             self.context.invalidate()
-            return _Step(snapshot, reference, result)
-        return _Step(model, outputs, result, "", max_rel)
+            return _Step(snapshot, reference, result, budget=budget)
+        if losses is not None:
+            self.tracker.spent = losses
+        return _Step(model, outputs, result, "", max_rel, budget=budget)
+
+    def _progress(self, line: str) -> None:
+        for instrument in self.instruments:
+            instrument.progress(line)
+
+    def _track_budget(self, model: Model) -> BudgetTracker:
+        """The run's budget against `model`, on the held-out --data samples, else on the verification inputs (or,
+        without verification, random inputs drawn as verification draws them)."""
+        calibration = self.context.calibration
+        if calibration.samples:
+            held_out = calibration.split()[1]
+            if len(held_out) == len(calibration.samples):
+                where = f"the {len(held_out)} --data samples (fewer than 4: none held out)"
+            else:
+                where = f"{len(held_out)} held-out --data samples"
+            samples = held_out
+        else:
+            samples = self.verifier.inputs if self.verifier else self._random_inputs(model)
+            where = f"{len(samples)} random input sets"
+        return BudgetTracker(self.budget, samples, where, self._outputs, model)
+
+    def _random_inputs(self, model: Model) -> list[dict]:
+        verifier = Verifier(self.verify)
+        verifier.reference(model)
+        return verifier.inputs
+
+    def _outputs(self, model: Model, samples: list[dict]) -> list[dict]:
+        run = self.context.calibration.runner(model)
+        return [run(sample) for sample in as_declared(model, samples)]
+
+    def _share(self, pass_: Pass) -> PassBudget | None:
+        """The running lossy pass's share of the budget (None when there is no budget to spend now)."""
+        if self.tracker is None or pass_.lossless or pass_.recovers or isinstance(pass_, CompositePass):
+            return None
+        ways = max(self._lossy_left, 1)
+        if id(pass_) not in self._started:
+            self._started.add(id(pass_))
+            self._lossy_left -= 1
+        return None if self._deferred else self.tracker.share(ways)
+
+    def _spend(
+        self, pass_: Pass, model: Model, result: PassResult, snapshot: Model, share: PassBudget
+    ) -> tuple[Model, PassResult]:
+        """The result of `pass_`, or of the strongest of its gentler settings, that keeps within its `share` of the
+        budget against `snapshot` (the model before it); a result that changes nothing when none does."""
+        reference = self._outputs(snapshot, share.samples)
+        settings = [pass_, *pass_.gentler()]
+        outcomes: dict[int, tuple[Model, PassResult]] = {0: (model, result)}
+
+        def fits(index: int) -> bool:
+            if index not in outcomes:
+                work = snapshot.copy()
+                try:
+                    outcomes[index] = (work, settings[index].run(work, self.context))
+                except PassUsageError:
+                    raise
+                except Exception:  # a setting that fails is one that does not fit
+                    return False
+            work, outcome = outcomes[index]
+            kept = not outcome.changed or share.fits(reference, self._outputs(work, share.samples))
+            if not kept:
+                del outcomes[index]
+            return kept
+
+        chosen, tried = strongest_within(range(len(settings)), fits)
+        where = f"this pass's share of the budget ({share.budget.describe()} on {share.where})"
+        if chosen is None or not outcomes[chosen][1].changed:
+            note = f"no change down to {settings[-1].describe()} keeps within {where}: the model is left as it was"
+            return snapshot, PassResult(False, notes=[*result.notes, note])
+        model, result = outcomes[chosen]
+        if chosen:
+            note = f"{settings[chosen].describe()}: the strongest of {len(settings)} settings within {where}"
+            result.notes = [f"{note} ({tried} tried)", *result.notes]
+        return model, result
+
+    def _against_budget(self, pass_: Pass, model: Model, result: PassResult) -> tuple[str, Losses | None]:
+        """Measure a lossy pass's result against the original on the budget's samples: the line for the pass's
+        record and, within the budget, the losses; outside it, the result is stepped back (result.changed turns
+        False). ("", None) when the budget is not checked here."""
+        if self.tracker is None or pass_.lossless or pass_.recovers or self._deferred:
+            return "", None
+        losses = self.tracker.losses(model)
+        line = self.tracker.verdict(losses)
+        result.stats = {**result.stats, "budget_spent": round(self.tracker.budget.spent(losses), 2)}
+        if self.tracker.budget.fits(losses):
+            return line, losses
+        result.changed = False
+        policy = pass_.acceptance()
+        result.stats.update(dict.fromkeys(policy.zeroed if policy else (), 0))
+        result.notes = [*result.notes, line, "over the budget: the model is left as it was"]
+        return f"{line}: stepped back", None
+
+    def _judge_recovered(
+        self, model: Model, reference: list, records: list[PassRecord], checkpoint: tuple[int, Model, list]
+    ) -> tuple[Model, list]:
+        """After a pass that wins accuracy back, judge it with the lossy passes before it against the budget: kept
+        together, or stepped back together to the model before the first of them."""
+        first, before, before_reference = checkpoint
+        losses = self.tracker.losses(model)
+        line = self.tracker.verdict(losses)
+        judged = records[first:]
+        if self.tracker.budget.fits(losses):
+            self.tracker.spent = losses
+            judged[-1].budget = line
+            return model, reference
+        self.context.invalidate()
+        for record in judged:
+            if record.status == "applied":
+                record.status = "rolled_back"
+                record.error = f"over the budget after {judged[-1].name}: stepped back with the passes it recovered"
+                record.after = before.stats()
+        judged[-1].budget = f"{line}: stepped back"
+        return before, before_reference
 
     def _accepted(self, pass_: Pass, snapshot: Model, model: Model, result: PassResult) -> bool:
         """Whether the pass's result reaches what the pass declared in `acceptance` against `snapshot`, the model
@@ -302,6 +458,14 @@ class _Step:
     error: str = ""
     max_rel_error: float | None = None
     members: list[dict[str, Any]] = field(default_factory=list)
+    budget: str = ""
+
+
+def _lossy_leaves(pass_: Pass) -> int:
+    """How many lossy passes that spend the budget `pass_` is or holds (a composite's members counted)."""
+    if isinstance(pass_, CompositePass):
+        return sum(_lossy_leaves(member) for member in pass_.members())
+    return int(not pass_.lossless and not pass_.recovers)
 
 
 def _where(exc: Exception) -> str:

@@ -153,7 +153,7 @@ def create_passes(steps: str | Sequence[str | Pass | tuple[str, dict[str, Any]]]
     return passes
 
 
-BUILTIN_FAMILIES = ("cleanup", "fusion", "lowrank", "pruning", "quantization")
+BUILTIN_FAMILIES = ("cleanup", "distillation", "fusion", "lowrank", "pruning", "quantization")
 
 
 def _load_builtins() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,16 +126,9 @@ class Verifier:
 
         A pass may change an input's float type (fp16 without keep_io_types): it gets the same values.
         """
-        inputs = self._as_declared(model) if isinstance(model, Model) else self.inputs
+        inputs = as_declared(model, self.inputs) if isinstance(model, Model) else self.inputs
         prepared = self.backend.prepare(model, BackendOptions(threads=self.options.threads))
         return [prepared.run(sample) for sample in inputs]
-
-    def _as_declared(self, model: Model) -> list[dict[str, np.ndarray]]:
-        """This run's inputs with float values cast to the float types `model`'s inputs declare."""
-        dtypes = {spec.name: spec.dtype for spec in input_specs(skeleton_proto(model))}
-        return [
-            {name: _as_declared(value, dtypes.get(name)) for name, value in sample.items()} for sample in self.inputs
-        ]
 
     def check(self, model: Model, reference: Outputs, lossless: bool) -> Verdict:
         """Check `model` after a pass; `reference` are the outputs of the model before it."""
@@ -195,6 +188,19 @@ def _never_finite(outputs: Outputs) -> list[str]:
         name for name in names
         if all(float_array(run[name]) for run in outputs) and not any(np.isfinite(run[name]).any() for run in outputs)
     ]
+
+
+def as_declared(model: Model, samples: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """`samples` with float values cast to the float types `model`'s inputs declare (a pass may change an input's
+    float type: fp16 without keep_io_types)."""
+    cast = caster(model)
+    return [cast(sample) for sample in samples]
+
+
+def caster(model: Model) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A function casting one sample as `as_declared` does, `model`'s input types read once."""
+    dtypes = {spec.name: spec.dtype for spec in input_specs(skeleton_proto(model))}
+    return lambda sample: {name: _as_declared(value, dtypes.get(name)) for name, value in sample.items()}
 
 
 def _as_declared(value: np.ndarray, dtype: np.dtype | None) -> np.ndarray:

@@ -13,6 +13,7 @@ from onnxforge.comparison import Comparison
 from onnxforge.ir import ModelStats
 from onnxforge.ir.output_set import OutputSet
 from onnxforge.measure import LatencyStats
+from onnxforge.pipeline.budget import DEFAULT_BUDGET, Budget
 from onnxforge.pipeline.manager import PassRecord
 
 
@@ -37,6 +38,10 @@ class OptimizationReport:
     inputs_made_constant: list[str] = field(default_factory=list)  # inputs whose default value became a constant
     # {"backend": name, "shapes": {input: dims}}: inputs --shape fixed for a backend that compiles static shapes only
     inputs_fixed: dict[str, Any] = field(default_factory=dict)
+    # The error budget where a lossy pass ran under one: bounds, default (bool), measured_on, spent (the final
+    # model's losses against the original), fraction_spent
+    budget: dict[str, Any] = field(default_factory=dict)
+    budget_given: bool = True  # False with --budget none
 
     @property
     def speedup(self) -> float | None:
@@ -68,6 +73,8 @@ class OptimizationReport:
             "inputs_made_constant": self.inputs_made_constant,
             "inputs_fixed": self.inputs_fixed or None,
             "decisions": self.decisions,
+            "budget": self.budget or None,
+            "warnings": self.warnings(),
             "error_vs_original": self.error.to_dict() if self.error else None,
             "error_vs_original_on_data": self.data_error.to_dict() if self.data_error else None,
             "error_vs_original_on_data_samples": self.data_error_samples or None,
@@ -121,6 +128,8 @@ class OptimizationReport:
                 line += f"  ({counters})"
             if record.error:
                 line += f"\n    reason: {record.error}"
+            if record.budget:
+                line += f"\n    {record.budget}"
             lines.append(line)
         lines.append(
             f"  model: nodes {self.before.nodes} -> {self.after.nodes}, "
@@ -143,12 +152,35 @@ class OptimizationReport:
                 f"  error vs original ({self._data_error_samples()}): max rel {self.data_error.max_rel:.3g}"
                 + (f", min cosine {self.data_error.min_cosine:.6f}" if self.data_error.min_cosine is not None else "")
             )
+        if self.budget:
+            default = " (the default; --budget none drops it)" if self.budget["default"] else ""
+            lines.append(
+                f"  budget {self.budget['bounds']}{default} on {self.budget['measured_on']}: "
+                f"{self.budget['fraction_spent']:.0%} spent"
+            )
         if self.latency_before is not None and self.latency_after is not None:
             lines.append(
                 f"  latency median {self.latency_before.median_ms:.3f} ms -> {self.latency_after.median_ms:.3f} ms"
                 f" ({self.speedup:.2f}x; {self.latency_setup.get('description', '')})"
             )
         return "\n".join(lines)
+
+
+    def warnings(self) -> list[str]:
+        """What a person must not miss: outputs far from the original's with no budget to bound them."""
+        if self.budget_given or not any(record.status == "applied" for record in self.passes):
+            return []
+        error, where = (
+            (self.data_error, self._data_error_samples()) if self.data_error is not None else (self.error, "random inputs")
+        )
+        least = 1 - Budget.parse(DEFAULT_BUDGET).allowances["cosine"]
+        if error is None or error.min_cosine is None or error.min_cosine >= least:
+            return []
+        return [
+            f"the outputs moved far from the original's: worst cosine {error.min_cosine:.4f} on {where}, with no "
+            f"error budget (--budget none); drop --budget none to keep the default ({DEFAULT_BUDGET}), or give "
+            "one, e.g. --budget cosine=0.995"
+        ]
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any], outputs: OutputSet | None = None) -> None:

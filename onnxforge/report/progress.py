@@ -19,6 +19,7 @@ class ProgressPrinter(Instrument):
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
         self._line_open = False
+        self._head = ""
 
     def __enter__(self) -> ProgressPrinter:
         return self
@@ -31,10 +32,17 @@ class ProgressPrinter(Instrument):
 
     def before_pass(self, index: int, total: int, pass_: Pass, model: Model) -> None:
         self._line_open = True
-        self.stream.write(f"[{index}/{total}] {pass_.describe()} ... ")
+        self._head = f"[{index}/{total}] {pass_.describe()} ... "
+        self.stream.write(self._head)
         self.stream.flush()
 
+    def progress(self, line: str) -> None:
+        """A line of its own under the pass's, which is written again when the pass ends."""
+        self.stream.write(("\n" if self._line_open else "") + f"    {line}\n")
+        self.stream.flush()
+        self._line_open = False
+
     def after_pass(self, index: int, total: int, record: PassRecord) -> None:
-        self.stream.write(f"{record.status} ({record.seconds:.2f} s)\n")
+        self.stream.write(("" if self._line_open else self._head) + f"{record.status} ({record.seconds:.2f} s)\n")
         self.stream.flush()
         self._line_open = False

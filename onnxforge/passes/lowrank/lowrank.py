@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -144,6 +144,17 @@ class LowRank(Pass):
         if not self.options.measure:
             return None
         return Acceptance(min_speedup=self.options.min_speedup, zeroed=("params_removed",))
+
+    def gentler(self) -> list[Pass]:
+        """The pass keeping more, in 7 steps towards everything: of the parameters (ratio=) or of each layer's
+        energy (energy=, also by default); none for a fixed rank=."""
+        o = self.options
+        if o.rank:
+            return []
+        if o.ratio:
+            return [type(self)(replace(o, ratio=round(o.ratio + (1 - o.ratio) * k / 8, 6))) for k in range(1, 8)]
+        energy = o.energy or DEFAULT_ENERGY
+        return [type(self)(replace(o, energy=round(energy + (1 - energy) * k / 8, 6))) for k in range(1, 8)]
 
     def _check_options(self, calibration: Calibration) -> None:
         o = self.options

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -120,6 +120,11 @@ class ChannelPruning(Pass):
         if not self.options.measure or self.options.structure != "channel":
             return None
         return Acceptance(min_speedup=self.options.min_speedup, zeroed=("params_removed",))
+
+    def gentler(self) -> list[Pass]:
+        """The pass at 7/8, 6/8, ..., 1/8 of its ratio, for a share of the error budget to choose among."""
+        ratio = self.options.ratio
+        return [type(self)(replace(self.options, ratio=round(ratio * k / 8, 6))) for k in range(7, 0, -1)]
 
     def _remove_and_recover(self, model: Model, choices: list, calibration: Calibration) -> list[str]:
         """Remove the chosen channels, then refit the layers they reach to the unpruned model's outputs."""

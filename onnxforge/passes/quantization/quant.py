@@ -27,7 +27,8 @@ from onnxforge.passes.quantization.choice import MeasuredChoice, choose_by_measu
 from onnxforge.passes.layers import excluded_by, half_precision_note
 from onnxforge.passes.quantization.quantized_ops import quantized_ops
 from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, quantized_output
-from onnxforge.passes.quantization.sensitivity import BudgetFit, ErrorBudget, fit_error_budget
+from onnxforge.passes.quantization.sensitivity import BudgetFit, fit_error_budget
+from onnxforge.pipeline.budget import Budget
 from onnxforge.passes.quantization.weights import QuantSpec
 from onnxforge.pipeline.registry import register_pass
 
@@ -65,8 +66,9 @@ class Quantize(Pass):
     (int4/int8 MatMul weights, MatMulNBits on onnxruntime); auto is weight-only for 4 bits, else dynamic,
     with Conv layers static when --data is given.
     With measure=true (the default) each layer type is timed on the pass's backend in each candidate
-    format and stays float unless it gets faster by min_speedup. With data and max_error or min_cosine,
-    the most sensitive layers stay float until the held-out error is within that budget.
+    format and stays float unless it gets faster by min_speedup. With data, the most sensitive layers stay float
+    until the held-out error is within max_error and min_cosine, or without them, within the pass's share of the
+    run's error budget.
     """
 
     lossless = False
@@ -95,8 +97,8 @@ class Quantize(Pass):
             return PassResult(False, stats={"already_quantized": True}, notes=[note])
         contrib_ops = runs_quantized_contrib_ops(ctx)
         fmt = resolve_format(self.options, model.graph.opset, contrib_ops)
-        budget = ErrorBudget(self.options.max_error, self.options.min_cosine)
-        self._check_data(fmt, budget, ctx.calibration)
+        budget = self._budget(ctx)
+        self._check_data(fmt, ctx.calibration)
         work = model.copy()
         for graph in list(work.graphs()):
             constant_node_weights(graph)
@@ -122,7 +124,7 @@ class Quantize(Pass):
         lines: list[str] = [opset_note] if opset_note else []
         if plan and self.options.measure:
             plan = self._measured_plan(builder, plan, layers, fmt, ctx, feed, notes, lines)
-        if plan and budget.given:
+        if plan and budget is not None and has_data:
             gentler = gentler_formats(plan, layers, contrib_ops)
             fit = fit_error_budget(builder, plan, budget, calibration, gentler)
             notes.update(_budget_notes(fit, budget, layers, ctx))
@@ -224,14 +226,23 @@ class Quantize(Pass):
             plan = refined.plan
         return plan
 
-    def _check_data(self, fmt: LayerFormat, budget: ErrorBudget, calibration: Calibration) -> None:
+    def _budget(self, ctx: PassContext) -> Budget | None:
+        """The bounds the held-out error must keep: max_error and min_cosine when given, else the pass's share of
+        the run's error budget (None: no bound)."""
+        o = self.options
+        if o.max_error is None and o.min_cosine is None:
+            return ctx.budget.budget if ctx.budget is not None else None
+        bounds = {"rel": o.max_error, "cosine": None if o.min_cosine is None else 1 - o.min_cosine}
+        return Budget({key: value for key, value in bounds.items() if value is not None})
+
+    def _check_data(self, fmt: LayerFormat, calibration: Calibration) -> None:
         needs = []
         if fmt.mode == "static":
             needs.append("static quantization calibrates activations on samples")
         if self.options.weight_method == "gptq":
             needs.append("weight_method=gptq fits weights to calibration activations")
-        if budget.given:
-            needs.append("an error budget (max_error, min_cosine) is judged on samples")
+        if self.options.max_error is not None or self.options.min_cosine is not None:
+            needs.append("max_error and min_cosine are judged on samples")
         if needs and not calibration.samples:
             raise PassUsageError(f"quant: {needs[0]}: give sample inputs with --data (data= in the Python API)")
 
@@ -469,20 +480,12 @@ def gentler_formats(
     }
 
 
-def _budget_notes(
-    fit: BudgetFit, budget: ErrorBudget, layers: dict[int, Layer], ctx: PassContext
-) -> dict[int, str]:
-    limits = " and ".join(
-        text
-        for text in (
-            f"max_error={budget.max_error}" if budget.max_error is not None else "",
-            f"min_cosine={budget.min_cosine}" if budget.min_cosine is not None else "",
-        )
-        if text
-    )
+def _budget_notes(fit: BudgetFit, budget: Budget, layers: dict[int, Layer], ctx: PassContext) -> dict[int, str]:
+    limits = budget.describe()
     moved = len(fit.kept_float) + len(fit.gentler)
     why = {
-        index: f"one of the {moved} most sensitive layers (error {fit.sensitivity[index]:.3g} when quantized alone)"
+        index: f"one of the {moved} most sensitive layers ({fit.sensitivity[index]:.3g}x the budget when quantized "
+        "alone)"
         for index in [*fit.kept_float, *fit.gentler]
     }
     notes = {index: f"kept float: {why[index]}, left float to meet {limits}" for index in fit.kept_float}

@@ -7,54 +7,26 @@ from dataclasses import dataclass, field
 
 from onnxforge.calibration.context import Calibration
 from onnxforge.calibration.observe import run_model
-from onnxforge.comparison import Comparison, compare_outputs
 from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
 from onnxforge.passes.quantization.rewrite import LayerFormat
-
-
-@dataclass(frozen=True)
-class ErrorBudget:
-    """How far the quantized model may be from float: the worst relative error and/or the worst cosine.
-
-    Errors are those of `onnxforge.comparison.compare_outputs`, the worst over outputs and samples.
-    """
-
-    max_error: float | None = None
-    min_cosine: float | None = None
-
-    @property
-    def given(self) -> bool:
-        return self.max_error is not None or self.min_cosine is not None
-
-    def met(self, comparison: Comparison) -> bool:
-        if self.max_error is not None and comparison.max_rel > self.max_error:
-            return False
-        cosine = comparison.min_cosine
-        return self.min_cosine is None or (cosine is not None and cosine >= self.min_cosine)
-
-    def score(self, comparison: Comparison) -> float:
-        """One number to rank layers by (larger: more harmful): the budget's own metric."""
-        if self.min_cosine is not None and comparison.min_cosine is not None:
-            return 1.0 - comparison.min_cosine
-        return comparison.max_rel
+from onnxforge.pipeline.budget import Budget, Losses
 
 
 @dataclass
 class BudgetFit:
-    """The plan within budget, each layer's sensitivity, the layers moved to a gentler format or left in float
-    for it, and the final error on the held-out samples."""
+    """The plan within budget, each layer's sensitivity (the share of the budget it spends quantized alone), and
+    the layers moved to a gentler format or left in float for it."""
 
     plan: dict[int, LayerFormat]
     sensitivity: dict[int, float] = field(default_factory=dict)
     gentler: list[int] = field(default_factory=list)
     kept_float: list[int] = field(default_factory=list)
-    error: Comparison | None = None
 
 
 def fit_error_budget(
     builder: CandidateBuilder,
     plan: Plan,
-    budget: ErrorBudget,
+    budget: Budget,
     calibration: Calibration,
     gentler: Mapping[int, LayerFormat] | None = None,
 ) -> BudgetFit:
@@ -71,19 +43,19 @@ def fit_error_budget(
     calibration_samples, held_out = calibration.split()
     reference_held_out = run_model(builder.model, held_out, calibration)
 
-    def error_on_held_out(candidate: Plan) -> Comparison:
-        return compare_outputs(reference_held_out, run_model(builder.build(candidate), held_out, calibration))
+    def fits_on_held_out(candidate: Plan) -> bool:
+        outputs = run_model(builder.build(candidate), held_out, calibration)
+        return budget.fits(budget.losses(reference_held_out, outputs, held_out))
 
-    full = error_on_held_out(plan)
-    if budget.met(full):
-        return BudgetFit(dict(plan), error=full)
+    if fits_on_held_out(plan):
+        return BudgetFit(dict(plan))
     reference = run_model(builder.model, calibration_samples, calibration)
-    sensitivity = {
-        index: budget.score(
-            compare_outputs(reference, run_model(builder.build({index: fmt}), calibration_samples, calibration))
-        )
-        for index, fmt in plan.items()
-    }
+
+    def alone(index: int) -> Losses:
+        outputs = run_model(builder.build({index: plan[index]}), calibration_samples, calibration)
+        return budget.losses(reference, outputs, calibration_samples)
+
+    sensitivity = {index: budget.spent(alone(index)) for index in plan}
     order = sorted(plan, key=lambda index: sensitivity[index], reverse=True)
 
     def softened(count: int) -> dict[int, LayerFormat]:
@@ -94,7 +66,7 @@ def fit_error_budget(
         return {i: plan[i] for i in order[count:]}
 
     for make in (softened, floated) if gentler else (floated,):
-        count, error = _fewest_moved(lambda k: error_on_held_out(make(k)), len(order), budget)
+        count = _fewest_moved(lambda k: fits_on_held_out(make(k)), len(order))
         if count is not None:
             moved = order[:count]
             if make is softened:
@@ -103,28 +75,20 @@ def fit_error_budget(
                     sensitivity,
                     gentler=[i for i in moved if i in gentler],
                     kept_float=[i for i in moved if i not in gentler],
-                    error=error,
                 )
-            return BudgetFit(make(count), sensitivity, kept_float=moved, error=error)
-    return BudgetFit({}, sensitivity, kept_float=order, error=compare_outputs(reference_held_out, reference_held_out))
+            return BudgetFit(make(count), sensitivity, kept_float=moved)
+    return BudgetFit({}, sensitivity, kept_float=order)
 
 
-def _fewest_moved(error_of: Callable[[int], Comparison], total: int, budget: ErrorBudget) -> tuple:
-    """The fewest of `total` layers to move for `error_of(count)` to meet the budget, and that error;
-    (None, None) when moving all of them does not meet it either."""
-    errors = {total: error_of(total)}
-    if not budget.met(errors[total]):
-        return None, None
+def _fewest_moved(fits: Callable[[int], bool], total: int) -> int | None:
+    """The fewest of `total` layers to move for `fits(count)`; None when moving all of them does not fit either."""
+    if not fits(total):
+        return None
     low, high = 1, total
     while low < high:
         middle = (low + high) // 2
-        errors[middle] = error_of(middle)
-        if budget.met(errors[middle]):
+        if fits(middle):
             high = middle
         else:
             low = middle + 1
-    if low not in errors:
-        errors[low] = error_of(low)
-    if not budget.met(errors[low]):  # the error did not shrink steadily: moving all is what is sure to meet it
-        low = total
-    return low, errors[low]
+    return low
