@@ -4,11 +4,12 @@
     python benchmarks/bench_lowrank.py            # about 10 minutes on 2 cores
     python benchmarks/bench_lowrank.py --quick
 
-For the text-detection CNN and the sentence encoder of cases/: the fp32 model and `lowrank` keeping
-75% and 50% of the factored layers' parameters (ranks chosen together, `ratio=`), by plain SVD, by whitened SVD on
-the case's calibration samples, and whitened with `recover=true`; each judged on the held-out inputs against fp32,
-its parameters counted, and all timed together in interleaved blocks (fp32 first; onnxruntime graph optimization
-"all", thread spinning off). No fine-tuning. Writes benchmarks/results/lowrank.json and .md.
+For the text-detection CNN, the sentence encoder and the phoneme recognizer of cases/ (the last only with its recorded
+speech: benchmarks/README.md): the fp32 model and `lowrank` keeping 75% and 50% of the factored layers' parameters
+(ranks chosen together, `ratio=`), by plain SVD, by whitened SVD on the case's calibration samples, and whitened with
+`recover=true`; each judged on the held-out inputs against fp32, its parameters counted, and all timed together in
+interleaved blocks (fp32 first; onnxruntime graph optimization "all", thread spinning off). No fine-tuning. Writes
+benchmarks/results/lowrank.json and .md.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from cases.trained_case import TrainedCase
 PIPELINES = {
     "ocr-detector": "upgrade-opset:to=17,cleanup,fuse,lowrank:ratio={ratio}{method}",
     "minilm-encoder": "cleanup,lowrank:ratio={ratio}{method},fuse",
+    "hama-asr": "cleanup,lowrank:ratio={ratio}{method},fuse",
 }
 METHODS = {"svd": "", "whitened": ":method=whitened", "whitened, recover": ":method=whitened:recover=true"}
 RATIOS = (0.75, 0.5)

