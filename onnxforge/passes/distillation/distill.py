@@ -49,14 +49,14 @@ class Distill(Pass):
         o = self.options
         if o.steps < 1 or o.batch < 1 or not o.lr > 0 or o.time < 0:
             raise PassUsageError("distill: steps= and batch= are 1 or more, lr= above 0, time= 0 or more seconds")
+        teacher = ctx.teacher
+        if teacher is None:
+            return PassResult(False, notes=["no lossy pass ran before distill: there is nothing to win back"])
         calibration = ctx.calibration
         if not calibration.samples:
             raise PassUsageError("distill trains on sample inputs: give them with --data (data= in the Python API)")
         if importlib.util.find_spec("torch") is None:
             raise PassUsageError("distill trains with PyTorch: install it (pip install 'onnxforge[torch]')")
-        teacher = ctx.teacher
-        if teacher is None:
-            return PassResult(False, notes=["no lossy pass ran before distill: there is nothing to win back"])
         from onnxforge.distill.correspondence import corresponding_tensors, with_outputs
         from onnxforge.distill.training import Schedule, device, distill, output_error
 
