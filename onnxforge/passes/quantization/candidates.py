@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.ir import Model
 from onnxforge.ir.layers import Layer
 from onnxforge.passes.layers import find_layers
+from onnxforge.passes.quantization.adaround import adaround
 from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, LayerRewriter
 from onnxforge.passes.quantization.weights import QuantizedWeight, QuantSpec, gptq_quantize, quantize_weight
 
@@ -31,9 +32,11 @@ def numbered_layers(model: Model) -> dict[int, Layer]:
 
 
 class WeightQuantizer:
-    """Quantizes layer weights by round-to-nearest, an error-minimizing search, or GPTQ; caches every result.
+    """Quantizes layer weights by round-to-nearest, an error-minimizing search, GPTQ or AdaRound; caches every result.
 
-    `hessians` (for GPTQ) and `input_energy` (for the search) come from calibration activations, by weight name.
+    `hessians` (for GPTQ and AdaRound: XᵀX of the rows the layer reads, over its matrix view's inputs) and
+    `input_energy` (for the search) come from calibration activations, by weight name. AdaRound rounds on the
+    search's grid; a layer without a hessian gets the search alone.
     """
 
     def __init__(
@@ -59,9 +62,12 @@ class WeightQuantizer:
         name = layer.weight.name
         if self.method == "gptq" and layer.op == "MatMul" and name in self.hessians:
             return gptq_quantize(values, self.hessians[name], spec)
-        if self.method in ("search", "gptq"):
+        if self.method in ("search", "gptq", "adaround"):
             energy = self.input_energy.get(name) if layer.op == "MatMul" else None
-            return quantize_weight(values, spec, axis, method="search", input_energy=energy)
+            searched = quantize_weight(values, spec, axis, method="search", input_energy=energy)
+            if self.method == "adaround" and name in self.hessians:
+                return adaround(values, searched, self.hessians[name], layer.out_axis)
+            return searched
         return quantize_weight(values, spec, axis)
 
 

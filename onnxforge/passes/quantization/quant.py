@@ -11,6 +11,7 @@ import numpy as np
 
 from onnxforge.calibration.context import Calibration
 from onnxforge.calibration.observe import observe_tensors, run_model
+from onnxforge.calibration.recovery import refittable
 from onnxforge.calibration.statistics import input_moments
 from onnxforge.comparison import Comparison, compare_outputs
 from onnxforge.data import Sample
@@ -83,7 +84,7 @@ class Quantize(Pass):
         exclude: list[str] = field(default_factory=list)  # op types, node names or name patterns
         calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
         percentile: float = 99.999
-        weight_method: Literal["rtn", "search", "gptq"] = "rtn"
+        weight_method: Literal["rtn", "search", "gptq", "adaround"] = "rtn"
         measure: bool = True
         float_prefix: bool = False  # after the per-type choice, time the first layers back in float
         min_speedup: float = 1.02
@@ -239,8 +240,8 @@ class Quantize(Pass):
         needs = []
         if fmt.mode == "static":
             needs.append("static quantization calibrates activations on samples")
-        if self.options.weight_method == "gptq":
-            needs.append("weight_method=gptq fits weights to calibration activations")
+        if self.options.weight_method in ("gptq", "adaround"):
+            needs.append(f"weight_method={self.options.weight_method} fits weights to calibration activations")
         if self.options.max_error is not None or self.options.min_cosine is not None:
             needs.append("max_error and min_cosine are judged on samples")
         if needs and not calibration.samples:
@@ -286,24 +287,32 @@ class Quantize(Pass):
     def _weight_quantizer(
         self, model: Model, layers: list[Layer], samples: list[Sample], calibration: Calibration
     ) -> WeightQuantizer:
-        """Quantizes weights by `weight_method`; for gptq and search, with the second moments of what each MatMul
-        reads on `samples` (GPTQ's Hessian XᵀX over every row, and its diagonal per row), by weight name."""
+        """Quantizes weights by `weight_method`; for gptq, adaround and search, with the second moments of what each
+        MatMul (and for adaround each refittable Conv: its input patches) reads on `samples` (GPTQ's Hessian XᵀX over
+        every row, and its diagonal per row), by weight name."""
         method = self.options.weight_method
         if method == "rtn" or not samples:
             return WeightQuantizer(method)
-        matmuls = [layer for layer in layers if layer.op == "MatMul"]
+        ops = ("MatMul", "Conv") if method == "adaround" else ("MatMul",)
+        fitted = [layer for layer in layers if layer.op in ops and refittable(layer.node)]
         readers: dict[str, Layer] = {}  # one MatMul per input: those reading the same input read the same rows
-        for layer in matmuls:
-            readers.setdefault(layer.activation.name, layer)
+        for layer in fitted:
+            readers.setdefault(_rows_read(layer), layer)
         moments = dict(zip(readers, input_moments(model, list(readers.values()), samples, calibration)))
         hessians: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
-        for layer in matmuls:
-            moment, weight = moments[layer.activation.name], layer.weight.name
+        for layer in fitted:
+            moment, weight = moments[_rows_read(layer)], layer.weight.name
             hessians[weight] = hessians.get(weight, 0) + moment.gram
             counts[weight] = counts.get(weight, 0) + moment.rows
         energy = {name: np.diag(h) / max(counts[name], 1) for name, h in hessians.items()}
         return WeightQuantizer(method, hessians=hessians, input_energy=energy)
+
+
+def _rows_read(layer: Layer) -> str:
+    """What names the rows a layer reads: a MatMul's input (every MatMul of it reads the same rows), a Conv itself
+    (its patches depend on its kernel)."""
+    return layer.activation.name if layer.op == "MatMul" else f"{layer.op} {layer.name}"
 
 
 def runs_quantized_contrib_ops(ctx: PassContext) -> bool:
