@@ -20,7 +20,7 @@ pytest.importorskip("torch")
 from onnxforge.distill.augment import Augmenter  # noqa: E402
 
 PRUNE = "prune:ratio=0.5:measure=false:recover=true"
-DISTILL = "distill:steps=60:batch=4:lr=3e-3"
+DISTILL = "distill:steps=60:batch=4:lr=1e-2"
 
 
 def _deep_mlp(seed: int = 0, width: int = 64, depth: int = 4) -> onnx.ModelProto:
@@ -138,3 +138,19 @@ def test_perturbed_copies_keep_every_shape_and_type_and_tokens_stay_in_the_vocab
         assert np.isin(copy["input_ids"], seen).all()
         assert (copy["attention_mask"] == 1).all() and copy["sr"] == 16000
     assert not np.array_equal(augmenter.draw()["audio"], samples[0]["audio"])
+
+
+def test_the_auto_loss_matches_distributions_by_kl_divergence_and_other_outputs_by_relative_error():
+    from onnxforge.distill.training import output_error
+
+    rng = np.random.default_rng(0)
+    logits_t, logits_s = rng.standard_normal((2, 5, 7)), rng.standard_normal((2, 5, 7))
+    log_t = logits_t - np.log(np.exp(logits_t).sum(-1, keepdims=True))
+    log_s = logits_s - np.log(np.exp(logits_s).sum(-1, keepdims=True))
+    kl = float(np.mean(np.sum(np.exp(log_t) * (log_t - log_s), -1)))
+    assert output_error({"y": log_s.astype(np.float32)}, {"y": log_t.astype(np.float32)}) == pytest.approx(kl, 1e-4)
+    probabilities = np.exp(log_s).astype(np.float32), np.exp(log_t).astype(np.float32)
+    assert output_error({"y": probabilities[0]}, {"y": probabilities[1]}) == pytest.approx(kl, 1e-3)
+    relative = float(np.sum((logits_s - logits_t) ** 2) / np.sum(logits_t**2))
+    plain = output_error({"y": logits_s.astype(np.float32)}, {"y": logits_t.astype(np.float32)})
+    assert plain == pytest.approx(relative, 1e-4)

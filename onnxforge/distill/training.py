@@ -20,17 +20,24 @@ from onnxforge.ir import Model
 Sample = Mapping[str, np.ndarray]
 Outputs = Mapping[str, np.ndarray]
 Loss = Literal["auto", "mse", "cosine", "kl"]
+# The learning rate rises from a hundredth over these first steps (a tenth of them, if fewer): Adam's first steps on a
+# trained model, at full rate, move every weight by about the rate whatever its gradient, which undoes much at once.
+WARM_UP_STEPS = 100
 
 
 @dataclass(frozen=True)
 class Schedule:
     """How long and how to train: at most `steps` optimizer steps and `seconds` (0: no time limit), `batch`
-    samples a step, Adam at `lr` (cosine decay to a tenth), gradients clipped to norm 1."""
+    samples a step, Adam with each weight tensor's rate `lr` times its root mean square (after a linear warm-up of
+    WARM_UP_STEPS, cosine decay to a tenth over `steps`),
+    gradients clipped to norm 1; the held-out
+    samples judge the weights `checks` times (spread over the steps, and over the seconds when limited) and at the
+    end."""
 
     steps: int = 500
     seconds: float = 0.0
     batch: int = 8
-    lr: float = 1e-4
+    lr: float = 1e-4  # the step, relative to each weight tensor's root mean square
     loss: Loss = "auto"
     temperature: float = 2.0
     augment: bool = True
@@ -65,8 +72,9 @@ def distill(
 ) -> Distilled:
     """Train `student`'s weights towards `teacher` (a function giving the teacher's outputs on a sample) on
     `train` and, with `schedule.augment`, perturbed and mixed copies of it; `feeds(sample)` is the sample as the
-    student takes it. The error is the mean over samples and float outputs of `schedule.loss` ("auto": squared
-    error relative to the teacher's output's energy); `held_out` judges it before training and at each check, and
+    student takes it. The error is the mean over samples and float outputs of `schedule.loss` ("auto": the KL
+    divergence where the teacher's output is a (log-)probability distribution over its last axis, else the squared
+    error relative to the output's energy); `held_out` judges it before training and at each check, and
     the best weights are kept. `progress` gets a line at each check.
 
     `matched` names intermediate tensors both models compute (the teacher's function gives them too): training
@@ -79,15 +87,29 @@ def distill(
     held_out_targets = [_outputs_only(teacher(sample), matched) for sample in held_out]
     error_before = _held_out_error(module, feeds, held_out, held_out_targets, schedule)
     best_error, best_state = error_before, None
+    progress(f"before training: held-out error {error_before:.4g}")
     if not parameters:
         return Distilled(None, 0, 0.0, error_before, error_before)
-    optimizer = torch.optim.Adam(parameters, lr=schedule.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, schedule.steps, eta_min=schedule.lr / 10)
+    # Each weight tensor steps by `lr` of its own size (its root mean square): a signal-processing constant of
+    # small values (a mel filter bank) moves as little, relatively, as a layer's weights.
+    groups = [{"params": [p], "lr": schedule.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-6)} for p in parameters]
+    optimizer = torch.optim.Adam(groups)
+    warm_up = min(WARM_UP_STEPS, max(schedule.steps // 10, 1))
+    scheduler = torch.optim.lr_scheduler.SequentialLR(
+        optimizer,
+        [
+            torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warm_up),
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine(step, schedule.steps - warm_up)),
+        ],
+        milestones=[warm_up],
+    )
     augmenter = Augmenter(train, schedule.seed)
     rng = np.random.default_rng(schedule.seed)
     cached = {id(sample): teacher(sample) for sample in train}
-    check_every = max(schedule.steps // max(schedule.checks, 1), 1)
+    checks = max(schedule.checks, 1)
+    check_every = max(schedule.steps // checks, 1)
     start, losses, step, running = time.perf_counter(), [], 0, []
+    next_check = start + schedule.seconds / checks  # with a time limit, the checks are spread over it too
     while step < schedule.steps and not _out_of_time(start, schedule):
         optimizer.zero_grad()
         total = 0.0
@@ -106,7 +128,10 @@ def distill(
         scheduler.step()
         step += 1
         running.append(total)
-        if step % check_every == 0 or step == schedule.steps:
+        now = time.perf_counter()
+        due = schedule.seconds > 0 and now >= next_check
+        if step % check_every == 0 or step == schedule.steps or due or _out_of_time(start, schedule):
+            next_check = now + schedule.seconds / checks
             error = _held_out_error(module, feeds, held_out, held_out_targets, schedule)
             losses.append(float(np.mean(running)))
             running = []
@@ -167,6 +192,12 @@ def _loss(outputs: Mapping[str, torch.Tensor], target: Outputs, schedule: Schedu
 
 
 def _term(got: torch.Tensor, want: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    if schedule.loss == "auto" and got.ndim >= 1 and got.shape[-1] > 1:
+        log_teacher = _as_log_probabilities(want)
+        if log_teacher is not None:  # a distribution over the last axis: match it as one
+            log_student = got if bool((want <= 0).all()) else torch.log(got.clamp_min(1e-12))
+            rows = log_teacher.reshape(-1, log_teacher.shape[-1])
+            return (rows.exp() * (rows - log_student.reshape(rows.shape))).sum(-1).mean()
     if schedule.loss == "cosine":
         return 1 - torch.nn.functional.cosine_similarity(got.reshape(1, -1), want.reshape(1, -1), eps=1e-12)[0]
     if schedule.loss == "kl" and got.ndim >= 1 and got.shape[-1] > 1:
@@ -175,6 +206,21 @@ def _term(got: torch.Tensor, want: torch.Tensor, schedule: Schedule) -> torch.Te
         teacher = torch.softmax(want / t, dim=-1)
         return torch.nn.functional.kl_div(log_student, teacher, reduction="batchmean") * t * t
     return ((got - want) ** 2).sum() / ((want**2).sum() + 1e-12)
+
+
+def _cosine(step: int, steps: int) -> float:
+    """The factor of the learning rate `step` steps after the warm-up: from 1 down to a tenth along a cosine."""
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1.0)))
+
+
+def _as_log_probabilities(values: torch.Tensor) -> torch.Tensor | None:
+    """`values` as log-probabilities over the last axis when they are log-probabilities (all at most 0, each row's
+    exponentials summing to 1) or probabilities (in [0, 1], each row summing to 1); else None."""
+    if bool((values <= 1e-6).all()) and bool((torch.logsumexp(values, -1).abs() < 1e-3).all()):
+        return values
+    if bool(((values >= 0) & (values <= 1)).all()) and bool(((values.sum(-1) - 1).abs() < 1e-3).all()):
+        return torch.log(values.clamp_min(1e-12))
+    return None
 
 
 def _held_out_error(

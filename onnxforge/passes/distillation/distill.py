@@ -37,8 +37,8 @@ class Distill(Pass):
         steps: int = 500  # optimizer steps
         time: float = 0.0  # and at most this many seconds of training (0: no limit)
         batch: int = 8  # samples a step
-        lr: float = 1e-4  # Adam's learning rate, decayed to a tenth
-        loss: Literal["auto", "mse", "cosine", "kl"] = "auto"  # auto: squared error relative to the output's
+        lr: float = 1e-4  # Adam's step relative to each weight tensor's root mean square, decayed to a tenth
+        loss: Literal["auto", "mse", "cosine", "kl"] = "auto"  # auto: KL for distributions, else relative MSE
         match: Literal["layers", "outputs"] = "layers"  # also match the layer outputs both models compute
         temperature: float = 2.0  # of the softmax, for loss=kl
         augment: bool = True  # train on perturbed and mixed copies of the samples too
