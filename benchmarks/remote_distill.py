@@ -38,7 +38,8 @@ def pack(cases: list[str], seconds: float, out: Path, work: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for case in trained_cases(work, cases):
         folder = out / case.name
-        folder.mkdir(exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)  # a pack made before: its samples would stay beside the new ones
+        folder.mkdir()
         shutil.copyfile(case.model_path, folder / "model.onnx")
         save_samples(folder / "calibration", case.calibration, layout="folder")
         (folder / "pipelines.json").write_text(json.dumps(distilled_pipelines(case.name, seconds), indent=2))
