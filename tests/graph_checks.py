@@ -46,6 +46,15 @@ def max_rel_error(
     return compare_outputs([ref.run(x) for x in inputs], [new.run(x) for x in inputs]).max_rel
 
 
+def held_out_cosine(source: onnx.ModelProto, model: Model, samples: list[dict]) -> float:
+    """The worst cosine of `model` against `source` on the held-out quarter of `samples` (the run's one split),
+    both run anew in onnxruntime."""
+    held_out = samples[-len(samples) // 4 :]
+    ort = get_backend("ort")
+    before, after = ort.prepare(source.SerializeToString()), ort.prepare(model)
+    return compare_outputs([before.run(s) for s in held_out], [after.run(s) for s in held_out]).min_cosine
+
+
 def make_model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:
     """A one-graph model of `nodes` at the given default-domain opset."""
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))

@@ -10,11 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from graph_checks import constant, make_model, value_info
+from graph_checks import constant, held_out_cosine, make_model, value_info
 
 from onnxforge import optimize
-from onnxforge.backends import get_backend
-from onnxforge.comparison import compare_outputs
 from onnxforge.pipeline import Pass, PassResult
 from onnxforge.pipeline.budget import DEFAULT_BUDGET, Budget, BudgetError, strongest_within
 
@@ -41,14 +39,6 @@ def _mlp(seed: int = 0) -> onnx.ModelProto:
 def _samples(count: int = 16, seed: int = 1) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [{"x": rng.standard_normal((4, 64)).astype(np.float32)} for _ in range(count)]
-
-
-def _held_out_cosine(source: onnx.ModelProto, model, samples) -> float:
-    """The worst cosine of `model` against `source` on the held-out quarter of `samples`, run anew."""
-    held_out = samples[-len(samples) // 4 :]
-    ort = get_backend("ort")
-    before, after = ort.prepare(source.SerializeToString()), ort.prepare(model)
-    return compare_outputs([before.run(s) for s in held_out], [after.run(s) for s in held_out]).min_cosine
 
 
 def test_budgets_parse_and_describe_their_bounds():
@@ -94,7 +84,7 @@ def test_prune_spends_its_share_and_the_held_out_error_stays_inside_the_budget()
     assert "the strongest of 8 settings within this pass's share of the budget" in record.notes[0]
     assert 0 < record.stats["channels_removed"] < 0.75 * HIDDEN
     assert "held-out --data samples" in record.budget
-    assert _held_out_cosine(source, model, samples) >= 0.9995
+    assert held_out_cosine(source, model, samples) >= 0.9995
     assert report.budget["bounds"] == "cosine>=0.9995" and report.budget["spent"]["cosine"] <= 0.0005
 
 
@@ -112,7 +102,7 @@ def test_every_lossy_pass_gets_a_share_and_the_whole_pipeline_stays_inside():
     )
     prune, quant = report.passes
     assert prune.status == "applied" and prune.stats["budget_spent"] <= 0.5 + 1e-6  # half the budget is prune's
-    assert _held_out_cosine(source, model, samples) >= 0.9995
+    assert held_out_cosine(source, model, samples) >= 0.9995
     assert report.data_error.min_cosine >= 0.9995
 
 
@@ -123,7 +113,7 @@ def test_a_result_outside_the_budget_is_stepped_back_and_says_so():
     assert record.status == "unchanged"
     assert record.budget.endswith("stepped back") and "over the budget" in record.budget
     assert "budget cosine>=0.9999" in report.summary()
-    assert _held_out_cosine(source, model, samples) == pytest.approx(1.0, abs=1e-6)
+    assert held_out_cosine(source, model, samples) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_with_no_budget_a_large_change_is_a_warning_with_the_figure_and_what_to_pass():
@@ -212,7 +202,7 @@ def test_lossy_passes_before_a_recovering_pass_are_judged_after_it():
     lowrank, idle = report.passes
     assert lowrank.status == "rolled_back" and "over the budget after" in lowrank.error
     assert idle.budget.endswith("stepped back")
-    assert _held_out_cosine(source, model, samples) == pytest.approx(1.0, abs=1e-6)
+    assert held_out_cosine(source, model, samples) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_the_report_json_carries_the_budget_and_each_pass_line(tmp_path):

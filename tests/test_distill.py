@@ -9,11 +9,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from graph_checks import constant, make_model, value_info
+from graph_checks import constant, held_out_cosine, make_model, value_info
 
 from onnxforge import optimize
-from onnxforge.backends import get_backend
-from onnxforge.comparison import compare_outputs
 
 pytest.importorskip("torch")
 
@@ -49,13 +47,6 @@ def _samples(count: int = 32) -> list[dict[str, np.ndarray]]:
     return [{"x": rng.standard_normal((8, 32)).astype(np.float32)} for _ in range(count)]
 
 
-def _held_out_cosine(source: onnx.ModelProto, model, samples) -> float:
-    held_out = samples[-len(samples) // 4 :]
-    ort = get_backend("ort")
-    before, after = ort.prepare(source.SerializeToString()), ort.prepare(model)
-    return compare_outputs([before.run(s) for s in held_out], [after.run(s) for s in held_out]).min_cosine
-
-
 def _structure(model) -> list[tuple]:
     proto = model.to_proto()
     nodes = [(n.op_type, n.name, list(n.input), list(n.output), [str(a) for a in n.attribute]) for n in proto.graph.node]
@@ -70,7 +61,7 @@ def test_distillation_wins_back_held_out_accuracy_that_recovery_alone_leaves_and
     prune, distill = report.passes
     assert distill.status == "applied", distill.notes
     assert distill.stats["held_out_error_after"] < distill.stats["held_out_error_before"]
-    assert _held_out_cosine(source, distilled, samples) > _held_out_cosine(source, recovered, samples)
+    assert held_out_cosine(source, distilled, samples) > held_out_cosine(source, recovered, samples)
     assert _structure(distilled) == _structure(recovered)  # the same nodes, names, inputs, outputs and opsets
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in recovered.to_proto().graph.initializer}
     trained = {t.name: onnx.numpy_helper.to_array(t) for t in distilled.to_proto().graph.initializer}
@@ -84,12 +75,12 @@ def test_lossy_passes_before_distill_are_judged_against_the_budget_after_it():
     prune, distill = report.passes
     assert prune.status == "applied" and not prune.budget  # its full ratio, judged after distill
     assert "held-out --data samples" in distill.budget and not distill.budget.endswith("stepped back")
-    assert _held_out_cosine(source, model, samples) >= 0.5
+    assert held_out_cosine(source, model, samples) >= 0.5
 
     model, report = optimize(source, f"{PRUNE},{DISTILL}", data=samples, budget="cosine=0.9999", seed=0)
     prune, distill = report.passes
     assert prune.status == "rolled_back" and distill.budget.endswith("stepped back")
-    assert _held_out_cosine(source, model, samples) == pytest.approx(1.0, abs=1e-6)
+    assert held_out_cosine(source, model, samples) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_distill_with_nothing_lost_before_it_leaves_the_model():

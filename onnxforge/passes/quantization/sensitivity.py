@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from onnxforge.calibration.context import Calibration
 from onnxforge.calibration.observe import run_model
 from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
 from onnxforge.passes.quantization.rewrite import LayerFormat
-from onnxforge.pipeline.budget import Budget, Losses
+from onnxforge.pipeline.budget import Budget, Losses, strongest_within
 
 
 @dataclass
@@ -66,7 +66,7 @@ def fit_error_budget(
         return {i: plan[i] for i in order[count:]}
 
     for make in (softened, floated) if gentler else (floated,):
-        count = _fewest_moved(lambda k: fits_on_held_out(make(k)), len(order))
+        count, _ = strongest_within(range(1, len(order) + 1), lambda k: fits_on_held_out(make(k)))
         if count is not None:
             moved = order[:count]
             if make is softened:
@@ -79,16 +79,3 @@ def fit_error_budget(
             return BudgetFit(make(count), sensitivity, kept_float=moved)
     return BudgetFit({}, sensitivity, kept_float=order)
 
-
-def _fewest_moved(fits: Callable[[int], bool], total: int) -> int | None:
-    """The fewest of `total` layers to move for `fits(count)`; None when moving all of them does not fit either."""
-    if not fits(total):
-        return None
-    low, high = 1, total
-    while low < high:
-        middle = (low + high) // 2
-        if fits(middle):
-            high = middle
-        else:
-            low = middle + 1
-    return low
