@@ -78,8 +78,6 @@ class Distill(Pass):
             ctx.progress,
             matched,
         )
-        reference = run_model(teacher, as_declared(teacher, held_out), calibration)
-        before = run_model(model, as_declared(model, held_out), calibration)
         how = (
             f"{outcome.steps} steps of {o.batch} in {outcome.seconds:.1f} s on {schedule.device}, on {len(train)} "
             f"samples{' and perturbed copies' if o.augment else ''}, matching the outputs"
@@ -88,6 +86,8 @@ class Distill(Pass):
         stats = {"steps": outcome.steps, "distill_seconds": round(outcome.seconds, 2)}
         if outcome.model is None:
             return PassResult(False, stats=stats, notes=[f"{how}: no step did better than the model before"])
+        reference = run_model(teacher, as_declared(teacher, held_out), calibration)
+        before = run_model(model, as_declared(model, held_out), calibration)
         after = run_model(outcome.model, as_declared(outcome.model, held_out), calibration)
         errors = [
             sum(output_error(out, ref, o.loss, o.temperature) for out, ref in zip(outputs, reference)) / len(reference)
