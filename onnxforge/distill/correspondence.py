@@ -1,7 +1,11 @@
 """Where a compressed model still computes what the original computed: the intermediate tensors both graphs
-name alike, of the same shape, for distillation to match besides the outputs."""
+name alike, of the same shape, for distillation to match besides the outputs, and the blocks between them that
+block-wise distillation trains one at a time."""
 
 from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -14,6 +18,15 @@ MATCHED_OPS = frozenset(
     {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "Add", "LayerNormalization",
      "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}
 )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Block:
+    """A part of the student that ends at `end` (a tensor the teacher computes alike) and the initializers that
+    feed it and no earlier block."""
+
+    end: str
+    initializers: frozenset[str]
 
 
 def corresponding_tensors(teacher: Model, student: Model, limit: int = 8) -> list[str]:
@@ -57,3 +70,48 @@ def with_outputs(model: Model, names: list[str]) -> Model:
         if name not in outputs:
             probe.graph.outputs.append(tensors[name])
     return probe
+
+
+def blocks(teacher: Model, student: Model, trained: Collection[str], limit: int = 12) -> list[Block]:
+    """At most `limit` blocks of the student, in its order, each ending at a tensor both models compute alike
+    (corresponding_tensors) and holding the `trained` initializers that feed it and no earlier block; a block with
+    none is merged into the next, and a block ends at the last such tensor its initializers compute (a residual sum
+    rather than its branch, so that it makes up for the error of the blocks before it). The initializers after the
+    last block belong to no block."""
+    ends = corresponding_tensors(teacher, student, limit=len(student.graph.nodes))
+    found = _blocks_ending_at(student, ends, set(trained))
+    if len(found) > limit:
+        picks = np.linspace(0, len(found) - 1, limit).round().astype(int)
+        found = _blocks_ending_at(student, [found[index].end for index in dict.fromkeys(picks.tolist())], set(trained))
+    return found
+
+
+def _blocks_ending_at(model: Model, ends: list[str], trained: set[str]) -> list[Block]:
+    tensors = model.graph.tensors()
+    taken: set[str] = set()
+    found = []
+    for end in ends:
+        feeding = (_initializers_feeding(tensors[end]) & trained) - taken
+        if feeding:
+            found.append(Block(end, frozenset(feeding)))
+            taken |= feeding
+        elif found:  # computed from the same weights, further on (a residual sum after its branch): end there
+            found[-1] = Block(end, found[-1].initializers)
+    return found
+
+
+def _initializers_feeding(tensor: gs.Tensor) -> set[str]:
+    """The names of the initializers that the computation of `tensor` reads."""
+    found, seen, waiting = set(), set(), [tensor]
+    while waiting:
+        current = waiting.pop()
+        for node in current.inputs:  # a variable's producer (none for a graph input)
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for read in node.inputs:
+                if isinstance(read, gs.Constant):
+                    found.add(read.name)
+                elif read.name:
+                    waiting.append(read)
+    return found

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from onnxforge.distill.augment import Augmenter
+from onnxforge.distill.correspondence import Block
 from onnxforge.distill.torch_graph import TorchGraph, write_back
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model
@@ -60,6 +61,16 @@ class Distilled:
     losses: list[float] = field(default_factory=list)  # the training loss at each check
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One round of training: the initializers it trains (None: every one) towards the teacher's values of `end`
+    (a tensor both models compute, by relative squared error) or, when `end` is None, of the outputs (and of the
+    `matched` tensors)."""
+
+    trained: frozenset[str] | None = None
+    end: str | None = None
+
+
 def distill(
     student: Model,
     teacher: Callable[[Sample], Outputs],
@@ -69,81 +80,143 @@ def distill(
     schedule: Schedule,
     progress: Callable[[str], None] = lambda line: None,
     matched: Sequence[str] = (),
+    blocks: Sequence[Block] = (),
 ) -> Distilled:
     """Train `student`'s weights towards `teacher` (a function giving the teacher's outputs on a sample) on
     `train` and, with `schedule.augment`, perturbed and mixed copies of it; `feeds(sample)` is the sample as the
     student takes it. The error is the mean over samples and float outputs of `schedule.loss` ("auto": the KL
     divergence where the teacher's output is a (log-)probability distribution over its last axis, else the squared
-    error relative to the output's energy); `held_out` judges it before training and at each check, and
-    the best weights are kept. `progress` gets a line at each check.
+    error relative to the output's energy); `held_out` judges it before training and at each check. `progress`
+    gets a line at each check.
 
-    `matched` names intermediate tensors both models compute (the teacher's function gives them too): training
-    also lowers their relative squared error, weighted by `schedule.matched_weight`; the held-out error is the
-    outputs' alone.
+    End to end (no `blocks`), every weight trains at once and the best weights are kept. `matched` names
+    intermediate tensors both models compute (the teacher's function gives them too): training also lowers their
+    relative squared error, weighted by `schedule.matched_weight`; the held-out error is the outputs' alone.
+
+    Block-wise, each block in turn trains its own initializers towards the teacher's value of the tensor it ends
+    at, on the student's own values before it (the teacher's function gives those tensors too), keeping its best
+    weights on the held-out samples (BRECQ's order: a block makes up for the error of those before it); then every
+    weight trains towards the outputs, as end to end. The steps and seconds are shared evenly among these stages.
     """
     torch.manual_seed(schedule.seed)
     module = TorchGraph(student).to(schedule.device)
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    held_out_targets = [_outputs_only(teacher(sample), matched) for sample in held_out]
-    error_before = _held_out_error(module, feeds, held_out, held_out_targets, schedule)
-    best_error, best_state = error_before, None
+    extra = [*matched, *(block.end for block in blocks)]
+    held_out_targets = [teacher(sample) for sample in held_out]
+    error_before = _held_out_error(module, feeds, held_out, held_out_targets, Stage(), schedule, extra)
     progress(f"before training: held-out error {error_before:.4g}")
-    if not parameters:
+    if not any(p.requires_grad for p in module.parameters()):
         return Distilled(None, 0, 0.0, error_before, error_before)
-    # Each weight tensor steps by `lr` of its own size (its root mean square): a signal-processing constant of
-    # small values (a mel filter bank) moves as little, relatively, as a layer's weights.
-    groups = [{"params": [p], "lr": schedule.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-6)} for p in parameters]
+    stages = [*(Stage(block.initializers, block.end) for block in blocks), Stage()]
+    run = _Run(module, teacher, feeds, train, held_out, held_out_targets, schedule, progress, extra)
+    for index, stage in enumerate(stages):
+        steps = max(schedule.steps // len(stages), 1)
+        # With a time limit, each stage has its share of what is left (a stage past the limit stops at once).
+        seconds = max(schedule.seconds - run.seconds(), 1e-9) / (len(stages) - index) if schedule.seconds else 0.0
+        label = "" if len(stages) == 1 else f"block {index + 1}/{len(blocks)}: " if stage.end else "all weights: "
+        run.train(stage, matched if stage.end is None else (), steps, seconds, label)
+    error_after = _held_out_error(module, feeds, held_out, held_out_targets, Stage(), schedule, extra)
+    if error_after >= error_before:
+        return Distilled(None, run.steps, run.seconds(), error_before, error_before, run.losses)
+    return Distilled(
+        write_back(student, module.to("cpu")), run.steps, run.seconds(), error_before, error_after, run.losses
+    )
+
+
+class _Run:
+    """Training state shared by the stages: the module, the teacher's targets of the training samples, the
+    augmenter, the steps taken, the losses and the clock."""
+
+    def __init__(self, module, teacher, feeds, train, held_out, held_out_targets, schedule, progress, extra):
+        self.module, self.teacher, self.feeds = module, teacher, feeds
+        self.train_samples, self.held_out, self.held_out_targets = train, held_out, held_out_targets
+        self.schedule, self.progress, self.extra = schedule, progress, extra
+        self.augmenter = Augmenter(train, schedule.seed)
+        self.rng = np.random.default_rng(schedule.seed)
+        self.cached = {id(sample): teacher(sample) for sample in train}
+        self.start = time.perf_counter()
+        self.steps, self.losses = 0, []
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def train(self, stage: Stage, matched: Sequence[str], steps: int, seconds: float, label: str) -> None:
+        """Train the stage's initializers for at most `steps` and `seconds` (0: no limit); keep its best weights."""
+        module, schedule = self.module, self.schedule
+        if stage.trained is not None:
+            module.train_only(stage.trained)
+        parameters = [p for p in module.parameters() if p.requires_grad]
+        also = [*matched, stage.end] if stage.end else list(matched)
+        best_error = self._judge(stage)
+        best_state = None
+        optimizer, scheduler = _optimizer(parameters, schedule.lr, steps)
+        checks = max(schedule.checks, 1)
+        check_every = max(steps // checks, 1)
+        start, running, step = time.perf_counter(), [], 0
+        next_check = start + seconds / checks  # with a time limit, the checks are spread over it too
+        while step < steps and not (seconds and time.perf_counter() - start >= seconds):
+            optimizer.zero_grad()
+            total = 0.0
+            for _ in range(schedule.batch):
+                sample, target = self._draw()
+                loss = self._loss(module(self.feeds(sample), also=also), target, stage, matched) / schedule.batch
+                loss.backward()
+                total += loss.item()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            running.append(total)
+            now = time.perf_counter()
+            due = seconds > 0 and now >= next_check
+            if step % check_every == 0 or step == steps or due or (seconds and now - start >= seconds):
+                next_check = now + seconds / checks
+                error = self._judge(stage)
+                self.losses.append(float(np.mean(running)))
+                running = []
+                self.progress(f"{label}step {step}/{steps}: loss {self.losses[-1]:.4g}, held-out error {error:.4g}")
+                if error < best_error:
+                    best_error = error
+                    best_state = {name: value.detach().clone() for name, value in module.state_dict().items()}
+        self.steps += step
+        if best_state is not None:
+            module.load_state_dict(best_state)
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)
+
+    def _draw(self) -> tuple[Sample, Outputs]:
+        if self.schedule.augment and self.rng.random() < 0.75:
+            sample = self.augmenter.draw()
+            return sample, self.teacher(sample)
+        sample = self.train_samples[self.rng.integers(len(self.train_samples))]
+        return sample, self.cached[id(sample)]
+
+    def _loss(self, outputs, target: Outputs, stage: Stage, matched: Sequence[str]) -> torch.Tensor:
+        if stage.end is not None:
+            return _loss(outputs, {stage.end: target[stage.end]}, Schedule(loss="mse"))
+        return _training_loss(outputs, _outputs_only(target, self.extra), target, self.schedule, matched)
+
+    def _judge(self, stage: Stage) -> float:
+        return _held_out_error(
+            self.module, self.feeds, self.held_out, self.held_out_targets, stage, self.schedule, self.extra
+        )
+
+
+def _optimizer(parameters: list[torch.nn.Parameter], lr: float, steps: int):
+    """Adam whose step for each weight tensor is `lr` of its root mean square (a signal-processing constant of
+    small values, as a mel filter bank, moves as little, relatively, as a layer's weights), after a linear warm-up
+    from a hundredth, then decayed along a cosine to a tenth; and its scheduler."""
+    groups = [{"params": [p], "lr": lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-6)} for p in parameters]
     optimizer = torch.optim.Adam(groups)
-    warm_up = min(WARM_UP_STEPS, max(schedule.steps // 10, 1))
+    warm_up = min(WARM_UP_STEPS, max(steps // 10, 1))
     scheduler = torch.optim.lr_scheduler.SequentialLR(
         optimizer,
         [
             torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warm_up),
-            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine(step, schedule.steps - warm_up)),
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine(step, steps - warm_up)),
         ],
         milestones=[warm_up],
     )
-    augmenter = Augmenter(train, schedule.seed)
-    rng = np.random.default_rng(schedule.seed)
-    cached = {id(sample): teacher(sample) for sample in train}
-    checks = max(schedule.checks, 1)
-    check_every = max(schedule.steps // checks, 1)
-    start, losses, step, running = time.perf_counter(), [], 0, []
-    next_check = start + schedule.seconds / checks  # with a time limit, the checks are spread over it too
-    while step < schedule.steps and not _out_of_time(start, schedule):
-        optimizer.zero_grad()
-        total = 0.0
-        for _ in range(schedule.batch):
-            if schedule.augment and rng.random() < 0.75:
-                sample = augmenter.draw()
-                target = teacher(sample)
-            else:
-                sample = train[rng.integers(len(train))]
-                target = cached[id(sample)]
-            loss = _training_loss(module(feeds(sample), also=matched), target, schedule, matched) / schedule.batch
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        running.append(total)
-        now = time.perf_counter()
-        due = schedule.seconds > 0 and now >= next_check
-        if step % check_every == 0 or step == schedule.steps or due or _out_of_time(start, schedule):
-            next_check = now + schedule.seconds / checks
-            error = _held_out_error(module, feeds, held_out, held_out_targets, schedule)
-            losses.append(float(np.mean(running)))
-            running = []
-            progress(f"step {step}/{schedule.steps}: loss {losses[-1]:.4g}, held-out error {error:.4g}")
-            if error < best_error:
-                best_error = error
-                best_state = {name: value.detach().clone() for name, value in module.state_dict().items()}
-    seconds = time.perf_counter() - start
-    if best_state is None:
-        return Distilled(None, step, seconds, error_before, error_before, losses)
-    module.load_state_dict(best_state)
-    return Distilled(write_back(student, module.to("cpu")), step, seconds, error_before, best_error, losses)
+    return optimizer, scheduler
 
 
 def device(choice: str) -> str:
@@ -163,17 +236,18 @@ def output_error(outputs: Outputs, target: Outputs, loss: Loss = "auto", tempera
 
 
 def _training_loss(
-    outputs: Mapping[str, torch.Tensor], target: Outputs, schedule: Schedule, matched: Sequence[str]
-) -> torch.Tensor:
-    loss = _loss(outputs, _outputs_only(target, matched), schedule)
+    outputs: Mapping[str, torch.Tensor], expected: Outputs, target: Outputs, schedule: Schedule,
+    matched: Sequence[str],
+) -> torch.Tensor:  # fmt: skip
+    loss = _loss(outputs, expected, schedule)
     if not matched:
         return loss
     inner = _loss(outputs, {name: target[name] for name in matched}, Schedule(loss="mse"))
     return loss + schedule.matched_weight * inner
 
 
-def _outputs_only(target: Outputs, matched: Sequence[str]) -> dict[str, np.ndarray]:
-    return {name: value for name, value in target.items() if name not in matched}
+def _outputs_only(target: Outputs, extra: Sequence[str]) -> dict[str, np.ndarray]:
+    return {name: value for name, value in target.items() if name not in extra}
 
 
 def _loss(outputs: Mapping[str, torch.Tensor], target: Outputs, schedule: Schedule) -> torch.Tensor:
@@ -228,12 +302,17 @@ def _held_out_error(
     feeds: Callable[[Sample], Sample],
     held_out: Sequence[Sample],
     targets: Sequence[Outputs],
+    stage: Stage,
     schedule: Schedule,
+    extra: Sequence[str],
 ) -> float:
+    """The mean error over the held-out samples of the stage's end (relative squared error), or of the outputs."""
+    errors = []
     with torch.no_grad():
-        errors = [float(_loss(module(feeds(sample)), target, schedule)) for sample, target in zip(held_out, targets)]
+        for sample, target in zip(held_out, targets):
+            if stage.end is None:
+                errors.append(float(_loss(module(feeds(sample)), _outputs_only(target, extra), schedule)))
+            else:
+                got = module(feeds(sample), also=[stage.end])
+                errors.append(float(_loss(got, {stage.end: target[stage.end]}, Schedule(loss="mse"))))
     return float(np.mean(errors)) if errors else math.inf
-
-
-def _out_of_time(start: float, schedule: Schedule) -> bool:
-    return schedule.seconds > 0 and time.perf_counter() - start >= schedule.seconds

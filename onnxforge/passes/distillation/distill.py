@@ -23,7 +23,8 @@ class Distill(Pass):
 
     The teacher is the model before the pipeline's first lossy pass, run on the run's backend; the student is the
     current model, run by PyTorch (onnxforge.distill.torch_graph), on the calibration part of the samples and,
-    with augment=true, perturbed and mixed copies of them that the teacher labels. Only initializers change:
+    with augment=true, perturbed and mixed copies of them that the teacher labels; end to end, or with mode=blocks
+    one block at a time (each towards the teacher's value where it ends) before the outputs. Only initializers change:
     every node, name and opset stays. The weights that did best on the held-out samples are kept, and kept only
     if they beat the model before the pass there. Lossy passes before it are judged against the error budget
     after it (docs/budget.md).
@@ -40,6 +41,7 @@ class Distill(Pass):
         lr: float = 1e-4  # Adam's step relative to each weight tensor's root mean square, decayed to a tenth
         loss: Literal["auto", "mse", "cosine", "kl"] = "auto"  # auto: KL for distributions, else relative MSE
         match: Literal["layers", "outputs"] = "layers"  # also match the layer outputs both models compute
+        mode: Literal["end-to-end", "blocks"] = "end-to-end"  # blocks: one block at a time, then the outputs
         temperature: float = 2.0  # of the softmax, for loss=kl
         augment: bool = True  # train on perturbed and mixed copies of the samples too
         seed: int = 0
@@ -57,12 +59,14 @@ class Distill(Pass):
             raise PassUsageError("distill trains on sample inputs: give them with --data (data= in the Python API)")
         if importlib.util.find_spec("torch") is None:
             raise PassUsageError("distill trains with PyTorch: install it (pip install 'onnxforge[torch]')")
-        from onnxforge.distill.correspondence import corresponding_tensors, with_outputs
+        from onnxforge.distill.correspondence import blocks, corresponding_tensors, with_outputs
+        from onnxforge.distill.torch_graph import TorchGraph
         from onnxforge.distill.training import Schedule, device, distill, output_error
 
         train, held_out = calibration.split()
-        matched = corresponding_tensors(teacher, model) if o.match == "layers" else []
-        teacher_run = calibration.runner(with_outputs(teacher, matched))
+        parts = blocks(teacher, model, TorchGraph(model).initializer_parameters()) if o.mode == "blocks" else []
+        matched = corresponding_tensors(teacher, model) if o.match == "layers" and not parts else []
+        teacher_run = calibration.runner(with_outputs(teacher, [*matched, *(part.end for part in parts)]))
         schedule = Schedule(
             steps=o.steps, seconds=o.time, batch=o.batch, lr=o.lr, loss=o.loss, temperature=o.temperature,
             augment=o.augment, seed=o.seed, device=device(o.device),
@@ -77,10 +81,12 @@ class Distill(Pass):
             schedule,
             ctx.progress,
             matched,
+            parts,
         )
         how = (
             f"{outcome.steps} steps of {o.batch} in {outcome.seconds:.1f} s on {schedule.device}, on {len(train)} "
-            f"samples{' and perturbed copies' if o.augment else ''}, matching the outputs"
+            f"samples{' and perturbed copies' if o.augment else ''}, "
+            f"{f'{len(parts)} blocks one at a time, then ' if parts else ''}matching the outputs"
             f"{f' and {len(matched)} layer outputs' if matched else ''}; judged on {len(held_out)} held-out samples"
         )
         stats = {"steps": outcome.steps, "distill_seconds": round(outcome.seconds, 2)}
