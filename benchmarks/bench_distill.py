@@ -9,11 +9,11 @@ headline pipeline, judged, counted and timed in one run.
 For each case of cases/ (the text-detection CNN, the sentence encoder, the phoneme recognizer when its recorded
 speech is there): structured pruning at 30% and 50% and half-parameter whitened low-rank factorization, each with
 recovery and with recovery then `distill` (at most --distill-seconds of training on this machine, on the case's
-calibration samples and perturbed copies of them); int4 weights with and without `distill`; then the error budget's
-headline: `quant` alone and `prune,quant` under `--budget cosine=0.99` (the sentence encoder; other cases under their
-own bound). Every model is judged on the case's held-out inputs (never trained or calibrated on) against fp32, its
-parameters counted, and all of a case's models timed together in interleaved blocks. Writes
-benchmarks/results/distillation.json and .md (distillation-quick.* with --quick).
+calibration samples and perturbed copies of them), end to end and block-wise; int4 weights with and without
+`distill`; then the error budget's headline: `quant` alone and `prune,quant` under `--budget cosine=0.99` (the
+sentence encoder; other cases under their own bound). Every model is judged on the case's held-out inputs (never
+trained or calibrated on) against fp32, its parameters counted, and all of a case's models timed together in
+interleaved blocks. Writes benchmarks/results/distillation.json and .md (distillation-quick.* with --quick).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def pipelines_of(case: str, seconds: float) -> dict[str, tuple[str, str]]:
     for label, compression in COMPRESSIONS.items():
         pipelines[f"{label}, recover"] = (_joined(case, compression), "none")
         pipelines[f"{label}, recover, distill"] = (_joined(case, compression, distill), "none")
+        pipelines[f"{label}, recover, distill blocks"] = (_joined(case, compression, f"{distill}:mode=blocks"), "none")
     if case in INT4:
         int4 = f"cleanup,fuse,{INT4[case]}"
         pipelines["int4"] = (int4, "none")
@@ -135,7 +136,9 @@ def markdown(results: list[dict], setup: dict, env: dict) -> str:
     for result in results:
         lines += ["", f"## {result['case']}", "", result["description"], ""]
         lines += variant_table(result["variants"], "parameters", parameters_cell)
-        pairs = [(f"{label}, recover", f"{label}, recover, distill") for label in COMPRESSIONS]
+        pairs = [
+            (f"{label}, recover", f"{label}, recover, distill{mode}") for label in COMPRESSIONS for mode in ("", " blocks")
+        ]
         pairs = [pair for pair in [*pairs, ("int4", "int4, distill")] if set(pair) <= result["variants"].keys()]
         if pairs:
             lines += ["", *error_cut_lines(result, pairs, "Distillation")]

@@ -4,8 +4,10 @@ weight ops (MatMulNBits, GatherBlockQuantized).
 QuantizeLinear and DynamicQuantizeLinear produce their integer codes as float tensors: rounding passes the
 gradient straight through (STE) and saturation passes it only inside the range, so a QDQ model trains through
 its quantizers, and a DequantizeLinear's float scale of several values (one per channel) can be a parameter.
-MatMulNBits and GatherBlockQuantized weights are dequantized on every call and are not trained: their packed
-codes, scales and zero points are fixed inputs; a MatMulNBits bias trains.
+MatMulNBits and GatherBlockQuantized weights are dequantized on every call. MatMulNBits' scales and bias can be
+parameters, and its weight comes either packed or, where TorchGraph trains the codes, unpacked as float codes
+(one a code, rounded and clamped already; onnxforge.distill.learned_codes), as a DequantizeLinear's integer codes
+do; its zero points are fixed inputs. GatherBlockQuantized's codes, scales and zero points are fixed inputs.
 """
 
 from __future__ import annotations
@@ -112,11 +114,14 @@ def _matmul_nbits_refusal(call: OpCall) -> str | None:
     return None
 
 
-@OPS.op("MatMulNBits", domain=CONTRIB_DOMAIN, fixed_inputs=(1, 2, 3, 4), refuse=_matmul_nbits_refusal)
-def _matmul_nbits(call: OpCall, a, packed, scales, zero_points=None, g_idx=None, bias=None):
+@OPS.op("MatMulNBits", domain=CONTRIB_DOMAIN, fixed_inputs=(3, 4), refuse=_matmul_nbits_refusal)
+def _matmul_nbits(call: OpCall, a, weight, scales, zero_points=None, g_idx=None, bias=None):
+    """`weight`: the packed bytes, or their codes unpacked as floats (one a code, padding included)."""
     k, n, bits, block = call.attr("K"), call.attr("N"), call.attr("bits", 4), call.attr("block_size")
     blocks = math.ceil(k / block)
-    codes = _unpacked(packed.reshape(n, -1), bits)[:, : blocks * block].reshape(n, blocks, block)
+    rows = weight.reshape(n, -1)
+    codes = rows if rows.is_floating_point() else _unpacked(rows, bits)
+    codes = codes[:, : blocks * block].reshape(n, blocks, block)
     scale = scales.reshape(n, blocks)
     if zero_points is None:  # unsigned codes centred on the middle of their range
         zero = torch.full_like(scale, 2 ** (bits - 1))

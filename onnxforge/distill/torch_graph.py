@@ -3,10 +3,14 @@ same graph (`write_back`).
 
 The module evaluates the graph's nodes in topological order with the torch implementations of
 onnxforge.distill's op tables. A float initializer (float32, float16 or bfloat16) of more than one finite value
-that feeds arithmetic (a weight, bias, normalization scale or shift, a DequantizeLinear's per-channel scale)
-becomes a parameter, trained in float32 and cast to its stored dtype where the graph reads it. Every other
-constant (shapes, axes, indices, scalars, integer tensors, zero points, masks, the values of Constant nodes and
-what configures an op: sizes, pad values, MatMulNBits' packed weight) is a buffer that is not trained.
+that feeds arithmetic (a weight, bias, normalization scale or shift, a DequantizeLinear's per-channel scale,
+MatMulNBits' scales) becomes a parameter, trained in float32 and cast to its stored dtype where the graph reads it.
+Integer weight codes train too (onnxforge.distill.learned_codes): a DequantizeLinear's int8, uint8, int16,
+uint16, int4 or uint4 codes (with a constant scale) and MatMulNBits' packed 4- or 8-bit codes, where nothing else
+reads them, become a float32 parameter of one value a code, read rounded (the gradient passing straight through)
+and clamped to the code range, and written back rounded, clipped and packed as stored. Every other constant
+(shapes, axes, indices, scalars, other integer tensors, zero points, masks, the values of Constant nodes and what
+configures an op: sizes, pad values) is a buffer that is not trained.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from torch import nn
 
 from onnxforge.distill import contrib_ops, onnx_ops, quantized_ops
+from onnxforge.distill.learned_codes import CodeLayout, trained_code_layouts
 from onnxforge.distill.op_table import ONNX_DOMAINS, OpCall, OpTable, TorchConversionError
 from onnxforge.errors import DataError
 from onnxforge.ir import Model
@@ -80,6 +85,7 @@ class TorchGraph(nn.Module):
 
         arrays = {t.name: _peek(t) for t in graph.tensors().values() if isinstance(t, gs.Constant)}
         learnable = _learnable_constants(graph, arrays, ops)
+        self._codes = trained_code_layouts(graph, arrays)  # initializer name -> how it stores its codes
         self.weights = nn.ParameterDict()
         self.fixed = nn.Module()  # holds the buffers
         self._parameter_keys: dict[str, str] = {}  # initializer name -> key in self.weights
@@ -87,6 +93,11 @@ class TorchGraph(nn.Module):
         self._dtypes: dict[str, torch.dtype] = {}  # initializer name -> the dtype the graph reads
         keys = set(_RESERVED_KEYS)
         for name, array in arrays.items():
+            if name in self._codes:
+                key = _unique_key(name, keys)
+                self.weights[key] = nn.Parameter(torch.from_numpy(self._codes[name].unpacked(array)))
+                self._parameter_keys[name] = key
+                continue
             value = _tensor_of(array, name)
             if name in learnable:
                 key = _unique_key(name, keys)
@@ -114,8 +125,12 @@ class TorchGraph(nn.Module):
         for name, key in self._buffer_keys.items():
             values[name] = getattr(self.fixed, key)
         for name, key in self._parameter_keys.items():
-            parameter, dtype = self.weights[key], self._dtypes[name]
-            values[name] = parameter if parameter.dtype == dtype else parameter.to(dtype)
+            parameter = self.weights[key]
+            if name in self._codes:
+                values[name] = self._codes[name].rounded(parameter)
+            else:
+                dtype = self._dtypes[name]
+                values[name] = parameter if parameter.dtype == dtype else parameter.to(dtype)
         for step in self._steps:
             results = step.run(step.call, *(values[name] if name else None for name in step.inputs))
             if isinstance(results, torch.Tensor):
@@ -148,6 +163,10 @@ class TorchGraph(nn.Module):
         """The parameters by the name of the initializer each one is."""
         return {name: self.weights[key] for name, key in self._parameter_keys.items()}
 
+    def code_layouts(self) -> dict[str, CodeLayout]:
+        """How each initializer whose parameter holds integer codes stores them, by the initializer's name."""
+        return dict(self._codes)
+
     def parameter_names(self) -> dict[str, str]:
         """The initializer name of each parameter, keyed by its name in `named_parameters()`."""
         return {f"weights.{key}": name for name, key in self._parameter_keys.items()}
@@ -173,19 +192,22 @@ class TorchGraph(nn.Module):
 
 def write_back(model: Model, module: TorchGraph) -> Model:
     """A copy of `model` whose learnable initializers hold `module`'s parameter values, each cast back to its
-    stored dtype and shape. Nodes, names, attributes, opsets, graph inputs and outputs and every other
-    initializer stay as they are; `model` itself is not changed (its weight arrays are never written into).
+    stored dtype and shape (integer codes rounded, clipped to their range and packed as stored). Nodes, names,
+    attributes, opsets, graph inputs and outputs and every other initializer stay as they are; `model` itself is
+    not changed (its weight arrays are never written into).
 
     ValueError when the module was not built from this graph (an initializer missing or of another shape).
     """
     copy = model.copy()
     constants = {t.name: t for t in copy.graph.tensors().values() if isinstance(t, gs.Constant)}
+    layouts = module.code_layouts()
     for name, parameter in module.initializer_parameters().items():
-        tensor = constants.get(name)
-        if tensor is None or tuple(tensor.shape) != tuple(parameter.shape):
+        tensor, layout = constants.get(name), layouts.get(name)
+        stored_shape = tuple(parameter.shape) if layout is None else layout.shape
+        if tensor is None or tuple(tensor.shape) != stored_shape:
             raise ValueError(f"the module's parameter {name!r} is not an initializer of this shape in the model")
         trained = parameter.detach().to("cpu", torch.float32).numpy()
-        tensor.values = trained.astype(_peek(tensor).dtype)
+        tensor.values = trained.astype(_peek(tensor).dtype) if layout is None else layout.stored(trained)
     return copy
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,6 +24,9 @@ Loss = Literal["auto", "mse", "cosine", "kl"]
 # The learning rate rises from a hundredth over these first steps (a tenth of them, if fewer): Adam's first steps on a
 # trained model, at full rate, move every weight by about the rate whatever its gradient, which undoes much at once.
 WARM_UP_STEPS = 100
+# Integer codes step by this many times the learning rate, in quantization steps: a code changes when it has moved
+# half a step, which, at a weight's rate relative to its size, takes a 4-bit code thousands of steps.
+CODE_STEPS_PER_LR = 100.0
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,8 @@ class _Run:
         also = [*matched, stage.end] if stage.end else list(matched)
         best_error = self._judge(stage)
         best_state = None
-        optimizer, scheduler = _optimizer(parameters, schedule.lr, steps)
+        codes = {id(module.initializer_parameters()[name]) for name in module.code_layouts()}
+        optimizer, scheduler = _optimizer(parameters, schedule.lr, steps, codes)
         checks = max(schedule.checks, 1)
         check_every = max(steps // checks, 1)
         start, running, step = time.perf_counter(), [], 0
@@ -201,11 +205,14 @@ class _Run:
         )
 
 
-def _optimizer(parameters: list[torch.nn.Parameter], lr: float, steps: int):
+def _optimizer(parameters: list[torch.nn.Parameter], lr: float, steps: int, codes: Collection[int] = ()):
     """Adam whose step for each weight tensor is `lr` of its root mean square (a signal-processing constant of
-    small values, as a mel filter bank, moves as little, relatively, as a layer's weights), after a linear warm-up
+    small values, as a mel filter bank, moves as little, relatively, as a layer's weights) and for integer codes
+    (the parameters whose ids are in `codes`) CODE_STEPS_PER_LR * `lr` quantization steps, after a linear warm-up
     from a hundredth, then decayed along a cosine to a tenth; and its scheduler."""
-    groups = [{"params": [p], "lr": lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-6)} for p in parameters]
+    groups = [
+        {"params": [p], "lr": lr * (CODE_STEPS_PER_LR if id(p) in codes else _root_mean_square(p))} for p in parameters
+    ]
     optimizer = torch.optim.Adam(groups)
     warm_up = min(WARM_UP_STEPS, max(steps // 10, 1))
     scheduler = torch.optim.lr_scheduler.SequentialLR(
@@ -217,6 +224,10 @@ def _optimizer(parameters: list[torch.nn.Parameter], lr: float, steps: int):
         milestones=[warm_up],
     )
     return optimizer, scheduler
+
+
+def _root_mean_square(parameter: torch.nn.Parameter) -> float:
+    return max(float(parameter.detach().pow(2).mean().sqrt()), 1e-6)
 
 
 def device(choice: str) -> str:
