@@ -98,8 +98,8 @@ def _joined(target: Path) -> Path:
     return target
 
 
-def make(packed: Path, out: Path, only: list[str]) -> None:
-    """Run every packed pipeline (whose label holds one of `only`, if given) on its case's model and samples;
+def make(packed: Path, out: Path, labels: list[str]) -> None:
+    """Run every packed pipeline (whose label is one of `labels`, if given) on its case's model and samples;
     write `<case>/<label>.onnx` and `.json`."""
     site = packed / "site"
     if not site.exists():
@@ -115,7 +115,7 @@ def make(packed: Path, out: Path, only: list[str]) -> None:
         target = out / folder.name
         target.mkdir(parents=True, exist_ok=True)
         for label, passes in json.loads((folder / "pipelines.json").read_text()).items():
-            if only and not any(part in label for part in only):
+            if labels and label not in labels:
                 continue
             print(f"{folder.name}: {label}: {passes}", flush=True)
             source = _joined(folder / "model.onnx")
@@ -180,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     making = commands.add_parser("make")
     making.add_argument("packed", type=Path)
     making.add_argument("--out", type=Path, required=True)
-    making.add_argument("--only", default="", help="comma-separated parts of the labels to make")
+    making.add_argument("--labels", nargs="*", default=[], help="the labels of the students to make (all if none)")
     args = parser.parse_args(argv)
     if args.command == "pack":
         pack(args.cases.split(","), args.seconds, args.out, args.work)
     else:
-        make(args.packed, args.out, [part for part in args.only.split(",") if part])
+        make(args.packed, args.out, args.labels)
     return 0
 
 
