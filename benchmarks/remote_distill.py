@@ -22,6 +22,7 @@ import json
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -110,6 +111,16 @@ def make(packed: Path, out: Path, labels: list[str]) -> None:
     sys.path.insert(0, str(BENCHMARKS.parent))
     from onnxforge import optimize
     from onnxforge.ir import save_model
+    from onnxforge.pipeline.manager import Instrument
+
+    class Log(Instrument):
+        """Each pass's start and the running pass's progress lines, timed, on stdout."""
+
+        def before_pass(self, index, total, pass_, model) -> None:
+            print(f"{time.strftime('%H:%M:%S')} {type(pass_).__name__}", flush=True)
+
+        def progress(self, line: str) -> None:
+            print(f"{time.strftime('%H:%M:%S')}   {line}", flush=True)
 
     for folder in sorted(path for path in packed.iterdir() if (path / "pipelines.json").exists()):
         target = out / folder.name
@@ -119,7 +130,8 @@ def make(packed: Path, out: Path, labels: list[str]) -> None:
                 continue
             print(f"{folder.name}: {label}: {passes}", flush=True)
             source = _joined(folder / "model.onnx")
-            model, report = optimize(str(source), passes, data=str(folder / "calibration"), budget="none", seed=0)
+            model, report = optimize(str(source), passes, data=str(folder / "calibration"), budget="none", seed=0,
+                                     instruments=[Log()])  # fmt: skip
             save_model(model, target / f"{_file_name(label)}.onnx")
             made = {"passes": passes, "machine": _machine(), "report": report.to_dict(),
                     "held_out": _agreement(source, target / f"{_file_name(label)}.onnx", folder / "held_out")}  # fmt: skip

@@ -4,6 +4,7 @@ towards the outputs."""
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import onnx
 import pytest
 from graph_checks import constant, held_out_cosine, make_model, value_info
@@ -20,8 +21,8 @@ PRUNE = "prune:ratio=0.5:measure=false:recover=true"
 
 
 def _residual_mlp(seed: int = 0, width: int = 32, hidden: int = 96, depth: int = 3) -> onnx.ModelProto:
-    """x[N, width] -> depth x (h = h + Relu(h @ wa + ba) @ wb) -> h @ wo -> y[N, 10]: pruning keeps the residual
-    sums h0, h1, ... as they were, so both models compute them."""
+    """x[N, width] -> depth x (n = LayerNorm(n + Relu(n @ wa + ba) @ wb)) -> n @ wo -> y[N, 10]: pruning keeps
+    the residual sums h0, h1, ... and their normalizations n0, n1, ... as they were, so both models compute them."""
     rng = np.random.default_rng(seed)
     nodes, initializers, x = [], [], "x"
     for i in range(depth):
@@ -36,8 +37,13 @@ def _residual_mlp(seed: int = 0, width: int = 32, hidden: int = 96, depth: int =
             onnx.helper.make_node("Relu", [f"v{i}"], [f"r{i}"], name=f"relu{i}"),
             onnx.helper.make_node("MatMul", [f"r{i}", f"wb{i}"], [f"d{i}"], name=f"down{i}"),
             onnx.helper.make_node("Add", [x, f"d{i}"], [f"h{i}"], name=f"residual{i}"),
+            onnx.helper.make_node("LayerNormalization", [f"h{i}", f"g{i}", f"s{i}"], [f"n{i}"], name=f"norm{i}"),
         ]
-        x = f"h{i}"
+        initializers += [
+            constant(f"g{i}", (1 + 0.1 * rng.standard_normal(width)).astype(np.float32)),
+            constant(f"s{i}", (0.1 * rng.standard_normal(width)).astype(np.float32)),
+        ]
+        x = f"n{i}"
     initializers.append(constant("wo", (rng.standard_normal((width, 10)) / np.sqrt(width)).astype(np.float32)))
     nodes.append(onnx.helper.make_node("MatMul", [x, "wo"], ["y"], name="head"))
     return make_model(nodes, [value_info("x", ["n", width])], [value_info("y", ["n", 10])], initializers)
@@ -48,14 +54,15 @@ def _samples(count: int = 32) -> list[dict[str, np.ndarray]]:
     return [{"x": rng.standard_normal((8, 32)).astype(np.float32)} for _ in range(count)]
 
 
-def test_blocks_end_at_the_residual_sums_and_hold_their_branch_weights():
+def test_blocks_end_at_the_normalized_residual_sums_and_hold_their_branch_weights():
     source = _residual_mlp()
     pruned, _ = optimize(source, PRUNE, data=_samples(), budget="none", seed=0)
     found = blocks(load_model(source), pruned, TorchGraph(pruned).initializer_parameters())
-    assert [block.end for block in found] == ["h0", "h1", "h2"]
+    assert [block.end for block in found] == ["n0", "n1", "n2"]
     for index, block in enumerate(found):  # the pruned branch's weights, whatever prune renamed them to
-        assert sorted(name[:3] for name in block.initializers) == [f"ba{index}", f"wa{index}", f"wb{index}"]
-    assert blocks(load_model(source), pruned, TorchGraph(pruned).initializer_parameters(), limit=2)[-1].end == "h2"
+        names = sorted(name.split("_")[0] for name in block.initializers)
+        assert names == [f"ba{index}", f"g{index}", f"s{index}", f"wa{index}", f"wb{index}"]
+    assert blocks(load_model(source), pruned, TorchGraph(pruned).initializer_parameters(), limit=2)[-1].end == "n2"
 
 
 def test_block_wise_distillation_lowers_held_out_error_and_keeps_the_graph():
@@ -73,3 +80,22 @@ def test_block_wise_distillation_lowers_held_out_error_and_keeps_the_graph():
     assert [(n.op_type, n.name, list(n.input), list(n.output)) for n in after.node] == [
         (n.op_type, n.name, list(n.input), list(n.output)) for n in before.node
     ]
+
+
+def test_a_block_that_computes_what_the_teacher_does_is_skipped():
+    from onnxforge.distill.correspondence import with_outputs
+    from onnxforge.distill.training import Schedule, distill
+
+    source, samples = _residual_mlp(), _samples()
+    pruned, _ = optimize(source, f"{PRUNE}:exclude=up0", data=samples, budget="none", seed=0)  # branch 0 kept whole
+    found = blocks(load_model(source), pruned, TorchGraph(pruned).initializer_parameters())
+    teacher = ort.InferenceSession(with_outputs(load_model(source), [b.end for b in found]).to_proto().SerializeToString())
+    names = [o.name for o in teacher.get_outputs()]
+    lines: list[str] = []
+    distill(
+        pruned, lambda s: dict(zip(names, teacher.run(None, dict(s)))), dict, samples[:24], samples[24:],
+        Schedule(steps=40, batch=2, lr=1e-2), lines.append, blocks=found,
+    )  # fmt: skip
+    # the unpruned branch makes two blocks (its layers' outputs correspond too), both exact
+    assert lines[1:3] == ["block 1/4: already as the teacher's: skipped", "block 2/4: already as the teacher's: skipped"]
+    assert any(line.startswith("block 3/4: step") for line in lines)

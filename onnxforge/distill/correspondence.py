@@ -74,9 +74,12 @@ def with_outputs(model: Model, names: list[str]) -> Model:
 
 def blocks(teacher: Model, student: Model, trained: Collection[str], limit: int = 12) -> list[Block]:
     """At most `limit` blocks of the student, in its order, each ending at a tensor both models compute alike
-    (corresponding_tensors) and holding the `trained` initializers that feed it and no earlier block; a block with
-    none is merged into the next, and a block ends at the last such tensor its initializers compute (a residual sum
-    rather than its branch, so that it makes up for the error of the blocks before it). The initializers after the
+    (corresponding_tensors) and holding the `trained` initializers that feed it and no earlier block.
+
+    A block begins where a layer's weights (a trained initializer of two or more dimensions) first feed such a
+    tensor, and ends at the last such tensor before the next one begins: it takes in the biases and
+    normalization scales after it, and ends at a residual sum's normalization rather than at its branch, so that
+    it makes up for the error of the blocks before it where the next block reads. The initializers after the
     last block belong to no block."""
     ends = corresponding_tensors(teacher, student, limit=len(student.graph.nodes))
     found = _blocks_ending_at(student, ends, set(trained))
@@ -89,20 +92,22 @@ def blocks(teacher: Model, student: Model, trained: Collection[str], limit: int 
 def _blocks_ending_at(model: Model, ends: list[str], trained: set[str]) -> list[Block]:
     tensors = model.graph.tensors()
     taken: set[str] = set()
-    found = []
+    found: list[Block] = []
     for end in ends:
-        feeding = (_initializers_feeding(tensors[end]) & trained) - taken
-        if feeding:
-            found.append(Block(end, frozenset(feeding)))
-            taken |= feeding
-        elif found:  # computed from the same weights, further on (a residual sum after its branch): end there
-            found[-1] = Block(end, found[-1].initializers)
+        feeding = {name: t for name, t in _initializers_feeding(tensors[end]).items() if name in trained}
+        new = set(feeding) - taken
+        if any(len(feeding[name].shape) >= 2 for name in new) or not found:
+            if new:
+                found.append(Block(end, frozenset(new)))
+        else:  # only biases and normalization scales, or nothing new: the block before goes on to here
+            found[-1] = Block(end, found[-1].initializers | new)
+        taken |= new
     return found
 
 
-def _initializers_feeding(tensor: gs.Tensor) -> set[str]:
-    """The names of the initializers that the computation of `tensor` reads."""
-    found, seen, waiting = set(), set(), [tensor]
+def _initializers_feeding(tensor: gs.Tensor) -> dict[str, gs.Constant]:
+    """The initializers that the computation of `tensor` reads, by name."""
+    found, seen, waiting = {}, set(), [tensor]
     while waiting:
         current = waiting.pop()
         for node in current.inputs:  # a variable's producer (none for a graph input)
@@ -111,7 +116,7 @@ def _initializers_feeding(tensor: gs.Tensor) -> set[str]:
             seen.add(id(node))
             for read in node.inputs:
                 if isinstance(read, gs.Constant):
-                    found.add(read.name)
+                    found[read.name] = read
                 elif read.name:
                     waiting.append(read)
     return found

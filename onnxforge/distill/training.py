@@ -24,6 +24,8 @@ Loss = Literal["auto", "mse", "cosine", "kl"]
 # The learning rate rises from a hundredth over these first steps (a tenth of them, if fewer): Adam's first steps on a
 # trained model, at full rate, move every weight by about the rate whatever its gradient, which undoes much at once.
 WARM_UP_STEPS = 100
+# A block whose end is within this relative squared error of the teacher's has nothing to win back.
+EXACT = 1e-12
 # Integer codes step by this many times the learning rate, in quantization steps: a code changes when it has moved
 # half a step, which, at a weight's rate relative to its size, takes a 4-bit code thousands of steps.
 CODE_STEPS_PER_LR = 100.0
@@ -150,6 +152,10 @@ class _Run:
         parameters = [p for p in module.parameters() if p.requires_grad]
         also = [*matched, stage.end] if stage.end else list(matched)
         best_error = self._judge(stage)
+        if stage.end is not None and best_error <= EXACT:
+            self.progress(f"{label}already as the teacher's: skipped")
+            module.train_only(module.initializer_parameters())
+            return
         best_state = None
         codes = {id(module.initializer_parameters()[name]) for name in module.code_layouts()}
         optimizer, scheduler = _optimizer(parameters, schedule.lr, steps, codes)
@@ -184,8 +190,7 @@ class _Run:
         self.steps += step
         if best_state is not None:
             module.load_state_dict(best_state)
-        for parameter in module.parameters():
-            parameter.requires_grad_(True)
+        module.train_only(module.initializer_parameters())
 
     def _draw(self) -> tuple[Sample, Outputs]:
         if self.schedule.augment and self.rng.random() < 0.75:
