@@ -99,9 +99,11 @@ def distill(
     relative squared error, weighted by `schedule.matched_weight`; the held-out error is the outputs' alone.
 
     Block-wise, each block in turn trains its own initializers towards the teacher's value of the tensor it ends
-    at, on the student's own values before it (the teacher's function gives those tensors too), keeping its best
-    weights on the held-out samples (BRECQ's order: a block makes up for the error of those before it); then every
-    weight trains towards the outputs, as end to end. The steps and seconds are shared evenly among these stages.
+    at (the teacher's function gives those tensors too), weighted by how much the outputs move with each element,
+    on the student's own values before it (BRECQ's order: a block makes up for the error of those before it), and
+    keeps the weights that did best at the outputs on the held-out samples; a block already as the teacher's is
+    skipped. Then every weight trains towards the outputs, as end to end. The steps and seconds are shared evenly
+    among these stages.
     """
     torch.manual_seed(schedule.seed)
     module = TorchGraph(student).to(schedule.device)
@@ -151,12 +153,11 @@ class _Run:
             module.train_only(stage.trained)
         parameters = [p for p in module.parameters() if p.requires_grad]
         also = [*matched, stage.end] if stage.end else list(matched)
-        best_error = self._judge(stage)
-        if stage.end is not None and best_error <= EXACT:
+        if stage.end is not None and self._judge(stage) <= EXACT:
             self.progress(f"{label}already as the teacher's: skipped")
             module.train_only(module.initializer_parameters())
             return
-        best_state = None
+        best_error, best_state = self._judge(Stage()), None  # a block's weights are kept for the outputs' sake
         codes = {id(module.initializer_parameters()[name]) for name in module.code_layouts()}
         optimizer, scheduler = _optimizer(parameters, schedule.lr, steps, codes)
         checks = max(schedule.checks, 1)
@@ -180,7 +181,7 @@ class _Run:
             due = seconds > 0 and now >= next_check
             if step % check_every == 0 or step == steps or due or (seconds and now - start >= seconds):
                 next_check = now + seconds / checks
-                error = self._judge(stage)
+                error = self._judge(Stage())
                 self.losses.append(float(np.mean(running)))
                 running = []
                 self.progress(f"{label}step {step}/{steps}: loss {self.losses[-1]:.4g}, held-out error {error:.4g}")
@@ -201,13 +202,29 @@ class _Run:
 
     def _loss(self, outputs, target: Outputs, stage: Stage, matched: Sequence[str]) -> torch.Tensor:
         if stage.end is not None:
-            return _loss(outputs, {stage.end: target[stage.end]}, Schedule(loss="mse"))
+            return _sensitivity_weighted_error(outputs, stage.end, target[stage.end])
         return _training_loss(outputs, _outputs_only(target, self.extra), target, self.schedule, matched)
 
     def _judge(self, stage: Stage) -> float:
         return _held_out_error(
             self.module, self.feeds, self.held_out, self.held_out_targets, stage, self.schedule, self.extra
         )
+
+
+def _sensitivity_weighted_error(outputs: Mapping[str, torch.Tensor], end: str, expected: np.ndarray) -> torch.Tensor:
+    """The squared error of the tensor `end` against the teacher's, each element weighted by how much the outputs
+    move with it (the square of the gradient of the outputs' dot product with a random direction, an estimate of
+    the diagonal of J^T J, as BRECQ weights by the Fisher information), relative to the weighted energy of the
+    teacher's: errors where nothing reads them (padded positions a pooling masks) count for nothing."""
+    value = outputs[end]
+    reads = [y for name, y in outputs.items() if name != end and y.is_floating_point() and y.requires_grad]
+    want = torch.from_numpy(np.asarray(expected, np.float32)).to(value.device)
+    if not reads:
+        return ((value - want) ** 2).sum() / ((want**2).sum() + 1e-12)
+    projection = sum((y * torch.randn_like(y)).sum() for y in reads)
+    (gradient,) = torch.autograd.grad(projection, value, retain_graph=True, allow_unused=True)
+    weight = torch.ones_like(value) if gradient is None else gradient.detach() ** 2
+    return (weight * (value - want) ** 2).sum() / ((weight * want**2).sum() + 1e-12)
 
 
 def _optimizer(parameters: list[torch.nn.Parameter], lr: float, steps: int, codes: Collection[int] = ()):
