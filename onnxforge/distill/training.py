@@ -120,7 +120,9 @@ def distill(
         # With a time limit, each stage has its share of what is left (a stage past the limit stops at once).
         seconds = max(schedule.seconds - run.seconds(), 1e-9) / (len(stages) - index) if schedule.seconds else 0.0
         label = "" if len(stages) == 1 else f"block {index + 1}/{len(blocks)}: " if stage.end else "all weights: "
-        run.train(stage, matched if stage.end is None else (), steps, seconds, label)
+        # Judging takes time too: the stages share the checks, two at least each.
+        checks = max(schedule.checks // len(stages), 2) if len(stages) > 1 else schedule.checks
+        run.train(stage, matched if stage.end is None else (), steps, seconds, checks, label)
     error_after = _held_out_error(module, feeds, held_out, held_out_targets, Stage(), schedule, extra)
     if error_after >= error_before:
         return Distilled(None, run.steps, run.seconds(), error_before, error_before, run.losses)
@@ -146,8 +148,9 @@ class _Run:
     def seconds(self) -> float:
         return time.perf_counter() - self.start
 
-    def train(self, stage: Stage, matched: Sequence[str], steps: int, seconds: float, label: str) -> None:
-        """Train the stage's initializers for at most `steps` and `seconds` (0: no limit); keep its best weights."""
+    def train(self, stage: Stage, matched: Sequence[str], steps: int, seconds: float, checks: int, label: str) -> None:
+        """Train the stage's initializers for at most `steps` and `seconds` (0: no limit), judging them `checks`
+        times on the held-out samples; keep its best weights."""
         module, schedule = self.module, self.schedule
         if stage.trained is not None:
             module.train_only(stage.trained)
@@ -160,7 +163,7 @@ class _Run:
         best_error, best_state = self._judge(Stage()), None  # a block's weights are kept for the outputs' sake
         codes = {id(module.initializer_parameters()[name]) for name in module.code_layouts()}
         optimizer, scheduler = _optimizer(parameters, schedule.lr, steps, codes)
-        checks = max(schedule.checks, 1)
+        checks = max(checks, 1)
         check_every = max(steps // checks, 1)
         start, running, step = time.perf_counter(), [], 0
         next_check = start + seconds / checks  # with a time limit, the checks are spread over it too
