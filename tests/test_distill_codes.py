@@ -263,7 +263,7 @@ def test_distill_after_int4_quant_moves_the_codes_and_keeps_matmul_nbits():
     rng = np.random.default_rng(0)
     samples = [{"x": rng.standard_normal((8, 40)).astype(np.float32)} for _ in range(16)]
     quantized, _ = optimize(_mlp(), "quant:measure=false:bits=4", data=samples, budget="none", seed=0)
-    distilled, report = optimize(_mlp(), "quant:measure=false:bits=4,distill:steps=100:batch=4",
+    distilled, report = optimize(_mlp(), "quant:measure=false:bits=4,distill:steps=300:batch=4",
                                  data=samples, budget="none", seed=0)  # fmt: skip
     quant, distill = report.passes
     assert quant.status == "applied" and distill.status == "applied", distill.notes

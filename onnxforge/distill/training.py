@@ -21,9 +21,10 @@ from onnxforge.ir import Model
 Sample = Mapping[str, np.ndarray]
 Outputs = Mapping[str, np.ndarray]
 Loss = Literal["auto", "mse", "cosine", "kl"]
-# The learning rate rises from a hundredth over these first steps (a tenth of them, if fewer): Adam's first steps on a
+# The learning rate rises from a hundredth over these first steps: Adam's first steps on a
 # trained model, at full rate, move every weight by about the rate whatever its gradient, which undoes much at once.
 WARM_UP_STEPS = 100
+WARM_UP_SHARE = 0.1  # or over this share of a round of training (its steps or its time), if that ends sooner
 # A block whose end is within this relative squared error of the teacher's has nothing to win back.
 EXACT = 1e-12
 # Integer codes step by this many times the learning rate, in quantization steps: a code changes when it has moved
@@ -34,11 +35,10 @@ CODE_STEPS_PER_LR = 100.0
 @dataclass(frozen=True)
 class Schedule:
     """How long and how to train: at most `steps` optimizer steps and `seconds` (0: no time limit), `batch`
-    samples a step, Adam with each weight tensor's rate `lr` times its root mean square (after a linear warm-up of
-    WARM_UP_STEPS, cosine decay to a tenth over `steps`),
-    gradients clipped to norm 1; the held-out
-    samples judge the weights `checks` times (spread over the steps, and over the seconds when limited) and at the
-    end."""
+    samples a step, Adam with each weight tensor's rate `lr` times its root mean square (warmed up, then decayed
+    along a cosine to a tenth over the steps or the seconds, whichever runs out first: _rate_factor), gradients
+    clipped to norm 1; the held-out samples judge the weights `checks` times (spread over the steps, and over the
+    seconds when limited) and at the end."""
 
     steps: int = 500
     seconds: float = 0.0
@@ -160,9 +160,10 @@ class _Run:
             self.progress(f"{label}already as the teacher's: skipped")
             module.train_only(module.initializer_parameters())
             return
-        best_error, best_state = self._judge(Stage()), None  # a block's weights are kept for the outputs' sake
+        best_error = self._judge(Stage())  # a block's weights are kept for the outputs' sake
+        best_state = {name: value.detach().clone() for name, value in module.state_dict().items()}
         codes = {id(module.initializer_parameters()[name]) for name in module.code_layouts()}
-        optimizer, scheduler = _optimizer(parameters, schedule.lr, steps, codes)
+        optimizer = _optimizer(parameters, schedule.lr, codes)
         checks = max(checks, 1)
         check_every = max(steps // checks, 1)
         start, running, step = time.perf_counter(), [], 0
@@ -176,8 +177,10 @@ class _Run:
                 loss.backward()
                 total += loss.item()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            progress = max(step / steps, (time.perf_counter() - start) / seconds if seconds else 0.0)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * _rate_factor(step, progress)
             optimizer.step()
-            scheduler.step()
             step += 1
             running.append(total)
             now = time.perf_counter()
@@ -192,8 +195,7 @@ class _Run:
                     best_error = error
                     best_state = {name: value.detach().clone() for name, value in module.state_dict().items()}
         self.steps += step
-        if best_state is not None:
-            module.load_state_dict(best_state)
+        module.load_state_dict(best_state)
         module.train_only(module.initializer_parameters())
 
     def _draw(self) -> tuple[Sample, Outputs]:
@@ -230,25 +232,21 @@ def _sensitivity_weighted_error(outputs: Mapping[str, torch.Tensor], end: str, e
     return (weight * (value - want) ** 2).sum() / ((weight * want**2).sum() + 1e-12)
 
 
-def _optimizer(parameters: list[torch.nn.Parameter], lr: float, steps: int, codes: Collection[int] = ()):
-    """Adam whose step for each weight tensor is `lr` of its root mean square (a signal-processing constant of
-    small values, as a mel filter bank, moves as little, relatively, as a layer's weights) and for integer codes
-    (the parameters whose ids are in `codes`) CODE_STEPS_PER_LR * `lr` quantization steps, after a linear warm-up
-    from a hundredth, then decayed along a cosine to a tenth; and its scheduler."""
-    groups = [
-        {"params": [p], "lr": lr * (CODE_STEPS_PER_LR if id(p) in codes else _root_mean_square(p))} for p in parameters
-    ]
-    optimizer = torch.optim.Adam(groups)
-    warm_up = min(WARM_UP_STEPS, max(steps // 10, 1))
-    scheduler = torch.optim.lr_scheduler.SequentialLR(
-        optimizer,
-        [
-            torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warm_up),
-            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine(step, steps - warm_up)),
-        ],
-        milestones=[warm_up],
-    )
-    return optimizer, scheduler
+def _optimizer(parameters: list[torch.nn.Parameter], lr: float, codes: Collection[int] = ()) -> torch.optim.Adam:
+    """Adam whose base step (each group's "base_lr", which _rate_factor scales) for each weight tensor is `lr` of
+    its root mean square (a signal-processing constant of small values, as a mel filter bank, moves as little,
+    relatively, as a layer's weights) and for integer codes (the parameters whose ids are in `codes`)
+    CODE_STEPS_PER_LR * `lr` quantization steps."""
+    rates = [lr * (CODE_STEPS_PER_LR if id(p) in codes else _root_mean_square(p)) for p in parameters]
+    return torch.optim.Adam([{"params": [p], "lr": rate, "base_lr": rate} for p, rate in zip(parameters, rates)])
+
+
+def _rate_factor(step: int, progress: float) -> float:
+    """The factor of the base learning rate at `step`, `progress` (0 to 1) through a round of training, by steps
+    or by time, whichever is further: a linear warm-up from a hundredth over WARM_UP_STEPS or the first
+    WARM_UP_SHARE of the round, whichever ends first, under a cosine from 1 down to a tenth."""
+    warm = min(max(step / WARM_UP_STEPS, progress / WARM_UP_SHARE), 1.0)
+    return (0.01 + 0.99 * warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def _root_mean_square(parameter: torch.nn.Parameter) -> float:
@@ -316,11 +314,6 @@ def _term(got: torch.Tensor, want: torch.Tensor, schedule: Schedule) -> torch.Te
         teacher = torch.softmax(want / t, dim=-1)
         return torch.nn.functional.kl_div(log_student, teacher, reduction="batchmean") * t * t
     return ((got - want) ** 2).sum() / ((want**2).sum() + 1e-12)
-
-
-def _cosine(step: int, steps: int) -> float:
-    """The factor of the learning rate `step` steps after the warm-up: from 1 down to a tenth along a cosine."""
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1.0)))
 
 
 def _as_log_probabilities(values: torch.Tensor) -> torch.Tensor | None:
