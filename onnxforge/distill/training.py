@@ -114,7 +114,7 @@ def distill(
     if not any(p.requires_grad for p in module.parameters()):
         return Distilled(None, 0, 0.0, error_before, error_before)
     stages = [*(Stage(block.initializers, block.end) for block in blocks), Stage()]
-    run = _Run(module, teacher, feeds, train, held_out, held_out_targets, schedule, progress, extra)
+    run = _Run(module, teacher, feeds, train, held_out, held_out_targets, schedule, progress, extra, error_before)
     for index, stage in enumerate(stages):
         steps = max(schedule.steps // len(stages), 1)
         # With a time limit, each stage has its share of what is left (a stage past the limit stops at once).
@@ -123,19 +123,19 @@ def distill(
         # Judging takes time too: the stages share the checks, two at least each.
         checks = max(schedule.checks // len(stages), 2) if len(stages) > 1 else schedule.checks
         run.train(stage, matched if stage.end is None else (), steps, seconds, checks, label)
-    error_after = _held_out_error(module, feeds, held_out, held_out_targets, Stage(), schedule, extra)
-    if error_after >= error_before:
+    if run.error >= error_before:
         return Distilled(None, run.steps, run.seconds(), error_before, error_before, run.losses)
     return Distilled(
-        write_back(student, module.to("cpu")), run.steps, run.seconds(), error_before, error_after, run.losses
+        write_back(student, module.to("cpu")), run.steps, run.seconds(), error_before, run.error, run.losses
     )
 
 
 class _Run:
     """Training state shared by the stages: the module, the teacher's targets of the training samples, the
-    augmenter, the steps taken, the losses and the clock."""
+    augmenter, the held-out error of the module's current weights (at the outputs), the steps taken, the losses
+    and the clock."""
 
-    def __init__(self, module, teacher, feeds, train, held_out, held_out_targets, schedule, progress, extra):
+    def __init__(self, module, teacher, feeds, train, held_out, held_out_targets, schedule, progress, extra, error):
         self.module, self.teacher, self.feeds = module, teacher, feeds
         self.train_samples, self.held_out, self.held_out_targets = train, held_out, held_out_targets
         self.schedule, self.progress, self.extra = schedule, progress, extra
@@ -143,7 +143,7 @@ class _Run:
         self.rng = np.random.default_rng(schedule.seed)
         self.cached = {id(sample): teacher(sample) for sample in train}
         self.start = time.perf_counter()
-        self.steps, self.losses = 0, []
+        self.steps, self.losses, self.error = 0, [], error
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
@@ -160,7 +160,7 @@ class _Run:
             self.progress(f"{label}already as the teacher's: skipped")
             module.train_only(module.initializer_parameters())
             return
-        best_error = self._judge(Stage())  # a block's weights are kept for the outputs' sake
+        best_error = self.error  # a block's weights are kept for the outputs' sake
         best_state = {name: value.detach().clone() for name, value in module.state_dict().items()}
         codes = {id(module.initializer_parameters()[name]) for name in module.code_layouts()}
         optimizer = _optimizer(parameters, schedule.lr, codes)
@@ -196,6 +196,7 @@ class _Run:
                     best_state = {name: value.detach().clone() for name, value in module.state_dict().items()}
         self.steps += step
         module.load_state_dict(best_state)
+        self.error = best_error
         module.train_only(module.initializer_parameters())
 
     def _draw(self) -> tuple[Sample, Outputs]:
