@@ -71,7 +71,7 @@ def judge_and_time(
     """Add to each variant with a model its agreement with fp32 (the first variant) on the held-out inputs,
     its size under `size`'s name, and its latency and speedup from one interleaved run of all of them."""
     usable = [label for label, v in variants.items() if v["path"] is not None]
-    sessions = {label: ort_session(variants[label]["path"]) for label in usable}
+    sessions = {label: ort_session(variants[label]["path"], settings=variants[label].get("session")) for label in usable}
     reference = case.evaluate(sessions[usable[0]])
     name, measure = size
     for label in usable:

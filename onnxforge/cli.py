@@ -17,6 +17,7 @@ from onnxforge.stop_signals import StopOnSignals, Terminated, stop_exception
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_NO_IMPROVEMENT = 3  # optimize --auto --require-improvement found nothing faster inside the budget
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's convention: 128 + the signal's number
 EXIT_TERMINATED = 128 + signal.SIGTERM
 
@@ -30,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `onnxforge`: optimize, bench, compare, list-passes."""
+    """Entry point of `onnxforge`: optimize, bench, compare, search-worker, list-passes."""
 
     def command() -> int:
         parser = _Parser(prog="onnxforge", description="Optimize, benchmark and compare ONNX models.")
@@ -38,10 +39,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _add_optimize_arguments(commands.add_parser("optimize", help="run passes on a model"))
         _add_bench_arguments(commands.add_parser("bench", help="measure a model's latency on a backend"))
         _add_compare_arguments(commands.add_parser("compare", help="compare two models' outputs"))
+        _add_worker_arguments(
+            commands.add_parser("search-worker", help="run trials of an optimize --auto search that shares its storage")
+        )
         list_parser = commands.add_parser("list-passes", help="list the available passes")
         list_parser.add_argument("--plugin", action="append", default=[], help="module or .py file with passes")
         args = parser.parse_args(argv)
-        handlers = {"optimize": _optimize, "bench": _bench, "compare": _compare, "list-passes": _list_passes}
+        handlers = {
+            "optimize": _optimize, "bench": _bench, "compare": _compare, "search-worker": _search_worker,
+            "list-passes": _list_passes,
+        }
         return _within_timeout(handlers[args.command], args)
 
     return _guarded(command)
@@ -157,6 +164,16 @@ _count_or_zero = _number_type(int, 0, "a whole number, 0 or more")
 _seconds = _number_type(float, 0, "a finite number of seconds above 0", above=True)
 
 
+def _duration(text: str) -> float:
+    """An argparse `type=`: "90", "90s", "20m", "1.5h" as seconds above 0, else a usage error."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
+    try:
+        return _seconds(number) * unit
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a duration above 0 such as 90s, 20m or 1h, got {text!r}") from None
+
+
 def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shape",
@@ -209,6 +226,43 @@ def _add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     _add_timeout_argument(parser)
     _add_model_input_arguments(parser)
     _add_compile_arguments(parser)
+    _add_search_arguments(parser)
+
+
+def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("search (--auto)")
+    group.add_argument(
+        "--auto",
+        action="store_true",
+        help="search passes, their options and session settings for the fastest model inside --budget, timing each "
+        "candidate on --backend/--target; --passes then lists what the search may use (docs/search.md)",
+    )
+    group.add_argument("--trials", type=_count, help="finished trials the search holds in all (default 50)")
+    group.add_argument("--time-limit", type=_duration, metavar="DURATION", help="stop trials after this long (20m, 90s)")
+    group.add_argument("--storage", metavar="URL", help="the search's storage: sqlite:///FILE, a file, postgresql://...")
+    group.add_argument("--study", metavar="NAME", help="the search's name in --storage (default: from the options)")
+    group.add_argument("--sampler", choices=["auto", "tpe", "nsga2", "grid", "random"], help="default auto")
+    group.add_argument("--plot", metavar="PATH", help="draw the trials, their Pareto front and the winner (.svg, .png)")
+    group.add_argument(
+        "--min-speedup",
+        type=_tolerance,
+        help="how much faster than the input the winner must be, timed again at the end (default 1.02)",
+    )
+    group.add_argument(
+        "--require-improvement",
+        action="store_true",
+        help=f"exit {EXIT_NO_IMPROVEMENT} when nothing faster than the input stays inside the budget",
+    )
+
+
+def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", required=True, metavar="URL", help="the search's storage (as optimize --auto)")
+    parser.add_argument("--study", required=True, metavar="NAME", help="the search's study name")
+    parser.add_argument("--model", metavar="PATH", help="this machine's copy of the model (default: the study's path)")
+    parser.add_argument("--data", metavar="PATH", help="this machine's copy of --data (default: the study's path)")
+    parser.add_argument("--time-limit", type=_duration, metavar="DURATION", help="stop taking trials after this long")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    _add_timeout_argument(parser)
 
 
 def _add_timeout_argument(parser: argparse.ArgumentParser) -> None:
@@ -275,12 +329,13 @@ def _optimize_settings(args: argparse.Namespace) -> dict:
     for name in (*names, "threads", "external_data"):
         given = getattr(args, name)
         settings[name] = given if given is not None else getattr(config, name)
-        if settings[name] is None:
+        if settings[name] is None and not (name == "passes" and args.auto):  # a search's passes default is its own
             settings[name] = OPTIMIZE_DEFAULTS.get(name)
     settings["budget"] = settings["budget"] or DEFAULT_BUDGET
     settings["verify"] = False if args.no_verify else config.verify is not False
     settings["plugins"] = [*(config.plugins or []), *args.plugin]
     settings["shapes"] = {**(config.shapes or {}), **parse_shape_overrides(args.shape)}
+    settings["decisions"] = args.decisions if args.decisions is not None else config.decisions
     return settings
 
 
@@ -296,13 +351,15 @@ def _optimize(args: argparse.Namespace) -> int:
         return _list_passes(args)
     if not args.model:
         raise OnnxforgeError("no input model given (optimize MODEL --passes ... -o OUT)")
+    if args.auto:
+        return _optimize_auto(args)
     settings = _optimize_settings(args)
     output, report_path, external = settings.pop("output"), settings.pop("report"), settings.pop("external_data")
     # Loaded once, here: it names the weights files, which no output may replace.
     model_file = ModelFile.load(args.model)
     inputs = _input_files({"the input model": (args.model, model_file.model)}, settings["data"])
-    if args.decisions:
-        inputs["the --decisions report"] = [Path(args.decisions)]
+    if isinstance(settings["decisions"], str):
+        inputs["the --decisions report"] = [Path(settings["decisions"])]
     check_output_paths(
         inputs,
         {"-o": output, "-o's weights file": output and f"{output}.data", "--report": report_path,
@@ -315,7 +372,6 @@ def _optimize(args: argparse.Namespace) -> int:
             model_file,
             instruments=[] if args.quiet else [progress],
             backend_settings=backend_settings,
-            decisions=args.decisions,
             pass_timeout=args.pass_timeout,
             **settings,
         )
@@ -365,6 +421,90 @@ def _stage_artifact(compiled, artifact: str, written) -> list[str]:
     target = Path(artifact)
     files = compiled.export(written.stage_folder(target.parent) / target.name)
     return [str(target.with_name(Path(file).name)) for file in files]
+
+
+def _optimize_auto(args: argparse.Namespace) -> int:
+    """optimize --auto: search, then write the winner (or the input unchanged), its config, its session settings
+    and the search report, all at once."""
+    from onnxforge.frontends import ModelFile
+    from onnxforge.ir.io import stage_model
+    from onnxforge.ir.output_set import OutputSet, check_output_paths
+    from onnxforge.report import write_json
+    from onnxforge.report.search_plot import save_search_plot
+    from onnxforge.search import search
+
+    settings = _optimize_settings(args)
+    output, report_path = settings["output"], settings["report"]
+    model_file = ModelFile.load(args.model)
+    inputs = _input_files({"the input model": (args.model, model_file.model)}, settings["data"])
+    beside = Path(output or report_path or "").with_suffix("") if (output or report_path) else None
+    config_path = output and f"{beside}.config.json"
+    session_path = f"{beside}.session.json" if output and settings["backend"] == "ort" else None
+    storage = args.storage or (beside and f"sqlite:///{Path(f'{beside}.search.db').resolve()}")
+    check_output_paths(
+        inputs,
+        {"-o": output, "-o's weights file": output and f"{output}.data", "--report": report_path,
+         "the winner's config": config_path, "the winner's session settings": session_path,
+         "the search's storage": storage[len("sqlite:///"):] if storage and storage.startswith("sqlite:///") else None,
+         "--plot": args.plot},
+    )  # fmt: skip
+    if storage and not args.storage:  # the default storage beside the outputs: their folder may not exist yet
+        Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    quiet = args.quiet
+    result = search(
+        model_file,
+        data=settings["data"],
+        budget=settings["budget"],
+        passes=settings["passes"],
+        backend=settings["backend"],
+        target=settings["target"],
+        shapes=settings["shapes"],
+        backend_settings=_backend_settings(args),
+        trials=args.trials or 50,
+        time_limit=args.time_limit,
+        storage=storage,
+        study=args.study,
+        sampler_name=args.sampler or "auto",
+        seed=settings["seed"] or 0,
+        **({"min_speedup": args.min_speedup} if args.min_speedup is not None else {}),
+        progress=(lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True)),
+    )
+    with OutputSet(inputs=[path for paths in inputs.values() for path in paths]) as written:
+        if output:
+            external = {"auto": None, "yes": True, "no": False}[settings["external_data"]]
+            stage_model(result.model, output, written, external_data=external)
+        if config_path and result.config:
+            write_json(config_path, result.config, written)
+        if session_path and result.session:
+            write_json(session_path, {"onnxruntime.SessionOptions": result.session}, written)
+        if report_path:
+            write_json(report_path, result.report, written)
+        if args.plot:
+            save_search_plot(result.report, args.plot, written)
+        written.commit()
+    if not quiet:
+        print(result.summary())
+        if output and result.config:
+            print(f"  wrote {output}, {config_path} (optimize MODEL --config {config_path} rebuilds it)"
+                  + (f", {session_path}" if session_path else ""))
+    if args.explain:
+        print(result.explanation())
+    if args.require_improvement and not result.improved:
+        sys.stderr.write(f"error: no improvement: {result.message}\n")
+        return EXIT_NO_IMPROVEMENT
+    return 0
+
+
+def _search_worker(args: argparse.Namespace) -> int:
+    from onnxforge.search import search_worker
+
+    progress = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    finished = search_worker(
+        args.storage, args.study, model=args.model, data=args.data, time_limit=args.time_limit, progress=progress
+    )
+    if not args.quiet:
+        print(f"search-worker: {finished} trials finished here")
+    return 0
 
 
 def _list_passes(args: argparse.Namespace) -> int:

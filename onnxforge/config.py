@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from onnxforge.errors import OnnxforgeError
+from onnxforge.pipeline.budget import absolute_metric_path
 
 
 class ConfigError(OnnxforgeError):
@@ -45,11 +45,14 @@ class PipelineConfig:
     target: str | None = None
     threads: int | None = None
     external_data: str | None = None
+    # Measured decisions to replay: a --report JSON (a path) or its "decisions" section (a table), so that the
+    # config rebuilds the same model without timing (what optimize --auto writes for its winner).
+    decisions: str | dict[str, Any] | None = None
 
     def optimize_kwargs(self) -> dict[str, Any]:
         """The fields `onnxforge.optimize` takes, for `optimize(model, **config.optimize_kwargs())`."""
         names = ("passes", "data", "budget", "shapes", "plugins", "on_error", "verify", "rtol", "seed", "measure")
-        names += ("backend", "target", "threads")
+        names += ("backend", "target", "threads", "decisions")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
@@ -70,11 +73,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "target": (str,),
     "threads": (int,),
     "external_data": (str,),
+    "decisions": (str, dict),
 }
 _CHOICES = {"on_error": ("rollback", "stop"), "external_data": ("auto", "yes", "no")}
 _MINIMUMS = {"rtol": (0, "a finite number, 0 or more"), "threads": (1, "a whole number, 1 or more")}
-_RELATIVE_PATHS = ("output", "report", "data")
-_METRIC_FILE = re.compile(r"(metric\s*=\s*)(?!/)([^:,]+\.py)")  # a budget's metric file, relative to the config
+_RELATIVE_PATHS = ("output", "report", "data")  # and decisions, when it is a path
 
 
 def load_config(path: str | Path) -> PipelineConfig:
@@ -108,8 +111,10 @@ def load_config(path: str | Path) -> PipelineConfig:
     for name in _RELATIVE_PATHS:
         if name in values:
             values[name] = str(base / values[name])
+    if isinstance(values.get("decisions"), str):
+        values["decisions"] = str(base / values["decisions"])
     if "budget" in values:
-        values["budget"] = _METRIC_FILE.sub(lambda m: m[1] + str(base / m[2]), values["budget"])
+        values["budget"] = absolute_metric_path(values["budget"], base)
     if "plugins" in values:
         values["plugins"] = [str(base / p) if p.endswith(".py") else p for p in values["plugins"]]
     if isinstance(values.get("passes"), list):

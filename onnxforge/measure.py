@@ -185,6 +185,31 @@ def interleaved_latency(runs: Sequence[Callable[[], object]], timing: Interleave
     return results
 
 
+def interleaved_device_latency(
+    measures: Sequence[Callable[[MeasureOptions], LatencyStats]], timing: InterleavedTiming
+) -> list[RelativeLatency]:
+    """Like `interleaved_latency`, for models a backend times itself (on the device or a remote board: TVM's time
+    evaluator): `blocks` rounds of one block per model, each block `measures[i](options)` with at least `min_runs`
+    runs and `block_s` seconds; the first model is the baseline."""
+    block = MeasureOptions(warmup=timing.warmup, min_repeats=timing.min_runs, min_time_s=timing.block_s)
+    rounds = [[measure(block) for measure in measures] for _ in range(timing.blocks)]
+    results = []
+    for index in range(len(measures)):
+        ratios = [blocks[0].median_ms / max(blocks[index].median_ms, 1e-9) for blocks in rounds]
+        q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
+        medians = [blocks[index].median_ms / 1e3 for blocks in rounds]
+        results.append(
+            RelativeLatency(
+                stats=latency_stats_from_times(medians, warmup=timing.warmup),
+                speedup=float(q50),
+                speedup_iqr=(float(q25), float(q75)),
+                block_speedups=tuple(round(r, 4) for r in ratios),
+                runs_per_block=min(blocks[index].repeats for blocks in rounds),
+            )
+        )
+    return results
+
+
 def _timed(run: Callable[[], object]) -> float:
     start = time.perf_counter_ns()
     run()

@@ -1,10 +1,11 @@
-"""Suite-wide test settings: tests marked slow run only when ONNXFORGE_SLOW=1."""
+"""Suite-wide test settings: tests marked slow run only when ONNXFORGE_SLOW=1; fixtures any test module may use."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+from postgres_server import postgres_url  # noqa: F401  (a fixture: pytest finds it here)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

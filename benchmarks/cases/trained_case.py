@@ -40,8 +40,9 @@ class TrainedCase:
         return {name: float(metric(reference, candidate)) for name, metric in self.metrics.items()}
 
 
-def ort_session(model_path: str | os.PathLike[str], threads: int = 0):
-    """An onnxruntime CPU session as the benchmark times it: graph optimization ALL, intra-op spinning off."""
+def ort_session(model_path: str | os.PathLike[str], threads: int = 0, settings: dict | None = None):
+    """An onnxruntime CPU session as the benchmark times it: graph optimization ALL, intra-op spinning off; or with
+    `settings`, the `onnxruntime.SessionOptions` attributes a search chose (optimize --auto's session.json)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -49,6 +50,12 @@ def ort_session(model_path: str | os.PathLike[str], threads: int = 0):
     # A spinning pool steals the cores of the session timed after it (benchmarks/README.md, "How two models are timed").
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = threads
+    for name, value in (settings or {}).items():
+        enum = {"graph_optimization_level": onnxruntime.GraphOptimizationLevel,
+                "execution_mode": onnxruntime.ExecutionMode}.get(name)
+        setattr(options, name, getattr(enum, value) if enum else value)
+    if (settings or {}).get("execution_mode") == "ORT_PARALLEL":
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 

@@ -18,6 +18,7 @@ from onnxforge.ir.runtime_source import RuntimeSource
 from onnxforge.measure import LatencyStats, MeasureOptions, measure_latency
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
+ExecutionMode = Literal["sequential", "parallel"]
 
 
 @runtime_checkable
@@ -39,6 +40,8 @@ class BackendOptions:
     `allow_spinning=False` makes idle worker threads sleep instead of spinning: when two models
     are timed interleaved in one process, a spinning pool steals cores from the other and makes
     the speed ratio wrong and unstable (benchmarks/README.md, "How two models are timed in one process").
+    `execution_mode="parallel"` runs independent branches of the graph at the same time (onnxruntime: on a pool
+    of inter-op threads of its default size); "sequential" runs one node at a time, each on the `threads`.
     `extra` holds backend-specific settings (session config entries for onnxruntime).
     """
 
@@ -46,6 +49,7 @@ class BackendOptions:
     threads: int | None = None
     graph_optimization: GraphOptimization = "all"
     allow_spinning: bool = False
+    execution_mode: ExecutionMode = "sequential"
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -56,6 +60,8 @@ class BackendOptions:
                 f"unknown graph optimization level {self.graph_optimization!r}; "
                 "use one of disable, basic, extended, all"
             )
+        if self.execution_mode not in ("sequential", "parallel"):
+            raise BackendError(f"unknown execution mode {self.execution_mode!r}; use sequential or parallel")
 
 
 @dataclass(frozen=True)

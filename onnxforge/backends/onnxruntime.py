@@ -146,10 +146,15 @@ def _session_options(
         session_options.add_external_initializers(list(source.initializers), weights)
     session_options.graph_optimization_level = _OPTIMIZATION_LEVELS[options.graph_optimization]
     session_options.intra_op_num_threads = options.threads or 0  # 0: onnxruntime's default
-    session_options.inter_op_num_threads = 1
-    session_options.add_session_config_entry(
-        "session.intra_op.allow_spinning", "1" if options.allow_spinning else "0"
-    )
+    spinning = "1" if options.allow_spinning else "0"
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    if options.execution_mode == "parallel":
+        session_options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+        session_options.inter_op_num_threads = 0  # onnxruntime's default
+        # The branches' pool spins as the nodes' pool does (allow_spinning says why it must not by default).
+        session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    else:
+        session_options.inter_op_num_threads = 1
     for key, value in options.extra.items():
         session_options.add_session_config_entry(key, str(value))
     return session_options, weights

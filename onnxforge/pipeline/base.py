@@ -15,6 +15,7 @@ from onnxforge.ir import Model
 if TYPE_CHECKING:
     from onnxforge.pipeline.acceptance import Acceptance
     from onnxforge.pipeline.context import PassContext
+    from onnxforge.pipeline.tunables import SearchTarget, Tunable
 
 T = TypeVar("T")
 
@@ -94,6 +95,13 @@ class Pass:
         """First line of the pass docstring."""
         lines = (cls.__doc__ or "").strip().splitlines()
         return lines[0] if lines else ""
+
+    @classmethod
+    def search_space(cls, model: Model, where: SearchTarget) -> dict[str, Tunable] | None:
+        """The options a search (`optimize --auto`) may tune when this pass runs on `model` for `where`, by option
+        name; options left out keep their defaults. None (the default): a search does not offer this pass there;
+        {}: it offers it at its defaults."""
+        return None
 
     def gentler(self) -> list[Pass]:
         """This pass at gentler settings (less pruned, a higher rank), strongest first, for a pass manager to try

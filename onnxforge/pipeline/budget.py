@@ -31,7 +31,13 @@ _BOUNDS = {
     "rel": ("the largest max|new - old| / max|old| of any output on any sample", "<="),
     "equal": ("the fraction of elements that changed in any integer or bool output", ">="),
 }
+_METRIC_FILE = re.compile(r"(metric\s*=\s*)(?!/)([^:,]+\.py)")  # a budget's metric file, when its path is relative
 _METRIC = re.compile(r"^(?P<file>.+\.py):(?P<function>[A-Za-z_]\w*)\s*(?P<sign>>=|<=)\s*(?P<bound>.+)$")
+
+
+def absolute_metric_path(text: str, base: str | Path = ".") -> str:
+    """The budget `text` with its metric file's relative path made absolute, resolved from `base`."""
+    return _METRIC_FILE.sub(lambda match: match[1] + str(Path(base, match[2]).resolve()), text)
 
 
 class BudgetError(PassUsageError):

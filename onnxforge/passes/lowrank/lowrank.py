@@ -25,6 +25,7 @@ from onnxforge.passes.layers import excluded_by, find_layers, half_precision_not
 from onnxforge.passes.lowrank.factorization import Spectrum, ranks_for_budget, spectrum
 from onnxforge.pipeline.registry import register_pass
 from onnxforge.pipeline.acceptance import Acceptance
+from onnxforge.pipeline.tunables import Choice, Interval, SearchTarget, Tunable
 
 # A factorization must cut the layer's parameters (and so its multiply-accumulates) at least this much.
 MAX_KEPT = 0.9
@@ -138,6 +139,22 @@ class LowRank(Pass):
             notes.append(f"recovery: {refitted} of {len(nodes)} second factors refitted on {len(fit)} samples")
         stats["params_removed"] = params_before - model.stats().params
         return PassResult(True, stats=stats, notes=notes)
+
+    @classmethod
+    def search_space(cls, model: Model, where: SearchTarget) -> dict[str, Tunable] | None:
+        """The parameter budget `ratio`; with --data, the whitened method too, and recovery always on. None without
+        a MatMul, Gemm or Conv weight that the pass factors by default (min_size weights or more)."""
+        min_size = cls.Options().min_size
+        # The size first: as_candidate builds the weight's matrix.
+        if not any(
+            math.prod(layer.weight.shape) >= min_size and as_candidate(layer) is not None
+            for layer in find_layers(model.graph)
+        ):
+            return None
+        space: dict[str, Tunable] = {"ratio": Interval(0.3, 0.9, step=0.1)}
+        if where.has_data:
+            space.update(method=Choice(("svd", "whitened")), recover=Choice((True,)))
+        return space
 
     def acceptance(self) -> Acceptance | None:
         """With measure=true, the factored model must be min_speedup faster than the one before."""

@@ -13,7 +13,7 @@ from onnxforge.calibration.recovery import data_shortfall, layer_targets, layers
 from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model
 from onnxforge.ir.edit import make_constant
-from onnxforge.ir.layers import LayerCost, describe_change, layer_costs
+from onnxforge.ir.layers import LayerCost, as_layer, describe_change, layer_costs
 from onnxforge.pipeline.base import Pass, PassResult
 from onnxforge.pipeline.context import PassContext
 from onnxforge.passes.layers import excluded_by, find_layers
@@ -24,6 +24,7 @@ from onnxforge.passes.pruning.selection import kept_for_refit, reader_grams
 from onnxforge.passes.pruning.sparsity import SPEED_NOTE, magnitude_mask, two_of_four_mask
 from onnxforge.pipeline.registry import register_pass
 from onnxforge.pipeline.acceptance import Acceptance
+from onnxforge.pipeline.tunables import Choice, Interval, SearchTarget, Tunable
 
 SPARSE_OPS = ("MatMul", "Gemm", "Conv")
 
@@ -113,6 +114,21 @@ class ChannelPruning(Pass):
         stats["params_removed"] = params_before - model.stats().params
         notes += _cost_lines(model, costs)
         return PassResult(True, stats=stats, notes=notes)
+
+    @classmethod
+    def search_space(cls, model: Model, where: SearchTarget) -> dict[str, Tunable] | None:
+        """Channel pruning's ratio, the scope where there are two layers or more, and the importance method; with
+        --data, activation importance too, and recovery always on. None without a Conv, Gemm or MatMul of
+        constant weight."""
+        layers = [layer for layer in map(as_layer, model.graph.nodes) if layer is not None and layer.op in SPARSE_OPS]
+        if not layers:
+            return None
+        space: dict[str, Tunable] = {"ratio": Interval(0.1, 0.5, step=0.1)}
+        if len(layers) > 1:  # one layer is one group: both scopes remove the same channels
+            space["scope"] = Choice(("layer", "global"))
+        if where.has_data:
+            return {**space, "method": Choice(("l1", "activation")), "recover": Choice((True,))}
+        return {**space, "method": Choice(("l1",))}
 
     def acceptance(self) -> Acceptance | None:
         """With measure=true, removed channels must make the model min_speedup faster; zeroed weights keep every

@@ -50,6 +50,7 @@ from onnxforge.ir.ops import ONNX_DOMAINS
 from onnxforge.pipeline.base import Pass, PassResult
 from onnxforge.pipeline.context import PassContext
 from onnxforge.pipeline.registry import register_pass
+from onnxforge.pipeline.tunables import SearchTarget, Tunable
 
 KEEP_FLOAT32 = frozenset(
     {
@@ -168,6 +169,12 @@ class HalfPrecisionPass(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         return HalfPrecisionConversion(model, self.half, self.options, ctx.runtime.operator_schema).run()
+
+    @classmethod
+    def search_space(cls, model: Model, where: SearchTarget) -> dict[str, Tunable] | None:
+        """Offered at its defaults on a CUDA target (`cuda`, `cuda:sm_NN`); None on CPU targets, whose kernels
+        compute half precision in float32 after casts (onnxruntime) or not at all (bfloat16): slower there."""
+        return {} if where.target.partition(":")[0] == "cuda" else None
 
 
 @register_pass("fp16")

@@ -32,6 +32,8 @@ from onnxforge.passes.quantization.sensitivity import BudgetFit, fit_error_budge
 from onnxforge.pipeline.budget import Budget
 from onnxforge.passes.quantization.weights import QuantSpec
 from onnxforge.pipeline.registry import register_pass
+from onnxforge.pipeline.runtime import Runtime
+from onnxforge.pipeline.tunables import Choice, SearchTarget, Subset, Tunable
 
 # Layer types each mode can quantize; embedding tables (Gather) are weight-only int8 rows in every mode.
 MODE_OPS = {
@@ -100,11 +102,7 @@ class Quantize(Pass):
         fmt = resolve_format(self.options, model.graph.opset, contrib_ops)
         budget = self._budget(ctx)
         self._check_data(fmt, ctx.calibration)
-        work = model.copy()
-        for graph in list(work.graphs()):
-            constant_node_weights(graph)
-            split_attention_projections(graph)
-            split_gemms(graph)
+        work = exposed_copy(model)
         layers = numbered_layers(work)
         nodes = model_nodes(work)
         in_body = {index: nodes[index][0].name for index in layers if nodes[index][0] is not work.graph}
@@ -150,6 +148,29 @@ class Quantize(Pass):
             lines.append(f"error on {len(held_out)} held-out samples: {_describe_error(error)}")
         model.graph = quantized.graph
         return PassResult(True, stats=stats, notes=lines)
+
+    @classmethod
+    def search_space(cls, model: Model, where: SearchTarget) -> dict[str, Tunable] | None:
+        """bits (4 too where MatMul layers take 4-bit weights), a float prefix, and which layer types stay float
+        (`exclude`, where two types or more are quantized); with --data and Conv layers (static under mode=auto),
+        their calibration, and mode=dynamic instead unless 4 bits are offered. None for a model quantized already
+        or without a layer quant takes on `where`'s backend."""
+        if quantized_ops(model.graphs()):
+            return None
+        contrib_ops = Runtime(where.backend, where.target).capabilities.runs_contrib_ops(*QUANTIZED_CONTRIB_OPS)
+        layers = list(numbered_layers(exposed_copy(model)).values())
+        int8, int4 = (cls(bits=bits)._quantized_types(layers, model.graph.opset, contrib_ops) for bits in (8, 4))
+        if not int8:
+            return None
+        space: dict[str, Tunable] = {"bits": Choice((8, 4) if "MatMul" in int4 else (8,))}
+        if where.has_data and "Conv" in int8:
+            space["calibration"] = Choice(("minmax", "percentile", "entropy"))
+            if "MatMul" not in int4:  # 4-bit weights are weight-only: bits=4 with mode=dynamic cannot run
+                space["mode"] = Choice(("auto", "dynamic"))
+        space["float_prefix"] = Choice((False, True))
+        if len(int8) > 1:
+            space["exclude"] = Subset(tuple(sorted(int8)))
+        return space
 
     def acceptance(self) -> Acceptance | None:
         """With measure=true, the quantized model must not be slower than float as a whole (nor than min_speedup,
@@ -247,6 +268,15 @@ class Quantize(Pass):
         if needs and not calibration.samples:
             raise PassUsageError(f"quant: {needs[0]}: give sample inputs with --data (data= in the Python API)")
 
+    def _quantized_types(self, layers: list[Layer], opset: int, contrib_ops: bool) -> set[str]:
+        """The op types of `layers` these options quantize before any timing; none where the model's opset cannot
+        take them."""
+        try:
+            fmt = resolve_format(self.options, opset, contrib_ops)
+        except PassError:
+            return set()
+        return {layer.op for layer in layers if not self._reason_to_skip(layer, fmt, contrib_ops, in_body=False)}
+
     def _reason_to_skip(self, layer: Layer, fmt: LayerFormat, contrib_ops: bool, in_body: bool) -> str:
         pattern = excluded_by(layer.op, layer.name, self.options.exclude)
         if pattern is not None:
@@ -307,6 +337,17 @@ class Quantize(Pass):
             counts[weight] = counts.get(weight, 0) + moment.rows
         energy = {name: np.diag(h) / max(counts[name], 1) for name, h in hessians.items()}
         return WeightQuantizer(method, hessians=hessians, input_energy=energy)
+
+
+def exposed_copy(model: Model) -> Model:
+    """A copy of `model` with the weights quant takes exposed in every graph: Constant-node weights as constants,
+    fused attention projections as MatMuls, Gemms as MatMul (+ Add)."""
+    work = model.copy()
+    for graph in list(work.graphs()):
+        constant_node_weights(graph)
+        split_attention_projections(graph)
+        split_gemms(graph)
+    return work
 
 
 def _rows_read(layer: Layer) -> str:
