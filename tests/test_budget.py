@@ -91,7 +91,7 @@ def test_prune_spends_its_share_and_the_held_out_error_stays_inside_the_budget()
 def test_without_data_the_budget_bounds_the_random_input_check():
     source = _mlp()
     _, report = optimize(source, "prune:ratio=0.75:measure=false", seed=0)  # the default budget
-    assert report.budget["measured_on"] == "2 random input sets" and report.budget["default"]
+    assert report.budget["measured_on"] == "8 random input sets" and report.budget["default"]
     assert report.error.min_cosine >= 0.99
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from onnxforge.comparison import compare_outputs
@@ -18,6 +18,8 @@ from onnxforge.pipeline.budget import Budget, BudgetTracker, Losses, PassBudget,
 from onnxforge.pipeline.context import PassContext
 from onnxforge.pipeline.verifier import Verifier, VerifyOptions, as_declared
 
+# Random input sets the budget is measured on without --data.
+BUDGET_RANDOM_INPUTS = 8
 OnError = Literal["rollback", "stop"]
 
 
@@ -265,12 +267,15 @@ class PassManager:
                 where = f"{len(held_out)} held-out --data samples"
             samples = held_out
         else:
-            samples = self.verifier.inputs if self.verifier else self._random_inputs(model)
+            samples = self._random_inputs(model)
             where = f"{len(samples)} random input sets"
         return BudgetTracker(self.budget, samples, where, self._outputs, model)
 
     def _random_inputs(self, model: Model) -> list[dict]:
-        verifier = Verifier(self.verify)
+        """BUDGET_RANDOM_INPUTS random input sets, drawn as verification draws its own (its seed, its shapes): more
+        than verification's two, since a model's outputs can agree on two random inputs and not on the next."""
+        seed = self.verifier.seed if self.verifier else self.verify.seed
+        verifier = Verifier(replace(self.verify, samples=BUDGET_RANDOM_INPUTS, seed=seed))
         verifier.reference(model)
         return verifier.inputs
 
