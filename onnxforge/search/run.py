@@ -22,7 +22,7 @@ from onnxforge.pipeline.tunables import SearchTarget
 from onnxforge.report import environment
 from onnxforge.search.evaluate import Evaluation, Evaluator
 from onnxforge.search.outcome import Answer, TrialRow, choose_winner, pareto_front, trial_rows
-from onnxforge.search.space import SearchSpace
+from onnxforge.search.space import SearchSpace, SessionSettings
 from onnxforge.search.study import (
     SearchError,
     SearchSetup,
@@ -211,7 +211,11 @@ def _trial_progress(progress: Callable[[str], None], setup: SearchSetup) -> Call
             outcome = f"rejected: {evaluation.rejected}"
         else:
             outcome = f"{evaluation.speedup:.2f}x, {evaluation.error_text}"
-        progress(f"[trial {number}] {evaluation.pipeline} ... {outcome} ({evaluation.seconds:.1f} s)")
+        session = ", ".join(f"{key}={value}" for key, value in evaluation.session.items()
+                            if value != getattr(SessionSettings(), key))
+        settings = f" [{session}]" if session else ""
+        progress(f"[trial {number}] {evaluation.pipeline or '(no pass)'}{settings} ... {outcome} "
+                 f"({evaluation.seconds:.1f} s)")
 
     return report
 
