@@ -16,9 +16,9 @@ benchmarks/results/search.json and .md (search-quick.* with --quick).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from case_variants import judge_and_time, page_header, run_benchmark, run_pipeline, variant_table
@@ -40,7 +40,7 @@ BUDGETS = {  # what each case's search and onnxforge's default pipeline must kee
 DEFAULT_PIPELINE = "upgrade-opset:to=13,cleanup,fuse,quant"
 
 
-def bench_case(case: TrainedCase, timing: Timing, work: Path, time_limit: float) -> dict:
+def bench_case(case: TrainedCase, timing: Timing, work: Path, time_limit: float, peer_names: list[str]) -> dict:
     """Make every variant of one case (fp32, onnxruntime's tools, onnxforge's default int8, the search, the peers),
     judge each on the held-out inputs and time them all together."""
     budget = BUDGETS[case.name]
@@ -58,9 +58,10 @@ def bench_case(case: TrainedCase, timing: Timing, work: Path, time_limit: float)
         **run_pipeline(case, DEFAULT_PIPELINE, out, budget),
     }
     variants["onnxforge --auto"] = _searched(case, work, budget, time_limit)
-    for label, produce in _peers(case, work).items():
+    for label, (tool, produce) in _peers(case, work, time_limit, peer_names).items():
+        print(f"  {case.name}: {label} ...", file=sys.stderr, flush=True)
         outcome = produce()
-        variants[label] = {"tool": label, "path": outcome.model_path, "failure": outcome.failure,
+        variants[label] = {"tool": tool, "path": outcome.model_path, "failure": outcome.failure,
                            "seconds": round(outcome.seconds, 1)}
     judge_and_time(case, variants, timing, ("bytes", file_bytes))
     return {"case": case.name, "description": case.description, "headline": case.headline, "budget": budget,
@@ -88,14 +89,26 @@ def _searched(case: TrainedCase, work: Path, budget: str, time_limit: float) -> 
     }
 
 
-def _peers(case: TrainedCase, work: Path) -> dict:
-    """The peers' variants of the case (peers.py), each a function that makes its model; none when peers.py or
-    its runs are not here."""
-    if importlib.util.find_spec("peers") is None:
-        return {}
+def _peers(
+    case: TrainedCase, work: Path, time_limit: float, names: list[str]
+) -> dict[str, tuple[str, Callable]]:
+    """The peers' variants of the case (peers.py: each in its own virtual environment): label -> (what it is, a
+    function that makes its model). They get the search's split of the calibration samples: the first three
+    quarters to calibrate, the last quarter to validate (the accuracy-aware modes), and its time limit to search."""
     import peers
 
-    return peers.variants(case, work)
+    split = max(1, round(len(case.calibration) / 4))
+    calibration, validation = case.calibration[:-split], case.calibration[-split:]
+    modes = peers.peer_modes(calibration, validation, transformer=case.name == "minilm-encoder",
+                             search_timeout=time_limit)
+    return {
+        f"{name} {mode}": (
+            f"{peers.PEERS[name]}; mode {mode}",
+            lambda make=make, out=work / f"{case.name}.peer-{name}-{mode}.onnx": make(case.model_path, out),
+        )
+        for (name, mode), make in modes.items()
+        if name in names
+    }
 
 
 def markdown(results: list[dict], setup: dict, env: dict) -> str:
@@ -138,10 +151,12 @@ def _size(variant: dict, fp32: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds of each case's search")
+    parser.add_argument("--peers", default="onnxsim,nncf,inc,olive,quark", help="peers.py's peers to run, or none")
     known, rest = parser.parse_known_args(argv)
+    peer_names = [] if known.peers == "none" else known.peers.split(",")
 
     def bench(case: TrainedCase, timing: Timing, work: Path) -> dict:
-        return bench_case(case, timing, work, known.time_limit)
+        return bench_case(case, timing, work, known.time_limit, peer_names)
 
     return run_benchmark(rest, __doc__.splitlines()[0], list(CASE_BUILDERS), bench, markdown, "search")
 

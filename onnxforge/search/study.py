@@ -115,9 +115,10 @@ def create_study(
         directions = ["minimize"] * (3 if setup.pareto else 1)
         study = optuna.create_study(storage=storage, study_name=name, directions=directions)
         study.set_user_attr(SETUP_ATTR, asdict(setup))
-        if _resolved_sampler(setup, space) != "grid":
-            for params in space.starting_points():
-                study.enqueue_trial(params, skip_if_exists=True)
+        # The starting points first: a grid that runs out of time has tried them, not whatever it drew.
+        complete = {name: values[0] for name, values in space.grid().items()}  # a grid point names every parameter
+        for params in space.starting_points():
+            study.enqueue_trial({**complete, **params}, skip_if_exists=True)
     study.sampler = sampler(setup, space)
     return study
 
