@@ -146,7 +146,8 @@ def variant_table(variants: dict[str, dict], size: str, describe_size: Callable[
     fp32 = next(iter(variants.values()))
     for label, v in variants.items():
         if v["path"] is None:
-            lines.append(f"| {label} | failed: {v['failure']} | | | | {v['seconds']} s |")
+            failure = v["failure"] if len(v["failure"]) <= 240 else v["failure"][:240] + "... (the JSON has it all)"
+            lines.append(f"| {label} | failed: {failure} | | | | {v['seconds']} s |")
             continue
         iqr = v.get("speedup_iqr")
         speed = f"{v['speedup']:.2f}x" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")

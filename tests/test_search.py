@@ -21,7 +21,8 @@ from onnxforge.measure import InterleavedTiming
 from onnxforge.pipeline.budget import Budget
 from onnxforge.search import SearchError, search
 from onnxforge.search.evaluate import Evaluation, Evaluator
-from onnxforge.search.space import Candidate, SessionSettings
+from onnxforge.pipeline.tunables import SearchTarget
+from onnxforge.search.space import Candidate, SearchSpace, SessionSettings
 from onnxforge.search.study import open_storage
 
 FAST = InterleavedTiming(blocks=3, block_s=0.05, min_runs=3, warmup=2)
@@ -195,3 +196,21 @@ def test_a_candidate_without_passes_is_the_input_with_its_session_settings(tmp_p
     assert result.report["trials"][0]["pipeline"] == ""  # the first starting point: no lossy pass
     assert result.improved and result.model is loaded.model
     assert result.config is None and result.session is not None  # nothing to rebuild; the settings to deploy
+
+
+def test_the_space_sees_the_layers_the_lossless_passes_expose():
+    """Exporters that keep weights in Constant nodes: cleanup makes them initializers before prune and lowrank
+    run, so the search offers those passes though the file as loaded has no initializer."""
+    rng = np.random.default_rng(0)
+    nodes, current = [], "x"
+    for index in range(2):
+        weight = rng.standard_normal((16, 16 if index else 3, 3, 3)).astype(np.float32)
+        nodes += [helper.make_node("Constant", [], [f"w{index}"], value=numpy_helper.from_array(weight)),
+                  helper.make_node("Conv", [current, f"w{index}"], [f"c{index}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{index}"], [f"r{index}"])]
+        current = f"r{index}"
+    graph = helper.make_graph(nodes, "constant_weights", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                              [1, 3, 32, 32])], [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)])
+    model = load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    space = SearchSpace.build(model, SearchTarget("ort", "cpu", has_data=True), "cleanup,prune,quant")
+    assert set(space.describe()["searched"]) == {"prune", "quant"}

@@ -16,6 +16,7 @@ from onnxforge.backends.base import BackendOptions
 from onnxforge.ir import Model
 from onnxforge.pipeline import Pass, create_passes
 from onnxforge.pipeline.base import build_options
+from onnxforge.pipeline.context import PassContext
 from onnxforge.pipeline.tunables import Choice, Interval, SearchTarget, Subset, Tunable
 
 # What a search may use when --passes does not say: the lossless passes always run (an opset below 13 is moved to
@@ -93,11 +94,14 @@ class SearchSpace:
         for `where` is left out. Thread counts up to `cores` (default: this machine's)."""
         steps: list[Pass | _Searched] = []
         seen: dict[str, int] = {}
+        prepared = None
         for step in create_passes(passes if passes is not None else list(DEFAULT_PASSES)):
             if step.lossless:
                 steps.append(step)
                 continue
-            tunables = type(step).search_space(model, where)
+            if prepared is None:
+                prepared = _as_lossy_passes_see_it(model, [s for s in steps if isinstance(s, Pass)], where)
+            tunables = type(step).search_space(prepared, where)
             if tunables is None:
                 continue
             seen[step.name] = seen.get(step.name, 0) + 1
@@ -181,6 +185,21 @@ class SearchSpace:
                         params[f"{step.prefix}.{name}"] = _plain(value)
             points.append({**params, **session})
         return points
+
+
+def _as_lossy_passes_see_it(model: Model, lossless: list[Pass], where: SearchTarget) -> Model:
+    """`model` after the lossless passes that run before the lossy ones (cleanup turns Constant-node weights into
+    the initializers prune and lowrank look for), run unchecked on a copy: only to see what the lossy passes find;
+    the model itself where one of them fails."""
+    work = model.copy()
+    context = PassContext(backend=where.backend, target=where.target)
+    try:
+        for step in lossless:
+            step.run(work, context)
+            context.invalidate()
+    except Exception:  # noqa: BLE001  (a pass that fails here is rolled back in the real runs: so it is here)
+        return model
+    return work
 
 
 def candidate_of(params: dict[str, Any], space: SearchSpace) -> Candidate:
