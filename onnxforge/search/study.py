@@ -115,10 +115,14 @@ def create_study(
         directions = ["minimize"] * (3 if setup.pareto else 1)
         study = optuna.create_study(storage=storage, study_name=name, directions=directions)
         study.set_user_attr(SETUP_ATTR, asdict(setup))
-        # The starting points first: a grid that runs out of time has tried them, not whatever it drew.
-        complete = {name: values[0] for name, values in space.grid().items()}  # a grid point names every parameter
-        for params in space.starting_points():
-            study.enqueue_trial({**complete, **params}, skip_if_exists=True)
+        # The starting points first: a grid that runs out of time has tried them, not whatever it drew. A grid
+        # hardly larger than they are is tried whole anyway (and Optuna's GridSampler fails when a queued trial
+        # ends with one grid point left).
+        points = space.starting_points()
+        if _resolved_sampler(setup, space) != "grid" or space.size() > len(points) + 1:
+            complete = {name: values[0] for name, values in space.grid().items()}  # a grid point names them all
+            for params in points:
+                study.enqueue_trial({**complete, **params}, skip_if_exists=True)
     study.sampler = sampler(setup, space)
     return study
 
