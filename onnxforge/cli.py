@@ -305,6 +305,8 @@ def _tuning_progress(args: argparse.Namespace):
     return lambda line: print(f"  tuning: {line}", file=sys.stderr, flush=True)
 
 
+EXTERNAL_DATA = {"auto": None, "yes": True, "no": False}  # --external-data: stage_model's external_data
+
 OPTIMIZE_DEFAULTS = {
     "passes": "cleanup",
     "on_error": "rollback",
@@ -376,7 +378,7 @@ def _optimize(args: argparse.Namespace) -> int:
             **settings,
         )
         if output:
-            stage_model(model, output, written, external_data={"auto": None, "yes": True, "no": False}[external])
+            stage_model(model, output, written, external_data=EXTERNAL_DATA[external])
             report.output = output
         if args.artifact:
             options = BackendOptions(target=settings["target"], threads=settings["threads"], extra=backend_settings)
@@ -471,8 +473,7 @@ def _optimize_auto(args: argparse.Namespace) -> int:
     )
     with OutputSet(inputs=[path for paths in inputs.values() for path in paths]) as written:
         if output:
-            external = {"auto": None, "yes": True, "no": False}[settings["external_data"]]
-            stage_model(result.model, output, written, external_data=external)
+            stage_model(result.model, output, written, external_data=EXTERNAL_DATA[settings["external_data"]])
         if config_path and result.config:
             write_json(config_path, result.config, written)
         if session_path and result.session:

@@ -170,19 +170,7 @@ def interleaved_latency(runs: Sequence[Callable[[], object]], timing: Interleave
     finally:
         if gc_was_enabled:
             gc.enable()
-    results = []
-    for index, model_times in enumerate(times):
-        q25, q50, q75 = np.percentile(ratios[index], [25, 50, 75])
-        results.append(
-            RelativeLatency(
-                stats=latency_stats_from_times(model_times, warmup=timing.warmup),
-                speedup=float(q50),
-                speedup_iqr=(float(q25), float(q75)),
-                block_speedups=tuple(round(r, 4) for r in ratios[index]),
-                runs_per_block=count,
-            )
-        )
-    return results
+    return [_relative(model_times, ratios[index], timing.warmup, count) for index, model_times in enumerate(times)]
 
 
 def interleaved_device_latency(
@@ -193,21 +181,28 @@ def interleaved_device_latency(
     runs and `block_s` seconds; the first model is the baseline."""
     block = MeasureOptions(warmup=timing.warmup, min_repeats=timing.min_runs, min_time_s=timing.block_s)
     rounds = [[measure(block) for measure in measures] for _ in range(timing.blocks)]
-    results = []
-    for index in range(len(measures)):
-        ratios = [blocks[0].median_ms / max(blocks[index].median_ms, 1e-9) for blocks in rounds]
-        q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
-        medians = [blocks[index].median_ms / 1e3 for blocks in rounds]
-        results.append(
-            RelativeLatency(
-                stats=latency_stats_from_times(medians, warmup=timing.warmup),
-                speedup=float(q50),
-                speedup_iqr=(float(q25), float(q75)),
-                block_speedups=tuple(round(r, 4) for r in ratios),
-                runs_per_block=min(blocks[index].repeats for blocks in rounds),
-            )
+    return [
+        _relative(
+            [blocks[index].median_ms / 1e3 for blocks in rounds],
+            [blocks[0].median_ms / max(blocks[index].median_ms, 1e-9) for blocks in rounds],
+            timing.warmup,
+            min(blocks[index].repeats for blocks in rounds),
         )
-    return results
+        for index in range(len(measures))
+    ]
+
+
+def _relative(times_s: list[float], ratios: list[float], warmup: int, runs_per_block: int) -> RelativeLatency:
+    """One model of an interleaved timing: its latency over `times_s`, its speedup the median of the rounds'
+    `ratios` (baseline block over this one), with their quartiles."""
+    q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
+    return RelativeLatency(
+        stats=latency_stats_from_times(times_s, warmup=warmup),
+        speedup=float(q50),
+        speedup_iqr=(float(q25), float(q75)),
+        block_speedups=tuple(round(r, 4) for r in ratios),
+        runs_per_block=runs_per_block,
+    )
 
 
 def _timed(run: Callable[[], object]) -> float:

@@ -31,18 +31,10 @@ class Calibration:
         self._entries: list[_Entry] = []
 
     def split(self) -> tuple[list[Sample], list[Sample]]:
-        """The run's one split of the samples: (calibration part, held-out part), the last quarter (at least one
-        sample) held out. Passes fit, gather statistics and refit on the calibration part only; the held-out part
-        judges fidelity (a pass's choices, the run's error against the original), so no figure of it is measured
-        on a sample anything was fitted to.
-
-        With fewer than 4 samples there is nothing to spare: both parts are all the samples.
-        """
-        samples = list(self.samples)
-        if len(samples) < 4:
-            return samples, samples
-        held_out = max(1, round(len(samples) / 4))
-        return samples[:-held_out], samples[-held_out:]
+        """The run's one split of the samples (`split_samples`). Passes fit, gather statistics and refit on the
+        calibration part only; the held-out part judges fidelity (a pass's choices, the run's error against the
+        original), so no figure of it is measured on a sample anything was fitted to."""
+        return split_samples(self.samples)
 
     def runner(self, model: Model, graph_optimization: str = "all") -> Runner:
         """A function that runs `model` on one sample and gives its outputs by name: the model loaded once on the
@@ -73,6 +65,16 @@ class Calibration:
     def _forget(self, graph: weakref.ref) -> None:
         """Drop what was computed on a graph that no longer exists (a pass's working copy)."""
         self._entries = [entry for entry in self._entries if entry.graph is not graph]
+
+
+def split_samples(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """(calibration part, held-out part) of `samples`: the last quarter (at least one sample) held out; with fewer
+    than 4 samples there is nothing to spare, and both parts are all the samples."""
+    samples = list(samples)
+    if len(samples) < 4:
+        return samples, samples
+    held_out = max(1, round(len(samples) / 4))
+    return samples[:-held_out], samples[-held_out:]
 
 
 @dataclass

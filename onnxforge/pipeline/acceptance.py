@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from onnxforge.backends.base import Prepared
 from onnxforge.ir import Model
+from onnxforge.measure import RelativeLatency
 from onnxforge.pipeline.context import PassContext
-from onnxforge.pipeline.runtime import Runtime
 from onnxforge.pipeline.decisions import Measured
 
 KEPT = "whole model kept"  # the key of the timing decision, after the pass's position and description
@@ -28,8 +28,15 @@ class Speedups:
     settled: list[float]
 
 
+class TimesModels(Protocol):
+    """What times prepared models against each other: the run's Runtime, or a search's evaluator."""
+
+    def time_models(self, prepared: Sequence[Prepared], inputs: Mapping[str, np.ndarray]) -> list[RelativeLatency]:
+        ...
+
+
 def speedups_over(
-    runtime: Runtime,
+    runtime: TimesModels,
     baseline: Prepared,
     candidates: Sequence[Prepared],
     feed: Mapping[str, np.ndarray],

@@ -12,6 +12,11 @@ from onnxforge.ir.output_set import OutputSet
 def save_search_plot(report: dict[str, Any], path: str | os.PathLike, outputs: OutputSet | None = None) -> None:
     """Draw the search `report` (optimize --auto's) to `path`, its format from the suffix (.svg, .png, .pdf);
     written atomically (with `outputs`, as one of its files)."""
+    if outputs is None:
+        with OutputSet() as own:
+            save_search_plot(report, path, own)
+            own.commit()
+        return
     import matplotlib
 
     matplotlib.use("Agg")  # no display: a file only
@@ -36,8 +41,4 @@ def save_search_plot(report: dict[str, Any], path: str | os.PathLike, outputs: O
     axes.set_ylabel("fraction of the budget spent" if budgeted else "1 - worst cosine (or max rel)")
     axes.set_title(f"search '{report['study']}': {report['counts']['trials']} trials")
     axes.legend(loc="best", fontsize="small")
-    target = Path(path)
-    staged = outputs.stage_file(target) if outputs is not None else target.with_name(f".{target.name}.tmp")
-    figure.savefig(staged, format=target.suffix.lstrip(".") or "svg")
-    if outputs is None:
-        staged.replace(target)
+    figure.savefig(outputs.stage_file(path), format=Path(path).suffix.lstrip(".") or "svg")

@@ -13,13 +13,13 @@ import numpy as np
 from onnxforge.api import for_backend, optimize
 from onnxforge.backends import get_backend
 from onnxforge.backends.base import BackendOptions, Prepared
-from onnxforge.calibration.context import Calibration
+from onnxforge.calibration.context import split_samples
 from onnxforge.comparison import compare_outputs
 from onnxforge.feeds import Feeds
 from onnxforge.frontends import ModelFile
 from onnxforge.ir import Model
 from onnxforge.ir.shapes import skeleton_proto
-from onnxforge.measure import InterleavedTiming, interleaved_device_latency, interleaved_latency
+from onnxforge.measure import InterleavedTiming, RelativeLatency, interleaved_device_latency, interleaved_latency
 from onnxforge.pipeline.budget import Budget
 from onnxforge.report import OptimizationReport
 from onnxforge.search.space import Candidate
@@ -58,8 +58,7 @@ class Evaluation:
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> Evaluation:
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(**{key: value for key, value in attrs.items() if key in names})
+        return cls(**{key: value for key, value in attrs.items() if key in cls.__dataclass_fields__})
 
 
 class Evaluator:
@@ -146,17 +145,19 @@ class Evaluator:
         return self._within(outputs, evaluation, self.judged_on)
 
     def time(self, prepared: Prepared, evaluation: Evaluation) -> None:
-        """Time the candidate against the input, interleaved on one feed (onnxruntime: from here; another backend
-        times on its device, a remote board's included); set its speedup and latencies."""
-        if self.backend == "ort":
-            runs = [lambda: self.input.run(self.feed), lambda: prepared.run(self.feed)]
-            baseline, candidate = interleaved_latency(runs, self.timing)
-        else:
-            measures = [lambda options, p=p: p.measure(self.feed, options) for p in (self.input, prepared)]
-            baseline, candidate = interleaved_device_latency(measures, self.timing)
+        """Time the candidate against the input on the search's feed; set its speedup and latencies."""
+        baseline, candidate = self.time_models([self.input, prepared], self.feed)
         evaluation.speedup = round(candidate.speedup, 4)
         evaluation.latency_ms = round(candidate.stats.median_ms, 4)
         evaluation.input_latency_ms = round(baseline.stats.median_ms, 4)
+
+    def time_models(self, prepared: Sequence[Prepared], inputs: Mapping[str, np.ndarray]) -> list[RelativeLatency]:
+        """Time prepared models against the first in interleaved blocks on `inputs`: onnxruntime from here, another
+        backend on its device (a remote board's included) with its own timer."""
+        feed = dict(inputs)
+        if self.backend == "ort":
+            return interleaved_latency([lambda p=p: p.run(feed) for p in prepared], self.timing)
+        return interleaved_device_latency([lambda options, p=p: p.measure(feed, options) for p in prepared], self.timing)
 
     def prepare(self, model: Model, candidate: Candidate) -> Prepared:
         """`model` loaded on the search's backend with `candidate`'s session settings."""
@@ -183,7 +184,7 @@ class Evaluator:
         """The samples every candidate is judged on: those calibration holds out of --data (its one split), else
         random inputs of the run's seed."""
         if self.samples is not None:
-            held_out = Calibration(self.samples, runner=lambda model, level: None).split()[1]
+            held_out = split_samples(self.samples)[1]
             return held_out, f"{len(held_out)} held-out --data samples"
         feeds = Feeds(shapes=self.shapes)
         proto = skeleton_proto(self.model_file.model)

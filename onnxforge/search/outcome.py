@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 
 from onnxforge.ir import Model
+from onnxforge.pipeline.acceptance import speedups_over
 from onnxforge.search.evaluate import Evaluation, Evaluator
 from onnxforge.search.space import Candidate, SearchSpace, candidate_of
 
@@ -130,29 +131,18 @@ def choose_winner(
         if not evaluator.judge(prepared, evaluation):
             choice.notes.append(f"trial {row.number} rebuilt is {evaluation.rejected}")
             continue
-        timings = _timings(evaluator, prepared, evaluation, min_speedup)
-        if min(timings) < min_speedup:
+        speedups = speedups_over(evaluator, evaluator.input, [prepared], evaluator.feed, min_speedup, standing=False)
+        timings = [round(s, 4) for s in speedups.first + speedups.again]
+        if speedups.settled[0] < min_speedup:
             choice.notes.append(f"trial {row.number} timed again at {', '.join(f'{s:.2f}x' for s in timings)}: "
                                 f"below {min_speedup:g}x")
             continue
-        evaluation.speedup = min(timings)
+        evaluation.speedup = round(speedups.settled[0], 4)
         choice.winner = Winner(row, candidate, model, evaluation, timings)
         choice.notes.append(f"trial {row.number} confirmed at {', '.join(f'{s:.2f}x' for s in timings)}")
         return choice
     choice.reason = f"none of the {min(len(fast), CONFIRM_TRIES)} fastest candidates held {min_speedup:g}x when timed again"
     return choice
-
-
-def _timings(evaluator: Evaluator, prepared: Any, evaluation: Evaluation, needed: float) -> list[float]:
-    """The candidate timed against the input, and once more when it reaches `needed` (a moment's quiet on the
-    machine never decides alone: the worse timing counts)."""
-    timings = []
-    for _ in range(2):
-        evaluator.time(prepared, evaluation)
-        timings.append(evaluation.speedup)
-        if evaluation.speedup < needed:
-            break
-    return timings
 
 
 def _objectives(row: TrialRow) -> tuple[float, float, float]:

@@ -141,7 +141,7 @@ def search(
     opened = create_study(open_storage(storage), name, setup, space)
     progress(f"search: study '{name}', {space.size():g} candidates, up to {trials} trials"
              + (f" or {time_limit:g} s" if time_limit else ""))
-    run_trials(opened, setup, space, evaluator, time_limit, _trial_progress(progress, setup))
+    run_trials(opened, setup, space, evaluator, time_limit, _trial_progress(progress))
     rows = trial_rows(opened)
     answer = choose_winner(rows, space, evaluator, min_speedup, progress)
     return _result(model_file, setup, space, name, rows, answer, min_speedup, time.monotonic() - started)
@@ -173,7 +173,7 @@ def search_worker(
     opened.sampler = sampler(setup, space, worker=1 + os.getpid() % 997)
     before = _finished_by(opened, worker_name())
     progress(f"search-worker: joined study '{study}' ({setup.trials} trials in all)")
-    run_trials(opened, setup, space, evaluator, time_limit, _trial_progress(progress, setup))
+    run_trials(opened, setup, space, evaluator, time_limit, _trial_progress(progress))
     return _finished_by(opened, worker_name()) - before
 
 
@@ -205,7 +205,7 @@ def _pass_list(passes: str | Sequence[str] | None) -> list[str] | None:
     return [passes] if isinstance(passes, str) else list(passes)
 
 
-def _trial_progress(progress: Callable[[str], None], setup: SearchSetup) -> Callable[[int, Evaluation], None]:
+def _trial_progress(progress: Callable[[str], None]) -> Callable[[int, Evaluation], None]:
     def report(number: int, evaluation: Evaluation) -> None:
         if evaluation.rejected:
             outcome = f"rejected: {evaluation.rejected}"
