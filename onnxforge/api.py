@@ -64,6 +64,7 @@ def optimize(
     timeout: float | None = None,
     pass_timeout: float | None = None,
     execution_timeout: float = DEFAULT_EXECUTION_TIMEOUT_S,
+    step_back: bool = True,
 ) -> tuple[Model, OptimizationReport]:
     """Run `passes` on `model` and return the optimized model and the report of the run.
 
@@ -72,7 +73,9 @@ def optimize(
     budget: how far the outputs may move from the original's, on the held-out samples of `data` (else on the
     verification inputs): "cosine=0.99,rel=0.05,top1=0.99,equal=0.99,metric=FILE.py:FUNCTION>=BOUND" in any
     combination, a Budget, or None / "none" for no bound. Lossy passes spend it and results outside it are
-    stepped back (docs/budget.md).
+    stepped back (docs/budget.md). step_back: a lossy pass over its share of the budget is retried at its gentler
+    settings (less pruned, a higher rank) and the strongest that fits is kept; False: it is rolled back at once
+    (a search, which tries the settings itself).
     measure: time the model before and after on `backend`/`target`, with the backend's own `backend_settings`
     (for tvm: tune_trials, tune_records, rpc).
     decisions: a report JSON of an earlier run (a path, or the report as a dict): its measured decisions are
@@ -116,7 +119,7 @@ def optimize(
     )
     manager = PassManager(
         pipeline, verify=verify_options, on_error=on_error, instruments=instruments, context=context,
-        pass_timeout=pass_timeout, budget=error_budget,
+        pass_timeout=pass_timeout, budget=error_budget, step_back=step_back,
     )
     result, records = manager.run(original, as_loaded)
     report = OptimizationReport(

@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_cli import ONNXFORGE, OPTIMIZE, only_error_line, run_cli, succeeded
 
+from onnxforge.api import optimize
 from onnxforge.backends import get_backend
 from onnxforge.comparison import compare_outputs
 from onnxforge.data import load_samples, save_samples
@@ -187,6 +188,33 @@ def test_a_candidate_rebuilt_from_its_decisions_is_the_same_model_byte_for_byte(
     replayed, again = evaluator.build(candidate, report.decisions["values"])
     assert again.decisions["replayed_from"]
     assert replayed.to_proto().SerializeToString() == measured.to_proto().SerializeToString()
+
+
+def test_a_pass_outside_its_share_at_the_candidates_settings_ends_the_build_and_rejects_the_candidate(tmp_path):
+    model, data = _mlp(tmp_path / "mlp.onnx"), _data(tmp_path / "data.npz")
+    samples = load_samples(data, onnx.load(str(model)))
+    pruned = Candidate(("cleanup", "prune:ratio=0.5:measure=false", "quant"), SessionSettings())
+    evaluator = Evaluator(ModelFile.load(model), samples, Budget.parse("cosine=0.9999"), timing=FAST)
+    evaluation = evaluator.evaluate(pruned)
+    assert evaluation.rejected.startswith("a pass outside its share of the budget: prune:ratio=0.5")
+    assert "at prune:ratio=0.5" in evaluation.rejected  # tried at its own setting only
+    assert evaluation.speedup is None and not evaluation.steps  # quant never ran, nothing was timed
+    # A plain optimize run steps the same pass back through its gentler settings instead.
+    _, report = optimize(str(model), list(pruned.passes), data=samples, budget="cosine=0.9999")
+    assert report.passes[1].budget.startswith("no change down to prune:ratio=0.0625")
+
+
+def test_the_fastest_candidates_models_are_kept_as_their_trials_built_them(tmp_path):
+    model, data = _mlp(tmp_path / "mlp.onnx"), _data(tmp_path / "data.npz")
+    samples = load_samples(data, onnx.load(str(model)))
+    evaluator = Evaluator(ModelFile.load(model), samples, Budget.parse("cosine=0.99"), timing=FAST)
+    candidate = Candidate(("cleanup", "quant"), SessionSettings())
+    evaluation = evaluator.evaluate(candidate)
+    assert evaluation.speedup is not None
+    kept = evaluator.kept(candidate)
+    rebuilt, _ = evaluator.build(candidate, evaluation.decisions)
+    assert kept.to_proto().SerializeToString() == rebuilt.to_proto().SerializeToString()
+    assert evaluator.kept(Candidate(("cleanup",), SessionSettings())) is None  # never timed here
 
 
 def test_a_candidate_without_passes_is_the_input_with_its_session_settings(tmp_path):

@@ -61,7 +61,7 @@ def _lstm() -> onnx.ModelProto:
     )
 
 
-PRUNE_NO_DATA = {"ratio": Interval(0.1, 0.5, 0.1), "scope": Choice(("layer", "global")), "method": Choice(("l1",))}
+PRUNE_NO_DATA = {"ratio": Interval(0.05, 0.5, 0.05), "scope": Choice(("layer", "global")), "method": Choice(("l1",))}
 PRUNE_DATA = {**PRUNE_NO_DATA, "method": Choice(("l1", "activation")), "recover": Choice((True,))}
 
 

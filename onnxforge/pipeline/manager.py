@@ -83,7 +83,9 @@ class PassManager:
 
     With a `budget`, each lossy pass may spend a share of it (`ctx.budget`: what is left, split evenly among the
     lossy passes still to run), and its result is measured against the original model on the budget's samples
-    (the held-out --data samples, else the verification inputs): a result outside the budget is stepped back.
+    (the held-out --data samples, else the verification inputs): a result outside its share is stepped back to
+    the strongest of the pass's gentler settings that fits (with `step_back` False: to the model before it), and
+    a result outside the budget to the model before it.
     Lossy passes followed by one that wins accuracy back (`recovers`: distill) are judged together after it, and
     stepped back together if the budget is still broken there. Such a pass finds the model before the first
     lossy pass in `ctx.teacher`.
@@ -101,6 +103,7 @@ class PassManager:
         context: PassContext | None = None,
         pass_timeout: float | None = None,
         budget: Budget | None = None,
+        step_back: bool = True,
     ):
         if on_error not in ("rollback", "stop"):
             raise OnnxforgeError(f"on_error must be 'rollback' or 'stop', not '{on_error}'")
@@ -115,6 +118,7 @@ class PassManager:
         self.verifier = Verifier(self.verify) if self.verify.enabled else None
         self._position = ""  # the running pass's place: "3", or "3.1.2" for a composite's member (round, step)
         self.budget = budget
+        self.step_back = step_back
         self.tracker: BudgetTracker | None = None
         self._lossy_left = 0  # lossy passes (composites' members counted) that have not started yet
         self._started: set[int] = set()
@@ -299,7 +303,7 @@ class PassManager:
         """The result of `pass_`, or of the strongest of its gentler settings, that keeps within its `share` of the
         budget against `snapshot` (the model before it); a result that changes nothing when none does."""
         reference = self._outputs(snapshot, share.samples)
-        settings = [pass_, *pass_.gentler()]
+        settings = [pass_, *pass_.gentler()] if self.step_back else [pass_]
         outcomes: dict[int, tuple[Model, PassResult]] = {0: (model, result)}
 
         def fits(index: int) -> bool:
@@ -320,7 +324,8 @@ class PassManager:
         chosen, tried = strongest_within(range(len(settings)), fits)
         where = f"this pass's share of the budget ({share.budget.describe()} on {share.where})"
         if chosen is None or not outcomes[chosen][1].changed:
-            note = f"no change down to {settings[-1].describe()} keeps within {where}: the model is left as it was"
+            tried_down_to = f"down to {settings[-1].describe()}" if len(settings) > 1 else f"at {pass_.describe()}"
+            note = f"no change {tried_down_to} keeps within {where}: the model is left as it was"
             return snapshot, PassResult(False, notes=[*result.notes, note])
         model, result = outcomes[chosen]
         if chosen:

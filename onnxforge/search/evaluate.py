@@ -20,13 +20,17 @@ from onnxforge.frontends import ModelFile
 from onnxforge.ir import Model
 from onnxforge.ir.shapes import skeleton_proto
 from onnxforge.measure import InterleavedTiming, RelativeLatency, interleaved_device_latency, interleaved_latency
+from onnxforge.pipeline import Pass
 from onnxforge.pipeline.budget import Budget
+from onnxforge.pipeline.manager import Instrument, PassRecord
 from onnxforge.report import OptimizationReport
 from onnxforge.search.space import Candidate
 
 Sample = dict[str, np.ndarray]
 EARLY_SAMPLES = 4  # held-out samples a candidate is judged on first; outside the budget there, it is not timed
 RANDOM_SAMPLES = 8  # without --data: random inputs that judge the error
+KEPT_MODELS = 3  # the fastest candidates' models kept, so that the winner is confirmed without building it again
+KEPT_MODEL_BYTES = 1 << 30  # a model larger than this is built again instead
 
 
 @dataclass
@@ -95,12 +99,15 @@ class Evaluator:
         self.reference = [self.input.run(sample) for sample in self.judging]
         self.bound = budget.bound_to(self.reference, self.judging) if budget is not None else None
         self.feed = self.judging[0] if self.samples is None else self.samples[0]
+        self._kept: dict[str, tuple[float, Model]] = {}  # pipeline -> (speedup, model) of the fastest timed
 
     def build(
         self, candidate: Candidate, decisions: Mapping[str, Any] | None = None
     ) -> tuple[Model, OptimizationReport | None]:
         """The model of `candidate`: measured decisions made now, or replayed from `decisions` (an Evaluation's),
-        which gives the same model byte for byte. A candidate without passes is the input itself (no report)."""
+        which gives the same model byte for byte. A candidate without passes is the input itself (no report).
+        A lossy pass over its share of the budget is not stepped back to gentler settings (the search tries
+        those as candidates of their own): the build stops with OutsideItsShare."""
         if not candidate.passes:
             return self.model_file.model, None
         record = None if decisions is None else {"decisions": {"values": dict(decisions)}}
@@ -116,13 +123,25 @@ class Evaluator:
             threads=candidate.session.threads,
             backend_settings=self.backend_settings,
             decisions=record,
+            step_back=False,
+            instruments=[_StopOutsideShare()],
         )
+
+    def kept(self, candidate: Candidate) -> Model | None:
+        """The model of `candidate` as its trial built it here, if it is among the fastest this evaluator timed."""
+        kept = self._kept.get(candidate.pipeline)
+        return kept[1] if kept else None
 
     def evaluate(self, candidate: Candidate) -> Evaluation:
         """Build `candidate`, judge its error (a few samples first), and time it against the input if in budget."""
         started = time.monotonic()
         evaluation = Evaluation(candidate.pipeline, asdict(candidate.session), seed=self.seed)
-        model, report = self.build(candidate)
+        try:
+            model, report = self.build(candidate)
+        except OutsideItsShare as outside:
+            evaluation.rejected = f"a pass outside its share of the budget: {outside}"
+            evaluation.seconds = round(time.monotonic() - started, 3)
+            return evaluation
         evaluation.size_ratio = 1.0
         if report is not None:
             evaluation.steps = [f"{record.name}: {record.status}" for record in report.passes]
@@ -131,6 +150,7 @@ class Evaluator:
         prepared = self.prepare(model, candidate)
         if self.judge(prepared, evaluation):
             self.time(prepared, evaluation)
+            self._keep(candidate, model, evaluation)
         evaluation.seconds = round(time.monotonic() - started, 3)
         return evaluation
 
@@ -163,6 +183,14 @@ class Evaluator:
         """`model` loaded on the search's backend with `candidate`'s session settings."""
         return self._runtime.prepare(model, candidate.session.backend_options(self.target, self.backend_settings))
 
+    def _keep(self, candidate: Candidate, model: Model, evaluation: Evaluation) -> None:
+        """Keep `model` if it is among the KEPT_MODELS fastest timed here (and not too large to hold)."""
+        if not candidate.passes or model.stats().bytes > KEPT_MODEL_BYTES:
+            return
+        self._kept[candidate.pipeline] = (evaluation.speedup or 0.0, model)
+        fastest = sorted(self._kept.items(), key=lambda item: -item[1][0])[:KEPT_MODELS]
+        self._kept = dict(fastest)
+
     def _within(self, outputs: list[dict[str, np.ndarray]], evaluation: Evaluation, where: str) -> bool:
         reference, judging = self.reference[: len(outputs)], self.judging[: len(outputs)]
         evaluation.judged_on = where
@@ -190,3 +218,22 @@ class Evaluator:
         proto = skeleton_proto(self.model_file.model)
         feeds.resolve(proto, self.input.run, self.seed)
         return feeds.inputs(proto, RANDOM_SAMPLES, self.seed), f"{RANDOM_SAMPLES} random inputs"
+
+
+class OutsideItsShare(Exception):
+    """A lossy pass of a candidate kept outside its share of the budget at the settings the candidate gave it."""
+
+
+class _StopOutsideShare(Instrument):
+    """Ends a candidate's build at the first lossy pass that the budget stepped back: the rest would build a
+    model the search tries as a candidate of its own (the same passes without that one)."""
+
+    def __init__(self) -> None:
+        self._lossy = False
+
+    def before_pass(self, index: int, total: int, pass_: Pass, model: Model) -> None:
+        self._lossy = not pass_.lossless
+
+    def after_pass(self, index: int, total: int, record: PassRecord) -> None:
+        if self._lossy and record.status != "applied" and record.budget:
+            raise OutsideItsShare(f"{record.name}: {record.budget}")

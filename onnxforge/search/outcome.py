@@ -14,7 +14,7 @@ from onnxforge.pipeline.acceptance import speedups_over
 from onnxforge.search.evaluate import Evaluation, Evaluator
 from onnxforge.search.space import Candidate, SearchSpace, candidate_of
 
-CONFIRM_TRIES = 3  # the fastest candidates rebuilt and timed again, in order, until one is confirmed
+CONFIRM_TRIES = 3  # the fastest candidates judged and timed again, in order, until one is confirmed
 
 
 @dataclass
@@ -82,8 +82,9 @@ def pareto_front(rows: Sequence[TrialRow]) -> list[TrialRow]:
 
 @dataclass
 class Winner:
-    """The candidate a search returns: its trial, its model rebuilt from the trial's decisions, judged again on the
-    held-out samples, and timed again against the input (`speedups`: both timings)."""
+    """The candidate a search returns: its trial, its model (as the trial built it, or rebuilt from the trial's
+    decisions where another process ran the trial), judged again on the held-out samples, and timed again against
+    the input (`speedups`: both timings)."""
 
     row: TrialRow
     candidate: Candidate
@@ -109,7 +110,7 @@ def choose_winner(
     progress: Callable[[str], None] = lambda line: None,
 ) -> Answer:
     """The fastest candidate that stays inside the budget and at least `min_speedup` times as fast as the input
-    when rebuilt, judged and timed again (twice, the worse timing counts); the next fastest when it does not, at
+    when judged and timed again (twice, the worse timing counts); the next fastest when it does not, at
     most CONFIRM_TRIES of them. None when no trial qualifies."""
     timed = sorted((row for row in rows if row.state == "complete" and row.same_as is None), key=_objectives)
     fast = [row for row in timed if (row.evaluation.speedup or 0) >= min_speedup]
@@ -125,7 +126,7 @@ def choose_winner(
     for row in fast[:CONFIRM_TRIES]:
         candidate = candidate_of(row.params, space)
         progress(f"confirming trial {row.number}: {candidate.pipeline}")
-        model, _ = evaluator.build(candidate, row.evaluation.decisions)
+        model = evaluator.kept(candidate) or evaluator.build(candidate, row.evaluation.decisions)[0]
         prepared = evaluator.prepare(model, candidate)
         evaluation = Evaluation(candidate.pipeline, row.evaluation.session, seed=evaluator.seed)
         if not evaluator.judge(prepared, evaluation):

@@ -113,7 +113,7 @@ def search(
 
     storage: where the study lives ("sqlite:///FILE", a SQLite file path, "postgresql://..."; None: in memory)
     and `study` its name (default: from the model and the options), so that a search resumes there and
-    `search_worker` processes join it. The winner is rebuilt, judged and timed again; it must be at least
+    `search_worker` processes join it. The winner is judged and timed again; it must be at least
     `min_speedup` times as fast as the input, else the input comes back unchanged (`improved` False). `timing`:
     how candidates are timed against the input (measure.InterleavedTiming's defaults).
     """

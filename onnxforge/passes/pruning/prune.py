@@ -123,7 +123,7 @@ class ChannelPruning(Pass):
         layers = [layer for layer in map(as_layer, model.graph.nodes) if layer is not None and layer.op in SPARSE_OPS]
         if not layers:
             return None
-        space: dict[str, Tunable] = {"ratio": Interval(0.1, 0.5, step=0.1)}
+        space: dict[str, Tunable] = {"ratio": Interval(0.05, 0.5, step=0.05)}
         if len(layers) > 1:  # one layer is one group: both scopes remove the same channels
             space["scope"] = Choice(("layer", "global"))
         if where.has_data:
