@@ -4,6 +4,7 @@ the onnxruntime session the benchmarks run it in, and its calibration samples as
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,10 +61,17 @@ def ort_session(model_path: str | os.PathLike[str], threads: int = 0, settings: 
 
 
 def save_calibration(case: TrainedCase, path: str | os.PathLike[str]) -> Path:
-    """Write the case's calibration samples as one stacked `.npz` (each array N x input shape) that onnxforge's
-    `--data` reads back as they were (`data.save_samples`)."""
+    """Write the case's calibration samples as onnxforge's `--data` reads them back (`data.save_samples`): one
+    stacked `.npz` (each array N x input shape) at `path`, or where the samples' shapes differ (recordings of
+    different lengths), a folder of one `.npz` each beside it; return what was written."""
     from onnxforge.data import save_samples
 
     path = Path(path)
+    shapes = {tuple((name, np.shape(array)) for name, array in sorted(sample.items())) for sample in case.calibration}
+    if len(shapes) > 1:
+        path = path.with_suffix("")
+        shutil.rmtree(path, ignore_errors=True)
+        save_samples(path, case.calibration, layout="folder")
+        return path
     save_samples(path, case.calibration)
     return path
