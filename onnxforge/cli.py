@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import json
 import math
+import operator
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from onnxforge.errors import OnnxforgeError
@@ -18,8 +24,22 @@ from onnxforge.stop_signals import StopOnSignals, Terminated, stop_exception
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NO_IMPROVEMENT = 3  # optimize --auto --require-improvement found nothing faster inside the budget
+EXIT_CONDITION_HOLDS = 4  # optimize --fail-if: a condition held on the run's figures; nothing was written
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's convention: 128 + the signal's number
 EXIT_TERMINATED = 128 + signal.SIGTERM
+
+OPTIMIZE_EXIT_CODES = f"""exit codes (docs/build-pipelines.md):
+  0    done (--json: status ok or unchanged)
+  {EXIT_ERROR}    an error (the model, --config, --data, a pass with --on-error stop): nothing was written
+  {EXIT_USAGE}    a usage error: a bad flag or value, a --fail-if the run cannot test
+  {EXIT_NO_IMPROVEMENT}    --auto --require-improvement: nothing faster than the input inside the budget
+  {EXIT_CONDITION_HOLDS}    a --fail-if condition holds: nothing was written
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); {EXIT_TERMINATED}: terminated (SIGTERM); nothing was written
+"""
+
+
+class UsageError(OnnxforgeError):
+    """Options that do not fit together, found once the command line is parsed: exit 2, as a bad flag."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,11 +52,18 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `onnxforge`: optimize, bench, compare, search-worker, list-passes."""
+    failure_json = _FailureJson()
 
     def command() -> int:
         parser = _Parser(prog="onnxforge", description="Optimize, benchmark and compare ONNX models.")
+        _add_version_argument(parser)
         commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-        _add_optimize_arguments(commands.add_parser("optimize", help="run passes on a model"))
+        _add_optimize_arguments(
+            commands.add_parser(
+                "optimize", help="run passes on a model", epilog=OPTIMIZE_EXIT_CODES,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+        )
         _add_bench_arguments(commands.add_parser("bench", help="measure a model's latency on a backend"))
         _add_compare_arguments(commands.add_parser("compare", help="compare two models' outputs"))
         _add_worker_arguments(
@@ -45,24 +72,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         list_parser = commands.add_parser("list-passes", help="list the available passes")
         list_parser.add_argument("--plugin", action="append", default=[], help="module or .py file with passes")
         args = parser.parse_args(argv)
+        failure_json.args = args
         handlers = {
             "optimize": _optimize, "bench": _bench, "compare": _compare, "search-worker": _search_worker,
             "list-passes": _list_passes,
         }
         return _within_timeout(handlers[args.command], args)
 
-    return _guarded(command)
+    return _guarded(command, failure_json.write)
 
 
 def optimize_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `optimize` (the same as `onnxforge optimize`)."""
+    failure_json = _FailureJson()
 
     def command() -> int:
-        parser = _Parser(prog="optimize", description="Run optimization passes on an ONNX model.")
+        parser = _Parser(
+            prog="optimize", description="Run optimization passes on an ONNX model.", epilog=OPTIMIZE_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _add_optimize_arguments(parser)
-        return _within_timeout(_optimize, parser.parse_args(argv))
+        failure_json.args = parser.parse_args(argv)
+        return _within_timeout(_optimize, failure_json.args)
 
-    return _guarded(command)
+    return _guarded(command, failure_json.write)
+
+
+class _FailureJson:
+    """The JSON object `optimize --json` prints on stdout for a run that ends in an error (its error line goes to
+    stderr as always): once the command line is parsed, every --json run prints one."""
+
+    def __init__(self) -> None:
+        self.args: argparse.Namespace | None = None
+
+    def write(self, exit_code: int, message: str) -> None:
+        if self.args is not None and getattr(self.args, "json_stdout", False):
+            _print_json({"status": "failed", "exit_code": exit_code, "input": self.args.model, "output": None,
+                         "error": message})
+
+
+def _print_json(payload: dict) -> None:
+    """Write `payload` on stdout as the --report JSON is written."""
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _add_version_argument(parser: argparse.ArgumentParser) -> None:
+    try:
+        version = metadata.version("onnxforge")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from onnxforge import __version__ as version
+    parser.add_argument("--version", action="version", version=f"onnxforge {version}")
 
 
 def _within_timeout(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -71,8 +131,9 @@ def _within_timeout(handler: Callable[[argparse.Namespace], int], args: argparse
         return handler(args)
 
 
-def _guarded(command: Callable[[], int]) -> int:
-    """Run a command; user errors and signals become one `error:` line and a non-zero exit."""
+def _guarded(command: Callable[[], int], on_failure: Callable[[int, str], None] | None = None) -> int:
+    """Run a command; user errors and signals become one `error:` line and a non-zero exit, which `on_failure`
+    (exit code, message) is told of."""
     stop = StopOnSignals()  # first: a signal while the heavy modules load is reported like any other
     try:
         with stop.held():
@@ -85,10 +146,14 @@ def _guarded(command: Callable[[], int]) -> int:
             exc.__traceback__ = None
             del exc
             gc.collect()
-            sys.stderr.write(f"error: {OUT_OF_MEMORY}\n")
-            return EXIT_ERROR
-        # Whatever the exception became on its way up, when a signal arrived it is what ended the run.
-        return _failure(exc if stop.received is None else stop_exception(stop.received))
+            exit_code, message = EXIT_ERROR, OUT_OF_MEMORY
+        else:
+            # Whatever the exception became on its way up, when a signal arrived it is what ended the run.
+            exit_code, message = _failure(exc if stop.received is None else stop_exception(stop.received))
+        sys.stderr.write(f"error: {message}\n")
+        if on_failure is not None:
+            on_failure(exit_code, message)
+        return exit_code
     finally:
         stop.restore()
 
@@ -109,21 +174,19 @@ def _out_of_memory(exc: BaseException) -> bool:
     return False
 
 
-def _failure(exc: BaseException) -> int:
-    """Print the one `error:` line for `exc` and return the exit code; raise what is not ours to report."""
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """The exit code for `exc` and the message of its one `error:` line; raise what is not ours to report."""
     if isinstance(exc, KeyboardInterrupt):
-        sys.stderr.write("error: interrupted\n")
-        return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED, "interrupted"
     if isinstance(exc, Terminated):
-        sys.stderr.write("error: terminated\n")
-        return EXIT_TERMINATED
+        return EXIT_TERMINATED, "terminated"
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE, str(exc)
     # OSError: a path the user gave cannot be read or written (permissions, full disk, ...)
     if isinstance(exc, (OnnxforgeError, OSError)):
-        sys.stderr.write(f"error: {exc}\n")
-        return EXIT_ERROR
+        return EXIT_ERROR, str(exc)
     if isinstance(exc, Exception) and not os.environ.get("ONNXFORGE_DEBUG"):  # a bug of ours: still one line
-        sys.stderr.write(f"error: internal error: {type(exc).__name__}: {exc} (set ONNXFORGE_DEBUG=1 for details)\n")
-        return EXIT_ERROR
+        return EXIT_ERROR, f"internal error: {type(exc).__name__}: {exc} (set ONNXFORGE_DEBUG=1 for details)"
     raise exc  # SystemExit (usage errors, --help), or a bug's traceback on request
 
 
@@ -174,6 +237,52 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a duration above 0 such as 90s, 20m or 1h, got {text!r}") from None
 
 
+# --fail-if's figures, read from the run's report, each with what measures it when not every run does.
+_MEASURED_BY_MEASURE = "--measure (or measure = true in --config)"
+_MEASURED_BY_COMPARING = "verification (drop --no-verify) or --data"
+_FIGURES = {
+    "latency_ratio": _MEASURED_BY_MEASURE,  # median latency after / before
+    "speedup": _MEASURED_BY_MEASURE,  # median latency before / after
+    "size_ratio": None,  # weights bytes after / before
+    "cosine": _MEASURED_BY_COMPARING,  # the worst output's cosine similarity to the original's
+    "max_rel": _MEASURED_BY_COMPARING,  # the largest relative error of any output against the original's
+}
+_OPERATORS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+_CONDITION = re.compile(r"\s*(\w+)\s*(<=|>=|<|>)\s*(\S+?)\s*")
+
+
+@dataclass(frozen=True)
+class _Condition:
+    """A --fail-if condition: `figure operator bound`, e.g. latency_ratio>1.0."""
+
+    figure: str
+    operator: str
+    bound: float
+    text: str  # as given, without spaces: what the messages quote
+
+    def holds(self, value: float) -> bool:
+        return _OPERATORS[self.operator](value, self.bound)
+
+
+def _condition(text: str) -> _Condition:
+    """An argparse `type=`: a --fail-if condition, else a usage error naming the figures it may test."""
+    figures = ", ".join(_FIGURES)
+    match = _CONDITION.fullmatch(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"write a condition as FIGURE<BOUND, e.g. cosine<0.99 (operators <, <=, >, "
+                                         f">=; figures: {figures}), got {text!r}")
+    figure, comparison, bound = match.groups()
+    if figure not in _FIGURES:
+        raise argparse.ArgumentTypeError(f"unknown figure {figure!r} in {text!r} (known: {figures})")
+    try:
+        value = float(bound)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"the bound of {text!r} must be a finite number, got {bound!r}")
+    return _Condition(figure, comparison, value, f"{figure}{comparison}{bound}")
+
+
 def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shape",
@@ -194,7 +303,13 @@ def _add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", help="where to write the optimized model")
     parser.add_argument("--report", metavar="PATH", help="write the JSON report here")
     parser.add_argument("--config", metavar="FILE", help="TOML or JSON file with any of these options")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective config (--config merged with the flags) as a JSON config file and exit",
+    )
     parser.add_argument("--list-passes", action="store_true", help="list the available passes and exit")
+    _add_version_argument(parser)
     parser.add_argument("--plugin", action="append", default=[], help="module or .py file that registers passes")
     parser.add_argument("--on-error", choices=["rollback", "stop"], help="when a pass fails (default rollback)")
     parser.add_argument("--no-verify", action="store_true", help="skip checking each pass (faster, unsafe)")
@@ -220,6 +335,21 @@ def _add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--explain", action="store_true", help="print why each pass changed what it changed")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    parser.add_argument(
+        "--json",
+        dest="json_stdout",
+        action="store_true",
+        help="print one JSON object on stdout: the report with status and exit_code (other text goes to stderr)",
+    )
+    parser.add_argument(
+        "--fail-if",
+        type=_condition,
+        action="append",
+        default=[],
+        metavar="CONDITION",
+        help=f"exit {EXIT_CONDITION_HOLDS} writing nothing when this holds after the run, e.g. 'latency_ratio>1.0' "
+        f"or 'cosine<0.99' (quote it; operators <, <=, >, >=; figures: {', '.join(_FIGURES)}); repeatable",
+    )
     parser.add_argument(
         "--pass-timeout", type=_seconds, metavar="SECONDS", help="roll back a pass (with its checks) that takes longer"
     )
@@ -342,6 +472,48 @@ def _optimize_settings(args: argparse.Namespace) -> dict:
 
 
 def _optimize(args: argparse.Namespace) -> int:
+    """optimize: list the passes, print the effective config, or run (once, or a search with --auto); with --json,
+    what people read goes to stderr and stdout holds the run's JSON object alone."""
+    if args.list_passes:
+        return _list_passes(args)
+    settings = _optimize_settings(args)
+    if args.print_config:
+        from onnxforge.config import PipelineConfig, dump_config
+
+        sys.stdout.write(dump_config(PipelineConfig(**settings)))
+        return 0
+    if not args.model:
+        raise OnnxforgeError("no input model given (optimize MODEL --passes ... -o OUT)")
+    _check_conditions_measured(args, settings)
+    run = _optimize_auto if args.auto else _optimize_once
+    if not args.json_stdout:
+        return run(args, settings)[0]
+    with contextlib.redirect_stdout(sys.stderr):  # a plugin's or a library's print too
+        exit_code, payload = run(args, settings)
+    _print_json(payload)
+    return exit_code
+
+
+def _check_conditions_measured(args: argparse.Namespace, settings: dict) -> None:
+    """Refuse, before any work, a --fail-if condition on a figure the run will not measure."""
+    if args.fail_if and args.auto:
+        raise UsageError("--fail-if tests the figures of a run without --auto; --require-improvement gates a search")
+    measured = {
+        None: True,
+        _MEASURED_BY_MEASURE: settings["measure"],
+        _MEASURED_BY_COMPARING: settings["verify"] or bool(settings["data"]),
+    }
+    for condition in args.fail_if:
+        if not measured[_FIGURES[condition.figure]]:
+            raise UsageError(
+                f"--fail-if {condition.text}: this run does not measure {condition.figure}; "
+                f"{_FIGURES[condition.figure]} measures it"
+            )
+
+
+def _optimize_once(args: argparse.Namespace, settings: dict) -> tuple[int, dict]:
+    """optimize without --auto: run the passes, then write the model, its artifact and the report all at once, or
+    nothing when a --fail-if condition holds. Returns the exit code and the --json object."""
     from onnxforge.api import compile_model, optimize
     from onnxforge.backends.base import BackendOptions
     from onnxforge.frontends import ModelFile
@@ -349,13 +521,6 @@ def _optimize(args: argparse.Namespace) -> int:
     from onnxforge.ir.output_set import OutputSet, check_output_paths
     from onnxforge.report import ProgressPrinter
 
-    if args.list_passes:
-        return _list_passes(args)
-    if not args.model:
-        raise OnnxforgeError("no input model given (optimize MODEL --passes ... -o OUT)")
-    if args.auto:
-        return _optimize_auto(args)
-    settings = _optimize_settings(args)
     output, report_path, external = settings.pop("output"), settings.pop("report"), settings.pop("external_data")
     # Loaded once, here: it names the weights files, which no output may replace.
     model_file = ModelFile.load(args.model)
@@ -377,16 +542,22 @@ def _optimize(args: argparse.Namespace) -> int:
             pass_timeout=args.pass_timeout,
             **settings,
         )
-        if output:
-            stage_model(model, output, written, external_data=EXTERNAL_DATA[external])
-            report.output = output
-        if args.artifact:
-            options = BackendOptions(target=settings["target"], threads=settings["threads"], extra=backend_settings)
-            compiled = compile_model(model, settings["backend"], options, settings["shapes"], _tuning_progress(args))
-            report.artifact = _stage_artifact(compiled, args.artifact, written)
-        if report_path:
-            report.save_json(report_path, written)
-        written.commit()
+        figures = _figures(report)
+        verdicts = _verdicts(args.fail_if, figures)
+        holding = [verdict for verdict in verdicts if verdict["holds"]]
+        if not holding:
+            if output:
+                stage_model(model, output, written, external_data=EXTERNAL_DATA[external])
+                report.output = output
+            if args.artifact:
+                options = BackendOptions(target=settings["target"], threads=settings["threads"], extra=backend_settings)
+                compiled = compile_model(
+                    model, settings["backend"], options, settings["shapes"], _tuning_progress(args)
+                )
+                report.artifact = _stage_artifact(compiled, args.artifact, written)
+            if report_path:
+                report.save_json(report_path, written)
+            written.commit()
     if not args.quiet:
         for warning in report.warnings():
             print(f"warning: {warning}", file=sys.stderr)
@@ -397,7 +568,44 @@ def _optimize(args: argparse.Namespace) -> int:
             print(f"  compiled for {settings['backend']} {settings['target']}: {', '.join(report.artifact)}")
     if args.explain:
         print(report.explanation())
-    return 0
+    exit_code, status = 0, "ok" if any(record.status == "applied" for record in report.passes) else "unchanged"
+    if holding:
+        failed = "; ".join(f"--fail-if {v['condition']} holds: {v['figure']}={v['value']:.6g}" for v in holding)
+        sys.stderr.write(f"error: {failed}\n")
+        exit_code, status = EXIT_CONDITION_HOLDS, "failed"
+    payload = {"status": status, "exit_code": exit_code, "input": args.model, "figures": figures, "fail_if": verdicts}
+    return exit_code, {**payload, **report.to_dict()}
+
+
+def _figures(report) -> dict[str, float | None]:
+    """The figures --fail-if tests and --json prints, from the run's report; None where the run measured none. The
+    errors are those on the held-out --data samples when there are samples, else on the random inputs."""
+    before, after = report.latency_before, report.latency_after
+    error = report.data_error if report.data_error is not None else report.error
+    return {
+        "latency_ratio": after.median_ms / before.median_ms if before and after and before.median_ms > 0 else None,
+        "speedup": report.speedup,
+        "size_ratio": report.after.bytes / report.before.bytes if report.before.bytes else None,
+        "cosine": error.min_cosine if error is not None else None,
+        "max_rel": error.max_rel if error is not None else None,
+    }
+
+
+def _verdicts(conditions: list[_Condition], figures: dict[str, float | None]) -> list[dict]:
+    """Each --fail-if condition with its figure's value and whether it holds. A figure the run was set to measure
+    can still have no value on a model (the cosine of integer outputs, the size of a model without weights): the
+    condition cannot be tested, a usage error."""
+    verdicts = []
+    for condition in conditions:
+        value = figures[condition.figure]
+        if value is None:
+            raise UsageError(
+                f"--fail-if {condition.text}: this model gives no {condition.figure} to test; nothing was written"
+            )
+        verdicts.append(
+            {"condition": condition.text, "figure": condition.figure, "value": value, "holds": condition.holds(value)}
+        )
+    return verdicts
 
 
 def _input_files(models: dict, data: str | None) -> dict[str, list[Path]]:
@@ -425,9 +633,9 @@ def _stage_artifact(compiled, artifact: str, written) -> list[str]:
     return [str(target.with_name(Path(file).name)) for file in files]
 
 
-def _optimize_auto(args: argparse.Namespace) -> int:
+def _optimize_auto(args: argparse.Namespace, settings: dict) -> tuple[int, dict]:
     """optimize --auto: search, then write the winner (or the input unchanged), its config, its session settings
-    and the search report, all at once."""
+    and the search report, all at once. Returns the exit code and the --json object."""
     from onnxforge.frontends import ModelFile
     from onnxforge.ir.io import stage_model
     from onnxforge.ir.output_set import OutputSet, check_output_paths
@@ -435,7 +643,6 @@ def _optimize_auto(args: argparse.Namespace) -> int:
     from onnxforge.report.search_plot import save_search_plot
     from onnxforge.search import search
 
-    settings = _optimize_settings(args)
     output, report_path = settings["output"], settings["report"]
     model_file = ModelFile.load(args.model)
     inputs = _input_files({"the input model": (args.model, model_file.model)}, settings["data"])
@@ -490,10 +697,12 @@ def _optimize_auto(args: argparse.Namespace) -> int:
                   + (f", {session_path}" if session_path else ""))
     if args.explain:
         print(result.explanation())
+    exit_code, status = 0, "ok" if result.improved else "unchanged"
     if args.require_improvement and not result.improved:
         sys.stderr.write(f"error: no improvement: {result.message}\n")
-        return EXIT_NO_IMPROVEMENT
-    return 0
+        exit_code, status = EXIT_NO_IMPROVEMENT, "failed"
+    payload = {"status": status, "exit_code": exit_code, "input": args.model, "output": output}
+    return exit_code, {**payload, "improved": result.improved, **result.report}
 
 
 def _search_worker(args: argparse.Namespace) -> int:

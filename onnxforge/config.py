@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,10 @@ def load_config(path: str | Path) -> PipelineConfig:
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in _TYPES:
+            closest = difflib.get_close_matches(name, _TYPES, n=1)
+            suggestion = f": did you mean '{closest[0]}'?" if closest else ""
             known = ", ".join(sorted(_TYPES))
-            raise ConfigError(f"unknown key '{key}' in config file '{path}' (known: {known})")
+            raise ConfigError(f"unknown key '{key}' in config file '{path}'{suggestion} (known: {known})")
         wrong_bool = isinstance(value, bool) and bool not in _TYPES[name]  # bool is an int subclass
         if wrong_bool or not isinstance(value, _TYPES[name]):
             expected = " or ".join(t.__name__ for t in _TYPES[name])
@@ -129,3 +132,23 @@ def _pass_step(step: Any, path: Path) -> str | tuple[str, dict[str, Any]]:
         options = {k: v for k, v in step.items() if k != "name"}
         return (step["name"], options)
     raise ConfigError(f"each pass in config file '{path}' must be a string or a table with a 'name'")
+
+
+def dump_config(config: PipelineConfig, base: str | Path = ".") -> str:
+    """`config` as the text of a JSON config file that `load_config` reads back to the same config wherever the
+    file is kept: relative paths are made absolute from `base` (where they were given), unset fields left out."""
+    values = {name: value for name, value in asdict(config).items() if value not in (None, [], {})}
+    for name in _RELATIVE_PATHS:
+        if name in values:
+            values[name] = str(Path(base, values[name]).resolve())
+    if isinstance(values.get("decisions"), str):
+        values["decisions"] = str(Path(base, values["decisions"]).resolve())
+    if "budget" in values:
+        values["budget"] = absolute_metric_path(values["budget"], base)
+    if "plugins" in values:
+        values["plugins"] = [str(Path(base, p).resolve()) if p.endswith(".py") else p for p in values["plugins"]]
+    if isinstance(values.get("passes"), list):
+        values["passes"] = [
+            step if isinstance(step, str) else {"name": step[0], **step[1]} for step in values["passes"]
+        ]
+    return json.dumps(values, indent=2) + "\n"
