@@ -204,6 +204,18 @@ def test_a_pass_outside_its_share_at_the_candidates_settings_ends_the_build_and_
     assert report.passes[1].budget.startswith("no change down to prune:ratio=0.0625")
 
 
+def test_starting_points_step_back_as_optimize_does_and_sampled_candidates_do_not(tmp_path):
+    model, data = _mlp(tmp_path / "mlp.onnx"), _data(tmp_path / "data.npz")
+    result = search(model, data=data, budget="cosine=0.98", passes="cleanup,prune:measure=false", trials=3,
+                    sampler_name="random", min_speedup=0.0, timing=FAST)
+    start, *sampled = result.report["trials"][1:]
+    assert start["pipeline"] == "cleanup,prune:recover=true:measure=false" and start["stepped_back"]
+    # Stepped back from the default ratio 0.3, which would leave about 0.54 of the weights, to what fits.
+    assert start["state"] == "complete" and start["size_ratio"] > 0.6
+    assert not any(row["stepped_back"] for row in sampled)
+    assert all("no change at prune:" in row["rejected"] for row in sampled if row["rejected"])
+
+
 def test_the_fastest_candidates_models_are_kept_as_their_trials_built_them(tmp_path):
     model, data = _mlp(tmp_path / "mlp.onnx"), _data(tmp_path / "data.npz")
     samples = load_samples(data, onnx.load(str(model)))

@@ -75,6 +75,32 @@ def test_prune_offers_no_scope_for_a_single_layer_and_nothing_without_one():
     assert _space("prune", _relu_only()) is None
 
 
+def _named_mlp(names: list[str], width: int = 32) -> onnx.ModelProto:
+    """x -> (MatMul named names[i] -> Relu) ... -> MatMul named "head" -> y: one channel group per named layer."""
+    nodes, weights, current = [], [], "x"
+    for index, name in enumerate([*names, "head"]):
+        rows, cols = 16 if index == 0 else width, 4 if name == "head" else width
+        weights.append(constant(f"w{index}", RNG.standard_normal((rows, cols)).astype(np.float32)))
+        out = "y" if name == "head" else f"r{index}"
+        nodes.append(helper.make_node("MatMul", [current, f"w{index}"], [out if name == "head" else f"m{index}"],
+                                      name=name))
+        if name != "head":
+            nodes.append(helper.make_node("Relu", [f"m{index}"], [out]))
+        current = out
+    return make_model(nodes, [value_info("x", [2, 16])], [value_info("y", [2, 4])], weights)
+
+
+def test_prune_offers_which_groups_to_prune_where_there_are_few_and_their_names_fit_a_pass_list():
+    assert _space("prune", _named_mlp(["fc0", "fc1"]), CPU_DATA)["exclude"] == Subset(("fc0", "fc1"))
+    assert "exclude" not in _space("prune", _named_mlp(["fc0"]))  # one group: the ratio says it all
+    assert "exclude" not in _space("prune", _named_mlp([f"fc{i}" for i in range(13)]))  # too many to search
+    assert "exclude" not in _space("prune", _named_mlp(["fc0", "block:1"]))  # ':' cannot go through exclude=
+    # A candidate leaving fc0 out prunes fc1 alone.
+    pruned, result = apply("prune:ratio=0.5:exclude=fc0:measure=false", _named_mlp(["fc0", "fc1"]))
+    weights = {node.name: tuple(node.inputs[1].shape) for node in pruned.graph.nodes if node.op == "MatMul"}
+    assert result.changed and weights == {"fc0": (16, 32), "fc1": (32, 16), "head": (16, 4)}
+
+
 @pytest.mark.parametrize(
     ("where", "expected"),
     [

@@ -52,6 +52,7 @@ class Evaluation:
     decisions: dict[str, Any] = field(default_factory=dict)  # the run's measured decisions, to rebuild it
     seed: int = 0
     seconds: float = 0.0
+    step_back: bool = False  # built as a plain optimize run builds it: see Candidate.step_back
 
     @property
     def latency_ratio(self) -> float | None:
@@ -99,15 +100,15 @@ class Evaluator:
         self.reference = [self.input.run(sample) for sample in self.judging]
         self.bound = budget.bound_to(self.reference, self.judging) if budget is not None else None
         self.feed = self.judging[0] if self.samples is None else self.samples[0]
-        self._kept: dict[str, tuple[float, Model]] = {}  # pipeline -> (speedup, model) of the fastest timed
+        self._kept: dict[str, tuple[float, Model]] = {}  # _built(candidate) -> (speedup, model) of the fastest
 
     def build(
         self, candidate: Candidate, decisions: Mapping[str, Any] | None = None
     ) -> tuple[Model, OptimizationReport | None]:
         """The model of `candidate`: measured decisions made now, or replayed from `decisions` (an Evaluation's),
         which gives the same model byte for byte. A candidate without passes is the input itself (no report).
-        A lossy pass over its share of the budget is not stepped back to gentler settings (the search tries
-        those as candidates of their own): the build stops with OutsideItsShare."""
+        A lossy pass that keeps outside its share of the budget (at its settings, or at the gentler ones too
+        where the candidate steps back) stops the build with OutsideItsShare."""
         if not candidate.passes:
             return self.model_file.model, None
         record = None if decisions is None else {"decisions": {"values": dict(decisions)}}
@@ -123,19 +124,20 @@ class Evaluator:
             threads=candidate.session.threads,
             backend_settings=self.backend_settings,
             decisions=record,
-            step_back=False,
+            step_back=candidate.step_back,
             instruments=[_StopOutsideShare()],
         )
 
     def kept(self, candidate: Candidate) -> Model | None:
         """The model of `candidate` as its trial built it here, if it is among the fastest this evaluator timed."""
-        kept = self._kept.get(candidate.pipeline)
+        kept = self._kept.get(_built(candidate))
         return kept[1] if kept else None
 
     def evaluate(self, candidate: Candidate) -> Evaluation:
         """Build `candidate`, judge its error (a few samples first), and time it against the input if in budget."""
         started = time.monotonic()
-        evaluation = Evaluation(candidate.pipeline, asdict(candidate.session), seed=self.seed)
+        evaluation = Evaluation(candidate.pipeline, asdict(candidate.session), seed=self.seed,
+                                step_back=candidate.step_back)
         try:
             model, report = self.build(candidate)
         except OutsideItsShare as outside:
@@ -187,7 +189,7 @@ class Evaluator:
         """Keep `model` if it is among the KEPT_MODELS fastest timed here (and not too large to hold)."""
         if not candidate.passes or model.stats().bytes > KEPT_MODEL_BYTES:
             return
-        self._kept[candidate.pipeline] = (evaluation.speedup or 0.0, model)
+        self._kept[_built(candidate)] = (evaluation.speedup or 0.0, model)
         fastest = sorted(self._kept.items(), key=lambda item: -item[1][0])[:KEPT_MODELS]
         self._kept = dict(fastest)
 
@@ -218,6 +220,11 @@ class Evaluator:
         proto = skeleton_proto(self.model_file.model)
         feeds.resolve(proto, self.input.run, self.seed)
         return feeds.inputs(proto, RANDOM_SAMPLES, self.seed), f"{RANDOM_SAMPLES} random inputs"
+
+
+def _built(candidate: Candidate) -> str:
+    """What decides a candidate's model (its session settings do not)."""
+    return f"{candidate.pipeline} | stepped back" if candidate.step_back else candidate.pipeline
 
 
 class OutsideItsShare(Exception):

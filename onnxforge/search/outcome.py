@@ -4,7 +4,7 @@ budget on held-out samples and faster than the input, confirmed by timing it aga
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import optuna
@@ -47,6 +47,7 @@ class TrialRow:
             "judged_on": evaluation.judged_on,
             "size_ratio": evaluation.size_ratio,
             "steps": evaluation.steps,
+            "stepped_back": evaluation.step_back,
             "seconds": evaluation.seconds,
         }
 
@@ -124,7 +125,7 @@ def choose_winner(
         choice.reason = f"no candidate of {len(rows)} trials was faster than the input by {min_speedup:g}x ({inside})"
         return choice
     for row in fast[:CONFIRM_TRIES]:
-        candidate = candidate_of(row.params, space)
+        candidate = replace(candidate_of(row.params, space), step_back=row.evaluation.step_back)
         progress(f"confirming trial {row.number}: {candidate.pipeline}")
         model = evaluator.kept(candidate) or evaluator.build(candidate, row.evaluation.decisions)[0]
         prepared = evaluator.prepare(model, candidate)

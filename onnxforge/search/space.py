@@ -53,10 +53,13 @@ class SessionSettings:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One point of the space: the pipeline as `optimize --passes` takes it, and the session settings."""
+    """One point of the space: the pipeline as `optimize --passes` takes it, and the session settings.
+    `step_back`: a lossy pass outside its share of the budget is stepped back to the strongest of its gentler
+    settings that fits, as a plain `optimize` run does (the starting points); else the candidate is rejected."""
 
     passes: tuple[str, ...]
     session: SessionSettings
+    step_back: bool = False
 
     @property
     def pipeline(self) -> str:
@@ -65,7 +68,8 @@ class Candidate:
     @property
     def key(self) -> str:
         """The same for candidates that build the same model and time it the same way."""
-        return f"{self.pipeline} | {sorted(asdict(self.session).items())}"
+        stepping = " | stepped back" if self.step_back else ""
+        return f"{self.pipeline} | {sorted(asdict(self.session).items())}{stepping}"
 
 
 @dataclass(frozen=True)
@@ -168,12 +172,13 @@ class SearchSpace:
 
     def starting_points(self) -> list[dict[str, Any]]:
         """Parameters to try first, each searched pass at its defaults: none of them (the lossless passes alone),
-        each one alone, and all of them; the session at its defaults. Values off the space are left to the
-        sampler."""
+        the last (precision: the cheapest to build) alone, all of them, then each other one alone; the session at
+        its defaults. Values off the space are left to the sampler."""
         searched = [step for step in self._steps if isinstance(step, _Searched)]
         session = {f"{SESSION}.{name}": getattr(SessionSettings(), name) for name in self._session}
         points = []
-        for chosen in [[], *([s] for s in searched), *([searched] if len(searched) > 1 else [])]:
+        alone = [[step] for step in searched]
+        for chosen in [[], *alone[-1:], *([searched] if len(searched) > 1 else []), *alone[:-1]]:
             params: dict[str, Any] = {step.prefix: step in chosen for step in searched}
             for step in chosen:
                 defaults = step.pass_type.Options()

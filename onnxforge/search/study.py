@@ -9,7 +9,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from onnxforge.search.evaluate import Evaluation, Evaluator
 from onnxforge.search.space import SearchSpace
 
 SETUP_ATTR = "onnxforge.search"
+STARTING_POINT = "starting_point"  # the user attribute of a queued starting point's trial
 SAMPLERS = ("auto", "tpe", "nsga2", "grid", "random")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 HEARTBEAT_S = 10  # a worker's trial without a heartbeat for GRACE_S is failed and run again by another
@@ -122,7 +123,7 @@ def create_study(
         if _resolved_sampler(setup, space) != "grid" or space.size() > len(points) + 1:
             complete = {name: values[0] for name, values in space.grid().items()}  # a grid point names them all
             for params in points:
-                study.enqueue_trial({**complete, **params}, skip_if_exists=True)
+                study.enqueue_trial({**complete, **params}, {STARTING_POINT: True}, skip_if_exists=True)
     study.sampler = sampler(setup, space)
     return study
 
@@ -194,6 +195,8 @@ def run_trials(
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float, float]:
         candidate = space.suggest(trial, conditional=not grid)
+        # The starting points are built as optimize builds them; the sampler's candidates at their own settings.
+        candidate = replace(candidate, step_back=bool(trial.user_attrs.get(STARTING_POINT)))
         trial.set_user_attr("candidate", candidate.key)
         trial.set_user_attr("worker", me)
         judged = _judged(study, candidate.key)

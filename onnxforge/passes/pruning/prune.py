@@ -24,9 +24,13 @@ from onnxforge.passes.pruning.selection import kept_for_refit, reader_grams
 from onnxforge.passes.pruning.sparsity import SPEED_NOTE, magnitude_mask, two_of_four_mask
 from onnxforge.pipeline.registry import register_pass
 from onnxforge.pipeline.acceptance import Acceptance
-from onnxforge.pipeline.tunables import Choice, Interval, SearchTarget, Tunable
+from onnxforge.pipeline.tunables import Choice, Interval, SearchTarget, Subset, Tunable
 
 SPARSE_OPS = ("MatMul", "Gemm", "Conv")
+# A search chooses which groups to prune where a model has no more than this many; with more, which channels go is
+# left to scope=global (a search has too few trials to learn that many choices).
+MAX_SEARCHED_GROUPS = 12
+UNLISTABLE = ",:=+*?[] "  # characters a node name cannot hold in a pass list's exclude= (separators, patterns)
 
 
 @register_pass("prune")
@@ -117,15 +121,19 @@ class ChannelPruning(Pass):
 
     @classmethod
     def search_space(cls, model: Model, where: SearchTarget) -> dict[str, Tunable] | None:
-        """Channel pruning's ratio, the scope where there are two layers or more, and the importance method; with
-        --data, activation importance too, and recovery always on. None without a Conv, Gemm or MatMul of
-        constant weight."""
+        """Channel pruning's ratio, the scope where there are two layers or more, the importance method, and which
+        channel groups are pruned where there are 2 to MAX_SEARCHED_GROUPS (`exclude`, by their first producer's
+        name); with --data, activation importance too, and recovery always on. None without a Conv, Gemm or MatMul
+        of constant weight."""
         layers = [layer for layer in map(as_layer, model.graph.nodes) if layer is not None and layer.op in SPARSE_OPS]
         if not layers:
             return None
         space: dict[str, Tunable] = {"ratio": Interval(0.05, 0.5, step=0.05)}
         if len(layers) > 1:  # one layer is one group: both scopes remove the same channels
             space["scope"] = Choice(("layer", "global"))
+        groups = _searchable_groups(model, recover=where.has_data)
+        if 2 <= len(groups) <= MAX_SEARCHED_GROUPS:
+            space["exclude"] = Subset(tuple(groups))
         if where.has_data:
             return {**space, "method": Choice(("l1", "activation")), "recover": Choice((True,))}
         return {**space, "method": Choice(("l1",))}
@@ -270,6 +278,21 @@ def _cost_lines(model: Model, before: dict[int, LayerCost]) -> list[str]:
 def _total(costs: list[LayerCost]) -> LayerCost:
     macs = [c.macs for c in costs]
     return LayerCost(sum(c.params for c in costs), None if None in macs else sum(macs))
+
+
+def _searchable_groups(model: Model, recover: bool) -> list[str]:
+    """The first producer's name of each group the pass could prune on `model` (with `recover`: whose readers it
+    can refit), for a search to leave any of them out through `exclude=`; [] when one of them has a name that a
+    pass list cannot carry."""
+    names = []
+    for group in ChannelGroups.compute(model.copy()):
+        if not group.prunable or (recover and not all(refittable(slot.node) for slot in group.consumers)):
+            continue
+        name = group.producers[0].node.name
+        if not name or any(mark in name for mark in UNLISTABLE):
+            return []
+        names.append(name)
+    return list(dict.fromkeys(names))
 
 
 def _title(group: ChannelGroup) -> str:
