@@ -51,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `onnxforge`: optimize, bench, compare, search-worker, list-passes."""
+    """Entry point of `onnxforge`: optimize, bench, compare, search-worker, report, list-passes."""
     failure_json = _FailureJson()
 
     def command() -> int:
@@ -69,13 +69,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _add_worker_arguments(
             commands.add_parser("search-worker", help="run trials of an optimize --auto search that shares its storage")
         )
+        _add_report_arguments(
+            commands.add_parser("report", help="render the JSON report of optimize (or optimize --auto) as HTML")
+        )
         list_parser = commands.add_parser("list-passes", help="list the available passes")
         list_parser.add_argument("--plugin", action="append", default=[], help="module or .py file with passes")
         args = parser.parse_args(argv)
         failure_json.args = args
         handlers = {
             "optimize": _optimize, "bench": _bench, "compare": _compare, "search-worker": _search_worker,
-            "list-passes": _list_passes,
+            "report": _report, "list-passes": _list_passes,
         }
         return _within_timeout(handlers[args.command], args)
 
@@ -301,7 +304,9 @@ def _add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="input ONNX model (never modified)")
     parser.add_argument("--passes", help="pass list, e.g. cleanup or prune:ratio=0.3,quant:bits=4 (default cleanup)")
     parser.add_argument("-o", "--output", help="where to write the optimized model")
-    parser.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    parser.add_argument(
+        "--report", metavar="PATH", help="write the report here: a self-contained HTML page for .html/.htm, else JSON"
+    )
     parser.add_argument("--config", metavar="FILE", help="TOML or JSON file with any of these options")
     parser.add_argument(
         "--print-config",
@@ -556,7 +561,7 @@ def _optimize_once(args: argparse.Namespace, settings: dict) -> tuple[int, dict]
                 )
                 report.artifact = _stage_artifact(compiled, args.artifact, written)
             if report_path:
-                report.save_json(report_path, written)
+                _write_report(report_path, report.to_dict(), written)
             written.commit()
     if not args.quiet:
         for warning in report.warnings():
@@ -686,7 +691,7 @@ def _optimize_auto(args: argparse.Namespace, settings: dict) -> tuple[int, dict]
         if session_path and result.session:
             write_json(session_path, {"onnxruntime.SessionOptions": result.session}, written)
         if report_path:
-            write_json(report_path, result.report, written)
+            _write_report(report_path, result.report, written)
         if args.plot:
             save_search_plot(result.report, args.plot, written)
         written.commit()
@@ -714,6 +719,32 @@ def _search_worker(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(f"search-worker: {finished} trials finished here")
+    return 0
+
+
+def _write_report(path: str, report: dict, written) -> None:
+    """Stage `report` in the OutputSet `written`: the HTML page for a path ending .html or .htm, else the JSON."""
+    from onnxforge.report import write_json
+    from onnxforge.report.html import HTML_SUFFIXES, save_html
+
+    if Path(path).suffix.lower() in HTML_SUFFIXES:
+        save_html(report, path, written)
+    else:
+        write_json(path, report, written)
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("report", help="a JSON report that optimize --report wrote (with or without --auto)")
+    parser.add_argument("-o", "--output", required=True, metavar="PATH", help="where to write the HTML page")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from onnxforge.ir.output_set import check_output_paths
+    from onnxforge.report.html import read_report, save_html
+
+    report = read_report(args.report)
+    check_output_paths({"the JSON report": [Path(args.report)]}, {"-o": args.output})
+    save_html(report, args.output)
     return 0
 
 
