@@ -2,22 +2,30 @@
 
 Here (TVM and nvcc installed, no GPU needed):
 
-    python benchmarks/tvm_gpu.py pack build/gpu-bundle [--arch sm_90] --ffi-wheel PATH
+    python benchmarks/tvm_gpu.py pack build/gpu-bundle [--arch sm_90] --ffi-wheel PATH [--models M ...]
+        [--variants V ...]
 
 packs a runtime-only TVM (the installed package without its compiler), the apache-tvm-ffi wheel for the GPU
-machine's Python, and for each model (the residual CNN and the transformer encoder of torch_models.py) the CUDA
-artifact, its inputs and onnxruntime's outputs on them. On the GPU machine (CUDA, PyTorch; no TVM, no network):
+machine's Python, and for each model (the residual CNN and the transformer encoder of torch_models.py, the
+encoder also at batch 32) and variant (fp32 or onnxforge's `fp16` pass, each with and without CUDA graphs) the
+CUDA artifact, plus per model its inputs and onnxruntime's outputs on them. On the GPU machine (CUDA, PyTorch;
+no TVM, no network):
 
-    python benchmarks/tvm_gpu.py measure build/gpu-bundle --out results.json
+    python benchmarks/tvm_gpu.py measure build/gpu-bundle --out results.json [--torch-models M ...]
 
 installs the runtime into the bundle, runs each artifact, compares its outputs with onnxruntime's, and times
-it (TVM's time evaluator) and the same PyTorch module, eager and torch.compile, in strict float32 (TF32 off,
-as TVM computes). The measuring side imports neither onnxforge nor onnx.
+it (TVM's time evaluator), then times the same PyTorch module (of the models in --torch-models; default all)
+in float32 and float16: eager, torch.compile, and torch.compile in modes reduce-overhead (CUDA graphs) and
+max-autotune. Float32 is strict (TF32 off, as TVM computes). The results file is rewritten after each model, so
+a run stopped at its time limit keeps what it measured. The measuring side imports neither onnxforge nor onnx.
+A bundle must stay under the GPU machine's 64 MiB per call: each artifact embeds its weights (the encoder's
+fp32 ones are 19 MB), so pack the models and variants in several bundles when all do not fit.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
 import shutil
@@ -29,14 +37,21 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-MODELS = ("cnn", "encoder")
+MODELS = {"cnn": 1, "encoder": 1, "encoder32": 32}  # name: batch
+VARIANTS = {"fp32": (False, False), "fp32-graph": (False, True), "fp16": (True, False), "fp16-graph": (True, True)}
+TORCH_MODES = {"eager": None, "compile": "default", "compile reduce-overhead": "reduce-overhead",
+               "compile max-autotune": "max-autotune"}
 REPEATS = 200
+BUNDLE_LIMIT_MIB = 60  # what travels to the GPU machine per call (64 MiB) less the repository itself
 
 
-def pack(bundle: Path, arch: str, ffi_wheel: Path) -> None:
-    """Write the bundle: runtime-only TVM, the ffi wheel, the loader and per model the artifact and its data."""
+def pack(bundle: Path, arch: str, ffi_wheel: Path, models: list[str], variants: list[str]) -> None:
+    """Write the bundle: runtime-only TVM, the ffi wheel, the loader, per model its inputs and onnxruntime's
+    outputs, per model and variant the artifact, and `manifest.json` listing them (and the models packed into
+    the bundle before)."""
     import tvm
 
+    from onnxforge import optimize
     from onnxforge.backends import BackendOptions, get_backend
     from onnxforge.data import random_inputs
     from onnxforge.ir.shapes import skeleton_proto
@@ -58,20 +73,45 @@ def pack(bundle: Path, arch: str, ffi_wheel: Path) -> None:
     shutil.copy(ffi_wheel, bundle / ffi_wheel.name)
     shutil.copy(HERE.parent / "onnxforge" / "backends" / "tvm" / "loader.py", bundle / "loader.py")
     shutil.copy(HERE / "torch_models.py", bundle / "torch_models.py")
-    builders = {"cnn": torch_models.residual_cnn, "encoder": torch_models.transformer_encoder}
     tvm_backend, ort = get_backend("tvm"), get_backend("ort")
-    for name in MODELS:
-        model = builders[name]()
+    for name in models:
+        model = _onnx_model(name, torch_models)
         inputs = random_inputs(skeleton_proto(model), seed=0)
         np.savez(bundle / f"{name}_inputs.npz", **inputs)
         np.savez(bundle / f"{name}_expected.npz", **ort.prepare(model).run(inputs))
-        tvm_backend.compile(model, BackendOptions(target=f"cuda:{arch}")).export(bundle / f"{name}_cuda.so")
-        print(f"packed {name}")
-    size = sum(f.stat().st_size for f in bundle.iterdir()) / 2**20
+        half = optimize(model, "fp16", seed=0)[0] if any(VARIANTS[v][0] for v in variants) else None
+        for variant in variants:
+            fp16, graph = VARIANTS[variant]
+            options = BackendOptions(target=f"cuda:{arch}", extra={"cuda_graph": str(graph).lower()})
+            tvm_backend.compile(half if fp16 else model, options).export(bundle / f"{name}_{variant}_cuda.so")
+            print(f"packed {name} {variant}", flush=True)
+    listed = bundle / "manifest.json"  # a bundle packed again keeps the models packed before
+    manifest = json.loads(listed.read_text()) if listed.exists() else {"models": {}}
+    if manifest.get("arch", arch) != arch:
+        raise SystemExit(f"{bundle} holds models for {manifest['arch']}; pack {arch} into another bundle")
+    manifest["arch"] = arch
+    manifest["models"].update({name: {"batch": MODELS[name], "variants": variants} for name in models})
+    listed.write_text(json.dumps(manifest, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file()) / 2**20
     print(f"bundle {bundle}: {size:.1f} MiB")
+    if size > BUNDLE_LIMIT_MIB:
+        print(f"warning: over {BUNDLE_LIMIT_MIB} MiB, too large for one GPU-machine call; pack fewer models or "
+              "variants per bundle", file=sys.stderr)
 
 
-def measure(bundle: Path, out: Path) -> None:
+def _onnx_model(name: str, torch_models):
+    """The ONNX export of a benchmark model at its batch size."""
+    import torch
+
+    from onnxforge.frontends.torch import from_torch
+
+    if name == "cnn":
+        return torch_models.residual_cnn()
+    example = torch.randn(MODELS[name], 128, 256)
+    return from_torch(torch_models.transformer_encoder_module(), example, input_names=["x"], output_names=["y"])
+
+
+def measure(bundle: Path, out: Path, torch_models_to_time: list[str] | None, torch_modes: list[str]) -> None:
     """Run and time every artifact of the bundle and the same PyTorch modules; write the results as JSON."""
     import torch
 
@@ -86,33 +126,52 @@ def measure(bundle: Path, out: Path) -> None:
     loader = _import(bundle / "loader.py", "loader")
     import torch_models
 
-    modules = {"cnn": torch_models.residual_cnn_module, "encoder": torch_models.transformer_encoder_module}
+    manifest = json.loads((bundle / "manifest.json").read_text())
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    results = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "repeats": REPEATS, "models": {}}
-    for name in MODELS:
+    results = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "repeats": REPEATS,
+               "date": datetime.date.today().isoformat(), "models": {}}
+    for name, packed in manifest["models"].items():
         inputs = dict(np.load(bundle / f"{name}_inputs.npz"))
         expected = dict(np.load(bundle / f"{name}_expected.npz"))
-        vm, device, meta = loader.load(bundle / f"{name}_cuda.so")
-        args = loader.arguments(device, meta, inputs)
-        outputs = loader.run(vm, meta, args)
-        tvm_ms = np.asarray(loader.time_runs(vm, device, args, REPEATS, warmup=20)) * 1e3
-        net = modules[name]().cuda()
-        feed = [torch.from_numpy(inputs[i["name"]]).cuda() for i in meta["inputs"]]
-        with torch.no_grad():
-            torch_out = net(*feed)
-            eager_ms = _time_torch(net, feed)
-            compiled = torch.compile(net)
-            compiled_ms = _time_torch(compiled, feed)
-        results["models"][name] = {
-            "target": meta["target"],
-            "tvm_vs_onnxruntime_max_rel": _max_rel(outputs, expected),
-            "torch_vs_onnxruntime_max_rel": _max_rel({meta["outputs"][0]: torch_out.cpu().numpy()}, expected),
-            "tvm_ms": _stats(tvm_ms),
-            "torch_eager_ms": _stats(eager_ms),
-            "torch_compile_ms": _stats(compiled_ms),
-        }
-        print(name, json.dumps(results["models"][name]), flush=True)
+        entry = results["models"][name] = {"batch": packed["batch"], "tvm": {}, "torch": {}}
+        for variant in packed["variants"]:
+            vm, device, meta = loader.load(bundle / f"{name}_{variant}_cuda.so")
+            args = loader.arguments(device, meta, inputs)
+            loader.run(vm, meta, args)  # the first run captures the CUDA graph, if the artifact has one
+            tvm_ms = np.asarray(loader.time_runs(vm, device, args, REPEATS, warmup=20)) * 1e3
+            outputs = loader.run(vm, meta, args)  # checked after the timed runs: a graph's replay
+            entry["tvm"][variant] = {"cuda_graph": meta.get("cuda_graph", False),
+                                     "max_rel_vs_onnxruntime": _max_rel(outputs, expected), **_stats(tvm_ms)}
+            print(name, "tvm", variant, json.dumps(entry["tvm"][variant]), flush=True)
+            _write(out, results)
+        if torch_models_to_time is not None and name not in torch_models_to_time:
+            continue
+        output_name = next(iter(expected))
+        for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+            feed = [torch.from_numpy(inputs[i]).cuda().to(dtype) for i in inputs]
+            for label in torch_modes:
+                mode = TORCH_MODES[label]
+                torch._dynamo.reset()
+                net = _torch_module(name, torch_models).cuda().to(dtype)
+                runner = net if mode is None else torch.compile(net, mode=mode)
+                with torch.no_grad():
+                    runner(*feed)
+                    times = _time_torch(runner, feed)
+                    result = runner(*feed).float().cpu().numpy()
+                entry["torch"][f"{label} {precision}"] = {
+                    "max_rel_vs_onnxruntime": _max_rel({output_name: result}, expected), **_stats(times)}
+                print(name, "torch", label, precision, json.dumps(entry["torch"][f"{label} {precision}"]),
+                      flush=True)
+                _write(out, results)
+
+
+def _torch_module(name: str, torch_models):
+    """The PyTorch module of a benchmark model, in eval mode."""
+    return torch_models.residual_cnn_module() if name == "cnn" else torch_models.transformer_encoder_module()
+
+
+def _write(out: Path, results: dict) -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
 
 
@@ -164,14 +223,21 @@ def main() -> None:
     packing.add_argument("bundle", type=Path)
     packing.add_argument("--arch", default="sm_90", help="the GPU's architecture (default sm_90, the H100)")
     packing.add_argument("--ffi-wheel", type=Path, required=True, help="apache-tvm-ffi wheel for the GPU's Python")
+    packing.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="default: all")
+    packing.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="default: all")
     measuring = commands.add_parser("measure", help="on the GPU machine: run, check and time the bundle")
     measuring.add_argument("bundle", type=Path)
     measuring.add_argument("--out", type=Path, required=True, help="write the results to this JSON file")
+    measuring.add_argument("--torch-models", nargs="*", choices=MODELS,
+                           help="time PyTorch on these models only (default: every model of the bundle)")
+    measuring.add_argument("--torch-modes", nargs="+", choices=TORCH_MODES, default=list(TORCH_MODES),
+                           help="time PyTorch in these modes only (default: all; max-autotune of the CNN's "
+                                "convolutions takes minutes)")
     args = parser.parse_args()
     if args.command == "pack":
-        pack(args.bundle, args.arch, args.ffi_wheel)
+        pack(args.bundle, args.arch, args.ffi_wheel, args.models, args.variants)
     else:
-        measure(args.bundle, args.out)
+        measure(args.bundle, args.out, args.torch_models, args.torch_modes)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,10 @@ class Signature:
         return cls(inputs, tuple(o.name for o in proto.graph.output))
 
 
-def export_artifact(executable, target: TvmTarget, signature: Signature, path: str | os.PathLike) -> list[Path]:
+def export_artifact(executable, target: TvmTarget, signature: Signature, path: str | os.PathLike,
+                    cuda_graph: bool = False) -> list[Path]:
     """Write `path` (the library, linked for the target's machine) and its JSON beside it; returns both paths.
+    `cuda_graph` is recorded in the JSON: whether the library replays its static launches as a CUDA graph.
 
     Both are written to temporary names first, so a failure leaves no half-written artifact.
     """
@@ -55,6 +57,7 @@ def export_artifact(executable, target: TvmTarget, signature: Signature, path: s
         "target_name": target.name,
         "device": target.device,
         "machine": target.machine,
+        "cuda_graph": cuda_graph,
         "tvm": tvm.__version__,
         "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in signature.inputs],
         "outputs": list(signature.outputs),

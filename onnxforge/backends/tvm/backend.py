@@ -56,7 +56,9 @@ class TvmBackend(Backend):
 
     Settings in `options.extra`: `tune_trials` (MetaSchedule's trial budget; without it, TVM's default
     schedules, dlight's on CUDA), `tune_records` (the records folder), `rpc` (`host:port:key` of an RPC tracker:
-    run and time the model on a server of that key instead of here).
+    run and time the model on a server of that key instead of here), `cuda_graph` (`true` or `false`, CUDA
+    targets only: capture the launches between the first, which reads the inputs, and the last, which writes
+    the outputs, in a CUDA graph on the first run and replay it; default on, off when tuning).
     """
 
     name = "tvm"
@@ -73,6 +75,7 @@ class TvmBackend(Backend):
         options = options or BackendOptions()
         target = resolve_target(options.target, options.threads)
         tuning = tuning_options(options.extra)
+        cuda_graph = cuda_graph_option(options.extra, target)
         proto = _load(model)
         _check_importable(proto)
         try:
@@ -87,10 +90,12 @@ class TvmBackend(Backend):
             executable = compile_tuned(module, target.target, tuning, progress)
         else:
             try:
-                executable = tvm.compile(module, target=target.target)
+                # Read by RewriteCUDAGraph, one of the CUDA pipeline's finalization passes.
+                with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graph}):
+                    executable = tvm.compile(module, target=target.target)
             except Exception as exc:
                 raise BackendError(f"TVM cannot compile the model: {one_line(exc)}") from exc
-        return TvmCompiled(executable, target, Signature.of(proto))
+        return TvmCompiled(executable, target, Signature.of(proto), cuda_graph)
 
     def prepare(self, model: ModelInput, options: BackendOptions | None = None) -> TvmPrepared:
         """Compile `model` and load it; BackendError when the target cannot run here (and no RPC is given)."""
@@ -107,7 +112,8 @@ class TvmBackend(Backend):
         return compiled.load()
 
 
-SETTINGS = ("tune_trials", "tune_records", "rpc")
+SETTINGS = ("tune_trials", "tune_records", "rpc", "cuda_graph")
+SWITCHES = {"true": True, "false": False}
 
 
 def tuning_options(extra: Mapping[str, str]) -> TuningOptions | None:
@@ -127,15 +133,35 @@ def tuning_options(extra: Mapping[str, str]) -> TuningOptions | None:
     return TuningOptions(trials=trials, records=Path(records) if records else None)
 
 
-class TvmCompiled(Compiled):
-    """A model compiled for a target: export it as an artifact, or load it where the target runs."""
+def cuda_graph_option(extra: Mapping[str, str], target: TvmTarget) -> bool:
+    """Whether the model's launches are captured in CUDA graphs: `cuda_graph` of BackendOptions.extra, by default
+    on for CUDA targets compiled untuned (docs/tvm.md measures it); BackendError where it cannot apply."""
+    value = extra.get("cuda_graph")
+    if value is None:
+        return target.device == "cuda" and "tune_trials" not in extra
+    if value.lower() not in SWITCHES:
+        raise BackendError(f"cuda_graph takes true or false, got {value!r}")
+    enabled = SWITCHES[value.lower()]
+    if enabled and target.device != "cuda":
+        raise BackendError(f"cuda_graph is a setting of CUDA targets; target {target.name} runs on the CPU")
+    if enabled and "tune_trials" in extra:
+        # MetaSchedule's compile_relax builds in a pass context of its own, which drops the CUDA graph switch.
+        raise BackendError("cuda_graph=true cannot be combined with tuning yet")
+    return enabled
 
-    def __init__(self, executable, target: TvmTarget, signature: Signature) -> None:
-        self.executable, self.target, self.signature = executable, target, signature
+
+class TvmCompiled(Compiled):
+    """A model compiled for a target: export it as an artifact, or load it where the target runs.
+
+    `cuda_graph` says whether its static launches run as a captured CUDA graph.
+    """
+
+    def __init__(self, executable, target: TvmTarget, signature: Signature, cuda_graph: bool = False) -> None:
+        self.executable, self.target, self.signature, self.cuda_graph = executable, target, signature, cuda_graph
 
     def export(self, path: str | os.PathLike) -> list[Path]:
         """Write the artifact (library and JSON) to `path`; returns the files written."""
-        return export_artifact(self.executable, self.target, self.signature, path)
+        return export_artifact(self.executable, self.target, self.signature, path, cuda_graph=self.cuda_graph)
 
     def load(self) -> TvmPrepared:
         """Load the compiled model on this machine's device for the target."""

@@ -1,0 +1,92 @@
+"""TVM's CUDA target with CUDA graphs (`cuda_graph`, on by default for untuned CUDA compiles): compiled here without
+a GPU, the executable captures its static launches in a graph and the artifact's JSON says so; switched off, or
+for the CPU, nothing is captured; the setting is refused where it cannot apply. On a machine with a GPU, the captured model gives onnxruntime's outputs on its
+first run (the capture) and on a replay with other inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from graph_checks import constant, make_model, value_info
+from onnx import helper
+
+from onnxforge.backends import BackendOptions, get_backend
+from onnxforge.errors import BackendError
+
+tvm = pytest.importorskip("tvm")
+
+from onnxforge.backends.tvm.backend import cuda_graph_option  # noqa: E402 (needs tvm)
+from onnxforge.backends.tvm.targets import resolve_target  # noqa: E402
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="compiling for CUDA needs nvcc")
+
+CAPTURE = "vm.builtin.cuda_graph.run_or_capture"  # the VM builtin that captures a graph once and replays it
+RTOL = 1e-4
+
+
+def _mlp() -> onnx.ModelProto:
+    """Four MatMuls with activations between: the middle ones read and write only memory the VM plans statically,
+    so they can be captured (the first reads the input, the last writes the output)."""
+    rng = np.random.default_rng(0)
+    nodes, previous = [], "x"
+    for i, activation in enumerate(("Relu", "Tanh", "Sigmoid", None)):
+        out = "y" if activation is None else f"m{i}"
+        nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [out]))
+        if activation:
+            nodes.append(helper.make_node(activation, [out], [f"a{i}"]))
+            previous = f"a{i}"
+    weights = [constant(f"w{i}", rng.standard_normal((64, 64)).astype(np.float32) / 8) for i in range(4)]
+    return make_model(nodes, [value_info("x", [8, 64])], [value_info("y", [8, 64])], weights)
+
+
+def _compile(extra: dict[str, str], target: str = "cuda"):
+    return get_backend("tvm").compile(_mlp(), BackendOptions(target=target, extra=extra))
+
+
+@pytest.mark.parametrize("extra", [{}, {"cuda_graph": "true"}], ids=["default", "asked for"])
+def test_cuda_graphs_are_compiled_in_and_recorded_in_the_artifact(tmp_path, extra):
+    compiled = _compile(extra)
+    assert compiled.cuda_graph and CAPTURE in compiled.executable.as_text()
+    _, described = compiled.export(tmp_path / "mlp_cuda.so")
+    assert json.loads(described.read_text())["cuda_graph"] is True
+
+
+def test_switched_off_nothing_is_captured(tmp_path):
+    compiled = _compile({"cuda_graph": "false"})
+    assert not compiled.cuda_graph and CAPTURE not in compiled.executable.as_text()
+    _, described = compiled.export(tmp_path / "mlp_cuda.so")
+    assert json.loads(described.read_text())["cuda_graph"] is False
+
+
+def test_cpu_targets_and_tuned_cuda_compiles_capture_nothing_by_default():
+    cpu = get_backend("tvm").compile(_mlp(), BackendOptions(target="cpu", threads=1))
+    assert not cpu.cuda_graph and CAPTURE not in cpu.executable.as_text()
+    assert not cuda_graph_option({"tune_trials": "8"}, resolve_target("cuda"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "target", "message"),
+    [
+        ({"cuda_graph": "yes"}, "cuda", "takes true or false"),
+        ({"cuda_graph": "true"}, "cpu", "setting of CUDA targets"),
+        ({"cuda_graph": "true", "tune_trials": "8"}, "cuda", "cannot be combined with tuning"),
+    ],
+    ids=["bad value", "cpu target", "with tuning"],
+)
+def test_the_setting_is_refused_where_it_cannot_apply(extra, target, message):
+    with pytest.raises(BackendError, match=message):
+        _compile(extra, target)
+
+
+@pytest.mark.skipif(not tvm.cuda(0).exist, reason="needs a CUDA GPU")
+def test_a_captured_model_replays_with_new_inputs():
+    prepared = _compile({"cuda_graph": "true"}).load()
+    ort = get_backend("ort").prepare(_mlp())
+    for seed in (0, 1):  # the first run captures, the second replays the graph on other inputs
+        inputs = {"x": np.random.default_rng(seed).standard_normal((8, 64)).astype(np.float32)}
+        expected, actual = ort.run(inputs)["y"], prepared.run(inputs)["y"]
+        assert float(np.abs(actual - expected).max()) / float(np.abs(expected).max()) < RTOL
