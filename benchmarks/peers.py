@@ -261,8 +261,10 @@ def run_peer(
         command = [str(peer_venv(name) / "bin" / "python"), str(DRIVERS / f"{name}_driver.py")]
         command += [mode, str(model_path), str(out_path)]
         for set_name, samples in (feeds or {}).items():
-            path = Path(work) / f"{set_name}.npz"
-            save_samples(path, samples)
+            # One stacked .npz; a folder of one .npz per feed where their shapes differ (recordings).
+            stackable = len({tuple((k, np.shape(v)) for k, v in sorted(feed.items())) for feed in samples}) <= 1
+            path = Path(work) / (f"{set_name}.npz" if stackable else set_name)
+            save_samples(path, samples, layout="stacked" if stackable else "folder")
             command += [f"--{set_name.replace('_', '-')}", str(path)]
         command += options
         start = time.perf_counter()

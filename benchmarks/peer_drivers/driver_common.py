@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -18,14 +19,21 @@ def make_parser(modes: Sequence[str], description: str) -> argparse.ArgumentPars
     parser.add_argument("mode", choices=modes)
     parser.add_argument("model", help="the fp32 ONNX model")
     parser.add_argument("out", help="where to write the tool's model")
-    parser.add_argument("--calibration", help="stacked .npz of calibration feeds (array[i] is sample i)")
-    parser.add_argument("--held-out", help="stacked .npz of feeds to judge a candidate on")
+    parser.add_argument("--calibration", help="calibration feeds: a stacked .npz (array[i] is sample i) or a folder")
+    parser.add_argument("--held-out", help="feeds to judge a candidate on, as --calibration gives them")
     parser.add_argument("--max-drop", type=float, help="the accuracy a budgeted search may lose")
     return parser
 
 
 def load_feeds(path: str) -> list[dict[str, np.ndarray]]:
-    """The feeds of a stacked .npz (each array N x input shape): sample i takes array[i] of every input."""
+    """The feeds of a stacked .npz (each array N x input shape: sample i takes array[i] of every input), or of a
+    folder holding one .npz per feed (feeds of different shapes), in file name order."""
+    if Path(path).is_dir():
+        feeds = []
+        for file in sorted(Path(path).glob("*.npz")):
+            with np.load(file) as arrays:
+                feeds.append({name: arrays[name] for name in arrays.files})
+        return feeds
     with np.load(path) as arrays:
         stacked = {name: arrays[name] for name in arrays.files}
     count = len(next(iter(stacked.values())))
