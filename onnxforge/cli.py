@@ -433,11 +433,11 @@ def _backend_settings(args: argparse.Namespace) -> dict[str, str]:
     return settings
 
 
-def _tuning_progress(args: argparse.Namespace):
-    """Where tuning reports progress: stderr, when tuning was asked for and output is not quiet."""
+def _tuning_progress(args: argparse.Namespace, display):
+    """Where tuning reports progress: the progress display, when tuning was asked for and output is not quiet."""
     if not args.tune or getattr(args, "quiet", False):
         return None
-    return lambda line: print(f"  tuning: {line}", file=sys.stderr, flush=True)
+    return lambda line: display.line(f"tuning: {line}")
 
 
 EXTERNAL_DATA = {"auto": None, "yes": True, "no": False}  # --external-data: stage_model's external_data
@@ -524,11 +524,13 @@ def _optimize_once(args: argparse.Namespace, settings: dict) -> tuple[int, dict]
     from onnxforge.frontends import ModelFile
     from onnxforge.ir.io import stage_model
     from onnxforge.ir.output_set import OutputSet, check_output_paths
-    from onnxforge.report import ProgressPrinter
+    from onnxforge.report.progress import progress_display
 
     output, report_path, external = settings.pop("output"), settings.pop("report"), settings.pop("external_data")
+    progress = progress_display(args.quiet)  # as a context: a pass stopped midway does not leave its line open
     # Loaded once, here: it names the weights files, which no output may replace.
-    model_file = ModelFile.load(args.model)
+    with progress.loading(args.model):
+        model_file = ModelFile.load(args.model)
     inputs = _input_files({"the input model": (args.model, model_file.model)}, settings["data"])
     if isinstance(settings["decisions"], str):
         inputs["the --decisions report"] = [Path(settings["decisions"])]
@@ -538,11 +540,10 @@ def _optimize_once(args: argparse.Namespace, settings: dict) -> tuple[int, dict]
          **_artifact_outputs(args.artifact)},
     )  # fmt: skip
     backend_settings = _backend_settings(args)
-    progress = ProgressPrinter()  # as a context: a pass stopped midway does not leave its line open
     with OutputSet(inputs=[path for paths in inputs.values() for path in paths]) as written, progress:
         model, report = optimize(
             model_file,
-            instruments=[] if args.quiet else [progress],
+            instruments=[progress],
             backend_settings=backend_settings,
             pass_timeout=args.pass_timeout,
             **settings,
@@ -557,7 +558,7 @@ def _optimize_once(args: argparse.Namespace, settings: dict) -> tuple[int, dict]
             if args.artifact:
                 options = BackendOptions(target=settings["target"], threads=settings["threads"], extra=backend_settings)
                 compiled = compile_model(
-                    model, settings["backend"], options, settings["shapes"], _tuning_progress(args)
+                    model, settings["backend"], options, settings["shapes"], _tuning_progress(args, progress)
                 )
                 report.artifact = _stage_artifact(compiled, args.artifact, written)
             if report_path:
@@ -645,11 +646,14 @@ def _optimize_auto(args: argparse.Namespace, settings: dict) -> tuple[int, dict]
     from onnxforge.ir.io import stage_model
     from onnxforge.ir.output_set import OutputSet, check_output_paths
     from onnxforge.report import write_json
+    from onnxforge.report.progress import progress_display
     from onnxforge.report.search_plot import save_search_plot
     from onnxforge.search import search
 
     output, report_path = settings["output"], settings["report"]
-    model_file = ModelFile.load(args.model)
+    progress = progress_display(args.quiet)
+    with progress.loading(args.model):
+        model_file = ModelFile.load(args.model)
     inputs = _input_files({"the input model": (args.model, model_file.model)}, settings["data"])
     beside = Path(output or report_path or "").with_suffix("") if (output or report_path) else None
     config_path = output and f"{beside}.config.json"
@@ -665,24 +669,25 @@ def _optimize_auto(args: argparse.Namespace, settings: dict) -> tuple[int, dict]
     if storage and not args.storage:  # the default storage beside the outputs: their folder may not exist yet
         Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     quiet = args.quiet
-    result = search(
-        model_file,
-        data=settings["data"],
-        budget=settings["budget"],
-        passes=settings["passes"],
-        backend=settings["backend"],
-        target=settings["target"],
-        shapes=settings["shapes"],
-        backend_settings=_backend_settings(args),
-        trials=args.trials or 50,
-        time_limit=args.time_limit,
-        storage=storage,
-        study=args.study,
-        sampler_name=args.sampler or "auto",
-        seed=settings["seed"] or 0,
-        **({"min_speedup": args.min_speedup} if args.min_speedup is not None else {}),
-        progress=(lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True)),
-    )
+    with progress:
+        result = search(
+            model_file,
+            data=settings["data"],
+            budget=settings["budget"],
+            passes=settings["passes"],
+            backend=settings["backend"],
+            target=settings["target"],
+            shapes=settings["shapes"],
+            backend_settings=_backend_settings(args),
+            trials=args.trials or 50,
+            time_limit=args.time_limit,
+            storage=storage,
+            study=args.study,
+            sampler_name=args.sampler or "auto",
+            seed=settings["seed"] or 0,
+            **({"min_speedup": args.min_speedup} if args.min_speedup is not None else {}),
+            progress=progress.line,
+        )
     with OutputSet(inputs=[path for paths in inputs.values() for path in paths]) as written:
         if output:
             stage_model(result.model, output, written, external_data=EXTERNAL_DATA[settings["external_data"]])
@@ -711,12 +716,14 @@ def _optimize_auto(args: argparse.Namespace, settings: dict) -> tuple[int, dict]
 
 
 def _search_worker(args: argparse.Namespace) -> int:
+    from onnxforge.report.progress import progress_display
     from onnxforge.search import search_worker
 
-    progress = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    finished = search_worker(
-        args.storage, args.study, model=args.model, data=args.data, time_limit=args.time_limit, progress=progress
-    )
+    with progress_display(args.quiet) as progress:
+        finished = search_worker(
+            args.storage, args.study, model=args.model, data=args.data, time_limit=args.time_limit,
+            progress=progress.line,
+        )
     if not args.quiet:
         print(f"search-worker: {finished} trials finished here")
     return 0
@@ -787,18 +794,22 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from onnxforge.frontends import from_onnx
     from onnxforge.ir.output_set import OutputSet, check_output_paths
+    from onnxforge.report.progress import progress_display
 
-    model = from_onnx(args.model)
+    progress = progress_display()
+    with progress.loading(args.model):
+        model = from_onnx(args.model)
     files = _input_files({"the input model": (args.model, model)}, args.data)
     check_output_paths(files, {"--json": args.json, **_artifact_outputs(args.artifact)})
     with OutputSet(inputs=[path for paths in files.values() for path in paths]) as written:
-        _bench_into(args, model, written)
+        _bench_into(args, model, written, progress)
         written.commit()
     return 0
 
 
-def _bench_into(args: argparse.Namespace, model, written) -> None:
-    """Time (or only compile) `model` as `bench` does, its artifact and --json staged in the OutputSet `written`."""
+def _bench_into(args: argparse.Namespace, model, written, progress) -> None:
+    """Time (or only compile) `model` as `bench` does, its artifact and --json staged in the OutputSet `written`;
+    tuning and timing report to the display `progress`, which has ended before anything is printed."""
     from onnxforge.api import compile_model, for_backend, measure_model
     from onnxforge.backends import get_backend
     from onnxforge.backends.base import BackendOptions
@@ -817,14 +828,16 @@ def _bench_into(args: argparse.Namespace, model, written) -> None:
     inputs = _inputs(args, model, run=prepared and prepared.run)[0]
     if args.compile_only:
         shapes = {name: list(value.shape) for name, value in inputs.items()}
-        compiled = compile_model(model, args.backend, options, shapes, _tuning_progress(args))
+        with progress:
+            compiled = compile_model(model, args.backend, options, shapes, _tuning_progress(args, progress))
         files = _stage_artifact(compiled, args.artifact, written) if args.artifact else []
         print(f"{args.model}: compiled for {args.backend} {args.target}" + (f": {', '.join(files)}"
                                                                              if files else " (no --artifact)"))
         return
     measure = MeasureOptions(warmup=args.warmup, min_repeats=args.repeats, min_time_s=args.min_time)
     artifact = written.stage_folder(Path(args.artifact).parent) / Path(args.artifact).name if args.artifact else None
-    stats = measure_model(model, inputs, args.backend, options, measure, artifact, _tuning_progress(args))
+    with progress:
+        stats = measure_model(model, inputs, args.backend, options, measure, artifact, _tuning_progress(args, progress))
     print(
         f"{args.model}: {args.backend} {args.target}  median {stats.median_ms:.3f} ms  p90 {stats.p90_ms:.3f} ms  "
         f"min {stats.min_ms:.3f} ms  max {stats.max_ms:.3f} ms  spread {stats.spread * 100:.1f}%  "

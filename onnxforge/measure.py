@@ -6,12 +6,20 @@ import dataclasses
 import gc
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
 
 from onnxforge.errors import OnnxforgeError
+
+# Who hears how timings get on (`timing_progress`). A context variable, so that a timing reports from wherever it runs
+# (a backend's `measure`, a pass's decision, a search's trial) without a progress argument through each of them.
+_listener: ContextVar[Callable[[str], None] | None] = ContextVar("timing progress", default=None)
+# `measure_latency` reports its runs once per this many seconds of them.
+REPORT_EVERY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,17 @@ def latency_stats_from_times(times_s: Sequence[float], warmup: int) -> LatencySt
     )
 
 
+@contextmanager
+def timing_progress(progress: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, timings in this thread tell `progress` how they get on, between runs and rounds (never
+    inside one): `timing run 40/200` (the runs expected at the pace so far), `timing round 2/5`."""
+    token = _listener.set(progress)
+    try:
+        yield
+    finally:
+        _listener.reset(token)
+
+
 def measure_latency(run: Callable[[], object], options: MeasureOptions = MeasureOptions()) -> LatencyStats:
     """Time `run()` after warm-up until both `min_repeats` and `min_time_s` are met, then summarise.
 
@@ -99,6 +118,9 @@ def measure_latency(run: Callable[[], object], options: MeasureOptions = Measure
     min_ns, max_ns = options.min_time_s * 1e9, options.max_time_s * 1e9
     times_ns: list[int] = []
     elapsed_ns = 0
+    say = _listener.get()
+    report_ns = REPORT_EVERY_S * 1e9 if say is not None else math.inf
+    reported = False
     # A collection pause lands on an arbitrary run and inflates the tail; timeit disables gc too.
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -114,10 +136,22 @@ def measure_latency(run: Callable[[], object], options: MeasureOptions = Measure
                 break
             if count >= options.min_repeats and elapsed_ns >= min_ns:
                 break
+            if elapsed_ns >= report_ns:
+                say(f"timing run {count}/{_expected_runs(count, elapsed_ns, options)}")
+                report_ns, reported = elapsed_ns + REPORT_EVERY_S * 1e9, True
     finally:
         if gc_was_enabled:
             gc.enable()
+    if reported:  # its bar ends full
+        say(f"timing run {len(times_ns)}/{len(times_ns)}")
     return latency_stats_from_times([t / 1e9 for t in times_ns], warmup=options.warmup)
+
+
+def _expected_runs(count: int, elapsed_ns: float, options: MeasureOptions) -> int:
+    """How many runs `measure_latency` will take in all at the pace of its first `count` (more than `count`)."""
+    per_run_ns = max(elapsed_ns / count, 1.0)
+    wanted = max(options.min_repeats, math.ceil(options.min_time_s * 1e9 / per_run_ns))
+    return max(count + 1, min(wanted, options.max_repeats, math.ceil(options.max_time_s * 1e9 / per_run_ns)))
 
 
 @dataclass(frozen=True)
@@ -159,14 +193,16 @@ def interleaved_latency(runs: Sequence[Callable[[], object]], timing: Interleave
     count = max(timing.min_runs, math.ceil(timing.block_s / max(probe, 1e-6)))
     times: list[list[float]] = [[] for _ in runs]
     ratios: list[list[float]] = [[] for _ in runs]
+    say = _listener.get() or (lambda line: None)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(timing.blocks):
+        for number in range(1, timing.blocks + 1):
             blocks = [[_timed(run) for _ in range(count)] for run in runs]
             for index, block in enumerate(blocks):
                 times[index] += block
                 ratios[index].append(float(np.median(blocks[0]) / np.median(block)))
+            say(f"timing round {number}/{timing.blocks}")
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -180,7 +216,11 @@ def interleaved_device_latency(
     evaluator): `blocks` rounds of one block per model, each block `measures[i](options)` with at least `min_runs`
     runs and `block_s` seconds; the first model is the baseline."""
     block = MeasureOptions(warmup=timing.warmup, min_repeats=timing.min_runs, min_time_s=timing.block_s)
-    rounds = [[measure(block) for measure in measures] for _ in range(timing.blocks)]
+    say = _listener.get() or (lambda line: None)
+    rounds = []
+    for number in range(1, timing.blocks + 1):
+        rounds.append([measure(block) for measure in measures])
+        say(f"timing round {number}/{timing.blocks}")
     return [
         _relative(
             [blocks[index].median_ms / 1e3 for blocks in rounds],

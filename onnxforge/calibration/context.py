@@ -21,13 +21,20 @@ class Calibration:
     statistics computed on them (statistics.py) until `invalidate`.
 
     The pass context builds it with a `runner(model, graph_optimization)` that loads a model on the run's backend,
-    so that calibration imports no backend, and invalidates it whenever it drops its analyses: a pass that edits
-    the model in place and then needs a statistic again calls `ctx.invalidate()` first.
+    so that calibration imports no backend, and a `progress(line)` that shows how a pass gets on (`calibration
+    12/64` after each sample run), and invalidates it whenever it drops its analyses: a pass that edits the model
+    in place and then needs a statistic again calls `ctx.invalidate()` first.
     """
 
-    def __init__(self, samples: Sequence[Sample] | None, runner: Callable[[Model, str], Runner]):
+    def __init__(
+        self,
+        samples: Sequence[Sample] | None,
+        runner: Callable[[Model, str], Runner],
+        progress: Callable[[str], None] = lambda line: None,
+    ):
         self.samples: list[Sample] = list(samples or [])
         self._runner = runner
+        self.progress = progress
         self._entries: list[_Entry] = []
 
     def split(self) -> tuple[list[Sample], list[Sample]]:

@@ -36,7 +36,8 @@ def observe_tensors(
 def observed(
     model: Model, names: Sequence[str], samples: Sequence[Sample], calibration: Calibration
 ) -> Iterator[tuple[Sample, dict[str, np.ndarray]]]:
-    """Each sample with the values the named tensors of `model`'s main graph take on it.
+    """Each sample with the values the named tensors of `model`'s main graph take on it, reported to
+    `calibration.progress` as each is done with (`calibration 12/64`).
 
     The model runs with the backend's graph optimizations off, so every tensor keeps the value the
     graph as written gives it.
@@ -51,8 +52,9 @@ def observed(
                 tensor.dtype = tensor.dtype or np.float32
                 probe.graph.outputs.append(tensor)
     run = calibration.runner(probe, graph_optimization="disable")
-    for sample in samples:
+    for number, sample in enumerate(samples, start=1):
         yield sample, run(sample)
+        calibration.progress(f"calibration {number}/{len(samples)}")
 
 
 def counted_rows(sample: Sample, rows: int) -> np.ndarray:

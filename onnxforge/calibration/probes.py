@@ -28,7 +28,8 @@ def replacement_errors(
     model's relative squared error on `samples` when only that layer has that weight: |y' - y|² / |y|² over
     every float output, pooled over the samples and summed over the outputs.
 
-    The model is prepared once, with the layers' weights as inputs, so that each replacement costs only runs.
+    The model is prepared once, with the layers' weights as inputs, so that each replacement costs only runs;
+    each layer probed is reported to `calibration.progress` (`sensitivity probe 3/40`).
     """
     probe = model.copy()
     twins = dict(zip(map(id, model.graph.nodes), probe.graph.nodes))
@@ -45,10 +46,11 @@ def replacement_errors(
         return [run({**sample, **originals, **changed}) for sample in samples]
 
     reference = outputs({})
-    return [
-        [_relative_squared_error(reference, outputs({name: np.asarray(w, np.float32)})) for w in weights]
-        for name, weights in zip(originals, replacements)
-    ]
+    errors = []
+    for number, (name, weights) in enumerate(zip(originals, replacements), start=1):
+        errors.append([_relative_squared_error(reference, outputs({name: np.asarray(w, np.float32)})) for w in weights])
+        calibration.progress(f"sensitivity probe {number}/{len(originals)}")
+    return errors
 
 
 def _relative_squared_error(reference: list[dict[str, np.ndarray]], changed: list[dict[str, np.ndarray]]) -> float:

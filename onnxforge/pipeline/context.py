@@ -42,7 +42,9 @@ class PassContext:
         feeds: Feeds | None = None,
     ):
         self.runtime = Runtime(backend, target, threads, timing, feeds if feeds is not None else Feeds(samples=data))
-        self.calibration = Calibration(data, lambda model, optimization: self.runtime.prepare(model, optimization).run)
+        self.calibration = Calibration(
+            data, lambda model, optimization: self.runtime.prepare(model, optimization).run, self.progress
+        )
         self.decisions = decisions or Decisions()
         self._cache: dict[type[Analysis], tuple[int, Any]] = {}
         self.budget: PassBudget | None = None
