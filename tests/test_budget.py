@@ -143,6 +143,7 @@ def test_a_metric_function_bounds_the_run_and_one_that_raises_ends_it_with_one_e
     _, report = optimize(source, "prune:ratio=0.75:measure=false", data=samples, budget=budget)
     assert report.budget["spent"]["metric"] <= 0.03 + 1e-9
     assert "top_agreement >= 0.97" in report.budget["bounds"]
+    assert "samples: metrics.py:top_agreement fell by " in report.passes[0].budget  # the file by its name alone
 
     onnx.save(source, tmp_path / "m.onnx")
     np.savez(tmp_path / "data.npz", x=np.stack([s["x"] for s in samples]))

@@ -165,7 +165,7 @@ class Budget:
         return replace(self, allowances=left)
 
     def figures(self, losses: Mapping[str, float]) -> str:
-        """`losses` as the bounds read them: "worst cosine 0.9931, rel 0.042"."""
+        """`losses` as the bounds read them: "worst cosine 0.9931, max rel 0.042, metrics.py:wer rose by 0.01"."""
         parts = []
         for key in self.allowances:
             loss = losses.get(key, 0.0)
@@ -178,7 +178,8 @@ class Budget:
             elif key == "equal":
                 parts.append(f"{loss:.2%} of integer outputs changed")
             elif key == "metric":
-                parts.append(f"{self.metric.name} {'-' if self.metric.at_least else '+'}{loss:.4g}")
+                name = Path(self.metric.name).name  # the file's name, not where it lies
+                parts.append(f"{name} {'fell' if self.metric.at_least else 'rose'} by {loss:.4g}")
         return ", ".join(parts)
 
 
