@@ -2,6 +2,7 @@
 storage: the guarantee (inside the budget, faster than the input, else the input unchanged), rejection before
 timing, resume from storage, and the winner's config rebuilding the same model byte for byte."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -199,6 +200,11 @@ def test_a_pass_outside_its_share_at_the_candidates_settings_ends_the_build_and_
     assert evaluation.rejected.startswith("a pass outside its share of the budget: prune:ratio=0.5")
     assert "at prune:ratio=0.5" in evaluation.rejected  # tried at its own setting only
     assert evaluation.speedup is None and not evaluation.steps  # quant never ran, nothing was timed
+    # A starting point is built as optimize builds it: the pass is stepped back, here to nothing, and the run goes on.
+    as_optimize_would = evaluator.evaluate(dataclasses.replace(pruned, step_back=True))
+    assert not as_optimize_would.rejected and as_optimize_would.speedup is not None
+    assert as_optimize_would.steps[1:2] == ["prune:ratio=0.5:measure=false: unchanged"]
+    assert as_optimize_would.steps[2].startswith("quant: ")  # it ran: applied, or unchanged within its share
     # A plain optimize run steps the same pass back through its gentler settings instead.
     _, report = optimize(str(model), list(pruned.passes), data=samples, budget="cosine=0.9999")
     assert report.passes[1].budget.startswith("no change down to prune:ratio=0.0625")

@@ -107,8 +107,8 @@ class Evaluator:
     ) -> tuple[Model, OptimizationReport | None]:
         """The model of `candidate`: measured decisions made now, or replayed from `decisions` (an Evaluation's),
         which gives the same model byte for byte. A candidate without passes is the input itself (no report).
-        A lossy pass that keeps outside its share of the budget (at its settings, or at the gentler ones too
-        where the candidate steps back) stops the build with OutsideItsShare."""
+        A lossy pass outside its share of the budget at the candidate's settings stops the build with
+        OutsideItsShare, unless the candidate steps back: then the run goes on as optimize's does, without it."""
         if not candidate.passes:
             return self.model_file.model, None
         record = None if decisions is None else {"decisions": {"values": dict(decisions)}}
@@ -125,7 +125,7 @@ class Evaluator:
             backend_settings=self.backend_settings,
             decisions=record,
             step_back=candidate.step_back,
-            instruments=[_StopOutsideShare()],
+            instruments=[] if candidate.step_back else [_StopOutsideShare()],
         )
 
     def kept(self, candidate: Candidate) -> Model | None:

@@ -54,8 +54,9 @@ class SessionSettings:
 @dataclass(frozen=True)
 class Candidate:
     """One point of the space: the pipeline as `optimize --passes` takes it, and the session settings.
-    `step_back`: a lossy pass outside its share of the budget is stepped back to the strongest of its gentler
-    settings that fits, as a plain `optimize` run does (the starting points); else the candidate is rejected."""
+    `step_back`: built as a plain `optimize` run builds it (the starting points): a lossy pass outside its share
+    of the budget is stepped back to the strongest of its gentler settings that fits, else left out; without it,
+    such a candidate is rejected."""
 
     passes: tuple[str, ...]
     session: SessionSettings
