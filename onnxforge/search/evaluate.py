@@ -100,7 +100,7 @@ class Evaluator:
         self.reference = [self.input.run(sample) for sample in self.judging]
         self.bound = budget.bound_to(self.reference, self.judging) if budget is not None else None
         self.feed = self.judging[0] if self.samples is None else self.samples[0]
-        self._kept: dict[str, tuple[float, Model]] = {}  # _built(candidate) -> (speedup, model) of the fastest
+        self._kept: dict[str, tuple[float, Model]] = {}  # candidate.model_key -> (speedup, model) of the fastest
 
     def build(
         self, candidate: Candidate, decisions: Mapping[str, Any] | None = None
@@ -130,7 +130,7 @@ class Evaluator:
 
     def kept(self, candidate: Candidate) -> Model | None:
         """The model of `candidate` as its trial built it here, if it is among the fastest this evaluator timed."""
-        kept = self._kept.get(_built(candidate))
+        kept = self._kept.get(candidate.model_key)
         return kept[1] if kept else None
 
     def evaluate(self, candidate: Candidate) -> Evaluation:
@@ -189,7 +189,7 @@ class Evaluator:
         """Keep `model` if it is among the KEPT_MODELS fastest timed here (and not too large to hold)."""
         if not candidate.passes or model.stats().bytes > KEPT_MODEL_BYTES:
             return
-        self._kept[_built(candidate)] = (evaluation.speedup or 0.0, model)
+        self._kept[candidate.model_key] = (evaluation.speedup or 0.0, model)
         fastest = sorted(self._kept.items(), key=lambda item: -item[1][0])[:KEPT_MODELS]
         self._kept = dict(fastest)
 
@@ -220,11 +220,6 @@ class Evaluator:
         proto = skeleton_proto(self.model_file.model)
         feeds.resolve(proto, self.input.run, self.seed)
         return feeds.inputs(proto, RANDOM_SAMPLES, self.seed), f"{RANDOM_SAMPLES} random inputs"
-
-
-def _built(candidate: Candidate) -> str:
-    """What decides a candidate's model (its session settings do not)."""
-    return f"{candidate.pipeline} | stepped back" if candidate.step_back else candidate.pipeline
 
 
 class OutsideItsShare(Exception):

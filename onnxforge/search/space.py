@@ -67,6 +67,11 @@ class Candidate:
         return ",".join(self.passes)
 
     @property
+    def model_key(self) -> str:
+        """The same for candidates that build the same model (session settings do not change it)."""
+        return f"{self.pipeline} | stepped back" if self.step_back else self.pipeline
+
+    @property
     def key(self) -> str:
         """The same for candidates that build the same model and time it the same way."""
         stepping = " | stepped back" if self.step_back else ""
