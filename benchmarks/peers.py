@@ -41,7 +41,10 @@ INSTALL_TIMEOUT_S = 3600
 RUN_TIMEOUT_S = 1200
 
 PEERS: dict[str, str] = {
-    "onnxsim": "onnxsim 0.8.1 (onnx-simplifier): simplify, then int8 dynamic, static QDQ, or its budgeted search",
+    "onnxsim": (
+        "onnxsim 0.8.1 (onnx-simplifier): simplify, then int8 dynamic, static QDQ, full-graph static QDQ, or its "
+        "budgeted search"
+    ),
     "nncf": "NNCF 3.4.0 (Intel): int8 QDQ post-training quantization, plain or with accuracy control",
     "inc": (
         "Intel Neural Compressor for ONNX (onnx-neural-compressor 1.0; neural-compressor 3.x has no ONNX path): int8 "
@@ -149,6 +152,11 @@ def onnxsim_dynamic(model_path: str | Path, out_path: str | Path) -> OrtQuantize
 def onnxsim_static(model_path: str | Path, out_path: str | Path, calibration: Sequence[Feed]) -> OrtQuantized:
     """onnxsim's simplification, then its int8 static QDQ quantization (MinMax ranges over `calibration`)."""
     return run_peer("onnxsim", "static", model_path, out_path, {"calibration": calibration})
+
+
+def onnxsim_full_graph(model_path: str | Path, out_path: str | Path, calibration: Sequence[Feed]) -> OrtQuantized:
+    """onnxsim's simplification, then its full-graph int8 QDQ (every float activation, MinMax over `calibration`)."""
+    return run_peer("onnxsim", "full-graph", model_path, out_path, {"calibration": calibration})
 
 
 def onnxsim_auto(
@@ -333,6 +341,7 @@ def peer_modes(
     return {
         ("onnxsim", "dynamic"): onnxsim_dynamic,
         ("onnxsim", "static"): lambda model, out: onnxsim_static(model, out, calibration),
+        ("onnxsim", "full-graph"): lambda model, out: onnxsim_full_graph(model, out, calibration),
         ("onnxsim", "auto"): lambda model, out: onnxsim_auto(model, out, calibration, timeout=search_timeout),
         ("nncf", "static"): lambda model, out: nncf_static(model, out, calibration, transformer),
         ("nncf", "accuracy"): lambda model, out: nncf_accuracy_control(

@@ -1,6 +1,6 @@
 """The pipeline: what a pass is, the context passes share, the registry, the pass manager and its verifier."""
 
-from onnxforge.pipeline.base import Analysis, CompositePass, Pass, PassResult, Pipeline
+from onnxforge.pipeline.base import Analysis, CompositePass, LayerDecision, Pass, PassResult, Pipeline
 from onnxforge.pipeline.context import PassContext
 from onnxforge.pipeline.manager import Instrument, PassFailedError, PassManager, PassRecord
 from onnxforge.pipeline.registry import available_passes, create_passes, get_pass, load_plugin, register_pass
@@ -10,6 +10,7 @@ __all__ = [
     "Analysis",
     "CompositePass",
     "Instrument",
+    "LayerDecision",
     "Pass",
     "PassContext",
     "PassFailedError",

@@ -21,17 +21,35 @@ T = TypeVar("T")
 
 
 @dataclass
+class LayerDecision:
+    """What a pass decided for one layer, for the report's per-layer tables.
+
+    `layer` names it as the pass's notes do ("Conv /conv1/Conv"), `decision` is what it got ("int8 static,
+    per-channel symmetric weights, QLinearConv", "float", "24 of 48 channels", "rank 12 of 48") and `why` the
+    reason. `error` is a figure the pass measured for this layer alone (quant: the share of the budget the model
+    spends with only this layer quantized), `error_text` says what it is; None where the pass measured none.
+    """
+
+    layer: str
+    decision: str
+    why: str = ""
+    error: float | None = None
+    error_text: str = ""
+
+
+@dataclass
 class PassResult:
     """What a pass did: whether it changed the model, counters for the report, and analyses it kept valid.
 
     `notes` say in plain words what the pass decided and why (which layers it changed, which it left alone);
-    `optimize --explain` prints them.
+    `optimize --explain` prints them. `layers` hold the same per-layer decisions as data, for the report.
     """
 
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
     preserved: tuple[type[Analysis], ...] = ()
     notes: list[str] = field(default_factory=list)
+    layers: list[LayerDecision] = field(default_factory=list)
 
 
 class Analysis:
@@ -172,6 +190,7 @@ def run_until_stable(steps: list[Pass], model: Model, ctx: PassContext, max_roun
     """
     totals: dict[str, Any] = {}
     notes: list[str] = []
+    layers: list[LayerDecision] = []
     changed = False
     for _ in range(max_rounds):
         round_changed = False
@@ -182,10 +201,11 @@ def run_until_stable(steps: list[Pass], model: Model, ctx: PassContext, max_roun
                 round_changed = True
             add_counters(totals, result.stats)
             notes += result.notes
+            layers += result.layers
         changed |= round_changed
         if not round_changed:
             break
-    return PassResult(changed=changed, stats=totals, notes=notes)
+    return PassResult(changed=changed, stats=totals, notes=notes, layers=layers)
 
 
 def add_counters(totals: dict[str, Any], stats: Mapping[str, Any]) -> None:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from onnxforge.comparison import compare_outputs
 from onnxforge.errors import OnnxforgeError, PassUsageError
 from onnxforge.ir import Model, ModelStats
 from onnxforge.limits import TimeLimitError, check_deadlines, time_limit
-from onnxforge.pipeline.base import CompositePass, Pass, PassResult, add_counters
+from onnxforge.pipeline.base import CompositePass, LayerDecision, Pass, PassResult, add_counters
 from onnxforge.pipeline.budget import Budget, BudgetTracker, Losses, PassBudget, strongest_within
 from onnxforge.pipeline.context import PassContext
 from onnxforge.pipeline.verifier import Verifier, VerifyOptions, as_declared
@@ -40,13 +40,14 @@ class PassRecord:
     error: str = ""
     max_rel_error: float | None = None
     notes: list[str] = field(default_factory=list)
+    layers: list[LayerDecision] = field(default_factory=list)  # the pass's decisions per layer, for the report
     budget: str = ""  # a lossy pass's result against the run's error budget, one line
     # A composite pass's members that changed the model or were rolled back: name, status ("applied" if it ever
     # applied, else "rolled_back"), error (why it was last rolled back, if it was).
     members: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        record = {
             "name": self.name,
             "status": self.status,
             "seconds": round(self.seconds, 6),
@@ -59,6 +60,9 @@ class PassRecord:
             "budget": self.budget or None,
             "members": self.members,
         }
+        if self.layers:
+            record["layers"] = [asdict(layer) for layer in self.layers]
+        return record
 
 
 class Instrument:
@@ -200,6 +204,7 @@ class PassManager:
         record.budget = step.budget
         if step.result is not None:
             record.notes = list(step.result.notes)
+            record.layers = list(step.result.layers)
             record.stats = step.result.stats
         if step.error:
             record.error = step.error
@@ -326,7 +331,7 @@ class PassManager:
         if chosen is None or not outcomes[chosen][1].changed:
             tried_down_to = f"down to {settings[-1].describe()}" if len(settings) > 1 else f"at {pass_.describe()}"
             note = f"no change {tried_down_to} keeps within {where}: the model is left as it was"
-            return snapshot, PassResult(False, notes=[*result.notes, note])
+            return snapshot, PassResult(False, notes=[*result.notes, note], layers=result.layers)
         model, result = outcomes[chosen]
         if chosen:
             note = f"{settings[chosen].describe()}: the strongest of {len(settings)} settings within {where}"
@@ -412,6 +417,7 @@ class PassManager:
         outcomes: dict[str, dict[str, Any]] = {}
         totals: dict[str, Any] = {}
         notes: list[str] = []
+        layers: list[LayerDecision] = []
         start_reference = reference
         applied = False
         errors: list[str] = []
@@ -449,10 +455,11 @@ class PassManager:
                     outcomes.setdefault(name, {"name": name, "error": ""})["status"] = "applied"
                 add_counters(totals, step.result.stats)
                 notes += step.result.notes
+                layers += step.result.layers
             if not round_changed:
                 break
         max_rel = compare_outputs(start_reference, reference).max_rel if applied and self.verifier else None
-        result = PassResult(changed=applied, stats=totals, notes=notes)
+        result = PassResult(changed=applied, stats=totals, notes=notes, layers=layers)
         error = "" if applied or not errors else "; ".join(errors)
         return _Step(model, reference, result, error, max_rel, list(outcomes.values()))
 

@@ -10,7 +10,6 @@ import io
 import json
 import math
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,10 @@ if TYPE_CHECKING:
 HTML_SUFFIXES = (".html", ".htm")  # --report writes HTML to a path ending so, JSON to any other
 
 STATUS_COLORS = {"applied": "tab:green", "unchanged": "0.65", "rolled_back": "tab:orange", "failed": "tab:red"}
+TRIAL_COLORS = {"accepted": "tab:blue", "Pareto front": "tab:green", "rejected": "tab:red"}
+FLOAT_COLOR, CHANGED_COLOR = "0.65", "tab:blue"  # a layer left in float, one quantized (or changed)
+SENSITIVITY_BARS = 30  # the most layers a sensitivity plot shows: the largest errors
+LABEL_CHARS = 48  # a layer name longer than this is shown by its end (where exporters put what tells layers apart)
 
 NOT_A_REPORT = "not an onnxforge report: give the JSON that optimize --report (with or without --auto) wrote"
 
@@ -201,64 +204,42 @@ def _pass_row(index: int, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# A layer as the passes name it in their notes: its op type and its name (node name, else first output's), and
-# where it lies when in a subgraph. Names with spaces are not told from the text after them: they stay in the notes.
-_LAYER = r"(?P<layer>[A-Z]\w* \S+(?: \(in subgraph [^)]*\))?)"
-_QUANT = re.compile(_LAYER + r": (?P<decision>quantized|kept float): (?P<rest>.*)")
-_CHANNELS = re.compile(r"(?P<layer>\w+ of .+?): (?P<before>\d+) -> (?P<after>\d+) (?P<unit>\w+) \((?P<how>.*)\)")
-_SPARSITY = re.compile(_LAYER + r": (?P<zeros>[\d.]+% zeros)")
-_RANK = re.compile(_LAYER + r": rank (?P<rank>\d+) of (?P<full>\d+) \((?P<energy>[^)]*)\), (?P<rest>.*)")
-_KEPT = re.compile(r"(?P<layer>.+?): kept: (?P<why>.*)")
-
-
-def _quant_layer(note: str) -> tuple[str, str, str] | None:
-    match = _QUANT.fullmatch(note)
-    if not match:
-        return None
-    if match["decision"] == "kept float":
-        return match["layer"], "float", match["rest"]
-    precision, _, why = match["rest"].partition(": ")  # "quantized: FORMAT" or "quantized: FORMAT: why"
-    return match["layer"], precision, why
-
-
-def _prune_layer(note: str) -> tuple[str, str, str] | None:
-    if match := _CHANNELS.fullmatch(note):
-        return match["layer"], f"{match['after']} of {match['before']} {match['unit']}", match["how"]
-    if match := _SPARSITY.fullmatch(note):
-        return match["layer"], match["zeros"], ""
-    if match := _KEPT.fullmatch(note):
-        return match["layer"], "all", match["why"]
-    return None
-
-
-def _lowrank_layer(note: str) -> tuple[str, str, str] | None:
-    if match := _RANK.fullmatch(note):
-        return match["layer"], f"{match['rank']} of {match['full']}", f"{match['energy']}, {match['rest']}"
-    if match := _KEPT.fullmatch(note):
-        return match["layer"], "full (not factored)", match["why"]
-    return None
-
-
-# pass -> (what its per-layer table shows, the column of its decision, the reader of one note)
-_LAYER_TABLES: dict[str, tuple[str, str, Callable[[str], tuple[str, str, str] | None]]] = {
-    "quant": ("precision per layer", "precision", _quant_layer),
-    "prune": ("channels kept", "kept", _prune_layer),
-    "lowrank": ("rank per layer", "rank", _lowrank_layer),
+# pass -> (what its per-layer table shows, the column of its decision); a pass not named here: per-layer decisions
+_LAYER_TABLES = {
+    "quant": ("precision per layer", "precision"),
+    "prune": ("channels kept", "kept"),
+    "lowrank": ("rank per layer", "rank"),
 }
 
 
 def _layer_table(index: int, record: dict[str, Any]) -> dict[str, Any] | None:
-    """The per-layer decisions a quant, prune or lowrank pass wrote in its notes, as a table; None for other
-    passes and for notes without them."""
+    """The decisions per layer a pass record carries ("layers"), as a table, with an error column and a plot of it
+    where the pass measured an error per layer; None for a record without them."""
+    layers = record.get("layers") or []  # every row, two alike too: unnamed layers of one op read the same
+    if not layers:
+        return None
     kind = record["name"].split(":")[0]
-    if kind not in _LAYER_TABLES:
-        return None
-    what, column, read = _LAYER_TABLES[kind]
-    rows = [row for note in dict.fromkeys(record.get("notes") or []) if (row := read(note))]
-    if not rows:
-        return None
-    return {"index": index, "name": record["name"], "status": record["status"], "what": what, "column": column,
-            "rows": rows}
+    what, column = _LAYER_TABLES.get(kind, ("decisions per layer", "decision"))
+    measured = [layer for layer in layers if layer.get("error") is not None]
+    rows = [
+        (layer["layer"], layer["decision"], layer["why"], *([_number(layer.get("error"))] if measured else []))
+        for layer in layers
+    ]
+    plotted = [layer for layer in measured if math.isfinite(layer["error"])]
+    shown = sorted(plotted, key=lambda layer: -layer["error"])[:SENSITIVITY_BARS]
+    which = f"the {len(shown)} largest of {len(plotted)}" if len(shown) < len(plotted) else f"all {len(shown)}"
+    return {
+        "index": index,
+        "name": record["name"],
+        "status": record["status"],
+        "what": what,
+        "head": ["layer", column, "why", *(["error"] if measured else [])],
+        "rows": rows,
+        "error_text": "; ".join(dict.fromkeys(layer.get("error_text") or "" for layer in measured)),
+        "plot": _sensitivity_plot(index, kind, shown) if shown else None,
+        "plot_caption": f"The error measured per layer, largest on top ({which}); grey: the layer stayed float, "
+                        f"blue: {'quantized' if kind == 'quant' else 'changed'}.",
+    }
 
 
 def _decision_rows(decisions: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -295,12 +276,23 @@ def _search_view(report: dict[str, Any]) -> dict[str, Any]:
         "setup": _flat_rows({**setup, "min_speedup": report.get("min_speedup")}),
         "space": _space_view(report.get("space") or {}),
         "trials": [_trial_row(row, front, winner) for row in report["trials"]],
-        "winner": winner and {**winner, "session": _session(winner.get("session") or {}),
-                              "speedups": ", ".join(_speedup(value) for value in winner["speedups"]),
-                              "size_ratio": _number(winner.get("size_ratio"), 3)},
+        "winner_marked": [i for i, row in enumerate(report["trials"]) if winner and row["number"] == winner["trial"]],
+        "winner_rows": _winner_rows(winner) if winner else [],
         "environment": _flat_rows(report.get("environment") or {}),
         "pareto_plot": _pareto_plot(report),
+        "trial_plot": _trial_plot(report) if report["trials"] else None,
     }
+
+
+def _winner_rows(winner: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("trial", str(winner["trial"])),
+        ("passes", winner.get("pipeline") or "(no pass)"),
+        ("session", _session(winner.get("session") or {})),
+        ("confirmed: timed again against the input", ", ".join(_speedup(value) for value in winner["speedups"])),
+        ("error", f"{winner['error_text']} on {winner['judged_on']}"),
+        ("size against the input", _number(winner.get("size_ratio"), 3)),
+    ]
 
 
 def _space_view(space: dict[str, Any]) -> dict[str, Any]:
@@ -315,7 +307,8 @@ def _space_view(space: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _trial_row(row: dict[str, Any], front: set[int], winner: dict[str, Any] | None) -> dict[str, Any]:
+def _trial_row(row: dict[str, Any], front: set[int], winner: dict[str, Any] | None) -> tuple[Any, ...]:
+    """The cells of a trial's row: number, passes, session, speed, latencies, error, size, time, outcome."""
     if row.get("rejected"):
         outcome = f"rejected: {row['rejected']}"
     elif row.get("same_as") is not None:
@@ -324,19 +317,18 @@ def _trial_row(row: dict[str, Any], front: set[int], winner: dict[str, Any] | No
         outcome = ""
     marks = [mark for mark, holds in (("winner", winner and winner["trial"] == row["number"]),
                                       ("Pareto front", row["number"] in front)) if holds]
-    return {
-        "number": row["number"],
-        "pipeline": row.get("pipeline") or "(no pass)",
-        "session": _session(row.get("session") or {}),
-        "speedup": _speedup(row.get("speedup")),
-        "latency": _ms(row.get("latency_ms")),
-        "input_latency": _ms(row.get("input_latency_ms")),
-        "error": row.get("error_text") or "",
-        "size": _number(row.get("size_ratio"), 3),
-        "seconds": _seconds(row.get("seconds")),
-        "outcome": outcome,
-        "marks": ", ".join(marks),
-    }
+    return (
+        row["number"],
+        row.get("pipeline") or "(no pass)",
+        _session(row.get("session") or {}),
+        _speedup(row.get("speedup")),
+        _ms(row.get("latency_ms")),
+        _ms(row.get("input_latency_ms")),
+        row.get("error_text") or "",
+        _number(row.get("size_ratio"), 3),
+        _seconds(row.get("seconds")),
+        "; ".join(part for part in (", ".join(marks), outcome) if part),
+    )
 
 
 def _session(session: dict[str, Any]) -> str:
@@ -435,6 +427,74 @@ def _pareto_plot(report: dict[str, Any]) -> Markup | None:
         return f"{report['counts']['trials']} trials: latency against error"
 
     return _svg(draw, "pareto", (7, 4.5))
+
+
+def _sensitivity_plot(index: int, kind: str, layers: list[dict[str, Any]]) -> Markup:
+    """Horizontal bars of `layers`' measured errors, in the order given (the largest first, on top), grey where the
+    layer stayed float, blue where it was quantized (or changed: the passes that leave a layer as it was measure
+    no error for it)."""
+    from matplotlib.patches import Patch
+
+    decisions = {True: ("float", FLOAT_COLOR), False: ("quantized" if kind == "quant" else "changed", CHANGED_COLOR)}
+
+    def draw(axes) -> str:
+        floats = [layer["decision"] == "float" for layer in layers]
+        # Positions, not names, place the bars: two layers may share a shortened name.
+        axes.barh(range(len(layers)), [layer["error"] for layer in layers],
+                  color=[decisions[is_float][1] for is_float in floats])
+        axes.set_yticks(range(len(layers)), [_label(layer["layer"]) for layer in layers])
+        axes.invert_yaxis()  # the largest on top
+        axes.set_xlabel("measured error (what it is: below the table)")
+        shown = dict.fromkeys(floats)
+        handles = [Patch(color=decisions[is_float][1], label=decisions[is_float][0]) for is_float in shown]
+        axes.legend(handles=handles, loc="lower right", fontsize="small")
+        return "error per layer"
+
+    return _svg(draw, f"sensitivity-{index}", (7, 1.5 + 0.3 * len(layers)))
+
+
+def _label(name: str) -> str:
+    return name if len(name) <= LABEL_CHARS else "…" + name[-(LABEL_CHARS - 1):]
+
+
+def _trial_plot(report: dict[str, Any]) -> Markup:
+    """Each trial's speed-up as a bar, coloured by its outcome (accepted, on the Pareto front, rejected; a cross
+    where a rejected trial was never timed), the winner starred."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    trials = report["trials"]
+    front = {row["number"] for row in report["pareto_front"]}
+    winner = report.get("winner")
+
+    def outcome(row: dict[str, Any]) -> str:
+        return "rejected" if row.get("rejected") else "Pareto front" if row["number"] in front else "accepted"
+
+    def draw(axes) -> str:
+        numbers = [row["number"] for row in trials]
+        speeds = [row.get("speedup") or 0.0 for row in trials]
+        outcomes = [outcome(row) for row in trials]
+        axes.bar(numbers, speeds, color=[TRIAL_COLORS[name] for name in outcomes])
+        untimed = [row["number"] for row in trials if not row.get("speedup")]
+        if untimed:
+            axes.scatter(untimed, [0.0] * len(untimed), marker="x", color=TRIAL_COLORS["rejected"], zorder=3,
+                         clip_on=False)
+        handles = [Patch(color=TRIAL_COLORS[name], label=name) for name in TRIAL_COLORS if name in outcomes]
+        if winner:
+            speed = next(row.get("speedup") or 0.0 for row in trials if row["number"] == winner["trial"])
+            axes.scatter([winner["trial"]], [speed], marker="*", s=240, color="gold", edgecolors="black", zorder=4)
+            handles.append(Line2D([], [], marker="*", markersize=14, color="gold", markeredgecolor="black",
+                                  linestyle="none", label=f"winner (trial {winner['trial']})"))
+        axes.axhline(1.0, color="0.3", linewidth=0.8, linestyle=":")
+        handles.append(Line2D([], [], color="0.3", linewidth=0.8, linestyle=":", label="the input"))
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("trial")
+        axes.set_ylabel("speed against the input (above 1: faster)")
+        axes.legend(handles=handles, loc="best", fontsize="small")
+        return f"{len(trials)} trials: speed of each"
+
+    return _svg(draw, "trials", (7, 4.5))
 
 
 def _flat_rows(values: dict[str, Any]) -> list[tuple[str, str]]:

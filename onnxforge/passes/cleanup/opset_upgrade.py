@@ -31,10 +31,16 @@ class UpgradeOpset(Pass):
             raise PassError(f"upgrade-opset:to={target}: choose an opset from 1 to {LATEST_OPSET}")
         if current >= target:
             return PassResult(False, notes=[f"the model is at opset {current} already"])
-        try:
-            converted = onnx.version_converter.convert_version(model.to_proto(), target)
-        except Exception as exc:  # the converter raises bare RuntimeErrors for ops it cannot adapt
-            raise PassError(f"onnx's version converter cannot move this model to opset {target}: {exc}") from None
-        upgraded = load_model(converted)
-        model.graph, model.header = upgraded.graph, upgraded.header
+        moved = upgraded(model, target)
+        model.graph, model.header = moved.graph, moved.header
         return PassResult(True, stats={"opset_from": current, "opset_to": target})
+
+
+def upgraded(model: Model, target: int) -> Model:
+    """A copy of `model` with its default-domain ops converted to opset `target` by onnx's version converter;
+    PassError when the converter cannot adapt an op."""
+    try:
+        converted = onnx.version_converter.convert_version(model.to_proto(), target)
+    except Exception as exc:  # the converter raises bare RuntimeErrors for ops it cannot adapt
+        raise PassError(f"onnx's version converter cannot move this model to opset {target}: {exc}") from None
+    return load_model(converted)

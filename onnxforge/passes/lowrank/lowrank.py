@@ -19,7 +19,7 @@ from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model, infer_shapes
 from onnxforge.ir.edit import make_constant, unique_name
 from onnxforge.ir.layers import Layer, LayerCost, describe_change, layer_costs
-from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.base import LayerDecision, Pass, PassResult
 from onnxforge.pipeline.context import PassContext
 from onnxforge.passes.layers import excluded_by, find_layers, half_precision_note
 from onnxforge.passes.lowrank.factorization import Spectrum, ranks_for_budget, spectrum
@@ -114,14 +114,15 @@ class LowRank(Pass):
         if self.options.method == "svd" and not self.options.ratio:
             candidates, ranks = self._cheaper_conv_forms(candidates, ranks)
         chosen = [(c, r) for c, r in zip(candidates, ranks) if c.worth_it(r)]
-        notes = [_skipped_note(c, r) for c, r in zip(candidates, ranks) if not c.worth_it(r)]
+        kept = [_kept_whole(c, r) for c, r in zip(candidates, ranks) if not c.worth_it(r)]
+        notes, decisions = [note for note, _ in kept], [decision for _, decision in kept]
         stats = {"layers_considered": len(candidates), "layers_factored": len(chosen)}
         if by_output_error:
             notes.append(f"ranks chosen by the model's output error on {len(held_out[-HELD_BACK:])} held-out "
                          f"samples, each layer truncated alone at {len(PROBED)} ranks")
         notes += half_precision_note(model.graph, "lowrank")
         if not chosen:
-            return PassResult(False, stats=stats, notes=notes or ["no layer large enough to factor"])
+            return PassResult(False, stats=stats, notes=notes or ["no layer large enough to factor"], layers=decisions)
         params_before, costs = model.stats().params, layer_costs(model.graph)
         nodes = [c.layer.node for c, _ in chosen]
         targets = layer_targets(model, nodes, fit, calibration) if self.options.recover else {}
@@ -132,13 +133,14 @@ class LowRank(Pass):
             node = candidate.layer.node
             before_cost, first_cost = costs[id(node)], after[id(firsts[id(node)])]
             combined = LayerCost(first_cost.params + after[id(node)].params, _sum_macs(first_cost, after[id(node)]))
-            notes.append(f"{node.op} {candidate.layer.name}: {_describe(candidate, rank)}, "
-                         f"{describe_change(before_cost, combined)}")
+            note, decision = _factored(candidate, rank, describe_change(before_cost, combined), len(fit))
+            notes.append(note)
+            decisions.append(decision)
         if self.options.recover:
             refitted = refit_layers(model, nodes, targets, fit, calibration)
             notes.append(f"recovery: {refitted} of {len(nodes)} second factors refitted on {len(fit)} samples")
         stats["params_removed"] = params_before - model.stats().params
-        return PassResult(True, stats=stats, notes=notes)
+        return PassResult(True, stats=stats, notes=notes, layers=decisions)
 
     @classmethod
     def search_space(cls, model: Model, where: SearchTarget) -> dict[str, Tunable] | None:
@@ -354,27 +356,40 @@ def _factor_spatially(
     return first
 
 
-def _describe(candidate: Candidate, rank: int) -> str:
+def _factored(candidate: Candidate, rank: int, change: str, samples: int) -> tuple[str, LayerDecision]:
+    """A factored layer's note and decision: its rank, the energy that keeps, its weight error, what the layer
+    costs now, and with --data its relative output error on the `samples` calibration samples, as its measured
+    figure."""
     spec = candidate.spectrum
-    text = f"rank {rank} of {spec.full_rank} ({'output' if spec.unwhiten is not None else 'weight'} energy "
-    text += f"{spec.energy(rank):.3f})"
+    energy = f"{'output' if spec.unwhiten is not None else 'weight'} energy {spec.energy(rank):.3f}"
     a, b = spec.factors(rank)
     difference = candidate.matrix - a @ b
-    text += f", weight error {np.linalg.norm(difference) / max(np.linalg.norm(candidate.matrix), 1e-30):.3f}"
+    figures = f"weight error {np.linalg.norm(difference) / max(np.linalg.norm(candidate.matrix), 1e-30):.3f}"
+    output_error = None
     if candidate.second_moment is not None:
         error = np.trace(difference.T @ candidate.second_moment @ difference)
         reference = np.trace(candidate.matrix.T @ candidate.second_moment @ candidate.matrix)
-        text += f", output error {math.sqrt(max(error, 0) / max(reference, 1e-30)):.3f} on --data"
-    return text
+        output_error = math.sqrt(max(error, 0) / max(reference, 1e-30))
+        figures += f", output error {output_error:.3f} on --data"
+    layer, decision = f"{candidate.layer.op} {candidate.layer.name}", f"rank {rank} of {spec.full_rank}"
+    note = f"{layer}: {decision} ({energy}), {figures}, {change}"
+    why = f"{energy}, {figures}, {change}"
+    if output_error is None:
+        return note, LayerDecision(layer, decision, why)
+    measured = f"this layer's relative output error, factored, on {samples} calibration samples"
+    return note, LayerDecision(layer, decision, why, output_error, measured)
 
 
-def _skipped_note(candidate: Candidate, rank: int) -> str:
+def _kept_whole(candidate: Candidate, rank: int) -> tuple[str, LayerDecision]:
+    """A layer not factored: its note and decision, with why (its rank is full, or would not cut enough)."""
     m, n = candidate.shape
     name = f"{candidate.layer.op} {candidate.layer.name}"
     if rank >= candidate.spectrum.full_rank:
-        return f"{name}: kept: whole, at its full rank {rank} ({m}x{n})"
-    return (f"{name}: kept: rank {rank} of {m}x{n} would keep "
-            f"{rank * (m + n) / (m * n):.0%} of its parameters (factored only at {MAX_KEPT:.0%} or less)")
+        why = f"whole, at its full rank {rank} ({m}x{n})"
+    else:
+        why = (f"rank {rank} of {m}x{n} would keep {rank * (m + n) / (m * n):.0%} of its parameters (factored only "
+               f"at {MAX_KEPT:.0%} or less)")
+    return f"{name}: kept: {why}", LayerDecision(name, "not factored", why)
 
 
 def _sum_macs(first: LayerCost, second: LayerCost) -> int | None:

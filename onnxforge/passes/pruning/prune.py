@@ -14,7 +14,7 @@ from onnxforge.errors import PassUsageError
 from onnxforge.ir import Model
 from onnxforge.ir.edit import make_constant
 from onnxforge.ir.layers import LayerCost, as_layer, describe_change, layer_costs
-from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.base import LayerDecision, Pass, PassResult
 from onnxforge.pipeline.context import PassContext
 from onnxforge.passes.layers import excluded_by, find_layers
 from onnxforge.passes.pruning.channel_groups import ChannelGroup, ChannelGroups
@@ -79,18 +79,21 @@ class ChannelPruning(Pass):
         if self.options.structure != "channel":
             return self._sparsify(model)
         groups = ctx.analysis(ChannelGroups, model)
-        notes, candidates = [], []
+        notes, decisions, candidates = [], [], []
         for group in groups:
             title = _title(group)
             if not group.prunable:
-                notes.append(f"{title}: kept: {group.reason}")
+                why = group.reason
             elif self._excluded(group):
-                notes.append(f"{title}: kept: excluded by exclude=")
+                why = "excluded by exclude="
             elif self.options.recover and not all(refittable(slot.node) for slot in group.consumers):
                 reader = next(slot.node for slot in group.consumers if not refittable(slot.node))
-                notes.append(f"{title}: kept: recovery cannot refit {reader.op} '{reader.name}', which reads them")
+                why = f"recovery cannot refit {reader.op} '{reader.name}', which reads them"
             else:
                 candidates.append(group)
+                continue
+            notes.append(f"{title}: kept: {why}")
+            decisions.append(LayerDecision(title, f"all {group.channels} {group.unit}", why))
         statistics = None
         if self.options.method in DATA_METHODS and candidates:
             statistics = input_statistics(model, candidates, calibration.split()[0], calibration)
@@ -104,12 +107,14 @@ class ChannelPruning(Pass):
             how = f"{method}; kept for the refit" if self._selects_for_refit and group.unit != "heads" else method
             if count != wanted:
                 how += f"; a multiple of round_to={self.options.round_to}"
-            notes.append(f"{_title(group)}: {group.channels} -> {keep.size} {group.unit} ({how})")
+            title = _title(group)
+            notes.append(f"{title}: {group.channels} -> {keep.size} {group.unit} ({how})")
+            decisions.append(LayerDecision(title, f"{keep.size} of {group.channels} {group.unit}", how))
             if count:
                 choices.append((group, keep))
         stats = {"groups": len(groups), "groups_pruned": len(choices), "channels_removed": int(sum(removed))}
         if not choices:
-            return PassResult(False, stats={**stats, "params_removed": 0}, notes=notes)
+            return PassResult(False, stats={**stats, "params_removed": 0}, notes=notes, layers=decisions)
         params_before, costs = model.stats().params, layer_costs(model.graph)
         if self.options.recover:
             notes += self._remove_and_recover(model, choices, calibration)
@@ -117,7 +122,7 @@ class ChannelPruning(Pass):
             remove_channels(model, choices)
         stats["params_removed"] = params_before - model.stats().params
         notes += _cost_lines(model, costs)
-        return PassResult(True, stats=stats, notes=notes)
+        return PassResult(True, stats=stats, notes=notes, layers=decisions)
 
     @classmethod
     def search_space(cls, model: Model, where: SearchTarget) -> dict[str, Tunable] | None:
@@ -203,7 +208,7 @@ class ChannelPruning(Pass):
 
     def _sparsify(self, model: Model) -> PassResult:
         """Zero weights in place of removing channels: unstructured by magnitude, or 2 of every 4 inputs."""
-        notes, done = [SPEED_NOTE], {}
+        notes, decisions, done = [SPEED_NOTE], [], {}
         zeros_before = zeros_after = total = 0
         for layer in find_layers(model.graph):
             if layer.op not in SPARSE_OPS or self._excludes(layer.node):
@@ -211,15 +216,19 @@ class ChannelPruning(Pass):
             if id(layer.weight) in done:  # a shared weight is pruned once
                 layer.node.inputs[layer.weight_input] = done[id(layer.weight)]
                 continue
+            name = f"{layer.op} {layer.name}"
             values = np.asarray(layer.weight.values)
             if self.options.structure == "2:4":
                 mask = two_of_four_mask(values, layer.in_axis)
                 if mask is None:
-                    inputs = values.shape[layer.in_axis]
-                    notes.append(f"{layer.op} {layer.name}: kept: {inputs} inputs do not split into groups of 4")
+                    why = f"{values.shape[layer.in_axis]} inputs do not split into groups of 4"
+                    notes.append(f"{name}: kept: {why}")
+                    decisions.append(LayerDecision(name, "dense", why))
                     continue
+                how = "the smaller 2 of every 4 weights along its inputs"
             else:
                 mask = magnitude_mask(values, self.options.ratio)
+                how = f"its smallest {100 * self.options.ratio:g}% of weights by magnitude"
             sparse = np.where(mask, values, 0).astype(values.dtype)
             zeros_before += int(np.count_nonzero(values == 0))
             zeros_after += int(np.count_nonzero(sparse == 0))
@@ -227,10 +236,12 @@ class ChannelPruning(Pass):
             replacement = make_constant(model.graph, layer.weight.name, sparse)
             done[id(layer.weight)] = replacement
             layer.node.inputs[layer.weight_input] = replacement
-            notes.append(f"{layer.op} {layer.name}: {np.count_nonzero(sparse == 0) / values.size:.1%} zeros")
+            zeros = f"{np.count_nonzero(sparse == 0) / values.size:.1%} zeros"
+            notes.append(f"{name}: {zeros}")
+            decisions.append(LayerDecision(name, zeros, how))
         changed = zeros_after > zeros_before
         stats = {"layers_sparsified": len(done), "sparsity": round(zeros_after / total, 4) if total else 0.0}
-        return PassResult(changed=changed, stats=stats, notes=notes)
+        return PassResult(changed=changed, stats=stats, notes=notes, layers=decisions)
 
     def _choose(self, scores: list[np.ndarray]) -> list[int]:
         """How many channels to remove from each group: `ratio` of each, or the least important overall."""

@@ -12,6 +12,7 @@ from onnxforge.pipeline.acceptance import speedups_over
 from onnxforge.pipeline.context import PassContext
 from onnxforge.pipeline.decisions import Measured
 from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
+from onnxforge.passes.quantization.regions import RegionBuilder
 from onnxforge.passes.quantization.rewrite import LayerFormat
 
 FLOAT = "float"  # the decision of a layer type that no format made faster
@@ -163,4 +164,60 @@ def refine_by_float_prefix(
         result.plan = {i: plan[i] for i in order[decision.value :]}
         result.kept_float = order[: decision.value]
         result.speedup = None if decision.replayed else min(again[decision.value], tried[decision.value])
+    return result
+
+
+@dataclass
+class RegionChoice:
+    """The regions timing kept in int8, and what it measured: for each region timed in float against the rest, the
+    speedup leaving it float gave (`left_float` those it kept float); empty when replayed from `replayed_from`."""
+
+    kept: list[int]
+    tried: dict[int, float] = field(default_factory=dict)
+    left_float: list[int] = field(default_factory=list)
+    replayed_from: str = ""
+
+
+def choose_regions(
+    builder: RegionBuilder,
+    conv_format: LayerFormat,
+    ctx: PassContext,
+    feed: Mapping[str, np.ndarray],
+    min_gain: float,
+    at_most: int,
+) -> RegionChoice:
+    """Start from every region in int8 (its Conv layers as `conv_format`) and time, for each of the `at_most` regions with the most Conv layers, the
+    model with that region back in float against the current choice: a region whose float version runs faster by
+    `min_gain` in two timings (`speedups_over`, where a change must earn its place) stays float.
+
+    A region's int8 kernels pay off together, which timing layer types one at a time cannot show; leaving one
+    region out at a time finds the islands (a head of few channels, a chain through float-only ops) where the
+    quantization around them costs more than they save. Each region's verdict is a decision of `ctx`.
+    """
+    kept = list(range(len(builder.regions)))
+    result = RegionChoice(kept)
+    if len(kept) < 2 or at_most == 0:
+        return result
+    largest = sorted(kept, key=lambda index: -len(builder.regions[index].convs))[:at_most]
+    for index in sorted(largest):
+        region = builder.regions[index]
+        current = list(kept)
+
+        def measure(current: list[int] = current, index: int = index) -> Measured:
+            runtime = ctx.runtime
+            plan = {i: conv_format for i in current}
+            without = {i: conv_format for i in current if i != index}
+            speedups = speedups_over(
+                runtime, runtime.prepare(builder.build(plan)), [runtime.prepare(builder.build(without))], feed,
+                min_gain, standing=False,
+            )
+            return Measured(speedups.settled[0] >= min_gain, {"speedup": round(speedups.settled[0], 4)})
+
+        decision = ctx.decide(f"region {index} ({region.describe()}) in float", measure, allowed=[True, False])
+        result.replayed_from = result.replayed_from or decision.replayed_from
+        if not decision.replayed:
+            result.tried[index] = decision.timings["speedup"]
+        if decision.value:
+            kept.remove(index)
+            result.left_float.append(index)
     return result

@@ -1,5 +1,5 @@
 """Expose weights to quantization: Gemm as MatMul + Add, fused Attention's Q/K/V projection as a MatMul, and
-weights that Constant nodes hold as constants.
+weights that Constant nodes hold as constants; and a fused SiLU after a Conv as the Sigmoid and Mul int8 kernels run.
 
 onnxruntime fuses DequantizeLinear -> MatMul into its integer kernels, but runs DequantizeLinear -> Gemm in
 float, dequantizing the weight on every run; its optimizer fuses MatMul + Add back into Gemm where the MatMul
@@ -57,6 +57,13 @@ def split_attention_projections(graph: gs.Graph) -> int:
     differently), a non-constant weight, or unequal Q/K/V widths.
     """
     return _replace_each(graph, _attention_splittable, _attention_as_projection)
+
+
+def split_conv_silu(graph: gs.Graph) -> int:
+    """Replace each QuickGelu(alpha=1) after a Conv (a SiLU the fuse pass wrote) with Sigmoid and Mul; return how
+    many. onnxruntime has int8 kernels for Sigmoid and Mul, none for QuickGelu: split, the SiLU joins the Conv's int8
+    region; where it stays float, onnxruntime's optimizer fuses the pair back into QuickGelu."""
+    return _replace_each(graph, _conv_silu, _silu_as_sigmoid_and_mul)
 
 
 def _replace_each(
@@ -149,3 +156,17 @@ def _attention_as_projection(graph: gs.Graph, node: gs.Node) -> None:
     outputs = list(node.outputs)
     attention = gs.Node("MultiHeadAttention", node.name, attrs, inputs, outputs, domain=CONTRIB_DOMAIN)
     graph.nodes.extend([projection, split, attention])
+
+
+def _conv_silu(node: gs.Node) -> bool:
+    if node.op != "QuickGelu" or node.domain != CONTRIB_DOMAIN or node.attrs.get("alpha", 1.0) != 1.0:
+        return False
+    return any(producer.op == "Conv" for producer in node.inputs[0].inputs)
+
+
+def _silu_as_sigmoid_and_mul(graph: gs.Graph, node: gs.Node) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    gate = gs.Variable(unique_name(graph, f"{y.name}_sigmoid"), dtype=x.dtype, shape=x.shape)
+    name = node.name or y.name
+    graph.nodes.append(gs.Node("Sigmoid", unique_name(graph, f"{name}_sigmoid"), inputs=[x], outputs=[gate]))
+    graph.nodes.append(gs.Node("Mul", unique_name(graph, f"{name}_mul"), inputs=[x, gate], outputs=[y]))

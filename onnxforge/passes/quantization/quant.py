@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 
 from onnxforge.calibration.context import Calibration
-from onnxforge.calibration.observe import observe_tensors, run_model
+from onnxforge.calibration.observe import run_model
 from onnxforge.calibration.recovery import refittable
 from onnxforge.calibration.statistics import input_moments
 from onnxforge.comparison import Comparison, compare_outputs
@@ -18,11 +18,18 @@ from onnxforge.data import Sample
 from onnxforge.errors import PassError, PassUsageError
 from onnxforge.ir import Model
 from onnxforge.ir.layers import Layer
-from onnxforge.pipeline.base import Pass, PassResult
+from onnxforge.pipeline.base import LayerDecision, Pass, PassResult
 from onnxforge.pipeline.context import PassContext
 from onnxforge.pipeline.acceptance import Acceptance
-from onnxforge.passes.quantization.exposing import constant_node_weights, split_attention_projections, split_gemms
-from onnxforge.passes.quantization.ranges import RangeObserver, scale_and_zero_point
+from onnxforge.passes.cleanup.opset_upgrade import upgraded
+from onnxforge.passes.quantization.exposing import (
+    constant_node_weights,
+    split_attention_projections,
+    split_conv_silu,
+    split_gemms,
+)
+from onnxforge.passes.quantization.activations import static_activations
+from onnxforge.passes.quantization.by_region import RegionOutcome, quantize_by_regions
 from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer, model_nodes, numbered_layers
 from onnxforge.passes.quantization.choice import MeasuredChoice, choose_by_measurement, refine_by_float_prefix
 from onnxforge.passes.layers import excluded_by, half_precision_note
@@ -72,6 +79,10 @@ class Quantize(Pass):
     format and stays float unless it gets faster by min_speedup. With data, the most sensitive layers stay float
     until the held-out error is within max_error and min_cosine, or without them, within the pass's share of the
     run's error budget.
+    With regions=true, --data and onnxruntime, static Conv layers are also tried in int8 regions (Conv with the Add,
+    Concat, Mul, Sigmoid, pooling, Resize and reshaping ops around it, int8 end to end); timing keeps the regions or
+    the per-type plan, whichever runs faster (with measure=false, the regions). A model below opset 13 is moved to opset 13 first where its layers
+    would take one weight scale per channel (DequantizeLinear's axis); the note says so.
     """
 
     lossless = False
@@ -90,6 +101,7 @@ class Quantize(Pass):
         measure: bool = True
         float_prefix: bool = False  # after the per-type choice, time the first layers back in float
         min_speedup: float = 1.02
+        regions: bool = True
         max_error: float | None = None
         min_cosine: float | None = None
 
@@ -98,6 +110,11 @@ class Quantize(Pass):
         if already:
             note = f"the model is quantized already ({', '.join(sorted(already))}); left alone"
             return PassResult(False, stats={"already_quantized": True}, notes=[note])
+        if model.graph.opset < PER_AXIS_MIN_OPSET and self._takes_per_axis(model, ctx):
+            return self._at_per_axis_opset(model, ctx)
+        return self._quantize(model, ctx)
+
+    def _quantize(self, model: Model, ctx: PassContext) -> PassResult:
         contrib_ops = runs_quantized_contrib_ops(ctx)
         fmt = resolve_format(self.options, model.graph.opset, contrib_ops)
         budget = self._budget(ctx)
@@ -110,6 +127,8 @@ class Quantize(Pass):
         has_data = bool(calibration.samples)
         plan, notes = self._initial_plan(layers, fmt, contrib_ops, has_data=has_data, in_body=in_body)
         plan, opset_note = per_tensor_below_per_axis_opset(plan, layers, work.graph.opset)
+        convs = self._region_convs(plan, layers, in_body, contrib_ops, has_data)
+        static_conv_format = plan[next(iter(convs))] if convs else None
         calibration_samples, held_out = calibration.split()
         static = [layers[i] for i, layer_fmt in plan.items() if layer_fmt.mode == "static"]
         main_graph_layers = [layers[i] for i in plan if i not in in_body]
@@ -123,11 +142,27 @@ class Quantize(Pass):
         lines: list[str] = [opset_note] if opset_note else []
         if plan and self.options.measure:
             plan = self._measured_plan(builder, plan, layers, fmt, ctx, feed, notes, lines)
+        sensitivity: dict[int, float] = {}  # measured by the error budget's fit, when it had to move layers
+        measured = ""
         if plan and budget is not None and has_data:
             gentler = gentler_formats(plan, layers, contrib_ops)
             fit = fit_error_budget(builder, plan, budget, calibration, gentler)
             notes.update(_budget_notes(fit, budget, layers, ctx))
-            plan = fit.plan
+            plan, sensitivity = fit.plan, fit.sensitivity
+            measured = (f"share of the budget ({budget.describe()}) spent with only this layer quantized, on "
+                        f"{len(calibration_samples)} calibration samples")
+        regional = None
+        if convs and work.graph.opset >= PER_AXIS_MIN_OPSET:
+            o = self.options
+            regional = quantize_by_regions(
+                builder, plan, convs, static_conv_format, ctx, feed, budget, calibration, o.calibration, o.percentile,
+                o.min_speedup, timed=o.measure,
+            )
+        if regional is not None:
+            lines += regional.lines
+            if regional.chosen:
+                plan = regional.layer_plan
+                notes.update(_region_notes(regional, convs, ctx))
         for index, layer_fmt in plan.items():
             notes.setdefault(index, f"quantized: {_describe(layers[index], layer_fmt, ctx)}")
         stats: dict = {"layers": len(layers), "layers_quantized": len(plan), "layers_float": len(layers) - len(plan)}
@@ -138,16 +173,20 @@ class Quantize(Pass):
             stats["decisions_replayed"] = ctx.replayed_decisions()
         lines += [f"{layers[i].op} {layers[i].name}{_located(i, in_body)}: {notes[i]}" for i in sorted(notes)]
         lines += half_precision_note(work.graph, "quant")
+        decisions = [
+            _layer_decision(layers[i], _located(i, in_body), plan.get(i), notes[i], ctx, sensitivity.get(i), measured)
+            for i in sorted(notes)
+        ]
         if not plan:
             lines.append("nothing quantized: the model is left as it was")
-            return PassResult(False, stats=stats, notes=lines)
-        quantized = builder.build(plan)
+            return PassResult(False, stats=stats, notes=lines, layers=decisions)
+        quantized = regional.builder.build(regional.plan) if regional and regional.chosen else builder.build(plan)
         if held_out:
             error = compare_outputs(run_model(model, held_out, calibration), run_model(quantized, held_out, calibration))
             stats.update(held_out_max_rel_error=error.max_rel, held_out_min_cosine=error.min_cosine)
             lines.append(f"error on {len(held_out)} held-out samples: {_describe_error(error)}")
         model.graph = quantized.graph
-        return PassResult(True, stats=stats, notes=lines)
+        return PassResult(True, stats=stats, notes=lines, layers=decisions)
 
     @classmethod
     def search_space(cls, model: Model, where: SearchTarget) -> dict[str, Tunable] | None:
@@ -248,6 +287,53 @@ class Quantize(Pass):
             plan = refined.plan
         return plan
 
+    def _takes_per_axis(self, model: Model, ctx: PassContext) -> bool:
+        """Whether these options, at opset 13, quantize a layer of `model` with one weight scale per channel
+        behind a DequantizeLinear (which takes that axis from opset 13)."""
+        contrib_ops = runs_quantized_contrib_ops(ctx)
+        try:
+            fmt = resolve_format(self.options, PER_AXIS_MIN_OPSET, contrib_ops)
+        except PassError:
+            return False
+        layers = numbered_layers(exposed_copy(model))
+        plan, _ = self._initial_plan(layers, fmt, contrib_ops, bool(ctx.calibration.samples), in_body={})
+        return any(
+            layer_fmt.spec.granularity == "per-channel" and writes_dequantize_linear(layers[index], layer_fmt)
+            for index, layer_fmt in plan.items()
+        )
+
+    def _at_per_axis_opset(self, model: Model, ctx: PassContext) -> PassResult:
+        """Quantize a copy of `model` moved to opset 13, and take it when the pass changed it; where onnx's version
+        converter cannot move the model, quantize it at its own opset (per-tensor weights, as the note says)."""
+        opset = model.graph.opset
+        try:
+            moved = upgraded(model, PER_AXIS_MIN_OPSET)
+        except PassError as error:
+            result = self._quantize(model, ctx)
+            result.notes.insert(0, f"kept at opset {opset}: {error}")
+            return result
+        result = self._quantize(moved, ctx)
+        if result.changed:
+            model.graph, model.header = moved.graph, moved.header
+            result.notes.insert(0, f"moved from opset {opset} to {PER_AXIS_MIN_OPSET} (onnx's version converter) for "
+                                   "one weight scale per channel (DequantizeLinear's axis)")
+            result.stats.update(opset_from=opset, opset_to=PER_AXIS_MIN_OPSET)
+        return result
+
+    def _region_convs(
+        self, plan: dict[int, LayerFormat], layers: dict[int, Layer], in_body: dict, contrib_ops: bool, has_data: bool
+    ) -> dict[int, Layer]:
+        """The static Conv layers of the main graph that int8 regions may take: with regions=true, 8 bits, sample
+        data, and a backend that runs onnxruntime's int8 kernels; {} otherwise."""
+        o = self.options
+        if not (o.regions and has_data and contrib_ops and o.bits == 8):
+            return {}
+        return {
+            index: layers[index]
+            for index, fmt in plan.items()
+            if fmt.mode == "static" and layers[index].op == "Conv" and index not in in_body
+        }
+
     def _budget(self, ctx: PassContext) -> Budget | None:
         """The bounds the held-out error must keep: max_error and min_cosine when given, else the pass's share of
         the run's error budget (None: no bound)."""
@@ -305,14 +391,7 @@ class Quantize(Pass):
         self, model: Model, layers: list[Layer], samples: list[Sample], calibration: Calibration
     ) -> dict[str, ActivationQuantization]:
         names = sorted({t.name for layer in layers for t in (layer.activation, quantized_output(layer))})
-        observers = {name: RangeObserver() for name in names}
-        observe_tensors(model, names, samples, calibration, lambda name, value: observers[name].observe(value))
-        result = {}
-        for name, observer in observers.items():
-            low, high = observer.range(self.options.calibration, percentile=self.options.percentile)
-            scale, zero_point = scale_and_zero_point(low, high, bits=8, signed=False, symmetric=False)
-            result[name] = ActivationQuantization(np.float32(scale), np.array(zero_point, np.uint8))
-        return result
+        return static_activations(model, names, samples, calibration, self.options.calibration, self.options.percentile)
 
     def _weight_quantizer(
         self, model: Model, layers: list[Layer], samples: list[Sample], calibration: Calibration
@@ -341,12 +420,14 @@ class Quantize(Pass):
 
 def exposed_copy(model: Model) -> Model:
     """A copy of `model` with the weights quant takes exposed in every graph: Constant-node weights as constants,
-    fused attention projections as MatMuls, Gemms as MatMul (+ Add)."""
+    fused attention projections as MatMuls, Gemms as MatMul (+ Add); and SiLUs after Conv layers as Sigmoid and Mul,
+    which int8 regions take."""
     work = model.copy()
     for graph in list(work.graphs()):
         constant_node_weights(graph)
         split_attention_projections(graph)
         split_gemms(graph)
+        split_conv_silu(graph)
     return work
 
 
@@ -481,6 +562,27 @@ def _describe(layer: Layer, fmt: LayerFormat, ctx: PassContext) -> str:
     return fmt.describe(contrib_ops=runs_quantized_contrib_ops(ctx))
 
 
+def _layer_decision(
+    layer: Layer,
+    located: str,
+    fmt: LayerFormat | None,
+    note: str,
+    ctx: PassContext,
+    error: float | None,
+    error_text: str,
+) -> LayerDecision:
+    """A layer's decision for the report: its format (None: float) and the reason its note gives, and the
+    sensitivity the error budget measured for it, if it did."""
+    if fmt is None:
+        decision, why = "float", note.removeprefix("kept float: ")  # every float note of this pass starts so
+    else:
+        decision = _describe(layer, fmt, ctx)
+        why = note.removeprefix(f"quantized: {decision}").removeprefix(": ")
+    if error is None:
+        return LayerDecision(f"{layer.op} {layer.name}{located}", decision, why)
+    return LayerDecision(f"{layer.op} {layer.name}{located}", decision, why, float(error), error_text)
+
+
 def _measurement_notes(
     choice: MeasuredChoice,
     layers: dict[int, Layer],
@@ -511,6 +613,20 @@ def _measurement_notes(
             for index in measured.members:
                 notes[index] = f"kept float: {op} layers were not faster quantized on {where}"
     return lines, notes
+
+
+def _region_notes(regional: RegionOutcome, convs: dict[int, Layer], ctx: PassContext) -> dict[int, str]:
+    """Why each Conv layer the regions could take is int8 or float."""
+    notes = {}
+    for index in convs:
+        region = regional.region_of(index)
+        if region is None:
+            notes[index] = "kept float: in no int8 region (no op around it runs int8)"
+        elif region in regional.plan:
+            notes[index] = f"quantized: {_describe(convs[index], regional.plan[region], ctx)}: in int8 region {region}"
+        else:
+            notes[index] = f"kept float: its region {region} stayed float"
+    return notes
 
 
 def gentler_formats(

@@ -24,6 +24,7 @@ from onnxforge.ir import Model
 from onnxforge.ir.layers import Layer
 from onnxforge.ir.ops import CONTRIB_DOMAIN
 from onnxforge.passes.quantization.qlinear import conv_group, write_qlinear_conv
+from onnxforge.passes.quantization.ranges import scale_and_zero_point
 from onnxforge.passes.quantization.weights import QuantizedWeight, QuantSpec, int4_tensor, pack_matmul_nbits
 
 # Inserted tensors are named after the tensor they stand for: "<name>_q" holds its integer codes, "<name>_scale" and
@@ -126,10 +127,10 @@ class LayerRewriter:
             node.inputs[0] = self._dynamic_activation(layer.activation)
         elif fmt.mode == "static":
             x_scale = self.activations[self._static_source(layer.activation)].scale
-            self._static_activation(layer.activation)
+            self.static_activation(layer.activation)
             if node.op == "Conv" and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
                 node.inputs[2] = self._int32_bias(layer, x_scale, fmt.spec)
-            self._static_activation(quantized_output(layer))
+            self.static_activation(quantized_output(layer))
         node.inputs[layer.weight_input] = weight
 
     def _dequantized_weight(self, layer: Layer, spec: QuantSpec) -> gs.Variable:
@@ -200,7 +201,7 @@ class LayerRewriter:
         """The name of the float tensor `x` is, or dequantizes (a consumer may have been rewired already)."""
         return self._static_sources.get(x.name, x.name)
 
-    def _static_activation(self, x: gs.Tensor) -> gs.Variable:
+    def static_activation(self, x: gs.Tensor) -> gs.Variable:
         """Quantize `x` once with its calibrated scale; every consumer then reads the dequantized value."""
         if x.name in self._static_sources:
             return x
@@ -221,6 +222,25 @@ class LayerRewriter:
                         consumer.inputs[index] = output
         self._static_tensors[x.name] = output
         self._static_sources[output.name] = x.name
+        return output
+
+    def static_constant(self, constant: gs.Constant) -> gs.Variable:
+        """A float constant an int8 kernel reads as a second operand (an Add's bias, a Mul's factor), as uint8 codes
+        over its own range and their DequantizeLinear, made once per constant."""
+        if constant.name in self._static_tensors:
+            return self._static_tensors[constant.name]
+        values = np.asarray(constant.values, np.float32)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        scale, zero_point = scale_and_zero_point(low, high, bits=8, signed=False, symmetric=False)
+        codes = np.clip(np.rint(values / scale) + zero_point, 0, 255).astype(np.uint8)
+        inputs = [
+            gs.Constant(self._unique(f"{constant.name}_q"), codes),
+            gs.Constant(self._unique(f"{constant.name}_scale"), np.array(scale, np.float32)),
+            gs.Constant(self._unique(f"{constant.name}_zp"), np.array(zero_point, np.uint8)),
+        ]
+        output = self._new_tensor(f"{constant.name}_dq")
+        self._add("DequantizeLinear", inputs, [output])
+        self._static_tensors[constant.name] = output
         return output
 
     def _int32_bias(self, layer: Layer, x_scale: np.float32, spec: QuantSpec) -> gs.Variable:

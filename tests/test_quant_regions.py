@@ -1,0 +1,171 @@
+"""quant's int8 regions: which ops join a region, the QDQ written around them, onnxruntime's int8 kernels for them,
+the function kept on fresh inputs, measured choice and its replay, and models below opset 13 moved to 13."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from graph_checks import apply, constant, held_out_cosine, make_model, op_counts, value_info
+from onnx import helper
+
+from onnxforge import optimize
+from onnxforge.ir import load_model, save_model
+from onnxforge.measure import InterleavedTiming
+from onnxforge.passes.quantization.candidates import numbered_layers
+from onnxforge.passes.quantization.quant import exposed_copy
+from onnxforge.passes.quantization.regions import find_regions, region_tensors, shared_ranges
+from onnxforge.pipeline import PassContext, PassManager, create_passes
+
+QUICK = InterleavedTiming(blocks=3, block_s=0.01, min_runs=2, warmup=1)
+
+
+def _conv(name: str, x: str, y: str, channels_in: int, channels_out: int, rng) -> tuple[onnx.NodeProto, list]:
+    weight = (rng.standard_normal((channels_out, channels_in, 3, 3)) * 0.2).astype(np.float32)
+    bias = (rng.standard_normal(channels_out) * 0.1).astype(np.float32)
+    node = helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [y], pads=[1, 1, 1, 1], name=name)
+    return node, [constant(f"{name}_w", weight), constant(f"{name}_b", bias)]
+
+
+def _detector(opset: int = 17) -> onnx.ModelProto:
+    """Two int8 regions split by a Softplus (no int8 kernel):
+    conv1 -> SiLU (Sigmoid, Mul) -> conv2 -> Add(conv1's output) -> MaxPool, then Softplus, then
+    conv3 -> Resize -> Concat(with conv3's output resized again) -> conv4 -> Add(a constant); the same weights at
+    every call."""
+    rng = np.random.default_rng(0)
+    nodes, weights = [], []
+    for name, x, y, cin, cout in (
+        ("conv1", "x", "c1", 8, 16), ("conv2", "m1", "c2", 16, 16), ("conv3", "s", "c3", 16, 16),
+        ("conv4", "cat", "c4", 32, 8),
+    ):
+        node, constants = _conv(name, x, y, cin, cout, rng)
+        nodes.append(node)
+        weights += constants
+    scales = constant("scales", np.array([1, 1, 2, 2], np.float32))
+    roi = constant("roi", np.array([], np.float32))  # an input opsets 11 and 12 require
+    offset = constant("offset", (rng.standard_normal((1, 8, 1, 1)) * 0.5).astype(np.float32))
+    nodes += [
+        helper.make_node("Sigmoid", ["c1"], ["g1"], name="sigmoid1"),
+        helper.make_node("Mul", ["c1", "g1"], ["m1"], name="silu1"),
+        helper.make_node("Add", ["c2", "c1"], ["a1"], name="residual"),
+        helper.make_node("MaxPool", ["a1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+        helper.make_node("Softplus", ["p1"], ["s"], name="softplus"),
+        helper.make_node("Resize", ["c3", "roi", "scales"], ["u1"], mode="nearest", name="up1"),
+        helper.make_node("Resize", ["c3", "roi", "scales"], ["u2"], mode="nearest", name="up2"),
+        helper.make_node("Concat", ["u1", "u2"], ["cat"], axis=1, name="concat"),
+        helper.make_node("Add", ["c4", "offset"], ["y"], name="head"),
+    ]
+    nodes = _in_order(nodes)
+    return make_model(
+        nodes, [value_info("x", [1, 8, 16, 16])], [value_info("y", [1, 8, 16, 16])], [*weights, scales, roi, offset], opset
+    )
+
+
+def _in_order(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """`nodes` sorted so that each comes after the producers of its inputs."""
+    produced, ordered, waiting = {"x", "roi", "scales", "offset"}, [], list(nodes)
+    while waiting:
+        ready = next(n for n in waiting if all(i in produced or i.endswith(("_w", "_b")) for i in n.input))
+        ordered.append(ready)
+        produced.update(ready.output)
+        waiting.remove(ready)
+    return ordered
+
+
+def _samples(count: int, seed: int = 1) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(count)]
+
+
+def _regions(source: onnx.ModelProto):
+    work = exposed_copy(load_model(source))
+    layers = numbered_layers(work)
+    return work, layers, find_regions(work, layers)
+
+
+def _fused_ops(model, tmp_path) -> set[str]:
+    """The op types onnxruntime runs after its graph optimizations (its optimized model, saved)."""
+    path, optimized = tmp_path / "model.onnx", tmp_path / "optimized.onnx"
+    save_model(model, path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return {node.op_type for node in onnx.load(str(optimized)).graph.node}
+
+
+def test_regions_are_the_connected_int8_ops_around_convs_split_by_ops_without_int8_kernels():
+    work, layers, regions = _regions(_detector())
+    names = [{work.graph.nodes[i].name for i in region.nodes} for region in regions]
+    assert names == [
+        {"conv1", "sigmoid1", "silu1", "conv2", "residual", "pool"},
+        {"conv3", "up1", "up2", "concat", "conv4", "head"},
+    ]
+    assert [region.first for region in regions] == ["conv1", "conv3"]
+    # The first region's activations: its input, conv1's output, the SiLU's two, conv2's, the sum and the pooled.
+    assert region_tensors(work, regions[0], layers) == ["x", "c1", "g1", "m1", "c2", "a1", "p1"]
+    # Pooling and Resize only move values: their outputs share their input's scale, so onnxruntime drops the pair.
+    assert shared_ranges(work, regions) == {"p1": "a1", "u1": "c3", "u2": "c3"}
+
+
+def test_every_region_in_int8_runs_on_onnxruntimes_int8_kernels_and_keeps_the_function(tmp_path):
+    samples = _samples(16)
+    model, result = apply("quant:measure=false", _detector(), data=samples)
+    assert result.changed and result.stats["layers_quantized"] == 4
+    assert any(note.startswith("int8 regions: 2 ") for note in result.notes)
+    assert all("in int8 region" in note for note in result.notes if note.startswith("Conv "))
+    fused = _fused_ops(model, tmp_path)
+    assert {"QLinearConv", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearConcat"} <= fused
+    # Every op in int8 but the last Add: the model's output keeps float precision.
+    assert "Conv" not in fused and "Sigmoid" not in fused and "Concat" not in fused
+    # uint8 activations calibrated on 12 samples, int8 per-channel weights: judged on the 4 held out.
+    assert held_out_cosine(_detector(), model, samples) > 0.99
+
+
+def test_regions_false_keeps_the_per_layer_type_plan():
+    model, result = apply("quant:measure=false:regions=false", _detector(), data=_samples(16))
+    assert result.changed and not any(note.startswith("int8 regions") for note in result.notes)
+    assert "QLinearAdd" not in op_counts(model) and not any("in int8 region" in note for note in result.notes)
+
+
+def test_without_data_there_is_no_region():
+    _, result = apply("quant:measure=false", _detector())
+    assert not any(note.startswith("int8 regions") for note in result.notes)
+
+
+def test_measured_regions_are_recorded_and_replay_to_the_same_model(tmp_path):
+    samples = _samples(16)
+    context = PassContext(data=samples, timing=QUICK)
+    model, records = PassManager(create_passes("quant"), context=context).run(load_model(_detector()))
+    values = context.decisions.to_dict()["values"]
+    assert "1:quant/int8 regions or layer types" in values
+    assert {"1:quant/region 0 (6 ops, 2 Conv, from conv1) in float",
+            "1:quant/region 1 (6 ops, 2 Conv, from conv3) in float"} <= values.keys()
+    replayed, report = optimize(_detector(), "quant", data=samples, decisions={"decisions": {"values": values}})
+    assert report.passes[0].stats.get("decisions_replayed", 0) >= 3
+    save_model(model, tmp_path / "measured.onnx")
+    save_model(replayed, tmp_path / "replayed.onnx")
+    assert (tmp_path / "measured.onnx").read_bytes() == (tmp_path / "replayed.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_a_model_below_opset_13_is_moved_to_13_for_per_channel_weights_and_says_so(opset, tmp_path):
+    samples = _samples(16)
+    model, result = apply("quant:measure=false", _detector(opset), data=samples)
+    assert result.changed and model.graph.opset == 13
+    assert result.stats["opset_from"] == opset and result.stats["opset_to"] == 13
+    assert result.notes[0].startswith(f"moved from opset {opset} to 13")
+    assert "QLinearConv" in _fused_ops(model, tmp_path)
+    assert held_out_cosine(_detector(opset), model, samples) > 0.99
+
+
+def test_a_model_below_opset_13_with_nothing_per_channel_keeps_its_opset():
+    """Dynamic int8 MatMuls (DynamicQuantizeMatMul keeps a scale per column itself) need no DequantizeLinear axis."""
+    weight = constant("w", (np.random.default_rng(0).standard_normal((64, 32)) * 0.1).astype(np.float32))
+    source = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        [value_info("x", [4, 64])], [value_info("y", [4, 32])], [weight], 11,
+    )
+    model, result = apply("quant:measure=false", source)
+    assert result.changed and model.graph.opset == 11 and "opset_to" not in result.stats
