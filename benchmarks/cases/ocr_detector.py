@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from cases.agreement import decisions_unchanged, positive_iou, relative_l2
 from cases.packages import package_dir, package_version
-from cases.trained_case import TrainedCase
+from cases.trained_case import TrainedCase, fixed_input_copy
 from sources.text_images import render_text_image
 
 OCR_FILE = "ch_PP-OCRv4_det_infer.onnx"
@@ -22,16 +21,7 @@ OCR_IMAGES = 16
 def ocr_detector_case(work_dir: Path) -> TrainedCase:
     """The PP-OCRv4 text detector (DBNet) of rapidocr-onnxruntime on rendered text images, 1x3x480x640."""
     source = package_dir("rapidocr_onnxruntime") / "models" / OCR_FILE
-    path = work_dir / "ocr-detector.onnx"
-    if not path.exists():
-        model = onnx.load(source)
-        # Fix the dynamic input at the benchmark's size, so every tool sees one shape.
-        for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, (1, 3, OCR_HEIGHT, OCR_WIDTH)):
-            dim.Clear()
-            dim.dim_value = value
-        tmp = path.with_name(path.name + ".tmp")
-        onnx.save(model, tmp)
-        tmp.replace(path)
+    path = fixed_input_copy(source, work_dir / "ocr-detector.onnx", (1, 3, OCR_HEIGHT, OCR_WIDTH))
     calibration = [{"x": detector_input(_image(seed))} for seed in range(OCR_IMAGES)]
     held_out = [{"x": detector_input(_image(seed))} for seed in range(1000, 1000 + OCR_IMAGES)]
     return TrainedCase(

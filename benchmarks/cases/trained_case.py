@@ -75,3 +75,19 @@ def save_calibration(case: TrainedCase, path: str | os.PathLike[str]) -> Path:
         return path
     save_samples(path, case.calibration)
     return path
+
+
+def fixed_input_copy(source: Path, path: Path, shape: tuple[int, ...]) -> Path:
+    """`path`: a copy of the model at `source` with its first input fixed at `shape` (so every tool sees one shape),
+    written once (atomically) and reused."""
+    import onnx
+
+    if not path.exists():
+        model = onnx.load(source)
+        for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, shape):
+            dim.Clear()
+            dim.dim_value = value
+        tmp = path.with_name(path.name + ".tmp")
+        onnx.save(model, tmp)
+        tmp.replace(path)
+    return path

@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from cases.agreement import relative_l2
 from cases.packages import package_dir, package_version
-from cases.trained_case import TrainedCase
+from cases.trained_case import TrainedCase, fixed_input_copy
 from sources.text_images import render_text_image
 
 DETECTOR_SIZE = 416  # ddddocr letterboxes every image into 416 x 416 (grey 114 padding)
@@ -47,16 +46,7 @@ def captcha_detector_case(work_dir: Path) -> TrainedCase:
 def ocr_classifier_case(work_dir: Path) -> TrainedCase:
     """rapidocr's text-line angle classifier (a MobileNetV3 CNN, opset 11) at 1x3x48x192 on rendered text lines."""
     source = package_dir("rapidocr_onnxruntime") / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
-    path = work_dir / "ocr-classifier.onnx"
-    if not path.exists():
-        model = onnx.load(source)
-        for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, (1, 3, CLASSIFIER_HEIGHT,
-                                                                                CLASSIFIER_WIDTH)):
-            dim.Clear()
-            dim.dim_value = value
-        tmp = path.with_name(path.name + ".tmp")
-        onnx.save(model, tmp)
-        tmp.replace(path)
+    path = fixed_input_copy(source, work_dir / "ocr-classifier.onnx", (1, 3, CLASSIFIER_HEIGHT, CLASSIFIER_WIDTH))
     lines = [_classifier_input(_image(seed, CLASSIFIER_HEIGHT, CLASSIFIER_WIDTH), seed) for seed in range(64)]
     held = [_classifier_input(_image(seed, CLASSIFIER_HEIGHT, CLASSIFIER_WIDTH), seed) for seed in range(3000, 3064)]
     return TrainedCase(
