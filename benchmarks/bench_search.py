@@ -58,7 +58,8 @@ def bench_case(case: TrainedCase, timing: Timing, work: Path, time_limit: float,
         **run_pipeline(case, DEFAULT_PIPELINE, out, budget),
     }
     variants["onnxforge --auto"] = _searched(case, work, budget, time_limit)
-    for label, (tool, produce) in _peers(case, work, time_limit, peer_names).items():
+    every_mode = peer_variants(case, work, lambda name, mode: name in peer_names, time_limit)
+    for label, (tool, produce) in every_mode.items():
         print(f"  {case.name}: {label} ...", file=sys.stderr, flush=True)
         outcome = produce()
         variants[label] = {"tool": tool, "path": outcome.model_path, "failure": outcome.failure,
@@ -89,12 +90,13 @@ def _searched(case: TrainedCase, work: Path, budget: str, time_limit: float) -> 
     }
 
 
-def _peers(
-    case: TrainedCase, work: Path, time_limit: float, names: list[str]
+def peer_variants(
+    case: TrainedCase, work: Path, wanted: Callable[[str, str], bool], time_limit: float = 600.0
 ) -> dict[str, tuple[str, Callable]]:
-    """The peers' variants of the case (peers.py: each in its own virtual environment): label -> (what it is, a
-    function that makes its model). They get the search's split of the calibration samples: the first three
-    quarters to calibrate, the last quarter to validate (the accuracy-aware modes), and its time limit to search."""
+    """The peers' variants of the case for each (peer, mode) that `wanted(peer, mode)` accepts (peers.py: each in
+    its own virtual environment): label -> (what it is, a function that makes its model). They get the search's split of the
+    calibration samples: the first three quarters to calibrate, the last quarter to validate (the accuracy-aware
+    modes), and `time_limit` to search."""
     import peers
 
     split = max(1, round(len(case.calibration) / 4))
@@ -107,7 +109,7 @@ def _peers(
             lambda make=make, out=work / f"{case.name}.peer-{name}-{mode}.onnx": make(case.model_path, out),
         )
         for (name, mode), make in modes.items()
-        if name in names
+        if wanted(name, mode)
     }
 
 

@@ -13,10 +13,17 @@ from onnx import helper
 from onnxforge import optimize
 from onnxforge.ir import load_model, save_model
 from onnxforge.measure import InterleavedTiming
-from onnxforge.passes.quantization.candidates import numbered_layers
+from onnxforge.calibration.observe import run_model
+from onnxforge.comparison import compare_outputs
+from onnxforge.passes.quantization.activations import static_activations
+from onnxforge.passes.quantization.by_region import fit_float_tail
+from onnxforge.passes.quantization.candidates import WeightQuantizer, numbered_layers
 from onnxforge.passes.quantization.quant import exposed_copy
-from onnxforge.passes.quantization.regions import find_regions, region_tensors, shared_ranges
+from onnxforge.passes.quantization.regions import RegionBuilder, find_regions, region_tensors, shared_ranges
+from onnxforge.passes.quantization.rewrite import LayerFormat
+from onnxforge.passes.quantization.weights import QuantSpec
 from onnxforge.pipeline import PassContext, PassManager, create_passes
+from onnxforge.pipeline.budget import Budget
 
 QUICK = InterleavedTiming(blocks=3, block_s=0.01, min_runs=2, warmup=1)
 
@@ -188,3 +195,34 @@ def test_a_scalar_constant_operand_joins_the_region_as_uint8_codes(tmp_path):
     assert result.changed and any(note.startswith("int8 regions: 1 ") for note in result.notes)
     assert "QLinearMul" in _fused_ops(model, tmp_path)
     assert held_out_cosine(source, model, samples) > 0.99
+
+
+def test_the_budget_leaves_the_fewest_last_tensors_float_that_fit_it():
+    """fit_float_tail against three budgets: one the int8 regions meet, one only float meets, one in between."""
+    samples = _samples(16)
+    work = exposed_copy(load_model(_detector()))
+    layers = numbered_layers(work)
+    regions = find_regions(work, layers)
+    context = PassContext(data=samples)
+    calibration = context.calibration
+    names = [name for region in regions for name in region_tensors(work, region, layers)]
+    activations = static_activations(work, names, calibration.split()[0], calibration, "minmax", 99.999,
+                                     shared_ranges(work, regions))
+    conv_format = LayerFormat("static", "qoperator", QuantSpec(8, True, True, "per-channel"))
+    builder = RegionBuilder(work, regions, layers, {}, WeightQuantizer("rtn"), activations, contrib_ops=True)
+    plan = {index: conv_format for index in range(len(regions))}
+    held_out = calibration.split()[1]
+    reference = run_model(work, held_out, calibration)
+    all_int8 = compare_outputs(reference, run_model(builder.build(plan), held_out, calibration)).min_cosine
+
+    lenient, line = fit_float_tail(builder, plan, Budget({"cosine": 1 - all_int8 + 1e-6}), calibration)
+    assert lenient == frozenset() and line == ""
+    everything, line = fit_float_tail(builder, plan, Budget({"cosine": 0.0}), calibration)
+    assert everything == frozenset(builder.tensors(plan)) and line.startswith("no region fits")
+    between = Budget({"cosine": (1 - all_int8) / 2})
+    tail, line = fit_float_tail(builder, plan, between, calibration)
+    tensors = builder.tensors(plan)
+    assert 0 < len(tail) < len(tensors) and tail == frozenset(tensors[len(tensors) - len(tail):])
+    assert line.startswith(f"the last {len(tail)} of the {len(tensors)} tensors")
+    outputs = run_model(builder.build(plan, tail), held_out, calibration)
+    assert compare_outputs(reference, outputs).min_cosine >= 1 - (1 - all_int8) / 2

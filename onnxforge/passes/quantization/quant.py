@@ -180,7 +180,7 @@ class Quantize(Pass):
         if not plan:
             lines.append("nothing quantized: the model is left as it was")
             return PassResult(False, stats=stats, notes=lines, layers=decisions)
-        quantized = regional.builder.build(regional.plan) if regional and regional.chosen else builder.build(plan)
+        quantized = regional.build() if regional and regional.chosen else builder.build(plan)
         if held_out:
             error = compare_outputs(run_model(model, held_out, calibration), run_model(quantized, held_out, calibration))
             stats.update(held_out_max_rel_error=error.max_rel, held_out_min_cosine=error.min_cosine)
@@ -622,8 +622,10 @@ def _region_notes(regional: RegionOutcome, convs: dict[int, Layer], ctx: PassCon
         region = regional.region_of(index)
         if region is None:
             notes[index] = "kept float: in no int8 region (no op around it runs int8)"
-        elif region in regional.plan:
+        elif index in regional.layer_plan:
             notes[index] = f"quantized: {_describe(convs[index], regional.plan[region], ctx)}: in int8 region {region}"
+        elif region in regional.plan:
+            notes[index] = f"kept float: in the last tensors of int8 region {region}, left float to meet the budget"
         else:
             notes[index] = f"kept float: its region {region} stayed float"
     return notes

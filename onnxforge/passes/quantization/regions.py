@@ -131,8 +131,8 @@ class RegionBuilder:
 
     `layers` are the model's numbered layers; `activations` holds the calibrated quantization of every tensor the
     regions (and any static layer of `others`) quantize. A plan maps region indices (into `regions`) to the format
-    of their Conv layers (static), so that the budget's fitting (fit_error_budget) moves whole regions back to
-    float as it moves layers.
+    of their Conv layers (static). `float_tensors` stay float inside the chosen regions, and with them the Conv
+    layers that read or write one.
     """
 
     def __init__(
@@ -153,27 +153,41 @@ class RegionBuilder:
         self.activations = activations
         self.contrib_ops = contrib_ops
 
-    def layer_plan(self, plan: Mapping[int, LayerFormat]) -> dict[int, LayerFormat]:
-        """The per-layer plan `plan` amounts to: the Conv layers of its regions, and `others`."""
-        convs = {index: fmt for region, fmt in plan.items() for index in self.regions[region].convs}
+    def layer_plan(
+        self, plan: Mapping[int, LayerFormat], float_tensors: frozenset[str] = frozenset()
+    ) -> dict[int, LayerFormat]:
+        """The per-layer plan `plan` amounts to: the Conv layers of its regions (but those reading or writing one of
+        `float_tensors`), and `others`."""
+        convs = {
+            index: fmt
+            for region, fmt in plan.items()
+            for index in self.regions[region].convs
+            if not {self.layers[index].activation.name, quantized_output(self.layers[index]).name} & float_tensors
+        }
         return {**self.others, **convs}
 
-    def build(self, plan: Mapping[int, LayerFormat]) -> Model:
-        """A copy of the model with the regions of `plan` in int8 and `others` quantized; the model is untouched."""
+    def tensors(self, plan: Mapping[int, LayerFormat]) -> list[str]:
+        """The tensors the regions of `plan` quantize, in graph order."""
+        return [name for index in sorted(plan) for name in region_tensors(self.model, self.regions[index], self.layers)]
+
+    def build(self, plan: Mapping[int, LayerFormat], float_tensors: frozenset[str] = frozenset()) -> Model:
+        """A copy of the model with the regions of `plan` in int8 (but `float_tensors`) and `others` quantized; the
+        model is untouched."""
         copy = self.model.copy()
         rewriter = LayerRewriter(copy, self.weights, self.activations, self.contrib_ops)
         nodes = model_nodes(copy)
         chosen = [self.regions[index] for index in sorted(plan)]
-        for index, fmt in sorted(self.layer_plan(plan).items()):
+        for index, fmt in sorted(self.layer_plan(plan, float_tensors).items()):
             graph, node = nodes[index]
             rewriter.rewrite(dataclasses.replace(self.layers[index], node=node), fmt, graph)
         tensors = copy.graph.tensors()
         for region in chosen:
             for name in region_tensors(self.model, region, self.layers):
-                rewriter.static_activation(tensors[name])
+                if name not in float_tensors:
+                    rewriter.static_activation(tensors[name])
             for index in region.nodes:
                 node = nodes[index][1]
-                if node.op in CONSTANT_OPERAND_OPS:
+                if node.op in CONSTANT_OPERAND_OPS and not {t.name for t in node.outputs} & float_tensors:
                     for position, tensor in enumerate(node.inputs):
                         if isinstance(tensor, gs.Constant) and tensor.values.dtype == np.float32:
                             node.inputs[position] = rewriter.static_constant(tensor)
