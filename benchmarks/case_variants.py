@@ -69,7 +69,8 @@ def judge_and_time(
     case: TrainedCase, variants: dict[str, dict], timing: Timing, size: tuple[str, Callable[[Path], int]]
 ) -> None:
     """Add to each variant with a model its agreement with fp32 (the first variant) on the held-out inputs,
-    its size under `size`'s name, and its latency and speedup from one interleaved run of all of them."""
+    its size under `size`'s name, and its latency (`latency`: the statistics of all its runs) and speedup from one
+    interleaved run of all of them."""
     usable = [label for label, v in variants.items() if v["path"] is not None]
     sessions = {label: ort_session(variants[label]["path"], settings=variants[label].get("session")) for label in usable}
     reference = case.evaluate(sessions[usable[0]])
@@ -81,6 +82,7 @@ def judge_and_time(
     for label, summary in zip(usable, timed):
         variants[label].update(
             median_ms=summary["stats"]["median_ms"],
+            latency=summary["stats"],
             speedup=summary.get("speedup", 1.0),
             speedup_iqr=summary.get("speedup_iqr"),
             block_speedups=summary.get("block_speedups"),

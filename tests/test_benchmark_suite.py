@@ -1,0 +1,114 @@
+"""The benchmark suite (benchmarks/suite.py, `python -m benchmarks`) end to end on a small model made here, without
+peers and with few timing rounds: the results it measures, and the JSON, page and plots it writes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import suite  # noqa: E402
+from cases.agreement import embedding_cosines  # noqa: E402
+from cases.trained_case import TrainedCase  # noqa: E402
+
+from onnxforge.report import write_json  # noqa: E402
+
+
+def small_case(folder: Path) -> TrainedCase:
+    """A two-layer MLP (64 -> 256 -> 64, ReLU) with random weights, 8 calibration and 8 held-out inputs."""
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal(shape).astype(np.float32) * 0.1 for shape in ((64, 256), (256, 64))]
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y"]),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(w, name) for w, name in zip(weights, ("w1", "w2"))],
+    )
+    path = folder / "mlp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    feeds = [{"x": rng.standard_normal((1, 64)).astype(np.float32)} for _ in range(16)]
+    return TrainedCase(
+        name="mlp",
+        description="a two-layer MLP made in the test",
+        model_path=path,
+        calibration=feeds[:8],
+        held_out=feeds[8:],
+        timing_feed=feeds[8],
+        headline="worst_cosine",
+        metrics={"worst_cosine": lambda ref, cand: embedding_cosines(ref, cand).min()},
+    )
+
+
+def test_suite_writes_its_json_page_and_plots(tmp_path, monkeypatch):
+    # fp32 alone (the optimizations are the slow test's): what is written around the measurements.
+    monkeypatch.setattr(suite, "optimizations", lambda *args: [])
+    # onnxslim has no driver in peers.py: it is reported as not run, without installing anything.
+    payload = suite.run_suite([small_case(tmp_path)], ["onnxslim"], quick=True, work=tmp_path)
+    setup, env, (result,) = payload["setup"], payload["environment"], payload["results"]
+    assert setup["quick"] and setup["timing"]["blocks"] == suite.QUICK_TIMING.blocks
+    assert {"start", "end", "max", "samples"} <= set(setup["load_average_1min"])
+    assert env["cpu_count"] >= 1 and env["numpy"] == np.__version__ and env["onnxruntime"]
+    no_driver = "benchmarks/peers.py has no driver for onnxslim"
+    assert env["peers"] == {"onnxslim": {"requirements": [], "not_run": no_driver}}
+    assert list(result["variants"]) == ["fp32", "onnxslim"]
+    assert result["variants"]["fp32"]["speedup"] == 1.0
+    assert result["variants"]["fp32"]["agreement"]["worst_cosine"] == pytest.approx(1)
+    assert result["agreement_metric"] == "worst_cosine" and result["task_metric"] is None
+    assert result["source"] == {}  # made here, not shipped in a pip package
+
+    saved = tmp_path / "suite-quick.json"
+    write_json(saved, payload)
+    assert suite.main(["--from-json", str(saved)]) == 0  # a quick run's page goes beside its JSON
+    text = (tmp_path / "suite-quick.md").read_text()
+    assert "> **The quick run.**" in text and "## The machine" in text and "## mlp" in text
+    assert "| onnxslim (its own environment) | not run: benchmarks/peers.py has no driver for onnxslim |" in text
+    assert "| onnxslim | failed: benchmarks/peers.py has no driver for onnxslim |" in text
+    assert "![mlp: speed and agreement](suite-quick-mlp.svg)" in text
+    svg = (tmp_path / "suite-quick-mlp.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<!-- fp32 -->" in svg
+
+
+def allocate_in_a_process(mib: int) -> dict:
+    """A tool that runs in a process of its own, which holds `mib` MiB for a moment."""
+    subprocess.run([sys.executable, "-c", f"held = b'x' * ({mib} << 20); import time; time.sleep(0.5)"], check=True)
+    return {"path": None, "failure": "made no model"}
+
+
+def test_peak_memory_is_the_tools_own():
+    # The tool's process starts from this one, far larger (pytest, onnxruntime, the suite's imports): getrusage would
+    # count this process's resident set at the fork as the tool's.
+    step = suite.Optimization("allocate", "peer", "holds 100 MiB", allocate_in_a_process, (100,), own_process=True)
+    made = suite.measured(step)
+    assert 100 * 1.048 < made["peak_memory_mb"] < 160 and made["seconds"] >= 0.5
+
+
+@pytest.mark.slow  # four fresh Python processes and onnxforge's quant: about 15 s
+def test_every_optimization_is_measured_in_a_process_of_its_own(tmp_path):
+    payload = suite.run_suite([small_case(tmp_path)], [], quick=True, work=tmp_path)
+    variants = payload["results"][0]["variants"]
+    assert list(variants) == [
+        "fp32", "onnxforge cleanup,fuse,quant", "onnxruntime quantize_dynamic", "onnxruntime quantize_static"
+    ]
+    for label, made in variants.items():
+        assert made["path"] is not None, made.get("failure")
+        assert made["latency"]["min_ms"] <= made["latency"]["median_ms"] <= made["latency"]["p90_ms"]
+        assert made["speedup"] > 0 and made["bytes"] > 0 and made["agreement"]["worst_cosine"] > 0.9
+        if label != "fp32":
+            assert made["seconds"] >= 0 and 10 < made["peak_memory_mb"] < 4000
+    assert payload["setup"]["load_average_1min"]["samples"] == 5  # at the start, after each optimization, at the end
+
+    suite.write_page(payload, tmp_path / "page.md")
+    rows = [line for line in (tmp_path / "page.md").read_text().splitlines() if line.startswith("| onnxforge ")]
+    assert len(rows) == 1 and rows[0].count("|") == 9 and "failed" not in rows[0]
