@@ -66,6 +66,7 @@ OURS: dict[str, dict[str, str]] = {
     "captcha-detector": {
         "onnxforge int8": "cleanup,fuse,quant",
         "onnxforge int8, min_cosine=0.85": "cleanup,fuse,quant:min_cosine=0.85",
+        "onnxforge int8, calibration=percentile": "cleanup,fuse,quant:calibration=percentile",
         "onnxforge int8, regions=false": "cleanup,fuse,quant:regions=false",
     },
     "ocr-classifier": {"onnxforge int8": "cleanup,fuse,quant"},
