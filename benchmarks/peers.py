@@ -45,6 +45,7 @@ PEERS: dict[str, str] = {
         "onnxsim 0.8.1 (onnx-simplifier): simplify, then int8 dynamic, static QDQ, full-graph static QDQ, or its "
         "budgeted search"
     ),
+    "onnxslim": "onnxslim 0.1.98: graph simplification (constant folding, dead code, fusions) in fp32",
     "nncf": "NNCF 3.4.0 (Intel): int8 QDQ post-training quantization, plain or with accuracy control",
     "inc": (
         "Intel Neural Compressor for ONNX (onnx-neural-compressor 1.0; neural-compressor 3.x has no ONNX path): int8 "
@@ -56,6 +57,7 @@ PEERS: dict[str, str] = {
 # What pip installs into each peer's environment: the tool and what its ONNX path needs, all pinned.
 REQUIREMENTS: dict[str, tuple[str, ...]] = {
     "onnxsim": ("onnxsim==0.8.1", "onnx==1.23.2", "onnxruntime==1.32.0", "numpy==2.4.6"),
+    "onnxslim": ("onnxslim==0.1.98", "onnx==1.23.2", "onnxruntime==1.32.0", "numpy==2.4.6"),
     "nncf": ("nncf==3.4.0", "onnx==1.23.2", "onnxruntime==1.32.0", "numpy==2.4.6"),
     # onnx-neural-compressor 1.0 (July 2024) with the onnx and onnxruntime of its time: under onnxruntime 1.32 its
     # autotune fails to load some of its own candidates ("Attempt to replace the existing tensor"). It imports
@@ -171,6 +173,11 @@ def onnxsim_auto(
     the model (onnxsim's `quantize_auto` returns that too, with a warning; the driver's log says which)."""
     options = ["--max-drop", str(max_relative_l2)]
     return run_peer("onnxsim", "auto", model_path, out_path, {"calibration": calibration}, options, timeout)
+
+
+def onnxslim_slim(model_path: str | Path, out_path: str | Path) -> OrtQuantized:
+    """onnxslim's graph simplification, in fp32."""
+    return run_peer("onnxslim", "slim", model_path, out_path)
 
 
 def nncf_static(
@@ -343,6 +350,7 @@ def peer_modes(
         ("onnxsim", "static"): lambda model, out: onnxsim_static(model, out, calibration),
         ("onnxsim", "full-graph"): lambda model, out: onnxsim_full_graph(model, out, calibration),
         ("onnxsim", "auto"): lambda model, out: onnxsim_auto(model, out, calibration, timeout=search_timeout),
+        ("onnxslim", "slim"): onnxslim_slim,
         ("nncf", "static"): lambda model, out: nncf_static(model, out, calibration, transformer),
         ("nncf", "accuracy"): lambda model, out: nncf_accuracy_control(
             model, out, calibration, held_out, transformer=transformer, timeout=search_timeout

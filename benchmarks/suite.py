@@ -69,8 +69,11 @@ TRANSFORMERS = {"minilm-encoder": {"model_type": "bert", "num_heads": 12, "hidde
 TASK_METRICS = {"hama-asr": "phoneme_error_rate"}
 # The optimizers compared, run by peers.py; one it has no driver for is reported as not run.
 PEER_NAMES = ("onnxsim", "onnxslim", "nncf", "quark", "olive", "inc")
-# --quick runs one mode per peer: int8 with the calibration samples, as onnxforge's quant gets them.
-QUICK_MODES = {"onnxsim": "static", "nncf": "static", "quark": "static", "olive": "static", "inc": "static"}
+# --quick runs one mode per peer: int8 with the calibration samples, as onnxforge's quant gets them (onnxslim has
+# no int8: its simplification).
+QUICK_MODES = {
+    "onnxsim": "static", "onnxslim": "slim", "nncf": "static", "quark": "static", "olive": "static", "inc": "static"
+}
 SEARCH_TIMEOUT_S = 300  # what a peer's searching mode may take (onnxsim auto, NNCF accuracy control, INC tune)
 QUICK_TIMING = Timing(blocks=4, block_s=0.1, min_runs=3, warmup=3)
 FULL_TIMING = Timing(blocks=15, block_s=0.3, min_runs=3, warmup=3)

@@ -54,15 +54,15 @@ def small_case(folder: Path) -> TrainedCase:
 def test_suite_writes_its_json_page_and_plots(tmp_path, monkeypatch):
     # fp32 alone (the optimizations are the slow test's): what is written around the measurements.
     monkeypatch.setattr(suite, "optimizations", lambda *args: [])
-    # onnxslim has no driver in peers.py: it is reported as not run, without installing anything.
-    payload = suite.run_suite([small_case(tmp_path)], ["onnxslim"], quick=True, work=tmp_path)
+    # openvino has no driver in peers.py: it is reported as not run, without installing anything.
+    payload = suite.run_suite([small_case(tmp_path)], ["openvino"], quick=True, work=tmp_path)
     setup, env, (result,) = payload["setup"], payload["environment"], payload["results"]
     assert setup["quick"] and setup["timing"]["blocks"] == suite.QUICK_TIMING.blocks
     assert {"start", "end", "max", "samples"} <= set(setup["load_average_1min"])
     assert env["cpu_count"] >= 1 and env["numpy"] == np.__version__ and env["onnxruntime"]
-    no_driver = "benchmarks/peers.py has no driver for onnxslim"
-    assert env["peers"] == {"onnxslim": {"requirements": [], "not_run": no_driver}}
-    assert list(result["variants"]) == ["fp32", "onnxslim"]
+    no_driver = "benchmarks/peers.py has no driver for openvino"
+    assert env["peers"] == {"openvino": {"requirements": [], "not_run": no_driver}}
+    assert list(result["variants"]) == ["fp32", "openvino"]
     assert result["variants"]["fp32"]["speedup"] == 1.0
     assert result["variants"]["fp32"]["agreement"]["worst_cosine"] == pytest.approx(1)
     assert result["agreement_metric"] == "worst_cosine" and result["task_metric"] is None
@@ -73,8 +73,8 @@ def test_suite_writes_its_json_page_and_plots(tmp_path, monkeypatch):
     assert suite.main(["--from-json", str(saved)]) == 0  # a quick run's page goes beside its JSON
     text = (tmp_path / "suite-quick.md").read_text()
     assert "> **The quick run.**" in text and "## The machine" in text and "## mlp" in text
-    assert "| onnxslim (its own environment) | not run: benchmarks/peers.py has no driver for onnxslim |" in text
-    assert "| onnxslim | failed: benchmarks/peers.py has no driver for onnxslim |" in text
+    assert "| openvino (its own environment) | not run: benchmarks/peers.py has no driver for openvino |" in text
+    assert "| openvino | failed: benchmarks/peers.py has no driver for openvino |" in text
     assert "![mlp: speed and agreement](suite-quick-mlp.svg)" in text
     svg = (tmp_path / "suite-quick-mlp.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "<!-- fp32 -->" in svg
