@@ -287,7 +287,7 @@ def _assert_runs_without_per_axis_dequantize(model: Model, feed: dict[str, np.nd
 
 @pytest.mark.parametrize("opset", [11, 12])
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_quant_writes_what_opset_11_and_12_allow_on_a_cnn(tmp_path, opset, mode):
+def test_quant_moves_an_opset_11_or_12_cnn_to_13_for_per_channel_weights(tmp_path, opset, mode):
     torch.manual_seed(0)
     _export(_SmallCNN(), torch.randn(1, 3, 8, 8), tmp_path / "cnn.onnx", opset)
     rng = np.random.default_rng(0)
@@ -297,8 +297,12 @@ def test_quant_writes_what_opset_11_and_12_allow_on_a_cnn(tmp_path, opset, mode)
     (record,) = report.passes
     assert record.status == "applied", record.error
     assert record.stats["layers_quantized"] == 3
-    assert any(f"opset {opset} has no per-channel DequantizeLinear" in note for note in record.notes)
-    _assert_runs_without_per_axis_dequantize(optimized, data[0])
+    assert record.notes[0].startswith(f"moved from opset {opset} to 13")
+    proto = optimized.to_proto()
+    onnx.checker.check_model(proto)
+    assert optimized.graph.opset == 13
+    assert any(n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute) for n in proto.graph.node)
+    ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, data[0])
 
 
 @pytest.mark.parametrize("opset", [11, 12])
@@ -318,12 +322,14 @@ def test_quant_writes_what_opset_11_and_12_allow_on_a_linear_model(tmp_path, ops
     _assert_runs_without_per_axis_dequantize(model, {"x": np.ones((3, 16), np.float32)})
 
 
-def test_per_channel_asked_for_in_qdq_on_opset_12_is_refused_with_a_way_out(tmp_path):
+def test_per_channel_asked_for_in_qdq_on_opset_12_moves_the_model_to_13(tmp_path):
     torch.manual_seed(0)
     _export(_SmallCNN(), torch.randn(1, 3, 8, 8), tmp_path / "cnn.onnx", 12)
-    _, report = onnxforge.optimize(tmp_path / "cnn.onnx", "quant:measure=false:format=qdq:granularity=per-channel")
-    assert report.passes[0].status == "rolled_back"
-    assert "upgrade-opset:to=13" in report.passes[0].error
+    optimized, report = onnxforge.optimize(
+        tmp_path / "cnn.onnx", "quant:measure=false:format=qdq:granularity=per-channel"
+    )
+    assert report.passes[0].status == "applied", report.passes[0].error
+    assert optimized.graph.opset == 13 and report.passes[0].stats["opset_to"] == 13
 
 
 # --- 4: constant folding never makes the weights bigger unless asked --------------------------------------
