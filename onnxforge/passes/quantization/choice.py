@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -199,17 +200,20 @@ def choose_regions(
     if len(kept) < 2 or at_most == 0:
         return result
     largest = sorted(kept, key=lambda index: -len(builder.regions[index].convs))[:at_most]
+    prepared: dict[tuple[int, ...], Any] = {}  # the current choice's model, built once while it stands
     for index in sorted(largest):
         region = builder.regions[index]
         current = list(kept)
 
         def measure(current: list[int] = current, index: int = index) -> Measured:
             runtime = ctx.runtime
-            plan = {i: conv_format for i in current}
+            if tuple(current) not in prepared:
+                prepared.clear()
+                prepared[tuple(current)] = runtime.prepare(builder.build({i: conv_format for i in current}))
             without = {i: conv_format for i in current if i != index}
             speedups = speedups_over(
-                runtime, runtime.prepare(builder.build(plan)), [runtime.prepare(builder.build(without))], feed,
-                min_gain, standing=False,
+                runtime, prepared[tuple(current)], [runtime.prepare(builder.build(without))], feed, min_gain,
+                standing=False,
             )
             return Measured(speedups.settled[0] >= min_gain, {"speedup": round(speedups.settled[0], 4)})
 

@@ -81,8 +81,9 @@ class Quantize(Pass):
     run's error budget.
     With regions=true, --data and onnxruntime, static Conv layers are also tried in int8 regions (Conv with the Add,
     Concat, Mul, Sigmoid, pooling, Resize and reshaping ops around it, int8 end to end); timing keeps the regions or
-    the per-type plan, whichever runs faster (with measure=false, the regions). A model below opset 13 is moved to opset 13 first where its layers
-    would take one weight scale per channel (DequantizeLinear's axis); the note says so.
+    the per-type plan, whichever runs faster (with measure=false, the regions). A model below opset 13 is moved to
+    opset 13 first where its layers would take one weight scale per channel (DequantizeLinear's axis); the note
+    says so.
     """
 
     lossless = False
@@ -617,12 +618,12 @@ def _measurement_notes(
 
 def _region_notes(regional: RegionOutcome, convs: dict[int, Layer], ctx: PassContext) -> dict[int, str]:
     """Why each Conv layer the regions could take is int8 or float."""
-    notes = {}
+    notes, layer_plan = {}, regional.layer_plan
     for index in convs:
         region = regional.region_of(index)
         if region is None:
             notes[index] = "kept float: in no int8 region (no op around it runs int8)"
-        elif index in regional.layer_plan:
+        elif index in layer_plan:
             notes[index] = f"quantized: {_describe(convs[index], regional.plan[region], ctx)}: in int8 region {region}"
         elif region in regional.plan:
             notes[index] = f"kept float: in the last tensors of int8 region {region}, left float to meet the budget"

@@ -181,10 +181,10 @@ class RegionBuilder:
             graph, node = nodes[index]
             rewriter.rewrite(dataclasses.replace(self.layers[index], node=node), fmt, graph)
         tensors = copy.graph.tensors()
+        for name in self.tensors(plan):
+            if name not in float_tensors:
+                rewriter.static_activation(tensors[name])
         for region in chosen:
-            for name in region_tensors(self.model, region, self.layers):
-                if name not in float_tensors:
-                    rewriter.static_activation(tensors[name])
             for index in region.nodes:
                 node = nodes[index][1]
                 if node.op in CONSTANT_OPERAND_OPS and not {t.name for t in node.outputs} & float_tensors:

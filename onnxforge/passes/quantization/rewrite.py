@@ -24,13 +24,14 @@ from onnxforge.ir import Model
 from onnxforge.ir.layers import Layer
 from onnxforge.ir.ops import CONTRIB_DOMAIN
 from onnxforge.passes.quantization.qlinear import conv_group, write_qlinear_conv
-from onnxforge.passes.quantization.ranges import scale_and_zero_point
 from onnxforge.passes.quantization.weights import QuantizedWeight, QuantSpec, int4_tensor, pack_matmul_nbits
 
 # Inserted tensors are named after the tensor they stand for: "<name>_q" holds its integer codes, "<name>_scale" and
 # "<name>_zp" their scale and zero point, "<name>_dq" the codes dequantized (short: a CNN repeats each many times).
 Mode = Literal["dynamic", "static", "weight-only"]
 Form = Literal["qdq", "qoperator"]
+# A constant an int8 kernel reads as a second operand: uint8 codes over its own range, as activations are.
+UINT8_PER_TENSOR = QuantSpec(bits=8, signed=False, symmetric=False, granularity="per-tensor")
 # An activation (Relu, Clip) right after a layer is quantized at its output, where onnxruntime fuses it.
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 
@@ -230,13 +231,14 @@ class LayerRewriter:
         if constant.name in self._static_tensors:
             return self._static_tensors[constant.name]
         values = np.asarray(constant.values, np.float32)
-        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-        scale, zero_point = scale_and_zero_point(low, high, bits=8, signed=False, symmetric=False)
-        codes = np.asarray(np.clip(np.rint(values / scale) + zero_point, 0, 255), np.uint8)
+        low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+        scale, zero_point = UINT8_PER_TENSOR.scale_and_zero_point(low, high)
+        # asarray: the codes of a 0-d constant come back a numpy scalar, which a Constant cannot hold.
+        codes = np.asarray(UINT8_PER_TENSOR.quantize(values, scale, zero_point))
         inputs = [
             gs.Constant(self._unique(f"{constant.name}_q"), codes),
-            gs.Constant(self._unique(f"{constant.name}_scale"), np.array(scale, np.float32)),
-            gs.Constant(self._unique(f"{constant.name}_zp"), np.array(zero_point, np.uint8)),
+            gs.Constant(self._unique(f"{constant.name}_scale"), scale),
+            gs.Constant(self._unique(f"{constant.name}_zp"), zero_point),
         ]
         output = self._new_tensor(f"{constant.name}_dq")
         self._add("DequantizeLinear", inputs, [output])
