@@ -71,7 +71,7 @@ OURS: dict[str, dict[str, str]] = {
     },
     "ocr-classifier": {"onnxforge int8": "cleanup,fuse,quant"},
 }
-# The peers' int8 modes beside ours (peers.py; --peers none leaves them out): onnxsim's three are issue 24's yardstick.
+# The peers' int8 modes beside ours (peers.py; --peers none leaves them out): onnxsim's three, whole-graph QDQ among them.
 PEER_MODES = (("onnxsim", "dynamic"), ("onnxsim", "static"), ("onnxsim", "full-graph"))
 # Error budgets of some pipelines (`optimize --budget`; the others run without one, each pass at its settings).
 BUDGETS: dict[str, str] = {

@@ -27,6 +27,7 @@ from paired_timing import Timing, file_bytes
 from cases import CASE_BUILDERS
 from cases.trained_case import TrainedCase, save_calibration
 
+from onnxforge.calibration.context import split_samples
 from onnxforge.ir import save_model
 from onnxforge.search import search
 
@@ -94,13 +95,12 @@ def peer_variants(
     case: TrainedCase, work: Path, wanted: Callable[[str, str], bool], time_limit: float = 600.0
 ) -> dict[str, tuple[str, Callable]]:
     """The peers' variants of the case for each (peer, mode) that `wanted(peer, mode)` accepts (peers.py: each in
-    its own virtual environment): label -> (what it is, a function that makes its model). They get the search's split of the
-    calibration samples: the first three quarters to calibrate, the last quarter to validate (the accuracy-aware
-    modes), and `time_limit` to search."""
+    its own virtual environment): label -> (what it is, a function that makes its model). They get the search's
+    split of the calibration samples (onnxforge's split_samples): the first three quarters to calibrate, the last
+    quarter to validate (the accuracy-aware modes), and `time_limit` to search."""
     import peers
 
-    split = max(1, round(len(case.calibration) / 4))
-    calibration, validation = case.calibration[:-split], case.calibration[-split:]
+    calibration, validation = split_samples(case.calibration)
     modes = peers.peer_modes(calibration, validation, transformer=case.name == "minilm-encoder",
                              search_timeout=time_limit)
     return {

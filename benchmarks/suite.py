@@ -48,6 +48,7 @@ from cases.trained_case import TrainedCase
 from ort_quantization import OrtQuantized, ort_quantize_dynamic, ort_quantize_static
 from paired_timing import Timing, file_bytes
 
+from onnxforge.calibration.context import split_samples
 from onnxforge.pipeline.budget import DEFAULT_BUDGET
 from onnxforge.report import environment, write_json
 
@@ -229,9 +230,8 @@ def optimizations(case: TrainedCase, work: Path, peer_names: Sequence[str], quic
             ort_transformer_optimizer, (case.model_path, work / f"{stem}-ort-optimizer.onnx", options),
         ))
     # The peers calibrate on the first three quarters and validate on the last (their accuracy-aware modes), as
-    # onnxforge's quant holds out the last quarter of --data for its budget.
-    split = max(1, round(len(case.calibration) / 4))
-    calibration, validation = case.calibration[:-split], case.calibration[-split:]
+    # onnxforge's quant holds out the last quarter of --data for its budget (the same split_samples).
+    calibration, validation = split_samples(case.calibration)
     modes = list(peers.peer_modes(calibration, validation))
     for name in peer_names:
         for mode in [QUICK_MODES[name]] if quick else [m for peer, m in modes if peer == name]:
