@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 import onnxforge
+from onnxforge.backends import get_backend
 from onnxforge.comparison import compare_outputs
 
 VOCABULARY = 50
@@ -150,4 +151,6 @@ def test_two_recurrent_layers_sharing_weights_get_one_int8_copy_of_each(cell):
     assert len(written.SerializeToString()) < 0.4 * len(source.SerializeToString())
     feeds = [{"x": np.random.default_rng(3).standard_normal((9, 2, HIDDEN)).astype(np.float32)}]
     want, got = _run(source.SerializeToString(), feeds), _run(written.SerializeToString(), feeds)
-    assert compare_outputs(want, got).max_rel < 0.05  # two int8 layers in a row: each adds its error
+    # Two int8 layers in a row: each adds its error; 7-bit weights (a CPU without VNNI) have twice the step.
+    seven_bit = get_backend("ort").capabilities.seven_bit_int8_weights
+    assert compare_outputs(want, got).max_rel < (0.08 if seven_bit and cell == "LSTM" else 0.05)

@@ -209,7 +209,10 @@ def test_the_budget_leaves_the_fewest_last_tensors_float_that_fit_it():
     activations = static_activations(work, names, calibration.split()[0], calibration, "minmax", 99.999,
                                      shared_ranges(work, regions))
     conv_format = LayerFormat("static", "qoperator", QuantSpec(8, True, True, "per-channel"))
-    builder = RegionBuilder(work, regions, layers, {}, WeightQuantizer("rtn"), activations, contrib_ops=True)
+    builder = RegionBuilder(
+        work, regions, layers, {}, WeightQuantizer("rtn"), activations, contrib_ops=True,
+        seven_bit_weights=context.runtime.capabilities.seven_bit_int8_weights,  # as quant builds for this CPU
+    )
     plan = {index: conv_format for index in range(len(regions))}
     held_out = calibration.split()[1]
     reference = run_model(work, held_out, calibration)

@@ -181,7 +181,15 @@ def test_fused_and_int4_bert_with_masked_attention_match_onnxruntime():
 
 def test_static_qdq_model_matches_onnxruntime(static_qdq_cnn):
     assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(static_qdq_cnn)
-    _matches_onnxruntime(static_qdq_cnn, {"x": _random(2, 3, 32, 32, seed=2)})
+    feeds = {"x": _random(2, 3, 32, 32, seed=2)}
+    [want], [got] = _onnxruntime(static_qdq_cnn, feeds), _torch(TorchGraph(static_qdq_cnn), feeds)
+    # The output is DequantizeLinear(codes) + bias: a float convolution summed in another order can round a value
+    # that sits on a code boundary the other way, one code step, on a few elements (which ones depends on the
+    # weights' grid: 7 bits on a CPU without VNNI).
+    dequantize = static_qdq_cnn.graph.outputs[0].inputs[0].inputs[0].inputs[0]
+    step = float(dequantize.inputs[1].values)
+    off = np.abs(got - want)
+    assert off.max() <= 1.01 * step and (off > 1e-6 * step).mean() < 0.05
 
 
 def test_dynamic_qdq_model_matches_onnxruntime(fused_transformer):

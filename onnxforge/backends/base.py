@@ -71,10 +71,13 @@ class BackendCapabilities:
     contrib_ops: the onnxruntime contrib ops (domain com.microsoft: Attention, SkipLayerNormalization, BiasGelu,
     FastGelu, MatMulNBits, QLinear*, ...) the backend runs. static_shapes: it compiles for fixed input shapes
     only, so a model's dynamic input dims must be fixed (`set-shapes`, `--shape`) before it can run.
+    seven_bit_int8_weights: its uint8 x int8 kernels add pairs of products in 16 bits (x86 without VNNI), which
+    overflow unless int8 weights keep to 7 bits.
     """
 
     contrib_ops: frozenset[str] = frozenset()
     static_shapes: bool = False
+    seven_bit_int8_weights: bool = False
 
     def runs_contrib_ops(self, *op_types: str) -> bool:
         """Whether the backend runs every one of these com.microsoft ops."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import queue
 import re
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -49,7 +51,7 @@ class OrtBackend(Backend):
         """Every com.microsoft op the installed onnxruntime has a CPU kernel for; shapes may stay dynamic."""
         kernels = ort.capi._pybind_state.get_all_opkernel_def()  # the kernel registry, as onnxruntime's tools read it
         contrib = {k.op_name for k in kernels if k.domain == CONTRIB_DOMAIN and k.provider == "CPUExecutionProvider"}
-        return BackendCapabilities(contrib_ops=frozenset(contrib))
+        return BackendCapabilities(contrib_ops=frozenset(contrib), seven_bit_int8_weights=_int8_kernels_overflow())
 
     def prepare(self, model: ModelInput, options: BackendOptions | None = None) -> OrtPrepared:
         """Create an inference session for `model`; BackendError when onnxruntime rejects it."""
@@ -203,3 +205,16 @@ def _one_line(exc: Exception) -> str:
     """Return onnxruntime's message without its error-code prefix, folded onto one line."""
     message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return _ORT_SOURCE_LOCATION.sub("", _ORT_PREFIX.sub("", message)) or type(exc).__name__
+
+
+def _int8_kernels_overflow() -> bool:
+    """Whether onnxruntime's uint8 x int8 kernels on this CPU add pairs of products in 16 bits: x86 with AVX2 and
+    without VNNI (vpmaddubsw), where onnxruntime's documentation asks for 7-bit weights (`reduce_range`)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}

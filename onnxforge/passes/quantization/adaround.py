@@ -52,7 +52,7 @@ def adaround(
     zero_point = matrix(grid.broadcast(grid.zero_point))
     if hessian.shape != (w.shape[0], w.shape[0]):
         raise ValueError(f"adaround needs a hessian [{w.shape[0]}, {w.shape[0]}] for a weight of shape {shape}")
-    low, high = code_range(grid.spec.bits, grid.spec.signed, grid.spec.symmetric)
+    low, high = code_range(grid.spec.bits, grid.spec.signed, grid.spec.symmetric, grid.spec.seven_bit)
     floor = np.floor(w / scale)
     down = np.clip(floor + zero_point, low, high) - zero_point
     step = np.clip(floor + zero_point + 1, low, high) - zero_point - down  # 1, or 0 where the range clips both

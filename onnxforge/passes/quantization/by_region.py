@@ -79,7 +79,8 @@ def quantize_by_regions(
     )
     others = {index: fmt for index, fmt in type_plan.items() if index not in convs}
     builder = RegionBuilder(
-        work, regions, types.layers, others, types.weights, {**types.activations, **activations}, types.contrib_ops
+        work, regions, types.layers, others, types.weights, {**types.activations, **activations}, types.contrib_ops,
+        types.seven_bit_weights,
     )
     lines = [f"int8 regions: {len(regions)} ({'; '.join(region.describe() for region in regions)})"]
     # Leaving a region float must gain speed, also when min_speedup < 1 accepts a slower model for its size.

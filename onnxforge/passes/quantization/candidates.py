@@ -80,17 +80,19 @@ class CandidateBuilder:
         weights: WeightQuantizer,
         activations: Mapping[str, ActivationQuantization],
         contrib_ops: bool,
+        seven_bit_weights: bool = False,
     ):
         self.model = model
         self.weights = weights
         self.activations = activations
         self.contrib_ops = contrib_ops
+        self.seven_bit_weights = seven_bit_weights  # see LayerRewriter
         self.layers = numbered_layers(model)
 
     def build(self, plan: Plan) -> Model:
         """A copy of the model with the layers of `plan` quantized as it says; the model itself is untouched."""
         copy = self.model.copy()
-        rewriter = LayerRewriter(copy, self.weights, self.activations, self.contrib_ops)
+        rewriter = LayerRewriter(copy, self.weights, self.activations, self.contrib_ops, self.seven_bit_weights)
         nodes = model_nodes(copy)
         for index, fmt in sorted(plan.items()):
             graph, node = nodes[index]

@@ -9,14 +9,19 @@ from typing import Any
 
 import numpy as np
 
+from onnxforge.comparison import compare_outputs
+from onnxforge.ir import Model
 from onnxforge.pipeline.acceptance import speedups_over
 from onnxforge.pipeline.context import PassContext
 from onnxforge.pipeline.decisions import Measured
+from onnxforge.passes.quantization.attention_int8 import to_qattention
 from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
 from onnxforge.passes.quantization.regions import RegionBuilder
 from onnxforge.passes.quantization.rewrite import LayerFormat
 
 FLOAT = "float"  # the decision of a layer type that no format made faster
+# QAttention quantizes and multiplies as the operators it replaces: their outputs differ by float rounding only.
+_SAME_ATTENTION = 1e-4
 
 
 @dataclass
@@ -225,3 +230,74 @@ def choose_regions(
             kept.remove(index)
             result.left_float.append(index)
     return result
+
+
+@dataclass
+class GentlerVerdict:
+    """Whether the gentler formats ran faster than float for the layers that take them (`speedup`, None when
+    replayed or not asked)."""
+
+    pays: bool | None = None
+    speedup: float | None = None
+    replayed_from: str = ""
+
+
+def gentler_verdict(
+    builder: CandidateBuilder,
+    plan: Plan,
+    ctx: PassContext,
+    feed: Mapping[str, np.ndarray],
+    min_gain: float,
+    verdict: GentlerVerdict,
+):
+    """A `gentler_pays` for `fit_error_budget`: time `plan` with every layer that has a gentler format in it
+    against the same plan with those layers in float; the gentler formats pay when they run faster by `min_gain`
+    in two timings (`speedups_over`, where a change must earn its place). A decision of `ctx`, kept in `verdict`.
+    """
+
+    def pays(gentler: Mapping[int, LayerFormat]) -> bool:
+        def measure() -> Measured:
+            runtime = ctx.runtime
+            floated = runtime.prepare(builder.build({i: f for i, f in plan.items() if i not in gentler}))
+            softened = runtime.prepare(builder.build({i: gentler.get(i, f) for i, f in plan.items()}))
+            speedups = speedups_over(runtime, floated, [softened], feed, min_gain, standing=False)
+            return Measured(speedups.settled[0] >= min_gain, {"speedup": round(speedups.settled[0], 4)})
+
+        decision = ctx.decide("gentler formats instead of float", measure, allowed=[True, False])
+        verdict.pays, verdict.replayed_from = decision.value, decision.replayed_from
+        verdict.speedup = decision.timings.get("speedup")
+        return decision.value
+
+    return pays
+
+
+def choose_attention_form(
+    model: Model, ctx: PassContext, feed: Mapping[str, np.ndarray], min_gain: float
+) -> tuple[Model, str | None]:
+    """`model`, or a copy with its int8 attention projections as onnxruntime's QAttention (`to_qattention`) when
+    that runs faster by `min_gain` in two timings and computes the same outputs on `feed`; and a line that says
+    which, None when the model has no such projection. A decision of `ctx`."""
+    fused = model.copy()
+    count = to_qattention(fused)
+    if not count:
+        return model, None
+
+    def measure() -> Measured:
+        runtime = ctx.runtime
+        prepared = [runtime.prepare(model), runtime.prepare(fused)]
+        outputs = [p.run(feed) for p in prepared]
+        if not compare_outputs([outputs[0]], [outputs[1]]).within(_SAME_ATTENTION):
+            return Measured(False, {"same_outputs": False})
+        speedups = speedups_over(runtime, prepared[0], prepared[1:], feed, min_gain, standing=False)
+        return Measured(speedups.settled[0] >= min_gain, {"speedup": round(speedups.settled[0], 4)})
+
+    decision = ctx.decide("attention projections as QAttention", measure, allowed=[True, False])
+    blocks = f"{count} attention block{'s' if count > 1 else ''}"
+    what = f"{blocks} as QAttention (one int8 operator for projection and attention)"
+    if decision.replayed:
+        timed = f"as recorded in {decision.replayed_from}"
+    elif "speedup" in decision.timings:
+        timed = f"timed {decision.timings['speedup']:.2f}x against DynamicQuantizeMatMul, Split and MultiHeadAttention"
+    else:
+        timed = "its outputs differ"
+    return (fused if decision.value else model), f"{what}: {timed}: {'taken' if decision.value else 'not taken'}"

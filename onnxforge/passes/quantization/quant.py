@@ -31,7 +31,14 @@ from onnxforge.passes.quantization.exposing import (
 from onnxforge.passes.quantization.activations import static_activations
 from onnxforge.passes.quantization.by_region import RegionOutcome, quantize_by_regions
 from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer, model_nodes, numbered_layers
-from onnxforge.passes.quantization.choice import MeasuredChoice, choose_by_measurement, refine_by_float_prefix
+from onnxforge.passes.quantization.choice import (
+    GentlerVerdict,
+    MeasuredChoice,
+    choose_attention_form,
+    choose_by_measurement,
+    gentler_verdict,
+    refine_by_float_prefix,
+)
 from onnxforge.passes.layers import excluded_by, half_precision_note
 from onnxforge.passes.quantization.quantized_ops import quantized_ops
 from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, quantized_output
@@ -78,7 +85,8 @@ class Quantize(Pass):
     With measure=true (the default) each layer type is timed on the pass's backend in each candidate
     format and stays float unless it gets faster by min_speedup. With data, the most sensitive layers stay float
     until the held-out error is within max_error and min_cosine, or without them, within the pass's share of the
-    run's error budget.
+    run's error budget; a gentler format is tried first where it runs faster than float. On onnxruntime an int8
+    attention projection becomes QAttention where timing says it runs faster.
     With regions=true, --data and onnxruntime, static Conv layers are also tried in int8 regions (Conv with the Add,
     Concat, Mul, Sigmoid, pooling, Resize and reshaping ops around it, int8 end to end); timing keeps the regions or
     the per-type plan, whichever runs faster (with measure=false, the regions). A model below opset 13 is moved to
@@ -138,6 +146,7 @@ class Quantize(Pass):
             self._weight_quantizer(work, main_graph_layers, calibration_samples, calibration),
             self._calibrate(work, static, calibration_samples, calibration) if static else {},
             contrib_ops,
+            ctx.runtime.capabilities.seven_bit_int8_weights,
         )
         feed = ctx.runtime.feed(model) if self.options.measure else {}  # only timing runs the model on it
         lines: list[str] = [opset_note] if opset_note else []
@@ -147,7 +156,10 @@ class Quantize(Pass):
         measured = ""
         if plan and budget is not None and has_data:
             gentler = gentler_formats(plan, layers, contrib_ops)
-            fit = fit_error_budget(builder, plan, budget, calibration, gentler)
+            verdict = GentlerVerdict()
+            pays = gentler_verdict(builder, plan, ctx, feed, self.options.min_speedup, verdict)
+            fit = fit_error_budget(builder, plan, budget, calibration, gentler, pays if self.options.measure else None)
+            lines += _gentler_lines(verdict, gentler, layers, ctx)
             notes.update(_budget_notes(fit, budget, layers, ctx))
             plan, sensitivity = fit.plan, fit.sensitivity
             measured = (f"share of the budget ({budget.describe()}) spent with only this layer quantized, on "
@@ -181,7 +193,15 @@ class Quantize(Pass):
         if not plan:
             lines.append("nothing quantized: the model is left as it was")
             return PassResult(False, stats=stats, notes=lines, layers=decisions)
+        if builder.seven_bit_weights:
+            lines.append(
+                "int8 weights of integer kernels kept to 7 bits: this CPU's uint8 x int8 kernels (x86 without VNNI) "
+                "add products in 16 bits and would overflow with 8"
+            )
         quantized = regional.build() if regional and regional.chosen else builder.build(plan)
+        if self.options.measure and contrib_ops:
+            quantized, attention_line = choose_attention_form(quantized, ctx, feed, self.options.min_speedup)
+            lines += [attention_line] if attention_line else []
         if held_out:
             error = compare_outputs(run_model(model, held_out, calibration), run_model(quantized, held_out, calibration))
             stats.update(held_out_max_rel_error=error.max_rel, held_out_min_cosine=error.min_cosine)
@@ -647,6 +667,22 @@ def gentler_formats(
         for index, fmt in plan.items()
         if fmt.mode == "dynamic" and layers[index].op == "MatMul" and layers[index].weight.shape[0] >= 128
     }
+
+
+def _gentler_lines(
+    verdict: GentlerVerdict, gentler: dict[int, LayerFormat], layers: dict[int, Layer], ctx: PassContext
+) -> list[str]:
+    """What timing said of the gentler formats, when the error budget's fit asked."""
+    if verdict.pays is None:
+        return []
+    first = next(iter(gentler))
+    what = f"{len(gentler)} layers as {_describe(layers[first], gentler[first], ctx)}"
+    if verdict.replayed_from:
+        timed = f"as recorded in {verdict.replayed_from}, not timed"
+    else:
+        timed = f"timed {verdict.speedup:.2f}x against them in float"
+    outcome = "offered to the most sensitive layers" if verdict.pays else "not faster: the most sensitive layers go to float"
+    return [f"gentler format for the error budget, {what}: {timed}: {outcome}"]
 
 
 def _budget_notes(fit: BudgetFit, budget: Budget, layers: dict[int, Layer], ctx: PassContext) -> dict[int, str]:

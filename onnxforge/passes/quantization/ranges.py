@@ -20,13 +20,16 @@ _ENTROPY_OCTAVES = 16
 _ENTROPY_BINS_PER_LEVEL = 8
 
 
-def code_range(bits: int, signed: bool, symmetric: bool) -> tuple[int, int]:
+def code_range(bits: int, signed: bool, symmetric: bool, seven_bit: bool = False) -> tuple[int, int]:
     """The smallest and largest integer code of a `bits`-wide grid.
 
     Symmetric signed int8 stops at -127 so that the range is symmetric, as onnxruntime's int8 kernels expect.
+    `seven_bit` keeps signed int8 codes to 7 bits ([-64, 63], symmetric [-63, 63]): for x86 int8 kernels without
+    VNNI, which add two uint8 x int8 products in 16 bits and would overflow with larger weights.
     """
     if signed:
-        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        width = 7 if seven_bit and bits == 8 else bits
+        low, high = -(2 ** (width - 1)), 2 ** (width - 1) - 1
         return (-high if symmetric and bits == 8 else low), high
     return 0, 2**bits - 1
 
@@ -37,19 +40,20 @@ def scale_and_zero_point(
     bits: int = 8,
     signed: bool = False,
     symmetric: bool = False,
+    seven_bit: bool = False,
 ) -> tuple[np.float32 | np.ndarray, int | np.ndarray]:
     """The scale and zero point that map [low, high] (widened to include 0) onto the integer codes.
 
     Accepts scalars or arrays (one range per element) and answers in kind: a float32 scale and an int zero
     point, or arrays of them. Symmetric grids put the zero point at 0 (signed) or mid-range (unsigned) and
-    map max(|low|, |high|) to the largest code 2**(bits-1) - 1. An empty range [0, 0], or one whose scale would be
+    map max(|low|, |high|) to the largest code 2**(bits-1) - 1 (63 for `seven_bit`, see code_range). An empty range [0, 0], or one whose scale would be
     below float32's smallest normal number, gets scale 1.
     """
     low = np.minimum(np.asarray(low, dtype=np.float64), 0.0)
     high = np.maximum(np.asarray(high, dtype=np.float64), 0.0)
-    code_low, code_high = code_range(bits, signed, symmetric)
+    code_low, code_high = code_range(bits, signed, symmetric, seven_bit)
     if symmetric:
-        width = np.maximum(-low, high) / (2 ** (bits - 1) - 1)
+        width = np.maximum(-low, high) / (code_high if signed else 2 ** (bits - 1) - 1)
     else:
         width = (high - low) / (code_high - code_low)
     # A range too narrow for float32's normal numbers (empty, or so small that its scale would be subnormal, where

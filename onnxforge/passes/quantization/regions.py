@@ -144,6 +144,7 @@ class RegionBuilder:
         weights: WeightQuantizer,
         activations: Mapping[str, ActivationQuantization],
         contrib_ops: bool,
+        seven_bit_weights: bool = False,
     ):
         self.model = model
         self.regions = list(regions)
@@ -152,6 +153,7 @@ class RegionBuilder:
         self.weights = weights
         self.activations = activations
         self.contrib_ops = contrib_ops
+        self.seven_bit_weights = seven_bit_weights  # see LayerRewriter
 
     def layer_plan(
         self, plan: Mapping[int, LayerFormat], float_tensors: frozenset[str] = frozenset()
@@ -174,7 +176,7 @@ class RegionBuilder:
         """A copy of the model with the regions of `plan` in int8 (but `float_tensors`) and `others` quantized; the
         model is untouched."""
         copy = self.model.copy()
-        rewriter = LayerRewriter(copy, self.weights, self.activations, self.contrib_ops)
+        rewriter = LayerRewriter(copy, self.weights, self.activations, self.contrib_ops, self.seven_bit_weights)
         nodes = model_nodes(copy)
         chosen = [self.regions[index] for index in sorted(plan)]
         for index, fmt in sorted(self.layer_plan(plan, float_tensors).items()):

@@ -77,6 +77,8 @@ class LayerRewriter:
 
     `quantize_weight(layer, spec)` returns the layer's quantized weight (the caller caches it across candidate
     models); `activations` holds static mode's calibrated tensors by name (main graph layers only).
+    `seven_bit_weights`: the int8 weights of layers that integer kernels run (dynamic and static MatMul, Conv,
+    LSTM) keep to 7 bits, for the kernels that overflow otherwise (`BackendCapabilities.seven_bit_int8_weights`).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class LayerRewriter:
         quantize_weight: Callable[[Layer, QuantSpec], QuantizedWeight],
         activations: Mapping[str, ActivationQuantization],
         contrib_ops: bool,
+        seven_bit_weights: bool = False,
     ):
         self.main_graph = self.graph = model.graph  # `graph` is the one being edited: the current layer's
         # A subgraph reads the values of the graphs around it: a new name must be new in every graph.
@@ -92,6 +95,7 @@ class LayerRewriter:
         self.quantize_weight = quantize_weight
         self.activations = activations
         self.contrib_ops = contrib_ops
+        self.seven_bit_weights = seven_bit_weights
         self._dequantized_weights: dict[tuple[int, int, QuantSpec], gs.Variable] = {}  # by graph, weight, spec
         self._static_tensors: dict[str, gs.Variable] = {}
         self._static_sources: dict[str, str] = {}  # dequantized tensor -> the float tensor it stands for
@@ -102,6 +106,8 @@ class LayerRewriter:
         first). Quantized constants are shared across graphs (export stores one that several subgraphs read in
         the main graph); the nodes that dequantize them are added to the layer's graph."""
         self.graph = self.main_graph if graph is None else graph
+        if self.seven_bit_weights and _runs_integer_kernels(layer, fmt):
+            fmt = dataclasses.replace(fmt, spec=dataclasses.replace(fmt.spec, seven_bit=True))
         if layer.op == "Gather" and fmt.spec.granularity == "block":
             self._gather_blocks(layer, fmt)
         elif layer.op == "Gather":
@@ -389,3 +395,8 @@ def quantized_output(layer: Layer) -> gs.Tensor:
         return consumers[0].outputs[0]
     return output
 
+
+def _runs_integer_kernels(layer: Layer, fmt: LayerFormat) -> bool:
+    """Whether onnxruntime multiplies `layer` in uint8 x int8 when it is quantized as `fmt`."""
+    integer = fmt.mode in ("dynamic", "static") and fmt.spec.bits == 8 and fmt.spec.signed
+    return integer and fmt.spec.granularity != "block" and layer.op in ("MatMul", "Gemm", "Conv", "LSTM")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from onnxforge.calibration.context import Calibration
@@ -29,6 +29,7 @@ def fit_error_budget(
     budget: Budget,
     calibration: Calibration,
     gentler: Mapping[int, LayerFormat] | None = None,
+    gentler_pays: Callable[[Mapping[int, LayerFormat]], bool] | None = None,
 ) -> BudgetFit:
     """Move the most sensitive layers of `plan` to a gentler format, or else to float, as few as the budget
     allows on the held-out samples (`calibration.split()`).
@@ -37,7 +38,8 @@ def fit_error_budget(
     samples. `gentler` gives layers a format that loses less (and gains less speed); when moving every layer
     that has one there cannot meet the budget, the most sensitive layers are left in float instead. How many
     layers move is found by bisection, which assumes that moving more of the most sensitive layers never
-    makes the error worse.
+    makes the error worse. `gentler_pays`, asked once and only when the plan breaks the budget, may turn the
+    gentler formats down (when the target runs them slower than float, say).
     """
     gentler = gentler or {}
     calibration_samples, held_out = calibration.split()
@@ -49,6 +51,8 @@ def fit_error_budget(
 
     if fits_on_held_out(plan):
         return BudgetFit(dict(plan))
+    if gentler and gentler_pays is not None and not gentler_pays(gentler):
+        gentler = {}
     reference = run_model(builder.model, calibration_samples, calibration)
 
     def alone(index: int) -> Losses:

@@ -29,6 +29,7 @@ class QuantSpec:
     symmetric: bool = True
     granularity: Literal["per-tensor", "per-channel", "block"] = "per-channel"
     block_size: int = 0  # > 0 only for granularity="block" (32, 64, 128, ...; any power of two >= 16)
+    seven_bit: bool = False  # signed int8 codes kept to 7 bits, for int8 kernels that overflow (ranges.code_range)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -48,12 +49,12 @@ class QuantSpec:
 
     def scale_and_zero_point(self, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-group scales (float32) and zero points (the code type) for per-group ranges [low, high]."""
-        scale, zero_point = scale_and_zero_point(low, high, self.bits, self.signed, self.symmetric)
+        scale, zero_point = scale_and_zero_point(low, high, self.bits, self.signed, self.symmetric, self.seven_bit)
         return np.asarray(scale, dtype=np.float32), np.asarray(zero_point).astype(self.code_dtype)
 
     def quantize(self, values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
         """The codes of `values` (float) on the grid of `scale` and `zero_point` (broadcast against them)."""
-        low, high = code_range(self.bits, self.signed, self.symmetric)
+        low, high = code_range(self.bits, self.signed, self.symmetric, self.seven_bit)
         return np.clip(np.rint(values / scale) + zero_point, low, high).astype(self.code_dtype)
 
 
