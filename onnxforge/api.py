@@ -143,6 +143,7 @@ def optimize(
             "bounds": tracker.budget.describe(),
             "default": isinstance(budget, str) and budget.strip() == DEFAULT_BUDGET,
             "measured_on": tracker.where,
+            "score_outputs": list(tracker.budget.scores) if tracker.budget.scores is not None else None,
             "spent": tracker.spent,
             "fraction_spent": round(tracker.budget.spent(tracker.spent), 4),
         }

@@ -322,7 +322,8 @@ def _add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
         "--budget",
         metavar="BOUNDS",
         help="how far lossy passes may move the outputs, on held-out --data samples (else random inputs): "
-        "cosine=0.99, top1=, rel=, equal=, metric=FILE.py:FUNCTION>=BOUND, or none (default cosine=0.99)",
+        "cosine=0.99, labels=, top1=, rel=, equal=, metric=FILE.py:FUNCTION>=BOUND, or none (default "
+        "cosine=0.99,labels=0.99)",
     )
     parser.add_argument("--rtol", type=_tolerance, help="tolerance for lossless passes (default 1e-4)")
     parser.add_argument("--seed", type=int, help="seed of the random verification inputs")

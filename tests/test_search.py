@@ -20,7 +20,7 @@ from onnxforge.data import load_samples, save_samples
 from onnxforge.frontends import ModelFile
 from onnxforge.ir.io import load_model
 from onnxforge.measure import InterleavedTiming
-from onnxforge.pipeline.budget import Budget
+from onnxforge.pipeline.budget import DEFAULT_BUDGET, Budget
 from onnxforge.search import SearchError, search
 from onnxforge.search.evaluate import Evaluation, Evaluator
 from onnxforge.pipeline.tunables import SearchTarget
@@ -135,7 +135,7 @@ def test_cli_auto_writes_the_winner_and_a_config_that_rebuilds_it_byte_for_byte(
     assert "search: 3 trials" in result.stdout and "Pareto front" in result.stdout
     assert "[trial 0] cleanup ..." in result.stderr
     written = json.loads(report.read_text())
-    assert written["winner"] and written["setup"]["budget"] == "cosine=0.99"
+    assert written["winner"] and written["setup"]["budget"] == DEFAULT_BUDGET
     session = json.loads((tmp_path / "out" / "best.session.json").read_text())
     assert "intra_op_num_threads" in session["onnxruntime.SessionOptions"]
     config = tmp_path / "out" / "best.config.json"

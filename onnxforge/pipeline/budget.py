@@ -15,19 +15,22 @@ from typing import Any
 
 import numpy as np
 
-from onnxforge.comparison import compare_outputs
+from onnxforge.comparison import Comparison, compare_outputs
 from onnxforge.errors import PassUsageError
+from onnxforge.ir import Model
+from onnxforge.pipeline.score_outputs import score_outputs
 
 Outputs = Mapping[str, np.ndarray]
 Sample = Mapping[str, np.ndarray]
 Losses = dict[str, float]
 
-DEFAULT_BUDGET = "cosine=0.99"
+DEFAULT_BUDGET = "cosine=0.99,labels=0.99"
 
 # Each bound as the loss it caps: the loss of a model against the reference, and how the bound reads.
 _BOUNDS = {
     "cosine": ("1 - the worst sample's cosine similarity of any float output", ">="),
     "top1": ("1 - the top-1 agreement (argmax over the last axis) of any output that has one", ">="),
+    "labels": ("the fraction of the rows of any score output (Softmax, LogSoftmax) whose top-1 label changed", ">="),
     "rel": ("the largest max|new - old| / max|old| of any output on any sample", "<="),
     "equal": ("the fraction of elements that changed in any integer or bool output", ">="),
 }
@@ -77,12 +80,15 @@ class Metric:
 class Budget:
     """Bounds on the error of a model against a reference, each kept as the loss it allows (`allowances`: see
     `_BOUNDS`; "metric": how far the metric may fall from its value on the reference itself, set by `bound_to`).
+    `scores`: the reference model's score outputs, which the labels bound reads (score_outputs.py); None until
+    `bound_to` finds them.
 
     The losses of several lossy steps add up, nearly: each step's loss counts against what is left.
     """
 
     allowances: dict[str, float] = field(default_factory=dict)
     metric: Metric | None = None
+    scores: tuple[str, ...] | None = None
 
     @classmethod
     def parse(cls, text: str) -> Budget | None:
@@ -115,10 +121,12 @@ class Budget:
             parts.append(self.metric.describe())
         return ", ".join(parts)
 
-    def bound_to(self, reference: Sequence[Outputs], samples: Sequence[Sample]) -> Budget:
-        """This budget with the metric's allowance set: how far it may fall from its value on `reference` itself."""
+    def bound_to(self, model: Model, reference: Sequence[Outputs], samples: Sequence[Sample]) -> Budget:
+        """This budget bound to `model`, whose outputs on `samples` are `reference`: with its score outputs found
+        (for the labels bound) and the metric's allowance set (how far it may fall from its value on `reference`)."""
+        bound = replace(self, scores=score_outputs(model, reference)) if "labels" in self.allowances else self
         if self.metric is None:
-            return self
+            return bound
         own = self.metric.mean(reference, reference, samples)
         room = own - self.metric.bound if self.metric.at_least else self.metric.bound - own
         if room < 0:
@@ -126,11 +134,11 @@ class Budget:
                 f"--budget metric {self.metric.describe()}: the original model itself scores {own:.6g} against its "
                 "own outputs, outside the bound"
             )
-        return replace(self, allowances={**self.allowances, "metric": room})
+        return replace(bound, allowances={**self.allowances, "metric": room})
 
     def losses(self, reference: Sequence[Outputs], candidate: Sequence[Outputs], samples: Sequence[Sample]) -> Losses:
         """The loss of `candidate` against `reference` (outputs on `samples`) for each bound; a bound that does not
-        apply to the model's outputs (cosine without a float output) reads 0."""
+        apply to the model's outputs (cosine without a float output, labels without a score output) reads 0."""
         comparison = compare_outputs(reference, candidate)
         if comparison.shape_mismatch:
             return dict.fromkeys(self.allowances, math.inf)
@@ -141,6 +149,8 @@ class Budget:
             elif key == "top1":
                 top1 = comparison.min_top1_agreement
                 losses[key] = 0.0 if top1 is None else 1.0 - top1
+            elif key == "labels":
+                losses[key] = self._labels_changed(comparison)
             elif key == "rel":
                 losses[key] = comparison.max_rel
             elif key == "equal":
@@ -150,6 +160,13 @@ class Budget:
                 value = self.metric.mean(reference, candidate, samples)
                 losses[key] = max(0.0, own - value if self.metric.at_least else value - own)
         return losses
+
+    def _labels_changed(self, comparison: Comparison) -> float:
+        """The largest fraction of rows whose label changed, over the score outputs."""
+        if self.scores is None:
+            raise ValueError("the labels bound reads the score outputs bound_to finds: bind the budget to its model")
+        agreements = [o.top1_agreement for o in comparison.outputs if o.name in self.scores]
+        return max((1.0 - agreement for agreement in agreements if agreement is not None), default=0.0)
 
     def fits(self, losses: Mapping[str, float]) -> bool:
         return all(losses.get(key, 0.0) <= allowed for key, allowed in self.allowances.items())
@@ -165,7 +182,7 @@ class Budget:
         return replace(self, allowances=left)
 
     def figures(self, losses: Mapping[str, float]) -> str:
-        """`losses` as the bounds read them: "worst cosine 0.9931, max rel 0.042, metrics.py:wer rose by 0.01"."""
+        """`losses` as the bounds read them: "worst cosine 0.9931, labels kept 0.9950, metrics.py:wer rose by 0.01"."""
         parts = []
         for key in self.allowances:
             loss = losses.get(key, 0.0)
@@ -173,6 +190,8 @@ class Budget:
                 parts.append(f"worst cosine {1 - loss:.4f}")
             elif key == "top1":
                 parts.append(f"top-1 agreement {1 - loss:.4f}")
+            elif key == "labels":
+                parts.append(f"labels kept {1 - loss:.4f}" if self.scores else "labels: no score output")
             elif key == "rel":
                 parts.append(f"max rel {loss:.3g}")
             elif key == "equal":
@@ -209,17 +228,17 @@ class BudgetTracker:
         budget: Budget,
         samples: Sequence[Sample],
         where: str,
-        run: Callable[[Any, Sequence[Sample]], list[Outputs]],
-        original: Any,
+        run: Callable[[Model, Sequence[Sample]], list[Outputs]],
+        original: Model,
     ):
         self.samples = list(samples)
         self.where = where
         self._run = run
         self.reference = run(original, self.samples)
-        self.budget = budget.bound_to(self.reference, self.samples)
+        self.budget = budget.bound_to(original, self.reference, self.samples)
         self.spent: Losses = dict.fromkeys(self.budget.allowances, 0.0)
 
-    def losses(self, model: Any) -> Losses:
+    def losses(self, model: Model) -> Losses:
         """`model`'s losses against the original on the budget's samples."""
         return self.budget.losses(self.reference, self._run(model, self.samples), self.samples)
 

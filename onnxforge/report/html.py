@@ -18,6 +18,7 @@ from markupsafe import Markup
 
 from onnxforge.errors import OnnxforgeError
 from onnxforge.ir.output_set import OutputSet
+from onnxforge.report.optimization import labels_read_on
 
 if TYPE_CHECKING:
     import jinja2
@@ -111,6 +112,7 @@ def _optimize_view(report: dict[str, Any]) -> dict[str, Any]:
         "errors": _error_rows(report),
         "budget": budget,
         "budget_spent": _percent(budget.get("fraction_spent")) if budget else "",
+        "budget_labels": labels_read_on(budget) if budget else "",
         "passes": [_pass_row(index, record) for index, record in enumerate(passes, 1)],
         "layer_tables": [table for index, record in enumerate(passes, 1) if (table := _layer_table(index, record))],
         "decisions": _decision_rows(decisions),

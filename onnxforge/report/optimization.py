@@ -154,9 +154,10 @@ class OptimizationReport:
             )
         if self.budget:
             default = " (the default; --budget none drops it)" if self.budget["default"] else ""
+            labels = labels_read_on(self.budget)
             lines.append(
                 f"  budget {self.budget['bounds']}{default} on {self.budget['measured_on']}: "
-                f"{self.budget['fraction_spent']:.0%} spent"
+                f"{self.budget['fraction_spent']:.0%} spent" + (f"; {labels}" if labels else "")
             )
         if self.latency_before is not None and self.latency_after is not None:
             lines.append(
@@ -181,6 +182,14 @@ class OptimizationReport:
             f"error budget (--budget none); drop --budget none to keep the default ({DEFAULT_BUDGET}), or give "
             "one, e.g. --budget cosine=0.995"
         ]
+
+
+def labels_read_on(budget: dict[str, Any]) -> str:
+    """Which outputs the budget's labels bound read (its report's `score_outputs`); "" without that bound."""
+    names = budget.get("score_outputs")
+    if names is None:
+        return ""
+    return f"labels read on {', '.join(names)}" if names else "no score output for the labels bound"
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any], outputs: OutputSet | None = None) -> None:

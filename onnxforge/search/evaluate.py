@@ -98,7 +98,7 @@ class Evaluator:
         self.input = self._runtime.prepare(source, BackendOptions(target=target, extra=self.backend_settings))
         self.judging, self.judged_on = self._judging_samples()
         self.reference = [self.input.run(sample) for sample in self.judging]
-        self.bound = budget.bound_to(self.reference, self.judging) if budget is not None else None
+        self.bound = budget.bound_to(fixed, self.reference, self.judging) if budget is not None else None
         self.feed = self.judging[0] if self.samples is None else self.samples[0]
         self._kept: dict[str, tuple[float, Model]] = {}  # candidate.model_key -> (speedup, model) of the fastest
 
