@@ -133,5 +133,7 @@ def _identity_chain(count: int) -> onnx.ModelProto:
 def test_chain_of_20000_identities_is_cleaned_up_in_seconds():
     start = time.monotonic()
     model, report = optimize(_identity_chain(20000), "cleanup")
-    assert time.monotonic() - start < 10
+    # A bound on the algorithm, not a timing: linear work takes seconds (10.1 s once on a loaded 2-core CI
+    # machine), one walk of the chain per node would take hours.
+    assert time.monotonic() - start < 60
     assert len(model.graph.nodes) <= 1 and report.passes[0].status == "applied"
