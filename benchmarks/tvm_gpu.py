@@ -19,7 +19,25 @@ in float32 and float16: eager, torch.compile, and torch.compile in modes reduce-
 max-autotune. Float32 is strict (TF32 off, as TVM computes). The results file is rewritten after each model, so
 a run stopped at its time limit keeps what it measured. The measuring side imports neither onnxforge nor onnx.
 A bundle must stay under the GPU machine's 64 MiB per call: each artifact embeds its weights (the encoder's
-fp32 ones are 19 MB), so pack the models and variants in several bundles when all do not fit.
+fp32 ones are 19 MB), so pack the models and variants in several bundles when all do not fit. Variants
+`fp32-tuned` and `fp32-tuned-graph` compile with the MetaSchedule records of --records (default
+benchmarks/results/tvm-records).
+
+Tuning for the GPU, candidates built here and measured there, one device call per round (docs/tvm.md):
+
+    python benchmarks/tvm_gpu.py tune build/gpu-tune --ffi-wheel PATH --trials N [--only matmul ...] [--batch 64]
+        [--records build/gpu-tune-records]
+
+runs in the background here: it writes `build/gpu-tune/runtime/` once and each round's candidates to
+`build/gpu-tune/round-NNN/`, then waits for `results.json` in that folder. On the GPU machine, per round:
+
+    python benchmarks/tvm_gpu.py round build/gpu-tune/round-NNN.tar.xz --runtime build/gpu-tune/runtime --out r.json
+
+and the results file goes back to `build/gpu-tune/round-NNN/results.json`. Then
+
+    python benchmarks/tvm_gpu.py keep build/gpu-tune-records/cuda-<hash> [--best 3]
+
+copies the best records of each task into benchmarks/results/tvm-records, which the repository keeps.
 """
 
 from __future__ import annotations
@@ -38,19 +56,20 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 MODELS = {"cnn": 1, "encoder": 1, "encoder32": 32}  # name: batch
-VARIANTS = {"fp32": (False, False), "fp32-graph": (False, True), "fp16": (True, False), "fp16-graph": (True, True)}
+VARIANTS = {"fp32": (False, False), "fp32-graph": (False, True), "fp16": (True, False), "fp16-graph": (True, True),
+            "fp32-tuned": (False, False), "fp32-tuned-graph": (False, True)}  # name: (fp16, CUDA graphs)
+RECORDS = HERE / "results" / "tvm-records"
 TORCH_MODES = {"eager": None, "compile": "default", "compile reduce-overhead": "reduce-overhead",
                "compile max-autotune": "max-autotune"}
 REPEATS = 200
 BUNDLE_LIMIT_MIB = 60  # what travels to the GPU machine per call (64 MiB) less the repository itself
 
 
-def pack(bundle: Path, arch: str, ffi_wheel: Path, models: list[str], variants: list[str]) -> None:
+def pack(bundle: Path, arch: str, ffi_wheel: Path, models: list[str], variants: list[str],
+         records: Path = RECORDS) -> None:
     """Write the bundle: runtime-only TVM, the ffi wheel, the loader, per model its inputs and onnxruntime's
     outputs, per model and variant the artifact, and `manifest.json` listing them (and the models packed into
     the bundle before)."""
-    import tvm
-
     from onnxforge import optimize
     from onnxforge.backends import BackendOptions, get_backend
     from onnxforge.data import random_inputs
@@ -59,19 +78,7 @@ def pack(bundle: Path, arch: str, ffi_wheel: Path, models: list[str], variants: 
     sys.path.insert(0, str(HERE))
     import torch_models
 
-    if not ffi_wheel.is_file():
-        raise SystemExit(
-            f"no ffi wheel at {ffi_wheel}; get it with: pip download --no-deps --only-binary=:all: "
-            "--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 "
-            "apache-tvm-ffi==0.1.14.post1 -d DIR"
-        )
-    bundle.mkdir(parents=True, exist_ok=True)
-    package = Path(tvm.__file__).parent
-    skip = {"3rdparty", "src", "include", "__pycache__", "libtvm_compiler.so"}
-    with tarfile.open(bundle / "tvm-runtime.tar.xz", "w:xz") as archive:
-        archive.add(package, arcname="tvm", filter=lambda info: None if Path(info.name).name in skip else info)
-    shutil.copy(ffi_wheel, bundle / ffi_wheel.name)
-    shutil.copy(HERE.parent / "onnxforge" / "backends" / "tvm" / "loader.py", bundle / "loader.py")
+    _pack_runtime(bundle, ffi_wheel)
     shutil.copy(HERE / "torch_models.py", bundle / "torch_models.py")
     tvm_backend, ort = get_backend("tvm"), get_backend("ort")
     for name in models:
@@ -82,7 +89,10 @@ def pack(bundle: Path, arch: str, ffi_wheel: Path, models: list[str], variants: 
         half = optimize(model, "fp16", seed=0)[0] if any(VARIANTS[v][0] for v in variants) else None
         for variant in variants:
             fp16, graph = VARIANTS[variant]
-            options = BackendOptions(target=f"cuda:{arch}", extra={"cuda_graph": str(graph).lower()})
+            extra = {"cuda_graph": str(graph).lower()}
+            if "tuned" in variant:
+                extra["tune_records"] = str(records)
+            options = BackendOptions(target=f"cuda:{arch}", extra=extra)
             tvm_backend.compile(half if fp16 else model, options).export(bundle / f"{name}_{variant}_cuda.so")
             print(f"packed {name} {variant}", flush=True)
     listed = bundle / "manifest.json"  # a bundle packed again keeps the models packed before
@@ -90,13 +100,106 @@ def pack(bundle: Path, arch: str, ffi_wheel: Path, models: list[str], variants: 
     if manifest.get("arch", arch) != arch:
         raise SystemExit(f"{bundle} holds models for {manifest['arch']}; pack {arch} into another bundle")
     manifest["arch"] = arch
-    manifest["models"].update({name: {"batch": MODELS[name], "variants": variants} for name in models})
+    for name in models:  # variants packed into the bundle before stay listed
+        before = manifest["models"].get(name, {}).get("variants", [])
+        manifest["models"][name] = {"batch": MODELS[name], "variants": list(dict.fromkeys(before + variants))}
     listed.write_text(json.dumps(manifest, indent=2) + "\n")
     size = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file()) / 2**20
     print(f"bundle {bundle}: {size:.1f} MiB")
     if size > BUNDLE_LIMIT_MIB:
         print(f"warning: over {BUNDLE_LIMIT_MIB} MiB, too large for one GPU-machine call; pack fewer models or "
               "variants per bundle", file=sys.stderr)
+
+
+def _pack_runtime(folder: Path, ffi_wheel: Path) -> None:
+    """Write a runtime-only TVM (the installed package without its compiler), the ffi wheel and the scripts that
+    run on the GPU machine (loader.py, measure_candidates.py) into `folder`."""
+    import tvm
+
+    if not ffi_wheel.is_file():
+        raise SystemExit(
+            f"no ffi wheel at {ffi_wheel}; get it with: pip download --no-deps --only-binary=:all: "
+            "--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 "
+            "apache-tvm-ffi==0.1.14.post1 -d DIR"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    package = Path(tvm.__file__).parent
+    skip = {"3rdparty", "src", "include", "__pycache__", "libtvm_compiler.so"}
+    with tarfile.open(folder / "tvm-runtime.tar.xz", "w:xz") as archive:
+        archive.add(package, arcname="tvm", filter=lambda info: None if Path(info.name).name in skip else info)
+    shutil.copy(ffi_wheel, folder / ffi_wheel.name)
+    scripts = HERE.parent / "onnxforge" / "backends" / "tvm"
+    for script in ("loader.py", "measure_candidates.py"):
+        shutil.copy(scripts / script, folder / script)
+
+
+def _install_runtime(folder: Path, site: Path) -> None:
+    """Install the runtime-only TVM and the ffi wheel of `folder` into `site` (once)."""
+    if (site / "tvm").is_dir():
+        return
+    wheels = [str(w) for w in folder.glob("apache_tvm_ffi-*.whl")]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                    str(site), *wheels], check=True)
+    with tarfile.open(folder / "tvm-runtime.tar.xz") as archive:
+        archive.extractall(site, filter="data")
+
+
+def tune(bundle: Path, arch: str, ffi_wheel: Path, trials: int, only: list[str], records: Path, batch: int) -> None:
+    """Tune the encoder (batch 1, fp32) for `cuda:arch` into `records`, each round of candidates measured on the
+    GPU machine through `bundle` (see the module's docstring)."""
+    import tvm
+
+    from onnxforge.backends.tvm.backend import relax_module
+    from onnxforge.backends.tvm.targets import resolve_target
+    from onnxforge.backends.tvm.tuning import TuningOptions, compile_tuned
+
+    sys.path.insert(0, str(HERE))
+    import torch_models
+
+    _pack_runtime(bundle / "runtime", ffi_wheel)
+    module = relax_module(_onnx_model("encoder", torch_models).to_proto())
+    options = TuningOptions(trials, records, rounds=bundle, only=tuple(only), batch=batch)
+    target = resolve_target(f"cuda:{arch}").target
+    compile_tuned(module, target, options, lambda line: print(line, flush=True))
+    print(f"records: {options.records_folder(target)} (tvm {tvm.__version__})", flush=True)
+
+
+def keep_records(tuned: Path, kept: Path, best: int) -> None:
+    """Copy the `best` fastest records of each task from the records folder `tuned` (a target's `cuda-<hash>/`)
+    into a folder of the same name under `kept`: the small database the repository keeps."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    source = ms.database.JSONDatabase(work_dir=str(tuned), module_equality="structural")
+    (kept / tuned.name).mkdir(parents=True, exist_ok=True)
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        (kept / tuned.name / name).unlink(missing_ok=True)
+    target = ms.database.JSONDatabase(work_dir=str(kept / tuned.name), module_equality="structural")
+    workloads = {}
+    for record in source.get_all_tuning_records():
+        workloads.setdefault(tvm_ffi.structural_hash(record.workload.mod), record.workload)
+    for workload in workloads.values():
+        committed = target.commit_workload(workload.mod)
+        for record in source.get_top_k(workload, best):
+            target.commit_tuning_record(ms.database.TuningRecord(
+                record.trace, committed, record.run_secs, record.target, record.args_info))
+    print(f"kept the best {best} records of {len(workloads)} tasks in {kept / tuned.name}")
+
+
+def measure_round(folder: Path, runtime: Path, out: Path) -> None:
+    """On the GPU machine: install the runtime of `runtime` and measure the round of candidates in `folder` (or
+    in the archive `round-NNN.tar.xz`)."""
+    import os
+
+    site = Path("/tmp/onnxforge-tvm-site")
+    _install_runtime(runtime, site)
+    if folder.name.endswith(".tar.xz"):
+        with tarfile.open(folder) as archive:
+            archive.extractall(site.parent / "onnxforge-rounds", filter="data")
+        folder = site.parent / "onnxforge-rounds" / folder.name.removesuffix(".tar.xz")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(runtime / "measure_candidates.py"), str(folder), "--out", str(out)],
+                   env=environment, check=True)
 
 
 def _onnx_model(name: str, torch_models):
@@ -116,12 +219,7 @@ def measure(bundle: Path, out: Path, torch_models_to_time: list[str] | None, tor
     import torch
 
     site = bundle / "site"
-    if not (site / "tvm").is_dir():
-        wheels = [str(w) for w in bundle.glob("apache_tvm_ffi-*.whl")]
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
-                        str(site), *wheels], check=True)
-        with tarfile.open(bundle / "tvm-runtime.tar.xz") as archive:
-            archive.extractall(site, filter="data")
+    _install_runtime(bundle, site)
     sys.path[:0] = [str(site), str(bundle)]
     loader = _import(bundle / "loader.py", "loader")
     import torch_models
@@ -233,9 +331,32 @@ def main() -> None:
     measuring.add_argument("--torch-modes", nargs="+", choices=TORCH_MODES, default=list(TORCH_MODES),
                            help="time PyTorch in these modes only (default: all; max-autotune of the CNN's "
                                 "convolutions takes minutes)")
+    packing.add_argument("--records", type=Path, default=RECORDS, help="tuning records of the -tuned variants")
+    tuning = commands.add_parser("tune", help="here: tune the encoder, each round measured on the GPU machine")
+    tuning.add_argument("bundle", type=Path, help="folder of the runtime and the rounds")
+    tuning.add_argument("--arch", default="sm_90")
+    tuning.add_argument("--ffi-wheel", type=Path, required=True)
+    tuning.add_argument("--trials", type=int, required=True, help="trial budget, shared by the tasks tuned")
+    tuning.add_argument("--only", nargs="*", default=[], help="tune only the tasks whose name contains one of these")
+    tuning.add_argument("--records", type=Path, default=RECORDS)
+    tuning.add_argument("--batch", type=int, default=64, help="candidates of each task per round (default 64)")
+    keeping = commands.add_parser("keep", help="here: copy the best records of each task into the repository's")
+    keeping.add_argument("tuned", type=Path, help="a target's records folder (cuda-<hash>) written by tune")
+    keeping.add_argument("--records", type=Path, default=RECORDS)
+    keeping.add_argument("--best", type=int, default=3)
+    measuring_round = commands.add_parser("round", help="on the GPU machine: measure one round of candidates")
+    measuring_round.add_argument("folder", type=Path)
+    measuring_round.add_argument("--runtime", type=Path, required=True, help="the tune bundle's runtime folder")
+    measuring_round.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "pack":
-        pack(args.bundle, args.arch, args.ffi_wheel, args.models, args.variants)
+        pack(args.bundle, args.arch, args.ffi_wheel, args.models, args.variants, args.records)
+    elif args.command == "tune":
+        tune(args.bundle, args.arch, args.ffi_wheel, args.trials, args.only, args.records, args.batch)
+    elif args.command == "keep":
+        keep_records(args.tuned, args.records, args.best)
+    elif args.command == "round":
+        measure_round(args.folder, args.runtime, args.out)
     else:
         measure(args.bundle, args.out, args.torch_models, args.torch_modes)
 

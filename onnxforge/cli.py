@@ -415,7 +415,10 @@ def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of backends that compile ahead of time (tvm): tuning, the exported artifact, remote runs."""
     parser.add_argument("--artifact", metavar="PATH", help="also export the compiled model here (a .so; tvm)")
     parser.add_argument("--tune", metavar="trials=N", help="tune with this trial budget (tvm MetaSchedule)")
-    parser.add_argument("--tune-records", metavar="DIR", help="tuning records folder (default ~/.cache/onnxforge)")
+    parser.add_argument(
+        "--tune-records", metavar="DIR",
+        help="tuning records folder (default ~/.cache/onnxforge); without --tune, compile with its records, tuning nothing",
+    )
     parser.add_argument("--rpc", metavar="HOST:PORT:KEY", help="run and time on a server of this RPC tracker (tvm)")
 
 

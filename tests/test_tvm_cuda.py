@@ -1,4 +1,4 @@
-"""TVM's CUDA target with CUDA graphs (`cuda_graph`, on by default for untuned CUDA compiles): compiled here without
+"""TVM's CUDA target with CUDA graphs (`cuda_graph`, on by default for CUDA compiles): compiled here without
 a GPU, the executable captures its static launches in a graph and the artifact's JSON says so; switched off, or
 for the CPU, nothing is captured; the setting is refused where it cannot apply. On a machine with a GPU, the captured model gives onnxruntime's outputs on its
 first run (the capture) and on a replay with other inputs."""
@@ -6,7 +6,10 @@ first run (the capture) and on a replay with other inputs."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,13 +22,18 @@ from onnxforge.errors import BackendError
 
 tvm = pytest.importorskip("tvm")
 
-from onnxforge.backends.tvm.backend import cuda_graph_option  # noqa: E402 (needs tvm)
+from tvm.s_tir import meta_schedule as ms  # noqa: E402 (needs tvm)
+
+from onnxforge.backends.tvm.backend import cuda_graph_option, relax_module  # noqa: E402
 from onnxforge.backends.tvm.targets import resolve_target  # noqa: E402
+from onnxforge.backends.tvm.tuning import TuningOptions, extract_tasks  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="compiling for CUDA needs nvcc")
 
 CAPTURE = "vm.builtin.cuda_graph.run_or_capture"  # the VM builtin that captures a graph once and replays it
 RTOL = 1e-4
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+RECORDS = BENCHMARKS / "results" / "tvm-records"  # MetaSchedule records tuned on the lent GPU (docs/tvm.md)
 
 
 def _mlp() -> onnx.ModelProto:
@@ -62,10 +70,10 @@ def test_switched_off_nothing_is_captured(tmp_path):
     assert json.loads(described.read_text())["cuda_graph"] is False
 
 
-def test_cpu_targets_and_tuned_cuda_compiles_capture_nothing_by_default():
+def test_cpu_targets_capture_nothing_and_tuned_cuda_compiles_capture_by_default():
     cpu = get_backend("tvm").compile(_mlp(), BackendOptions(target="cpu", threads=1))
     assert not cpu.cuda_graph and CAPTURE not in cpu.executable.as_text()
-    assert not cuda_graph_option({"tune_trials": "8"}, resolve_target("cuda"))
+    assert cuda_graph_option({"tune_trials": "8"}, resolve_target("cuda"))
 
 
 @pytest.mark.parametrize(
@@ -73,9 +81,8 @@ def test_cpu_targets_and_tuned_cuda_compiles_capture_nothing_by_default():
     [
         ({"cuda_graph": "yes"}, "cuda", "takes true or false"),
         ({"cuda_graph": "true"}, "cpu", "setting of CUDA targets"),
-        ({"cuda_graph": "true", "tune_trials": "8"}, "cuda", "cannot be combined with tuning"),
     ],
-    ids=["bad value", "cpu target", "with tuning"],
+    ids=["bad value", "cpu target"],
 )
 def test_the_setting_is_refused_where_it_cannot_apply(extra, target, message):
     with pytest.raises(BackendError, match=message):
@@ -90,3 +97,46 @@ def test_a_captured_model_replays_with_new_inputs():
         inputs = {"x": np.random.default_rng(seed).standard_normal((8, 64)).astype(np.float32)}
         expected, actual = ort.run(inputs)["y"], prepared.run(inputs)["y"]
         assert float(np.abs(actual - expected).max()) / float(np.abs(expected).max()) < RTOL
+
+
+@pytest.fixture(scope="module")
+def encoder() -> onnx.ModelProto:
+    """The transformer encoder of benchmarks/torch_models.py at 1x128x256, the model the records were tuned on."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(BENCHMARKS))
+    from torch_models import transformer_encoder_module
+
+    from onnxforge.frontends.torch import from_torch
+
+    example = torch.randn(1, 128, 256)
+    return from_torch(transformer_encoder_module(), example, input_names=["x"], output_names=["y"]).to_proto()
+
+
+def _kernels(compiled) -> dict[str, str]:
+    """The CUDA source of each kernel of a compiled model, by kernel name."""
+    modules, sources = [compiled.executable.mod], []
+    while modules:
+        module = modules.pop()
+        modules.extend(module.imports)
+        if module.kind == "cuda":
+            sources.append(module.inspect_source())
+    parts = [part for source in sources for part in source.split('extern "C" __global__ ')[1:]]
+    return {re.match(r"void (?:__launch_bounds__\(\d+\) )?(\w+)\(", part)[1]: part for part in parts}
+
+
+def test_records_tuned_on_the_gpu_are_applied_to_the_encoder(encoder):
+    target = resolve_target("cuda")
+    folder = TuningOptions(0, RECORDS).records_folder(target.target)
+    database = ms.database.JSONDatabase(work_dir=str(folder), module_equality="structural")
+    tasks = extract_tasks(relax_module(encoder), target.target)
+    tuned_tasks = [task.task_name for task in tasks if database.has_workload(task.dispatched[0])]
+    assert "fused_matmul5_add7_add5" in tuned_tasks  # the feed-forward down projection, 38% of the GPU time
+
+    backend = get_backend("tvm")
+    tuned = backend.compile(encoder, BackendOptions(target="cuda", extra={"tune_records": str(RECORDS)}))
+    untuned = backend.compile(encoder, BackendOptions(target="cuda"))
+    assert tuned.cuda_graph and CAPTURE in tuned.executable.as_text()
+    with_records, without = _kernels(tuned), _kernels(untuned)
+    assert with_records.keys() == without.keys()
+    changed = {name for name in with_records if with_records[name] != without[name]}
+    assert changed == {f"{name}_kernel" for name in tuned_tasks}

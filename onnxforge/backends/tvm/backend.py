@@ -55,10 +55,11 @@ class TvmBackend(Backend):
     """Compile models with TVM Relax for `cpu`, `cuda[:sm_NN]` or `aarch64` and run them on its virtual machine.
 
     Settings in `options.extra`: `tune_trials` (MetaSchedule's trial budget; without it, TVM's default
-    schedules, dlight's on CUDA), `tune_records` (the records folder), `rpc` (`host:port:key` of an RPC tracker:
-    run and time the model on a server of that key instead of here), `cuda_graph` (`true` or `false`, CUDA
-    targets only: capture the launches between the first, which reads the inputs, and the last, which writes
-    the outputs, in a CUDA graph on the first run and replay it; default on, off when tuning).
+    schedules, dlight's on CUDA), `tune_records` (the records folder; given without `tune_trials`, its records
+    are applied and nothing is tuned), `rpc` (`host:port:key` of an RPC tracker: run and time the model on a
+    server of that key instead of here), `cuda_graph` (`true` or `false`, CUDA targets only, default on: capture
+    the launches between the first, which reads the inputs, and the last, which writes the outputs, in a CUDA
+    graph on the first run and replay it).
     """
 
     name = "tvm"
@@ -77,17 +78,11 @@ class TvmBackend(Backend):
         tuning = tuning_options(options.extra)
         cuda_graph = cuda_graph_option(options.extra, target)
         proto = _load(model)
-        _check_importable(proto)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # the importer prints what the error below says
-                module = from_onnx(proto, keep_params_in_input=False)
-            module = relax.transform.DecomposeOpsForInference()(module)
-        except Exception as exc:  # TVM raises its own error types (TVMError, InternalError, ...)
-            raise BackendError(f"TVM cannot import the model: {one_line(exc)}") from exc
+        module = relax_module(proto)
         if tuning is not None:
             from onnxforge.backends.tvm.tuning import compile_tuned  # MetaSchedule: loaded only when tuning
 
-            executable = compile_tuned(module, target.target, tuning, progress)
+            executable = compile_tuned(module, target.target, tuning, progress, cuda_graph)
         else:
             try:
                 # Read by RewriteCUDAGraph, one of the CUDA pipeline's finalization passes.
@@ -112,22 +107,34 @@ class TvmBackend(Backend):
         return compiled.load()
 
 
+def relax_module(proto: onnx.ModelProto) -> tvm.IRModule:
+    """The model as a Relax module, weights bound, ready to compile; BackendError naming what TVM cannot take."""
+    _check_importable(proto)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the importer prints what the error below says
+            module = from_onnx(proto, keep_params_in_input=False)
+        return relax.transform.DecomposeOpsForInference()(module)
+    except Exception as exc:  # TVM raises its own error types (TVMError, InternalError, ...)
+        raise BackendError(f"TVM cannot import the model: {one_line(exc)}") from exc
+
+
 SETTINGS = ("tune_trials", "tune_records", "rpc", "cuda_graph")
 SWITCHES = {"true": True, "false": False}
 
 
 def tuning_options(extra: Mapping[str, str]) -> TuningOptions | None:
-    """The tuning asked for in BackendOptions.extra (`tune_trials`, `tune_records`), or None."""
+    """The tuning asked for in BackendOptions.extra (`tune_trials`, `tune_records`; records alone: 0 trials, apply
+    them), or None."""
     unknown = sorted(set(extra) - set(SETTINGS))
     if unknown:
         raise BackendError(f"backend 'tvm' has no setting {', '.join(unknown)}; it knows {', '.join(SETTINGS)}")
-    if "tune_trials" not in extra:
+    records = extra.get("tune_records")
+    if "tune_trials" not in extra and not records:
         return None
     try:
-        trials = int(extra["tune_trials"])
+        trials = int(extra.get("tune_trials", 0))
     except ValueError:
         raise BackendError(f"tune trials must be a whole number, got {extra['tune_trials']!r}") from None
-    records = extra.get("tune_records")
     from onnxforge.backends.tvm.tuning import TuningOptions
 
     return TuningOptions(trials=trials, records=Path(records) if records else None)
@@ -135,18 +142,15 @@ def tuning_options(extra: Mapping[str, str]) -> TuningOptions | None:
 
 def cuda_graph_option(extra: Mapping[str, str], target: TvmTarget) -> bool:
     """Whether the model's launches are captured in CUDA graphs: `cuda_graph` of BackendOptions.extra, by default
-    on for CUDA targets compiled untuned (docs/tvm.md measures it); BackendError where it cannot apply."""
+    on for CUDA targets (docs/tvm.md measures it); BackendError where it cannot apply."""
     value = extra.get("cuda_graph")
     if value is None:
-        return target.device == "cuda" and "tune_trials" not in extra
+        return target.device == "cuda"
     if value.lower() not in SWITCHES:
         raise BackendError(f"cuda_graph takes true or false, got {value!r}")
     enabled = SWITCHES[value.lower()]
     if enabled and target.device != "cuda":
         raise BackendError(f"cuda_graph is a setting of CUDA targets; target {target.name} runs on the CPU")
-    if enabled and "tune_trials" in extra:
-        # MetaSchedule's compile_relax builds in a pass context of its own, which drops the CUDA graph switch.
-        raise BackendError("cuda_graph=true cannot be combined with tuning yet")
     return enabled
 
 

@@ -36,7 +36,7 @@ def load(library: str | Path) -> tuple[VirtualMachine, tvm.runtime.Device, dict]
     if meta.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"{metadata_path(library)} is not an onnxforge TVM artifact description")
     if meta["device"] == "cuda":
-        _enable_cuda_runtime()
+        enable_cuda_runtime()
         device = tvm.cuda(0)
         if not device.exist:
             raise RuntimeError("this artifact runs on a CUDA GPU, and TVM finds none here")
@@ -82,7 +82,7 @@ def random_inputs(meta: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return inputs
 
 
-def _enable_cuda_runtime() -> None:
+def enable_cuda_runtime() -> None:
     """Make a runtime-only TVM (no libtvm_compiler.so) able to load CUDA modules.
 
     Its CUDA device and module loader live in libraries it does not load by itself; and compiling the kept

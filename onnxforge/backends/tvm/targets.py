@@ -13,6 +13,8 @@ from onnxforge.errors import BackendError
 
 TARGET_NAMES = ("cpu", "cuda", "aarch64")
 DEFAULT_CUDA_ARCH = "sm_90"  # the lent GPU machine's H100; `cuda:sm_80` for an A100
+# Limits that every NVIDIA GPU since Volta shares; MetaSchedule's CUDA rules and checks need them in the target.
+CUDA_LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49152, "registers_per_block": 65536}
 AARCH64_COMPILER = "aarch64-linux-gnu-gcc"  # Debian's gcc-aarch64-linux-gnu
 
 
@@ -57,7 +59,7 @@ def resolve_target(name: str, threads: int | None = None) -> TvmTarget:
         arch = detail or DEFAULT_CUDA_ARCH
         if not arch.startswith("sm_") or not arch[3:].isdigit():
             raise BackendError(f"unknown CUDA architecture {arch!r}; write it like cuda:sm_90")
-        cuda = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+        cuda = tvm.target.Target({"kind": "cuda", "arch": arch, **CUDA_LIMITS}, host={"kind": "llvm"})
         return TvmTarget(name, cuda, device="cuda", machine=platform.machine())
     if kind == "aarch64" and not detail:
         arm = tvm.target.Target(
