@@ -71,6 +71,12 @@ def judge_and_time(
     """Add to each variant with a model its agreement with fp32 (the first variant) on the held-out inputs,
     its size under `size`'s name, and its latency (`latency`: the statistics of all its runs) and speedup from one
     interleaved run of all of them."""
+    time_together(case, variants, judge(case, variants, size), timing)
+
+
+def judge(case: TrainedCase, variants: dict[str, dict], size: tuple[str, Callable[[Path], int]]) -> dict:
+    """Add to each variant with a model its agreement with fp32 (the first variant) on the held-out inputs and its
+    size under `size`'s name; return the onnxruntime session of each, by label, for `time_together`."""
     usable = [label for label, v in variants.items() if v["path"] is not None]
     sessions = {label: ort_session(variants[label]["path"], settings=variants[label].get("session")) for label in usable}
     reference = case.evaluate(sessions[usable[0]])
@@ -78,8 +84,14 @@ def judge_and_time(
     for label in usable:
         variants[label]["agreement"] = case.agreement(reference, case.evaluate(sessions[label]))
         variants[label][name] = measure(Path(variants[label]["path"]))
-    timed = interleaved_timing([sessions[label] for label in usable], case.timing_feed, timing)
-    for label, summary in zip(usable, timed):
+    return sessions
+
+
+def time_together(case: TrainedCase, variants: dict[str, dict], sessions: dict, timing: Timing) -> None:
+    """Time `sessions` (label -> session, fp32's first) in one interleaved run on the case's timing feed; add to each
+    variant its latency (`latency`: the statistics of all its runs) and speedup against fp32."""
+    timed = interleaved_timing(list(sessions.values()), case.timing_feed, timing)
+    for label, summary in zip(sessions, timed):
         variants[label].update(
             median_ms=summary["stats"]["median_ms"],
             latency=summary["stats"],

@@ -12,9 +12,12 @@ recognizer, which needs its recorded speech: benchmarks/README.md) the variants 
 `cleanup,fuse,quant` with the case's calibration samples as --data, at the default budget; onnxruntime's
 quantize_dynamic and quantize_static (ort_quantization.py) and, on the transformer, its transformer optimizer; every
 mode (--quick: one) of every peer (peers.py: each in a virtual environment of its own; a peer that does not install,
-or has no driver there, is reported with the reason). Each optimization runs in a fresh Python process, where its
-wall time and peak memory are measured. Then every model is judged on the case's held-out inputs against fp32, and all of a case's models are timed
-together in interleaved blocks (case_variants.judge_and_time).
+or has no driver there, is reported with the reason). Each optimization runs in a fresh process (forked from a
+server that has imported this module), where its wall time, CPU time and peak memory are measured: onnxforge's alone,
+the others one at a time (--quick: two at a time, their wall times then sharing the cores). Then every model is judged
+on the case's held-out inputs against fp32, and all of a case's models are timed together in interleaved blocks
+(case_variants.judge and time_together), with nothing running beside. The JSON's setup keeps the suite's own seconds
+per step (each case's build, optimizations, judging and timing).
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ import logging
 import math
 import multiprocessing
 import os
+import resource
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from importlib.metadata import metadata, packages_distributions
 from pathlib import Path
@@ -41,7 +45,7 @@ import numpy as np
 import onnxruntime
 
 import peers
-from case_variants import judge_and_time, run_pipeline
+from case_variants import judge, run_pipeline, time_together
 from cases import CASE_BUILDERS, CASE_PACKAGES, missing_packages, trained_cases
 from cases.packages import package_version
 from cases.trained_case import TrainedCase
@@ -75,9 +79,15 @@ PEER_NAMES = ("onnxsim", "onnxslim", "nncf", "quark", "olive", "inc")
 QUICK_MODES = {
     "onnxsim": "static", "onnxslim": "slim", "nncf": "static", "quark": "static", "olive": "static", "inc": "static"
 }
+# The peers whose optimizations take longest here (Olive's start-up, Quark's calibration), longest first.
+LONGEST_PEERS = ("olive", "quark")
 SEARCH_TIMEOUT_S = 300  # what a peer's searching mode may take (onnxsim auto, NNCF accuracy control, INC tune)
+# --quick runs the optimizations of the tools other than onnxforge two at a time (their wall times then share the
+# cores); onnxforge's, which times its candidates, always runs alone, and nothing runs beside judging and timing.
+QUICK_CONCURRENCY = 2
 QUICK_TIMING = Timing(blocks=4, block_s=0.1, min_runs=3, warmup=3)
 FULL_TIMING = Timing(blocks=15, block_s=0.3, min_runs=3, warmup=3)
+FORKS = multiprocessing.get_context("forkserver")  # where each optimization's fresh process comes from (measured)
 KIND_STYLES = {  # plot marker and colour of each kind of variant
     "fp32": ("s", "black"),
     "onnxforge": ("*", "tab:red"),
@@ -144,20 +154,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_suite(cases: Iterable[TrainedCase], peer_names: Sequence[str], quick: bool, work: Path) -> dict:
-    """Bench each case against fp32; return what the JSON holds: the setup (date, timing, length, load average),
-    the machine and versions (each peer's pinned requirements, or why it is not run), and one result per case."""
+    """Bench each case against fp32; return what the JSON holds: the setup (date, timing, length, load average, the
+    suite's own seconds per step), the machine and versions (each peer's pinned requirements, or why it is not run),
+    and one result per case."""
     started, loads = time.perf_counter(), [os.getloadavg()[0]]
     timing = QUICK_TIMING if quick else FULL_TIMING
+    concurrency = QUICK_CONCURRENCY if quick else 1
     # Installs each peer's environment on its first use (minutes): before any optimization is timed.
     not_run = {name: peer_failure(name) for name in peer_names}
+    step_seconds: dict[str, float | dict] = {"peer environments": round(time.perf_counter() - started, 1)}
+    mark = time.perf_counter()
+    start_fork_server()
+    step_seconds["fork server"] = round(time.perf_counter() - mark, 1)
     work.mkdir(parents=True, exist_ok=True)
-    results = [bench_case(case, timing, work, not_run, quick, loads) for case in cases]
+    results = []
+    for built_s, case in timed(cases):
+        result, step_seconds[case.name] = bench_case(case, timing, work, not_run, quick, loads)
+        step_seconds[case.name] = {"build": round(built_s, 1), **step_seconds[case.name]}
+        print(f"  {case.name}: {step_seconds[case.name]} s", file=sys.stderr, flush=True)
+        results.append(result)
     loads.append(os.getloadavg()[0])
     setup = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": quick,
         "timing": dataclasses.asdict(timing),
+        "concurrent_optimizations": concurrency,
+        "onnxforge_budget": DEFAULT_BUDGET,
         "seconds_total": round(time.perf_counter() - started, 1),
+        "step_seconds": step_seconds,
         # Sampled at the start, after each optimization and at the end: other processes share the cores.
         "load_average_1min": {"start": loads[0], "end": loads[-1], "max": max(loads), "samples": len(loads)},
     }
@@ -165,6 +189,17 @@ def run_suite(cases: Iterable[TrainedCase], peer_names: Sequence[str], quick: bo
         name: {"requirements": list(peers.REQUIREMENTS.get(name, ())), "not_run": not_run[name]} for name in peer_names
     }}
     return {"setup": setup, "environment": env, "results": results}
+
+
+def timed(items: Iterable) -> Iterator[tuple[float, object]]:
+    """Each item of `items` with the seconds its iterator took to give it (a lazily built case: its build)."""
+    iterator = iter(items)
+    while True:
+        started = time.perf_counter()
+        item = next(iterator, StopIteration)
+        if item is StopIteration:
+            return
+        yield time.perf_counter() - started, item
 
 
 def peer_failure(name: str) -> str | None:
@@ -175,22 +210,41 @@ def peer_failure(name: str) -> str | None:
 
 
 def bench_case(
-    case: TrainedCase, timing: Timing, work: Path, not_run: dict[str, str | None], quick: bool, loads: list[float]
-) -> dict:
-    """Make every variant of one case, each in a fresh process; judge each on the held-out inputs and time them
-    all together."""
+    case: TrainedCase,
+    timing: Timing,
+    work: Path,
+    not_run: dict[str, str | None],
+    quick: bool,
+    loads: list[float],
+) -> tuple[dict, dict[str, float]]:
+    """Make every variant of one case, each in a fresh process (onnxforge's alone, the others one at a time, or
+    QUICK_CONCURRENCY at a time when `quick`); judge each on the held-out inputs and time them all together. Returns
+    the case's result and the seconds of each of these steps."""
     started = time.perf_counter()
     variants: dict[str, dict] = {"fp32": {"kind": "fp32", "tool": "as shipped", "path": case.model_path}}
-    for step in optimizations(case, work, [name for name, why in not_run.items() if why is None], quick):
-        print(f"  {case.name}: {step.label} ...", file=sys.stderr, flush=True)
-        variants[step.label] = {"kind": step.kind, "tool": step.tool, **measured(step)}
-        loads.append(os.getloadavg()[0])
+    steps = optimizations(case, work, [name for name, why in not_run.items() if why is None], quick)
+    seconds = {}
+    for kind, group, workers in (("onnxforge", True, 1), ("other tools", False, QUICK_CONCURRENCY if quick else 1)):
+        chosen = [step for step in steps if (step.kind == "onnxforge") == group]
+        mark = time.perf_counter()
+        order = longest_first(chosen)
+        with ThreadPoolExecutor(workers) as pool:  # started in that order
+            runs = pool.map(lambda step: run_step(case.name, step, started, loads), order)
+            made = dict(zip([step.label for step in order], runs))
+        seconds[kind] = round(time.perf_counter() - mark, 1)
+        variants.update({step.label: {"kind": step.kind, "tool": step.tool, **made[step.label]} for step in chosen})
+    note_overlaps(variants)
     for name, why in not_run.items():
         if why is not None:
             variants[name] = {"kind": "peer", "tool": peers.PEERS.get(name, name), "path": None, "failure": why}
-    judge_and_time(case, variants, timing, ("bytes", file_bytes))
+    mark = time.perf_counter()
+    sessions = judge(case, variants, ("bytes", file_bytes))
+    seconds["judge"] = round(time.perf_counter() - mark, 1)
+    mark = time.perf_counter()
+    time_together(case, variants, sessions, timing)
+    seconds["time"] = round(time.perf_counter() - mark, 1)
     task = TASK_METRICS.get(case.name)
-    return {
+    result = {
         "case": case.name,
         "family": FAMILIES.get(case.name, ""),
         "description": case.description,
@@ -200,6 +254,39 @@ def bench_case(
         "variants": variants,
         "seconds": round(time.perf_counter() - started, 1),  # its optimizations, judging and timing
     }
+    return result, seconds
+
+
+def longest_first(steps: Sequence[Optimization]) -> list[Optimization]:
+    """`steps` with the peers that take longest (LONGEST_PEERS) first: started first, they leave the short ones to
+    fill the other worker, and the workers end together."""
+    def rank(step: Optimization) -> int:
+        name = step.label.split()[0] if step.kind == "peer" else ""
+        return LONGEST_PEERS.index(name) if name in LONGEST_PEERS else len(LONGEST_PEERS)
+
+    return sorted(steps, key=rank)
+
+
+def run_step(case_name: str, step: Optimization, started: float, loads: list[float]) -> dict:
+    """`measured(step)` with `window_s`: when its process started and ended, in seconds after `started`; samples the
+    load average after it."""
+    print(f"  {case_name}: {step.label} ...", file=sys.stderr, flush=True)
+    begin = time.perf_counter() - started
+    made = measured(step)
+    made["window_s"] = [round(begin, 1), round(time.perf_counter() - started, 1)]
+    loads.append(os.getloadavg()[0])
+    outcome = "made a model" if made["path"] is not None else "failed"
+    print(f"  {case_name}: {step.label} {outcome} ({made['window_s'][1] - begin:.1f} s)", file=sys.stderr, flush=True)
+    return made
+
+
+def note_overlaps(variants: dict[str, dict]) -> None:
+    """Add `beside` to each variant made in a window: the labels of those whose processes ran at the same time."""
+    windows = {label: v["window_s"] for label, v in variants.items() if "window_s" in v}
+    for label, (begin, end) in windows.items():
+        variants[label]["beside"] = [
+            other for other, (b, e) in windows.items() if other != label and b < end and begin < e
+        ]
 
 
 def optimizations(case: TrainedCase, work: Path, peer_names: Sequence[str], quick: bool) -> list[Optimization]:
@@ -243,35 +330,62 @@ def optimizations(case: TrainedCase, work: Path, peer_names: Sequence[str], quic
     return steps
 
 
-def measured(step: Optimization) -> dict:
-    """Run one optimization in a fresh Python process: its model's path, why it failed (None if it did not), its wall
-    time there and its peak memory (the largest resident set of that process or, for a peer, of the peer's own
-    processes)."""
+def start_fork_server() -> None:
+    """Start the process that every optimization's process is forked from (`measured`), with this module imported:
+    once, before anything is measured, so that no optimization waits for the 2 s of imports a spawned Python needs."""
+    FORKS.set_forkserver_preload([__name__])
+    # The server imports the module by name, and Python 3.11's ignores our sys.path (a preload that fails to import
+    # is skipped in silence, and each forked process would import it again): it finds this folder by PYTHONPATH.
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), *([saved] if saved else [])])
     try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=quiet) as pool:
-            result, seconds, own_kib, below_kib = pool.submit(_measure, step.run, step.args).result()
+        with ProcessPoolExecutor(1, mp_context=FORKS) as pool:  # returns once the server has its imports and forks
+            pool.submit(os.getpid).result()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+def measured(step: Optimization) -> dict:
+    """Run one optimization in a fresh process, forked from the fork server (`start_fork_server`), which has
+    imported this module and run nothing: its model's path, why it failed (None if it did not), its wall time and CPU
+    time there (of that process and the processes it started) and its peak memory (the largest resident set of that
+    process or, for a peer, of the peer's own processes)."""
+    try:
+        with ProcessPoolExecutor(1, mp_context=FORKS, initializer=quiet) as pool:
+            result, seconds, cpu, own_kib, below_kib = pool.submit(_measure, step.run, step.args).result()
     except BrokenProcessPool as died:  # killed for memory, or crashed in native code
         return {"path": None, "failure": f"the optimizing process died: {died}", "seconds": None}
     fields = {"path": result.model_path, "failure": result.failure} if isinstance(result, OrtQuantized) else result
     peak_kib = below_kib if step.own_process else max(own_kib, below_kib)
-    return {**fields, "seconds": round(seconds, 1), "peak_memory_mb": round(peak_kib * 1024 / 1e6, 1)}
+    return {**fields, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+            "peak_memory_mb": round(peak_kib * 1024 / 1e6, 1)}
 
 
-def _measure(run: Callable, args: tuple) -> tuple[OrtQuantized | dict, float, int, int]:
-    """In the fresh process: `run(*args)` (a failure is a result too), its seconds, and the peak resident sets in KiB
-    of this process and of the largest process it started."""
+def _measure(run: Callable, args: tuple) -> tuple[OrtQuantized | dict, float, float, int, int]:
+    """In the fresh process: `run(*args)` (a failure is a result too), its wall and CPU seconds, and the peak resident
+    sets in KiB of this process and of the largest process it started."""
     # Not getrusage's ru_maxrss: a process started by fork and exec reports at least the resident set of its parent
-    # at the fork. VmHWM counts from the exec.
+    # at the fork. VmHWM counts from the exec, or in this forked process from the resident set at the fork (what the
+    # fork server's imports hold, as a spawned Python would after importing them).
     below = DescendantPeaks(os.getpid())
     below.start()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     try:
         result = run(*args)
     except Exception as exc:  # noqa: BLE001 - a tool that fails on a model is a result of the benchmark
         result = {"path": None, "failure": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     below.stop()
-    return result, seconds, peak_resident_kib(os.getpid()), below.peak_kib
+    return result, seconds, cpu, peak_resident_kib(os.getpid()), below.peak_kib
+
+
+def cpu_seconds() -> float:
+    """User and system CPU seconds of this process and of the children it waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 class DescendantPeaks(threading.Thread):
@@ -393,12 +507,15 @@ def markdown(payload: dict, stem: str) -> str:
     setup, env = payload["setup"], payload["environment"]
     load = setup["load_average_1min"]
     timing = setup["timing"]
+    concurrency = setup.get("concurrent_optimizations", 1)
     lines = ["# Benchmarks", ""]
     if setup["quick"]:
         lines += [
-            f"> **The quick run.** These are the results of `python -m benchmarks --quick`: one mode per peer and "
-            f"{timing['blocks']} timing rounds. `python -m benchmarks` (the full suite) rewrites this page with every "
-            f"mode of every peer and {FULL_TIMING.blocks} rounds.",
+            f"> **The quick run.** These are the results of `python -m benchmarks --quick`: one mode per peer, "
+            f"{timing['blocks']} timing rounds"
+            + (f", and the tools other than onnxforge optimizing {concurrency} at a time" if concurrency > 1 else "")
+            + f". `python -m benchmarks` (the full suite) rewrites this page with every mode of every peer, "
+            f"{FULL_TIMING.blocks} rounds and one optimization at a time.",
             "",
         ]
     lines += [
@@ -424,11 +541,13 @@ def markdown(payload: dict, stem: str) -> str:
         "",
         "## How it is measured",
         "",
-        "- **Optimization**: each tool runs in a fresh Python process; its wall time and peak memory (the largest "
-        "resident set of that process, or of the peer's own processes) are measured there. onnxforge runs "
-        f"`{PIPELINE}` with the case's calibration samples as `--data` at the default budget ({DEFAULT_BUDGET}); "
+        "- **Optimization**: each tool runs in a fresh process (forked from one that has only imported the suite's "
+        "modules; a peer runs in its own Python beneath it); its wall time and peak memory (the largest resident set "
+        "of that process, or of the peer's own processes) are measured there. onnxforge runs "
+        f"`{PIPELINE}` with the case's calibration samples as `--data` at the default budget "
+        f"({setup.get('onnxforge_budget', DEFAULT_BUDGET)}); "
         "the peers calibrate on the first three quarters of those samples and validate on the last, as onnxforge's "
-        "`quant` does.",
+        "`quant` does. " + concurrency_note(concurrency),
         "- **Agreement**: every model is run on held-out inputs that no tool saw, and compared with fp32 by the "
         "case's measure; the task metric, where the case has labels, is measured against them.",
         f"- **Latency**: batch 1, onnxruntime's CPU provider at graph optimization `all`, its default threads, thread "
@@ -449,6 +568,7 @@ def markdown(payload: dict, stem: str) -> str:
         lines.append(f"| {result['case']} | {result['family']} | {package} | {source.get('license', '')} |")
     for case_name, why in setup.get("skipped", {}).items():
         lines.append(f"| {case_name} | {FAMILIES.get(case_name, '')} | skipped: {why} | |")
+    lines += suite_time_table(payload)
     for result in payload["results"]:
         lines += ["", f"## {result['case']}", "", f"{result['description']}. Optimized, judged and timed in "
                   f"{result['seconds']:.0f} s.", ""]
@@ -468,7 +588,7 @@ def case_table(result: dict) -> list[str]:
     ]
     fp32 = next(iter(result["variants"].values()))
     for label, v in result["variants"].items():
-        made = [_memory(v), f"{v['seconds']} s" if v.get("seconds") is not None else ""]
+        made = [_memory(v), _seconds(v)]
         if v["path"] is None:
             failure = v["failure"] if len(v["failure"]) <= 200 else v["failure"][:200] + "... (the JSON has it all)"
             failure = failure.replace("|", "\\|")  # peers' error tails join their lines with |
@@ -491,6 +611,50 @@ def case_table(result: dict) -> list[str]:
 def _ms(value: float) -> str:
     """Three significant digits, trailing zeros kept: 37.1, 1.00, 0.0660."""
     return f"{value:.{max(0, 2 - math.floor(math.log10(value)))}f}" if value > 0 else "0"
+
+
+def concurrency_note(concurrency: int) -> str:
+    """How the optimizations shared the machine, as the page says it."""
+    if concurrency == 1:
+        return "One optimization ran at a time."
+    return (
+        f"onnxforge's optimization ran alone (it times its candidates); the other tools' ran {concurrency} at a time, "
+        "so their wall times share the cores with another tool's (the time column marks those that did: shared); "
+        "nothing ran beside the judging and the timing."
+    )
+
+
+def suite_time_table(payload: dict) -> list[str]:
+    """The suite's own time per step: the peers' environments, then per case its build, onnxforge's optimization,
+    the other tools', the judging and the timing (absent from results saved before they were recorded)."""
+    steps = payload["setup"].get("step_seconds")
+    if not steps:
+        return []
+    concurrency = payload["setup"].get("concurrent_optimizations", 1)
+    others = f"other tools ({concurrency} at a time)" if concurrency > 1 else "other tools"
+    lines = [
+        "",
+        "## Where the suite's time goes",
+        "",
+        f"Seconds of wall time per step of this run ({payload['setup']['seconds_total']:.0f} s in all). Before the "
+        f"first case, the peers' environments were checked (installed on first use) in {steps['peer environments']:.1f}"
+        f" s and the process the optimizations are forked from was started in {steps.get('fork server', 0):.1f} s.",
+        "",
+        f"| case | building the case | onnxforge | {others} | judging | timing | total |",
+        "|---" * 7 + "|",
+    ]
+    columns = ("build", "onnxforge", "other tools", "judge", "time")
+    rows = [(result["case"], [steps[result["case"]][column] for column in columns]) for result in payload["results"]]
+    rows.append(("all cases", [sum(cells[i] for _, cells in rows) for i in range(len(columns))]))
+    for name, cells in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {sum(cells):.1f} |")
+    return lines
+
+
+def _seconds(variant: dict) -> str:
+    if variant.get("seconds") is None:
+        return ""
+    return f"{variant['seconds']} s" + (", shared" if variant.get("beside") else "")
 
 
 def _memory(variant: dict) -> str:

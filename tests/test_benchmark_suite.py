@@ -58,6 +58,11 @@ def test_suite_writes_its_json_page_and_plots(tmp_path, monkeypatch):
     payload = suite.run_suite([small_case(tmp_path)], ["openvino"], quick=True, work=tmp_path)
     setup, env, (result,) = payload["setup"], payload["environment"], payload["results"]
     assert setup["quick"] and setup["timing"]["blocks"] == suite.QUICK_TIMING.blocks
+    assert setup["concurrent_optimizations"] == suite.QUICK_CONCURRENCY
+    steps = setup["step_seconds"]  # the suite's own time, per step
+    assert {"peer environments", "fork server", "mlp"} <= set(steps)
+    assert set(steps["mlp"]) == {"build", "onnxforge", "other tools", "judge", "time"}
+    assert all(seconds >= 0 for seconds in steps["mlp"].values())
     assert {"start", "end", "max", "samples"} <= set(setup["load_average_1min"])
     assert env["cpu_count"] >= 1 and env["numpy"] == np.__version__ and env["onnxruntime"]
     no_driver = "benchmarks/peers.py has no driver for openvino"
@@ -76,6 +81,8 @@ def test_suite_writes_its_json_page_and_plots(tmp_path, monkeypatch):
     assert "| openvino (its own environment) | not run: benchmarks/peers.py has no driver for openvino |" in text
     assert "| openvino | failed: benchmarks/peers.py has no driver for openvino |" in text
     assert "![mlp: speed and agreement](suite-quick-mlp.svg)" in text
+    assert "## Where the suite's time goes" in text and "| case | building the case | onnxforge |" in text
+    assert any(line.startswith("| mlp | ") and line.count("|") == 8 for line in text.splitlines())
     svg = (tmp_path / "suite-quick-mlp.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "<!-- fp32 -->" in svg
 
@@ -92,9 +99,10 @@ def test_peak_memory_is_the_tools_own():
     step = suite.Optimization("allocate", "peer", "holds 100 MiB", allocate_in_a_process, (100,), own_process=True)
     made = suite.measured(step)
     assert 100 * 1.048 < made["peak_memory_mb"] < 160 and made["seconds"] >= 0.5
+    assert 0 < made["cpu_seconds"] < made["seconds"]  # the child's CPU time counts; it mostly sleeps
 
 
-@pytest.mark.slow  # four fresh Python processes and onnxforge's quant: about 15 s
+@pytest.mark.slow  # four fresh processes and onnxforge's quant: about 15 s
 def test_every_optimization_is_measured_in_a_process_of_its_own(tmp_path):
     payload = suite.run_suite([small_case(tmp_path)], [], quick=True, work=tmp_path)
     variants = payload["results"][0]["variants"]
@@ -106,8 +114,13 @@ def test_every_optimization_is_measured_in_a_process_of_its_own(tmp_path):
         assert made["latency"]["min_ms"] <= made["latency"]["median_ms"] <= made["latency"]["p90_ms"]
         assert made["speedup"] > 0 and made["bytes"] > 0 and made["agreement"]["worst_cosine"] > 0.9
         if label != "fp32":
-            assert made["seconds"] >= 0 and 10 < made["peak_memory_mb"] < 4000
+            assert made["seconds"] >= 0 and made["cpu_seconds"] > 0 and 10 < made["peak_memory_mb"] < 4000
+            assert made["window_s"][0] <= made["window_s"][1]
     assert payload["setup"]["load_average_1min"]["samples"] == 5  # at the start, after each optimization, at the end
+    # --quick: onnxforge's run had the machine to itself; the other tools ran two at a time.
+    onnxforge = variants["onnxforge cleanup,fuse,quant"]
+    assert onnxforge["beside"] == [] and onnxforge["window_s"][1] <= variants["onnxruntime quantize_dynamic"]["window_s"][0]
+    assert variants["onnxruntime quantize_dynamic"]["beside"] == ["onnxruntime quantize_static"]
 
     suite.write_page(payload, tmp_path / "page.md")
     rows = [line for line in (tmp_path / "page.md").read_text().splitlines() if line.startswith("| onnxforge ")]
