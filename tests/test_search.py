@@ -225,10 +225,12 @@ def test_starting_points_step_back_as_optimize_does_and_sampled_candidates_do_no
 def test_the_fastest_candidates_models_are_kept_as_their_trials_built_them(tmp_path):
     model, data = _mlp(tmp_path / "mlp.onnx"), _data(tmp_path / "data.npz")
     samples = load_samples(data, onnx.load(str(model)))
-    evaluator = Evaluator(ModelFile.load(model), samples, Budget.parse("cosine=0.99"), timing=FAST)
+    # A budget int8 keeps whatever quant's timing chooses (7-bit weights, on a CPU without VNNI, came close to
+    # cosine 0.99 here and once left quant outside its share): this test is about the kept model, not the budget.
+    evaluator = Evaluator(ModelFile.load(model), samples, Budget.parse("cosine=0.9"), timing=FAST)
     candidate = Candidate(("cleanup", "quant"), SessionSettings())
     evaluation = evaluator.evaluate(candidate)
-    assert evaluation.speedup is not None
+    assert evaluation.speedup is not None, evaluation.rejected
     kept = evaluator.kept(candidate)
     rebuilt, _ = evaluator.build(candidate, evaluation.decisions)
     assert kept.to_proto().SerializeToString() == rebuilt.to_proto().SerializeToString()
