@@ -37,6 +37,11 @@ class _Site:
     mask: gs.Variable | None  # the 2-D 0/1 mask input behind its attention bias
 
 
+def qattention_sites(model: Model) -> int:
+    """How many attention blocks of `model`'s main graph `to_qattention` would rewrite."""
+    return sum(_site(node) is not None for node in model.graph.nodes)
+
+
 def to_qattention(model: Model) -> int:
     """Rewrite every site of `model`'s main graph in place; return how many were rewritten."""
     graph = model.graph
@@ -84,9 +89,7 @@ def _site(attention: gs.Node) -> _Site | None:
     inputs = attention.inputs
     if len(inputs) < 4 or not inputs[3].name or not isinstance(inputs[3], gs.Constant):
         return None  # QAttention takes a bias, always
-    if any(t.name for t in inputs[4:5]) or len(inputs) > 6 or len(attention.outputs[1:]) and any(
-        o.name for o in attention.outputs[1:]
-    ):
+    if any(t.name for t in inputs[4:5]) or len(inputs) > 6 or any(o.name for o in attention.outputs[1:]):
         return None
     if set(attention.attrs) - {"num_heads", "scale"}:
         return None

@@ -14,7 +14,7 @@ from onnxforge.ir import Model
 from onnxforge.pipeline.acceptance import speedups_over
 from onnxforge.pipeline.context import PassContext
 from onnxforge.pipeline.decisions import Measured
-from onnxforge.passes.quantization.attention_int8 import to_qattention
+from onnxforge.passes.quantization.attention_int8 import qattention_sites, to_qattention
 from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
 from onnxforge.passes.quantization.regions import RegionBuilder
 from onnxforge.passes.quantization.rewrite import LayerFormat
@@ -216,11 +216,8 @@ def choose_regions(
                 prepared.clear()
                 prepared[tuple(current)] = runtime.prepare(builder.build({i: conv_format for i in current}))
             without = {i: conv_format for i in current if i != index}
-            speedups = speedups_over(
-                runtime, prepared[tuple(current)], [runtime.prepare(builder.build(without))], feed, min_gain,
-                standing=False,
-            )
-            return Measured(speedups.settled[0] >= min_gain, {"speedup": round(speedups.settled[0], 4)})
+            return _earns_its_place(ctx, prepared[tuple(current)], runtime.prepare(builder.build(without)), feed,
+                                    min_gain)
 
         decision = ctx.decide(f"region {index} ({region.describe()}) in float", measure, allowed=[True, False])
         result.replayed_from = result.replayed_from or decision.replayed_from
@@ -260,8 +257,7 @@ def gentler_verdict(
             runtime = ctx.runtime
             floated = runtime.prepare(builder.build({i: f for i, f in plan.items() if i not in gentler}))
             softened = runtime.prepare(builder.build({i: gentler.get(i, f) for i, f in plan.items()}))
-            speedups = speedups_over(runtime, floated, [softened], feed, min_gain, standing=False)
-            return Measured(speedups.settled[0] >= min_gain, {"speedup": round(speedups.settled[0], 4)})
+            return _earns_its_place(ctx, floated, softened, feed, min_gain)
 
         decision = ctx.decide("gentler formats instead of float", measure, allowed=[True, False])
         verdict.pays, verdict.replayed_from = decision.value, decision.replayed_from
@@ -277,10 +273,10 @@ def choose_attention_form(
     """`model`, or a copy with its int8 attention projections as onnxruntime's QAttention (`to_qattention`) when
     that runs faster by `min_gain` in two timings and computes the same outputs on `feed`; and a line that says
     which, None when the model has no such projection. A decision of `ctx`."""
+    if not qattention_sites(model):
+        return model, None
     fused = model.copy()
     count = to_qattention(fused)
-    if not count:
-        return model, None
 
     def measure() -> Measured:
         runtime = ctx.runtime
@@ -288,8 +284,7 @@ def choose_attention_form(
         outputs = [p.run(feed) for p in prepared]
         if not compare_outputs([outputs[0]], [outputs[1]]).within(_SAME_ATTENTION):
             return Measured(False, {"same_outputs": False})
-        speedups = speedups_over(runtime, prepared[0], prepared[1:], feed, min_gain, standing=False)
-        return Measured(speedups.settled[0] >= min_gain, {"speedup": round(speedups.settled[0], 4)})
+        return _earns_its_place(ctx, prepared[0], prepared[1], feed, min_gain)
 
     decision = ctx.decide("attention projections as QAttention", measure, allowed=[True, False])
     blocks = f"{count} attention block{'s' if count > 1 else ''}"
@@ -301,3 +296,12 @@ def choose_attention_form(
     else:
         timed = "its outputs differ"
     return (fused if decision.value else model), f"{what}: {timed}: {'taken' if decision.value else 'not taken'}"
+
+
+def _earns_its_place(
+    ctx: PassContext, standing: Any, change: Any, feed: Mapping[str, np.ndarray], min_gain: float
+) -> Measured:
+    """Whether the prepared model `change` runs faster than `standing` by `min_gain` in two timings
+    (`speedups_over`, where a change must earn its place), with the speedup it settled at."""
+    speedups = speedups_over(ctx.runtime, standing, [change], feed, min_gain, standing=False)
+    return Measured(speedups.settled[0] >= min_gain, {"speedup": round(speedups.settled[0], 4)})
