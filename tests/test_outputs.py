@@ -252,12 +252,17 @@ def test_commit_refuses_a_staged_file_that_would_replace_an_input(tmp_path):
 
 
 def test_sigint_during_a_deferred_block_arrives_when_the_block_ends():
+    # Python's own SIGINT handler, whatever the suite was started with: a shell's background job ignores SIGINT.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     finished = []
-    with pytest.raises(KeyboardInterrupt):
-        with signals_deferred():
-            signal.raise_signal(signal.SIGINT)
-            finished.append("block")
-        finished.append("after")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                signal.raise_signal(signal.SIGINT)
+                finished.append("block")
+            finished.append("after")
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
     assert finished == ["block"]
 
