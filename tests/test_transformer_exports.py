@@ -93,7 +93,15 @@ def test_fuse_fuses_every_attention_block_of_hugging_face_exports(name, exporter
     _fuses_every_block(name, exporter)
 
 
-@pytest.mark.parametrize("name, exporter", CI_CASES + HF_CASES)
+# Against onnxruntime's optimizer: every model's TorchScript export, and BERT's dynamo exports, in CI; the other
+# dynamo exports when slow (each of them is still fused block by block in CI by the test above).
+_SLOW_AGAINST_ORT = {("distilbert", "dynamo"), ("roberta", "dynamo"), ("vit", "dynamo"), ("whisper-encoder", "dynamo"),
+                     ("hubert", "dynamo")}
+ORT_CASES = [pytest.param(name, exporter, marks=pytest.mark.slow if (name, exporter) in _SLOW_AGAINST_ORT else ())
+             for name, exporter in CI_CASES + HF_CASES]
+
+
+@pytest.mark.parametrize("name, exporter", ORT_CASES)
 def test_fused_dynamic_export_has_at_least_the_fused_ops_of_onnxruntimes_optimizer(name, exporter, tmp_path,
                                                                                      monkeypatch):
     from onnxruntime.transformers.optimizer import optimize_model
