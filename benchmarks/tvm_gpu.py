@@ -20,13 +20,13 @@ max-autotune. Float32 is strict (TF32 off, as TVM computes). The results file is
 a run stopped at its time limit keeps what it measured. The measuring side imports neither onnxforge nor onnx.
 A bundle must stay under the GPU machine's 64 MiB per call: each artifact embeds its weights (the encoder's
 fp32 ones are 19 MB), so pack the models and variants in several bundles when all do not fit. Variants
-`fp32-tuned` and `fp32-tuned-graph` compile with the MetaSchedule records of --records (default
+`fp32-tuned`, `fp16-tuned` and their `-graph` forms compile with the MetaSchedule records of --records (default
 benchmarks/results/tvm-records).
 
 Tuning for the GPU, candidates built here and measured there, one device call per round (docs/tvm.md):
 
-    python benchmarks/tvm_gpu.py tune build/gpu-tune --ffi-wheel PATH --trials N [--only matmul ...] [--batch 64]
-        [--records build/gpu-tune-records]
+    python benchmarks/tvm_gpu.py tune build/gpu-tune --ffi-wheel PATH --trials N [--model encoder]
+        [--half-passes fp16] [--only matmul ...] [--batch 64] [--records build/gpu-tune-records]
 
 runs in the background here: it writes `build/gpu-tune/runtime/` once and each round's candidates to
 `build/gpu-tune/round-NNN/`, then waits for `results.json` in that folder. On the GPU machine, per round:
@@ -35,9 +35,9 @@ runs in the background here: it writes `build/gpu-tune/runtime/` once and each r
 
 and the results file goes back to `build/gpu-tune/round-NNN/results.json`. Then
 
-    python benchmarks/tvm_gpu.py keep build/gpu-tune-records/cuda-<hash> [--best 3]
+    python benchmarks/tvm_gpu.py keep build/gpu-tune-records/cuda-<hash> [more records folders] [--best 3]
 
-copies the best records of each task into benchmarks/results/tvm-records, which the repository keeps.
+copies the best records of each task (of every folder given) into benchmarks/results/tvm-records, which the repository keeps.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 MODELS = {"cnn": 1, "encoder": 1, "encoder32": 32}  # name: batch
 VARIANTS = {"fp32": (False, False), "fp32-graph": (False, True), "fp16": (True, False), "fp16-graph": (True, True),
-            "fp32-tuned": (False, False), "fp32-tuned-graph": (False, True)}  # name: (fp16, CUDA graphs)
+            "fp32-tuned": (False, False), "fp32-tuned-graph": (False, True),
+            "fp16-tuned": (True, False), "fp16-tuned-graph": (True, True)}  # name: (fp16, CUDA graphs)
 RECORDS = HERE / "results" / "tvm-records"
 TORCH_MODES = {"eager": None, "compile": "default", "compile reduce-overhead": "reduce-overhead",
                "compile max-autotune": "max-autotune"}
@@ -66,7 +67,7 @@ BUNDLE_LIMIT_MIB = 60  # what travels to the GPU machine per call (64 MiB) less 
 
 
 def pack(bundle: Path, arch: str, ffi_wheel: Path, models: list[str], variants: list[str],
-         records: Path = RECORDS) -> None:
+         records: Path = RECORDS, half_passes: str = "fp16") -> None:
     """Write the bundle: runtime-only TVM, the ffi wheel, the loader, per model its inputs and onnxruntime's
     outputs, per model and variant the artifact, and `manifest.json` listing them (and the models packed into
     the bundle before)."""
@@ -86,7 +87,7 @@ def pack(bundle: Path, arch: str, ffi_wheel: Path, models: list[str], variants: 
         inputs = random_inputs(skeleton_proto(model), seed=0)
         np.savez(bundle / f"{name}_inputs.npz", **inputs)
         np.savez(bundle / f"{name}_expected.npz", **ort.prepare(model).run(inputs))
-        half = optimize(model, "fp16", seed=0)[0] if any(VARIANTS[v][0] for v in variants) else None
+        half = optimize(model, half_passes, seed=0)[0] if any(VARIANTS[v][0] for v in variants) else None
         for variant in variants:
             fp16, graph = VARIANTS[variant]
             extra = {"cuda_graph": str(graph).lower()}
@@ -100,6 +101,7 @@ def pack(bundle: Path, arch: str, ffi_wheel: Path, models: list[str], variants: 
     if manifest.get("arch", arch) != arch:
         raise SystemExit(f"{bundle} holds models for {manifest['arch']}; pack {arch} into another bundle")
     manifest["arch"] = arch
+    manifest["half_passes"] = half_passes
     for name in models:  # variants packed into the bundle before stay listed
         before = manifest["models"].get(name, {}).get("variants", [])
         manifest["models"][name] = {"batch": MODELS[name], "variants": list(dict.fromkeys(before + variants))}
@@ -144,11 +146,14 @@ def _install_runtime(folder: Path, site: Path) -> None:
         archive.extractall(site, filter="data")
 
 
-def tune(bundle: Path, arch: str, ffi_wheel: Path, trials: int, only: list[str], records: Path, batch: int) -> None:
-    """Tune the encoder (batch 1, fp32) for `cuda:arch` into `records`, each round of candidates measured on the
-    GPU machine through `bundle` (see the module's docstring)."""
+def tune(bundle: Path, arch: str, ffi_wheel: Path, trials: int, only: list[str], records: Path, batch: int,
+         model_name: str = "encoder", half_passes: str | None = None) -> None:
+    """Tune a benchmark model (in float32, or after the passes `half_passes`, such as "fp16") for `cuda:arch`
+    into `records`, each round of candidates measured on the GPU machine through `bundle` (see the module's
+    docstring)."""
     import tvm
 
+    from onnxforge import optimize
     from onnxforge.backends.tvm.backend import relax_module
     from onnxforge.backends.tvm.targets import resolve_target
     from onnxforge.backends.tvm.tuning import TuningOptions, compile_tuned
@@ -157,33 +162,45 @@ def tune(bundle: Path, arch: str, ffi_wheel: Path, trials: int, only: list[str],
     import torch_models
 
     _pack_runtime(bundle / "runtime", ffi_wheel)
-    module = relax_module(_onnx_model("encoder", torch_models).to_proto())
+    model = _onnx_model(model_name, torch_models)
+    module = relax_module((optimize(model, half_passes, seed=0)[0] if half_passes else model).to_proto())
     options = TuningOptions(trials, records, rounds=bundle, only=tuple(only), batch=batch)
     target = resolve_target(f"cuda:{arch}").target
     compile_tuned(module, target, options, lambda line: print(line, flush=True))
     print(f"records: {options.records_folder(target)} (tvm {tvm.__version__})", flush=True)
 
 
-def keep_records(tuned: Path, kept: Path, best: int) -> None:
-    """Copy the `best` fastest records of each task from the records folder `tuned` (a target's `cuda-<hash>/`)
-    into a folder of the same name under `kept`: the small database the repository keeps."""
+def keep_records(tuned: list[Path], kept: Path, best: int) -> None:
+    """Copy the `best` fastest records of each task from the records folders `tuned` (each a target's
+    `cuda-<hash>/`, of one target: tuning runs of several models) into a folder of the same name under `kept`:
+    the small database the repository keeps."""
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
-    source = ms.database.JSONDatabase(work_dir=str(tuned), module_equality="structural")
-    (kept / tuned.name).mkdir(parents=True, exist_ok=True)
+    from onnxforge.backends.tvm.tuning import load_tensor_intrinsics, records_use_tensor_cores
+
+    if any(records_use_tensor_cores(folder) for folder in tuned):
+        load_tensor_intrinsics(("cuda",))  # before reading records that name them
+    names = {folder.name for folder in tuned}
+    if len(names) != 1:
+        raise SystemExit(f"the records folders are of different targets: {', '.join(sorted(names))}")
+    (kept / tuned[0].name).mkdir(parents=True, exist_ok=True)
     for name in ("database_workload.json", "database_tuning_record.json"):
-        (kept / tuned.name / name).unlink(missing_ok=True)
-    target = ms.database.JSONDatabase(work_dir=str(kept / tuned.name), module_equality="structural")
-    workloads = {}
-    for record in source.get_all_tuning_records():
-        workloads.setdefault(tvm_ffi.structural_hash(record.workload.mod), record.workload)
-    for workload in workloads.values():
-        committed = target.commit_workload(workload.mod)
-        for record in source.get_top_k(workload, best):
-            target.commit_tuning_record(ms.database.TuningRecord(
-                record.trace, committed, record.run_secs, record.target, record.args_info))
-    print(f"kept the best {best} records of {len(workloads)} tasks in {kept / tuned.name}")
+        (kept / tuned[0].name / name).unlink(missing_ok=True)
+    target = ms.database.JSONDatabase(work_dir=str(kept / tuned[0].name), module_equality="structural")
+    workloads = 0
+    for folder in tuned:
+        source = ms.database.JSONDatabase(work_dir=str(folder), module_equality="structural")
+        found = {}
+        for record in source.get_all_tuning_records():
+            found.setdefault(tvm_ffi.structural_hash(record.workload.mod), record.workload)
+        for workload in found.values():
+            committed = target.commit_workload(workload.mod)
+            for record in source.get_top_k(workload, best):
+                target.commit_tuning_record(ms.database.TuningRecord(
+                    record.trace, committed, record.run_secs, record.target, record.args_info))
+        workloads += len(found)
+    print(f"kept the best {best} records of {workloads} tasks in {kept / tuned[0].name}")
 
 
 def measure_round(folder: Path, runtime: Path, out: Path) -> None:
@@ -228,7 +245,8 @@ def measure(bundle: Path, out: Path, torch_models_to_time: list[str] | None, tor
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     results = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "repeats": REPEATS,
-               "date": datetime.date.today().isoformat(), "models": {}}
+               "date": datetime.date.today().isoformat(), "half_passes": manifest.get("half_passes", "fp16"),
+               "models": {}}
     for name, packed in manifest["models"].items():
         inputs = dict(np.load(bundle / f"{name}_inputs.npz"))
         expected = dict(np.load(bundle / f"{name}_expected.npz"))
@@ -332,7 +350,10 @@ def main() -> None:
                            help="time PyTorch in these modes only (default: all; max-autotune of the CNN's "
                                 "convolutions takes minutes)")
     packing.add_argument("--records", type=Path, default=RECORDS, help="tuning records of the -tuned variants")
-    tuning = commands.add_parser("tune", help="here: tune the encoder, each round measured on the GPU machine")
+    packing.add_argument("--half-passes", default="fp16",
+                         help="the passes of the fp16 variants (default fp16; fp16:convert=Softmax+"
+                              "LayerNormalization computes those in half precision too)")
+    tuning = commands.add_parser("tune", help="here: tune a model, each round measured on the GPU machine")
     tuning.add_argument("bundle", type=Path, help="folder of the runtime and the rounds")
     tuning.add_argument("--arch", default="sm_90")
     tuning.add_argument("--ffi-wheel", type=Path, required=True)
@@ -340,8 +361,11 @@ def main() -> None:
     tuning.add_argument("--only", nargs="*", default=[], help="tune only the tasks whose name contains one of these")
     tuning.add_argument("--records", type=Path, default=RECORDS)
     tuning.add_argument("--batch", type=int, default=64, help="candidates of each task per round (default 64)")
+    tuning.add_argument("--model", choices=MODELS, default="encoder", help="default: the encoder at batch 1")
+    tuning.add_argument("--half-passes", help="tune the model after these passes (fp16, as pack's fp16 variants)")
     keeping = commands.add_parser("keep", help="here: copy the best records of each task into the repository's")
-    keeping.add_argument("tuned", type=Path, help="a target's records folder (cuda-<hash>) written by tune")
+    keeping.add_argument("tuned", type=Path, nargs="+",
+                         help="a target's records folders (cuda-<hash>) written by tune, of one model or several")
     keeping.add_argument("--records", type=Path, default=RECORDS)
     keeping.add_argument("--best", type=int, default=3)
     measuring_round = commands.add_parser("round", help="on the GPU machine: measure one round of candidates")
@@ -350,9 +374,10 @@ def main() -> None:
     measuring_round.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "pack":
-        pack(args.bundle, args.arch, args.ffi_wheel, args.models, args.variants, args.records)
+        pack(args.bundle, args.arch, args.ffi_wheel, args.models, args.variants, args.records, args.half_passes)
     elif args.command == "tune":
-        tune(args.bundle, args.arch, args.ffi_wheel, args.trials, args.only, args.records, args.batch)
+        tune(args.bundle, args.arch, args.ffi_wheel, args.trials, args.only, args.records, args.batch, args.model,
+             args.half_passes)
     elif args.command == "keep":
         keep_records(args.tuned, args.records, args.best)
     elif args.command == "round":

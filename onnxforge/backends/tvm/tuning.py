@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 import time
 import types
@@ -99,7 +100,7 @@ def compile_tuned(
         raise BackendError(f"no tuning records for {target.kind.name} in {folder}; tune with some trials first")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with _tensor_intrinsics(target, _uses_half(module)):
+        with _tensor_intrinsics(target, _uses_half(module) or records_use_tensor_cores(folder)):
             database = ms.database.JSONDatabase(work_dir=str(folder), module_equality="structural")
             if options.trials:
                 _tune_pending(module, target, options, database, folder, say)
@@ -208,7 +209,7 @@ def _tune(
     counter = _TrialCounter([task.task_name for task in tasks], say)
     # Builder workers are fresh processes for every batch: let them register no tensor intrinsics (the
     # schedules come to them applied) or, for a CPU, only that CPU's.
-    load_intrinsics = functools.partial(_load_tensor_intrinsics, _intrinsic_modules(target, half=False))
+    load_intrinsics = functools.partial(load_tensor_intrinsics, _intrinsic_modules(target, half=False))
     if rounds is None:
         builder = ms.builder.LocalBuilder(max_workers=cores, initializer=load_intrinsics)
         runner, scheduler = ms.runner.LocalRunner(), "gradient"
@@ -326,7 +327,7 @@ def _tensor_intrinsics(target: tvm.target.Target, half: bool) -> Iterator[None]:
     """
     modules = _intrinsic_modules(target, half)
     stand_in = modules is not None and _TENSOR_INTRIN not in sys.modules
-    _load_tensor_intrinsics(modules)
+    load_tensor_intrinsics(modules)
     try:
         yield
     finally:
@@ -334,7 +335,7 @@ def _tensor_intrinsics(target: tvm.target.Target, half: bool) -> Iterator[None]:
             del sys.modules[_TENSOR_INTRIN]
 
 
-def _load_tensor_intrinsics(modules: tuple[str, ...] | None) -> None:
+def load_tensor_intrinsics(modules: tuple[str, ...] | None) -> None:
     """Register the tensor intrinsics of these modules of tvm.s_tir.tensor_intrin, or of all of them (None)."""
     if modules is None:
         importlib.import_module(_TENSOR_INTRIN)
@@ -353,6 +354,13 @@ def _intrinsic_modules(target: tvm.target.Target, half: bool) -> tuple[str, ...]
         return ("cuda",) if half else ()
     module = _CPU_INTRINSICS.get(_cpu_arch(target) or "")
     return None if module is None else (module,)
+
+
+def records_use_tensor_cores(folder: Path) -> bool:
+    """Whether records of `folder` schedule with CUDA's tensor-core intrinsics (those of a half-precision model),
+    which must be registered before any record of the folder is read, whatever model it compiles."""
+    records = folder / "database_tuning_record.json"
+    return records.is_file() and re.search(r'"w?mma_', records.read_text(errors="replace")) is not None
 
 
 def _uses_half(module: tvm.IRModule) -> bool:
