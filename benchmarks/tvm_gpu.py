@@ -179,11 +179,11 @@ def keep_records(tuned: list[Path], kept: Path, best: int) -> None:
 
     from onnxforge.backends.tvm.tuning import load_tensor_intrinsics, records_use_tensor_cores
 
-    if any(records_use_tensor_cores(folder) for folder in tuned):
-        load_tensor_intrinsics(("cuda",))  # before reading records that name them
     names = {folder.name for folder in tuned}
     if len(names) != 1:
         raise SystemExit(f"the records folders are of different targets: {', '.join(sorted(names))}")
+    if any(records_use_tensor_cores(folder) for folder in tuned):
+        load_tensor_intrinsics(("cuda",))  # before reading records that name them
     (kept / tuned[0].name).mkdir(parents=True, exist_ok=True)
     for name in ("database_workload.json", "database_tuning_record.json"):
         (kept / tuned[0].name / name).unlink(missing_ok=True)

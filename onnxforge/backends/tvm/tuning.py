@@ -100,7 +100,7 @@ def compile_tuned(
         raise BackendError(f"no tuning records for {target.kind.name} in {folder}; tune with some trials first")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with _tensor_intrinsics(target, _uses_half(module) or records_use_tensor_cores(folder)):
+        with _tensor_intrinsics(target, _needs_half_intrinsics(target, module, folder)):
             database = ms.database.JSONDatabase(work_dir=str(folder), module_equality="structural")
             if options.trials:
                 _tune_pending(module, target, options, database, folder, say)
@@ -354,6 +354,12 @@ def _intrinsic_modules(target: tvm.target.Target, half: bool) -> tuple[str, ...]
         return ("cuda",) if half else ()
     module = _CPU_INTRINSICS.get(_cpu_arch(target) or "")
     return None if module is None else (module,)
+
+
+def _needs_half_intrinsics(target: tvm.target.Target, module: tvm.IRModule, folder: Path) -> bool:
+    """Whether a CUDA compile needs CUDA's tensor intrinsics: the module computes in half precision, or records of
+    `folder` use them. Always False for a CPU, whose intrinsics do not depend on it (no model text is printed)."""
+    return target.kind.name == "cuda" and (_uses_half(module) or records_use_tensor_cores(folder))
 
 
 def records_use_tensor_cores(folder: Path) -> bool:
