@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from graph_checks import apply, make_model, max_rel_error, op_counts, value_info
 from onnx import helper, numpy_helper
@@ -25,6 +26,25 @@ def test_upgrade_moves_the_model_to_the_asked_opset_and_keeps_its_function():
     model, result = apply("upgrade-opset:to=17", source)
     assert result.changed and model.graph.opset == 17
     assert result.stats == {"opset_from": 12, "opset_to": 17}
+    assert max_rel_error(source, model) == 0
+
+
+def test_the_bodies_of_local_functions_are_moved_with_the_model():
+    """onnx's version converter drops a model's local functions: the pass converts their bodies and keeps them."""
+    body = [helper.make_node("Unsqueeze", ["a"], ["u"], axes=[0]), helper.make_node("Squeeze", ["u"], ["b"], axes=[0])]
+    function = helper.make_function("local", "Roundtrip", ["a"], ["b"], body, [helper.make_opsetid("", 11)])
+    source = _conv_with_constant_node_weights(opset=11)
+    source.graph.node.append(helper.make_node("Roundtrip", ["y"], ["z"], domain="local"))
+    source.graph.output[0].name = "z"
+    source.functions.append(function)
+    source.opset_import.append(helper.make_opsetid("local", 1))
+    source.ir_version = 8
+    model, result = apply("upgrade-opset:to=13", source)
+    proto = model.to_proto()
+    onnx.checker.check_model(proto, full_check=True)  # the function's opset is the model's
+    (moved,) = proto.functions
+    assert [o.version for o in moved.opset_import if o.domain == ""] == [13]
+    assert [n.op_type for n in moved.node] == ["Constant", "Unsqueeze", "Constant", "Squeeze"]
     assert max_rel_error(source, model) == 0
 
 

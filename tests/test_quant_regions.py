@@ -167,6 +167,43 @@ def test_a_model_below_opset_13_is_moved_to_13_for_per_channel_weights_and_says_
     assert held_out_cosine(_detector(opset), model, samples) > 0.99
 
 
+def _detector_with_a_function_the_converter_cannot_move(opset: int) -> onnx.ModelProto:
+    """The detector with its Softplus inside a local function whose Unsqueeze and Squeeze take their axes from
+    the caller: an op the conversion to opset 13 changes (axes become an input) with a value it cannot see."""
+    axes = onnx.AttributeProto(name="axes", ref_attr_name="at", type=onnx.AttributeProto.INTS)
+    body = [
+        helper.make_node("Unsqueeze", ["a"], ["u"]), helper.make_node("Softplus", ["u"], ["v"]),
+        helper.make_node("Squeeze", ["v"], ["b"]),
+    ]
+    for node in (body[0], body[2]):
+        node.attribute.append(axes)
+    function = helper.make_function("local", "SoftplusThere", ["a"], ["b"], body, [helper.make_opsetid("", opset)],
+                                    attributes=["at"])
+    model = _detector(opset)
+    softplus = next(n for n in model.graph.node if n.op_type == "Softplus")
+    softplus.op_type, softplus.domain = "SoftplusThere", "local"
+    softplus.attribute.append(helper.make_attribute("at", [0]))
+    model.functions.append(function)
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_where_the_converter_cannot_move_the_model_it_is_quantized_at_its_opset_per_tensor(opset, tmp_path):
+    samples = _samples(16)
+    source = _detector_with_a_function_the_converter_cannot_move(opset)
+    model, result = apply("quant:measure=false", source, data=samples)
+    assert result.changed and model.graph.opset == opset
+    assert result.notes[0].startswith(f"kept at opset {opset}: onnx's version converter cannot move local function "
+                                      "local:SoftplusThere to opset 13: its Unsqueeze takes axes from the caller")
+    assert "one weight scale per tensor" in result.notes[1]
+    convs = [node for node in model.graph.nodes if node.op == "QLinearConv"]
+    assert len(convs) == 4 and all(node.inputs[4].values.size == 1 for node in convs)  # one weight scale each
+    assert [f.name for f in model.to_proto().functions] == ["SoftplusThere"]
+    assert held_out_cosine(source, model, _samples(8, seed=2)) > 0.99
+
+
 def test_a_model_below_opset_13_with_nothing_per_channel_keeps_its_opset():
     """Dynamic int8 MatMuls (DynamicQuantizeMatMul keeps a scale per column itself) need no DequantizeLinear axis."""
     weight = constant("w", (np.random.default_rng(0).standard_normal((64, 32)) * 0.1).astype(np.float32))

@@ -37,10 +37,53 @@ class UpgradeOpset(Pass):
 
 
 def upgraded(model: Model, target: int) -> Model:
-    """A copy of `model` with its default-domain ops converted to opset `target` by onnx's version converter;
-    PassError when the converter cannot adapt an op."""
-    try:
-        converted = onnx.version_converter.convert_version(model.to_proto(), target)
-    except Exception as exc:  # the converter raises bare RuntimeErrors for ops it cannot adapt
-        raise PassError(f"onnx's version converter cannot move this model to opset {target}: {exc}") from None
+    """A copy of `model` with its default-domain ops converted to opset `target` by onnx's version converter,
+    the bodies of its local functions too; PassError when the converter cannot adapt an op."""
+    proto = model.to_proto()
+    converted = _converted(proto, target, "this model")
+    # The converter drops the model's local functions: their bodies are converted one by one and put back.
+    converted.functions.extend(_upgraded_function(function, proto.ir_version, target) for function in proto.functions)
     return load_model(converted)
+
+
+def _converted(proto: onnx.ModelProto, target: int, what: str) -> onnx.ModelProto:
+    try:
+        return onnx.version_converter.convert_version(proto, target)
+    except Exception as exc:  # the converter raises bare RuntimeErrors for ops it cannot adapt
+        raise PassError(f"onnx's version converter cannot move {what} to opset {target}: {exc}") from None
+
+
+def _upgraded_function(function: onnx.FunctionProto, ir_version: int, target: int) -> onnx.FunctionProto:
+    """`function` with the default-domain ops of its body converted to opset `target`. An op that the conversion
+    changes may not take an attribute from the caller: the converter would adapt it without seeing its value."""
+    source = next((o.version for o in function.opset_import if o.domain in ("", "ai.onnx")), target)
+    if source >= target:
+        return function
+    name = f"local function {function.domain}:{function.name}"
+    for node in function.node:
+        referenced = [a.name for a in node.attribute if a.ref_attr_name]
+        if referenced and node.domain in ("", "ai.onnx") and _changes(node.op_type, source, target):
+            raise PassError(f"onnx's version converter cannot move {name} to opset {target}: its {node.op_type} "
+                            f"takes {', '.join(referenced)} from the caller")
+    body = onnx.helper.make_graph(
+        function.node, function.name, [onnx.ValueInfoProto(name=n) for n in function.input],
+        [onnx.ValueInfoProto(name=n) for n in function.output])
+    wrapper = onnx.helper.make_model(body, opset_imports=function.opset_import, ir_version=ir_version)
+    graph = _converted(wrapper, target, name).graph
+    upgraded = onnx.FunctionProto()
+    upgraded.CopyFrom(function)
+    del upgraded.node[:]
+    upgraded.node.extend(onnx.helper.make_node("Constant", [], [t.name], value=t) for t in graph.initializer)
+    upgraded.node.extend(graph.node)
+    for opset in upgraded.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = target
+    return upgraded
+
+
+def _changes(op_type: str, source: int, target: int) -> bool:
+    """Whether the default-domain op `op_type` has a different definition at opset `target` than at `source`."""
+    try:
+        return onnx.defs.get_schema(op_type, source).since_version != onnx.defs.get_schema(op_type, target).since_version
+    except onnx.defs.SchemaError:
+        return True
