@@ -16,7 +16,7 @@ from onnxforge.measure import InterleavedTiming
 from onnxforge.calibration.observe import run_model
 from onnxforge.comparison import compare_outputs
 from onnxforge.passes.quantization.activations import static_activations
-from onnxforge.passes.quantization.by_region import fit_float_tail
+from onnxforge.passes.quantization.by_region import fit_float_ends
 from onnxforge.passes.quantization.candidates import WeightQuantizer, numbered_layers
 from onnxforge.passes.quantization.quant import exposed_copy
 from onnxforge.passes.quantization.regions import RegionBuilder, find_regions, region_tensors, shared_ranges
@@ -234,9 +234,9 @@ def test_a_scalar_constant_operand_joins_the_region_as_uint8_codes(tmp_path):
     assert held_out_cosine(source, model, samples) > 0.99
 
 
-def test_the_budget_leaves_the_fewest_last_tensors_float_that_fit_it():
-    """fit_float_tail against three budgets: one the int8 regions meet, one only float meets, one in between."""
-    samples = _samples(16)
+def _fitted_regions(samples: list[dict]):
+    """The detector's regions all in int8 (static, per channel) with their builder, calibrated on `samples`'
+    calibration part, its held-out part and outputs, and the worst held-out cosine all in int8."""
     work = exposed_copy(load_model(_detector()))
     layers = numbered_layers(work)
     regions = find_regions(work, layers)
@@ -254,15 +254,57 @@ def test_the_budget_leaves_the_fewest_last_tensors_float_that_fit_it():
     held_out = calibration.split()[1]
     reference = run_model(work, held_out, calibration)
     all_int8 = compare_outputs(reference, run_model(builder.build(plan), held_out, calibration)).min_cosine
+    return builder, plan, calibration, held_out, reference, all_int8
 
-    lenient, line = fit_float_tail(builder, plan, Budget({"cosine": 1 - all_int8 + 1e-6}), calibration)
+
+def test_the_budget_leaves_the_fewest_first_or_last_tensors_float_that_fit_it():
+    """fit_float_ends against three budgets: one the int8 regions meet, one only float meets, one in between."""
+    builder, plan, calibration, held_out, reference, all_int8 = _fitted_regions(_samples(16))
+    lenient, line = fit_float_ends(builder, plan, Budget({"cosine": 1 - all_int8 + 1e-6}), calibration)
     assert lenient == frozenset() and line == ""
-    everything, line = fit_float_tail(builder, plan, Budget({"cosine": 0.0}), calibration)
+    everything, line = fit_float_ends(builder, plan, Budget({"cosine": 0.0}), calibration)
     assert everything == frozenset(builder.tensors(plan)) and line.startswith("no region fits")
     between = Budget({"cosine": (1 - all_int8) / 2})
-    tail, line = fit_float_tail(builder, plan, between, calibration)
-    tensors = builder.tensors(plan)
-    assert 0 < len(tail) < len(tensors) and tail == frozenset(tensors[len(tensors) - len(tail):])
-    assert line.startswith(f"the last {len(tail)} of the {len(tensors)} tensors")
-    outputs = run_model(builder.build(plan, tail), held_out, calibration)
+    floated, line = fit_float_ends(builder, plan, between, calibration)
+    tensors, count = builder.tensors(plan), len(floated)
+    assert 0 < count < len(tensors)
+    end = "first" if floated == frozenset(tensors[:count]) else "last"
+    assert end == "first" or floated == frozenset(tensors[len(tensors) - count:])
+    assert line.startswith(f"the {end} {count} of the {len(tensors)} tensors")
+    outputs = run_model(builder.build(plan, floated), held_out, calibration)
     assert compare_outputs(reference, outputs).min_cosine >= 1 - (1 - all_int8) / 2
+
+
+def test_where_the_first_tensors_lose_the_most_they_are_the_ones_left_float():
+    """Inputs with a rare spike make the first activations' uint8 steps coarse: leaving the first tensors float
+    meets a budget that leaving as many of the last ones float does not."""
+    builder, plan, calibration, held_out, reference, all_int8 = _fitted_regions(_spiked_samples())
+    tensors = builder.tensors(plan)
+    budget = Budget({"cosine": (1 - all_int8) / 4})
+    floated, line = fit_float_ends(builder, plan, budget, calibration)
+    assert line.startswith("the first ") and floated == frozenset(tensors[: len(floated)])
+    for end, fits in ((floated, True), (frozenset(tensors[len(tensors) - len(floated):]), False)):
+        outputs = run_model(builder.build(plan, end), held_out, calibration)
+        assert budget.fits(budget.losses(reference, outputs, held_out)) == fits
+
+
+def test_regions_that_fit_the_budget_spare_the_per_layer_fit_of_the_plan_they_replace():
+    """With an error budget, the regions fit it themselves (their first tensors float here): no layer's
+    sensitivity is measured alone, and the held-out error keeps within the budget."""
+    samples = _spiked_samples()
+    min_cosine = 1 - (1 - _fitted_regions(samples)[-1]) / 4
+    source = _detector()
+    model, result = apply(f"quant:measure=false:min_cosine={min_cosine}", source, data=samples)
+    assert any(note.startswith("the first ") and "left float to meet" in note for note in result.notes)
+    assert not any("most sensitive" in note for note in result.notes)
+    assert all(layer.error is None for layer in result.layers)
+    assert held_out_cosine(source, model, PassContext(data=samples).calibration.split()[1]) >= min_cosine
+
+
+def _spiked_samples() -> list[dict]:
+    samples = _samples(16)
+    for sample in samples:
+        sample["x"][0, 0, 0, 0] = 400.0
+    return samples
+
+

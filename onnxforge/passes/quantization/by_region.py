@@ -1,8 +1,9 @@
 """The quant pass's region path: Conv layers in static int8 regions, chosen by timing, fitted to the budget by
-leaving their last tensors float, and kept only where the whole model runs faster than with the per-type plan."""
+leaving their first or last tensors float, and kept only where the whole model runs faster than with the per-type plan."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -63,8 +64,8 @@ def quantize_by_regions(
     timed: bool = True,
 ) -> RegionOutcome | None:
     """Put the regions around `convs` (the Conv layers static quantization may take, as `conv_format`) in int8,
-    leave float those whose float version times faster, leave the last tensors float until `budget` holds
-    (fit_float_tail), and time the result against float and against `types.build(type_plan)`: chosen when it is
+    leave float those whose float version times faster, leave the first or last tensors float until `budget`
+    holds (fit_float_ends), and time the result against float and against `types.build(type_plan)`: chosen when it is
     the faster and reaches `min_speedup`. Not `timed`, every region goes int8 (the budget still applies) and is
     chosen. The layers of `type_plan` other than `convs` (MatMul, Gather, Conv in subgraphs, ...) go with the
     regions. None when there is no region."""
@@ -93,7 +94,7 @@ def quantize_by_regions(
     plan = {index: conv_format for index in choice.kept}
     float_tensors: frozenset[str] = frozenset()
     if plan and budget is not None and calibration.samples:
-        float_tensors, line = fit_float_tail(builder, plan, budget, calibration)
+        float_tensors, line = fit_float_ends(builder, plan, budget, calibration)
         lines += [line] if line else []
         if float_tensors == frozenset(builder.tensors(plan)):
             plan, float_tensors = {}, frozenset()
@@ -103,56 +104,84 @@ def quantize_by_regions(
         lines.append("every region in int8 (measure=false)")
         return RegionOutcome(builder, plan, chosen=True, lines=lines, float_tensors=float_tensors)
 
+    outcome = RegionOutcome(builder, plan, chosen=False, lines=lines, float_tensors=float_tensors)
+    return timed_against_layer_types(outcome, types, type_plan, ctx, feed, min_speedup, "the per-type plan")
+
+
+def timed_against_layer_types(
+    outcome: RegionOutcome,
+    types: CandidateBuilder,
+    type_plan: Mapping[int, LayerFormat],
+    ctx: PassContext,
+    feed: Mapping[str, np.ndarray],
+    min_speedup: float,
+    plan_label: str,
+) -> RegionOutcome:
+    """`outcome` chosen or not by timing its regions against float and against `types.build(type_plan)` (called
+    `plan_label` in its line): chosen when they are the faster and reach `min_speedup`. A decision of the run,
+    one per `plan_label`."""
+
     def measure() -> Measured:
         runtime = ctx.runtime
-        candidates = [runtime.prepare(builder.build(plan, float_tensors))]
+        candidates = [runtime.prepare(outcome.build())]
         if type_plan:
             candidates.append(runtime.prepare(types.build(type_plan)))
-        speedups = [result.speedup for result in runtime.time_models([runtime.prepare(work), *candidates], feed)[1:]]
+        timed = runtime.time_models([runtime.prepare(types.model), *candidates], feed)[1:]
+        speedups = [result.speedup for result in timed]
         by_type = speedups[1] if type_plan else 1.0
         regions_win = speedups[0] >= max(min_speedup, by_type)
         return Measured(regions_win, {"regions": round(speedups[0], 4), "layer_types": round(by_type, 4)})
 
-    decision = ctx.decide("int8 regions or layer types", measure, allowed=[True, False])
+    what = "int8 regions or layer types" + ("" if plan_label == "the per-type plan" else f" ({plan_label})")
+    decision = ctx.decide(what, measure, allowed=[True, False])
     verdict = "regions kept" if decision.value else "layer types kept"
     if decision.replayed:
-        lines.append(f"{verdict}, as {decision.replayed_from} records, not timed")
+        line = f"{verdict} against {plan_label}, as {decision.replayed_from} records, not timed"
     else:
         timings = decision.timings
-        lines.append(
-            f"int8 regions measured {timings['regions']:.2f}x against float, the per-type plan "
-            f"{timings['layer_types']:.2f}x: {verdict}"
-        )
-    return RegionOutcome(builder, plan, chosen=bool(decision.value), lines=lines, float_tensors=float_tensors)
+        line = (f"int8 regions measured {timings['regions']:.2f}x against float, {plan_label} "
+                f"{timings['layer_types']:.2f}x: {verdict}")
+    return dataclasses.replace(outcome, chosen=bool(decision.value), lines=[*outcome.lines, line])
 
 
-def fit_float_tail(
+def fit_float_ends(
     builder: RegionBuilder, plan: Mapping[int, LayerFormat], budget: Budget, calibration: Calibration
 ) -> tuple[frozenset[str], str]:
-    """The fewest of the last tensors the regions of `plan` quantize (in graph order) to leave float so that the
-    held-out error (`calibration.split()`) keeps within `budget`, and a line saying how many; every one of them
-    when none fits. Quantization errors grow along the depth, and the last tensors carry the outputs' precision (a
-    detector's head concatenates box coordinates with scores): leaving the tail float keeps most of the int8 work.
-    Found by bisection over 0, 1, 2, 4, ... tensors, which assumes that leaving more float never fits worse."""
+    """The fewest of the first or of the last tensors the regions of `plan` quantize (in graph order) to leave
+    float so that the held-out error (`calibration.split()`) keeps within `budget`, and a line saying which; every
+    one of them when none fits. Quantization errors grow along the depth, and the last tensors carry the outputs'
+    precision (a detector's head concatenates box coordinates with scores); the first layers see the input's raw
+    range and are often the most sensitive of a CNN. Leaving one end float keeps most of the int8 work. Each end
+    is found by bisection over 0, 1, 2, 4, ... tensors, which assumes that leaving more float never fits worse;
+    on a tie the last tensors are left float."""
     _, held_out = calibration.split()
     reference = run_model(builder.model, held_out, calibration)
     tensors = builder.tensors(plan)
+    verdicts: dict[frozenset[str], bool] = {}
 
-    def tail(count: int) -> frozenset[str]:
-        return frozenset(tensors[len(tensors) - count :])
+    def fits(floated: frozenset[str]) -> bool:
+        if floated not in verdicts:
+            outputs = run_model(builder.build(plan, floated), held_out, calibration)
+            verdicts[floated] = budget.fits(budget.losses(reference, outputs, held_out))
+        return verdicts[floated]
 
-    def fits(count: int) -> bool:
-        outputs = run_model(builder.build(plan, tail(count)), held_out, calibration)
-        return budget.fits(budget.losses(reference, outputs, held_out))
-
+    ends = {
+        "last": lambda count: frozenset(tensors[len(tensors) - count :]),
+        "first": lambda count: frozenset(tensors[:count]),
+    }
     levels = [0, *(2**power for power in range(len(tensors).bit_length()) if 2**power < len(tensors)), len(tensors)]
-    count, _ = strongest_within(levels, fits)
-    if count is None or count == len(tensors):
-        return frozenset(tensors), f"no region fits {budget.describe()} even with its last tensors float"
-    if count == 0:
-        return frozenset(), ""
-    first = tensors[len(tensors) - count]
-    return tail(count), (
-        f"the last {count} of the {len(tensors)} tensors the regions quantize (from {first} on) left float to meet "
+    found: list[tuple[int, str]] = []
+    for end, take in ends.items():
+        count, _ = strongest_within(levels, lambda count, take=take: fits(take(count)))
+        if count == 0:
+            return frozenset(), ""
+        if count is not None and count < len(tensors):
+            found.append((count, end))
+    if not found:
+        return frozenset(tensors), f"no region fits {budget.describe()} even with its first or last tensors float"
+    count, end = min(found, key=lambda item: item[0])
+    where = f"from {tensors[len(tensors) - count]} on" if end == "last" else f"up to {tensors[count - 1]}"
+    return ends[end](count), (
+        f"the {end} {count} of the {len(tensors)} tensors the regions quantize ({where}) left float to meet "
         f"{budget.describe()}"
     )

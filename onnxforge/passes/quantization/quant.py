@@ -29,7 +29,11 @@ from onnxforge.passes.quantization.exposing import (
     split_gemms,
 )
 from onnxforge.passes.quantization.activations import static_activations
-from onnxforge.passes.quantization.by_region import RegionOutcome, quantize_by_regions
+from onnxforge.passes.quantization.by_region import (
+    RegionOutcome,
+    quantize_by_regions,
+    timed_against_layer_types,
+)
 from onnxforge.passes.quantization.candidates import CandidateBuilder, WeightQuantizer, model_nodes, numbered_layers
 from onnxforge.passes.quantization.choice import (
     GentlerVerdict,
@@ -152,18 +156,9 @@ class Quantize(Pass):
         lines: list[str] = [opset_note] if opset_note else []
         if plan and self.options.measure:
             plan = self._measured_plan(builder, plan, layers, fmt, ctx, feed, notes, lines)
-        sensitivity: dict[int, float] = {}  # measured by the error budget's fit, when it had to move layers
-        measured = ""
-        if plan and budget is not None and has_data:
-            gentler = gentler_formats(plan, layers, contrib_ops)
-            verdict = GentlerVerdict()
-            pays = gentler_verdict(builder, plan, ctx, feed, self.options.min_speedup, verdict)
-            fit = fit_error_budget(builder, plan, budget, calibration, gentler, pays if self.options.measure else None)
-            lines += _gentler_lines(verdict, gentler, layers, ctx)
-            notes.update(_budget_notes(fit, budget, layers, ctx))
-            plan, sensitivity = fit.plan, fit.sensitivity
-            measured = (f"share of the budget ({budget.describe()}) spent with only this layer quantized, on "
-                        f"{len(calibration_samples)} calibration samples")
+        # Regions first: when they win, they fit the budget themselves (their first or last tensors left float),
+        # and a per-layer fit of the plan they replace would be wasted. The per-type plan they are timed against
+        # is not fitted yet; fitting only slows a plan, so regions that beat it beat the fitted one too.
         regional = None
         if convs and work.graph.opset >= PER_AXIS_MIN_OPSET:
             o = self.options
@@ -171,11 +166,28 @@ class Quantize(Pass):
                 builder, plan, convs, static_conv_format, ctx, feed, budget, calibration, o.calibration, o.percentile,
                 o.min_speedup, timed=o.measure,
             )
-        if regional is not None:
-            lines += regional.lines
-            if regional.chosen:
-                plan = regional.layer_plan
-                notes.update(_region_notes(regional, convs, ctx))
+            lines += regional.lines if regional is not None else []
+        sensitivity: dict[int, float] = {}  # measured by the error budget's fit, when it had to move layers
+        measured = ""
+        if not _regions_chosen(regional) and plan and budget is not None and has_data:
+            gentler = gentler_formats(plan, layers, contrib_ops)
+            verdict = GentlerVerdict()
+            pays = gentler_verdict(builder, plan, ctx, feed, self.options.min_speedup, verdict)
+            fit = fit_error_budget(builder, plan, budget, calibration, gentler, pays if self.options.measure else None)
+            lines += _gentler_lines(verdict, gentler, layers, ctx)
+            if regional is not None and regional.plan and fit.plan != plan and self.options.measure:
+                regional = timed_against_layer_types(
+                    regional, builder, fit.plan, ctx, feed, self.options.min_speedup, "the per-type plan fitted"
+                )
+                lines.append(regional.lines[-1])
+            if not _regions_chosen(regional):
+                notes.update(_budget_notes(fit, budget, layers, ctx))
+                plan, sensitivity = fit.plan, fit.sensitivity
+                measured = (f"share of the budget ({budget.describe()}) spent with only this layer quantized, on "
+                            f"{len(calibration_samples)} calibration samples")
+        if _regions_chosen(regional):
+            plan = regional.layer_plan
+            notes.update(_region_notes(regional, convs, ctx))
         for index, layer_fmt in plan.items():
             notes.setdefault(index, f"quantized: {_describe(layers[index], layer_fmt, ctx)}")
         stats: dict = {"layers": len(layers), "layers_quantized": len(plan), "layers_float": len(layers) - len(plan)}
@@ -636,6 +648,10 @@ def _measurement_notes(
     return lines, notes
 
 
+def _regions_chosen(regional: RegionOutcome | None) -> bool:
+    return regional is not None and regional.chosen
+
+
 def _region_notes(regional: RegionOutcome, convs: dict[int, Layer], ctx: PassContext) -> dict[int, str]:
     """Why each Conv layer the regions could take is int8 or float."""
     notes, layer_plan = {}, regional.layer_plan
@@ -646,7 +662,7 @@ def _region_notes(regional: RegionOutcome, convs: dict[int, Layer], ctx: PassCon
         elif index in layer_plan:
             notes[index] = f"quantized: {_describe(convs[index], regional.plan[region], ctx)}: in int8 region {region}"
         elif region in regional.plan:
-            notes[index] = f"kept float: in the last tensors of int8 region {region}, left float to meet the budget"
+            notes[index] = f"kept float: in the tensors of int8 region {region} left float to meet the budget"
         else:
             notes[index] = f"kept float: its region {region} stayed float"
     return notes
