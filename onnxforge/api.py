@@ -21,7 +21,7 @@ from onnxforge.ir import Model
 from onnxforge.ir.model import PROTOBUF_LIMIT_BYTES
 from onnxforge.ir.shapes import infer_shapes, skeleton_proto
 from onnxforge.limits import DEFAULT_EXECUTION_TIMEOUT_S, bounded_in_time
-from onnxforge.measure import LatencyStats, MeasureOptions
+from onnxforge.measure import InterleavedTiming, LatencyStats, MeasureOptions
 from onnxforge.pipeline import (
     Instrument,
     Pass,
@@ -57,6 +57,7 @@ def optimize(
     backend: str = "ort",
     target: str = "cpu",
     threads: int | None = None,
+    timing: InterleavedTiming | None = None,
     plugins: Sequence[str] = (),
     instruments: Sequence[Instrument] = (),
     backend_settings: Mapping[str, str] | None = None,
@@ -78,6 +79,8 @@ def optimize(
     (a search, which tries the settings itself).
     measure: time the model before and after on `backend`/`target`, with the backend's own `backend_settings`
     (for tvm: tune_trials, tune_records, rpc).
+    timing: how passes time the models they choose between, and a lossy pass's result against the model before
+    it (measure.InterleavedTiming's defaults).
     decisions: a report JSON of an earlier run (a path, or the report as a dict): its measured decisions are
     replayed instead of timed, and its verification seed is used unless `seed` is given, so the same input,
     passes and options give the same model byte for byte.
@@ -115,7 +118,7 @@ def optimize(
         feeds=feeds,
     )
     context = PassContext(
-        data=samples, backend=backend, target=target, threads=threads, decisions=replay, feeds=feeds
+        data=samples, backend=backend, target=target, threads=threads, timing=timing, decisions=replay, feeds=feeds
     )
     manager = PassManager(
         pipeline, verify=verify_options, on_error=on_error, instruments=instruments, context=context,

@@ -8,8 +8,8 @@ shapes and dtypes, `assert_allclose` with the case's rtol and atol, 1e-3 and 1e-
 otherwise; strings equal; sequences element by element). Cases onnxruntime already fails as they are
 (load, run or wrong output) are excluded; the list, with reasons, is computed here and printed (`pytest -s`).
 
-All cases run once, in one module fixture, in under a minute on 2 cores: per-case pytest overhead and
-collecting the cases at import time would cost more than the checks. Each case is run after `cleanup` and
+All cases run once, in one module fixture that shares them out to one process per core: per-case pytest
+overhead and collecting the cases at import time would cost more than the checks. Each case is run after `cleanup` and
 then after `fuse` on that result (the same as `cleanup,fuse`), so a failure is attributed to the family that
 caused it: `fuse` must break nothing that passes after `cleanup`.
 """
@@ -17,9 +17,12 @@ caused it: `fuse` must break nothing that passes after `cleanup`.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import os
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,36 +53,35 @@ class Outcomes:
         return self.total - len(self.excluded)
 
 
+@dataclass
+class CaseOutcome:
+    """One case: why it is excluded, or why it fails after cleanup and after cleanup,fuse; what the passes did."""
+
+    name: str
+    excluded: str | None = None
+    after_cleanup: str | None = None
+    after_fuse: str | None = None
+    statuses: Counter = field(default_factory=Counter)
+    rewrites: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+
 @pytest.fixture(scope="module")
 def outcomes() -> Outcomes:
     with _quiet():
         cases = collect_testcases(None)
-        found = Outcomes(total=len(cases))
-        for case in cases:
-            reason = _fails(case.model, case)
-            if reason:
-                found.excluded[case.name] = reason
-                continue
-            # cleanup, then fuse on its result: the same as "cleanup,fuse", and it tells whose failure it is.
-            cleaned = case.model
-            for passes, failures in (("cleanup", found.after_cleanup), ("fuse", found.after_fuse)):
-                try:
-                    optimized, report = optimize(cleaned, passes, verify=False)
-                    cleaned = optimized.to_proto()
-                except Exception as exc:  # a crash of ours on a valid model: a failure, not an exclusion
-                    failures[case.name] = f"optimize raised {type(exc).__name__}: {_first_line(exc)}"
-                    break
-                found.statuses.update(f"{r.name} {r.status}" for r in report.passes)
-                if passes == "fuse":
-                    found.rewrites.update({k: v for r in report.passes for k, v in r.stats.items() if v})
-                for record in report.passes:
-                    if record.status == "rolled_back":  # not wrong, but a pass that raised: worth a look
-                        print(f"  {case.name}: {record.name} rolled back: {record.error}")
-                reason = _fails(cleaned, case)
-                if reason:
-                    failures[case.name] = reason
-            if case.name in found.after_cleanup and case.name not in found.after_fuse:
-                found.after_fuse[case.name] = found.after_cleanup[case.name]
+    found = Outcomes(total=len(cases))
+    # The cases are independent: one process per core checks its share ("spawn": no fork of a threaded process).
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=context) as pool:
+        for case in pool.map(_check, cases, chunksize=16):
+            for where in ("excluded", "after_cleanup", "after_fuse"):
+                if getattr(case, where) is not None:
+                    getattr(found, where)[case.name] = getattr(case, where)
+            found.statuses.update(case.statuses)
+            found.rewrites.update(case.rewrites)
+            for note in case.notes:
+                print(note)
     print(f"\n{found.total} ONNX node conformance cases; {len(found.excluded)} excluded (onnxruntime fails them):")
     for name, reason in sorted(found.excluded.items()):
         print(f"  excluded {name}: {reason}")
@@ -122,6 +124,41 @@ def test_every_conformance_case_passes_after_cleanup_and_fuse(outcomes):
     assert not failing, f"{len(failing)} of {outcomes.checked} cases fail: " + "; ".join(
         f"{name}: {reason}" for name, reason in sorted(failing.items())
     )
+
+
+def _check(case: TestCase) -> CaseOutcome:
+    """Run `case` as it is, after cleanup, and after fuse on that result (the same as "cleanup,fuse", and it tells
+    whose failure it is)."""
+    with _quiet():
+        outcome = CaseOutcome(case.name, excluded=_fails(case.model, case))
+        if not outcome.excluded:
+            _optimize_and_run(case, outcome)
+    return outcome
+
+
+def _optimize_and_run(case: TestCase, outcome: CaseOutcome) -> None:
+    """Record in `outcome` how `case` fares after cleanup, then after fuse on that result."""
+    cleaned, reason = case.model, None
+    for passes, where in (("cleanup", "after_cleanup"), ("fuse", "after_fuse")):
+        try:
+            optimized, report = optimize(cleaned, passes, verify=False)
+            result = optimized.to_proto()
+        except Exception as exc:  # a crash of ours on a valid model: a failure, not an exclusion
+            setattr(outcome, where, f"optimize raised {type(exc).__name__}: {_first_line(exc)}")
+            break
+        outcome.statuses.update(f"{r.name} {r.status}" for r in report.passes)
+        if passes == "fuse":
+            outcome.rewrites.update({k: v for r in report.passes for k, v in r.stats.items() if v})
+        for record in report.passes:
+            if record.status == "rolled_back":  # not wrong, but a pass that raised: worth a look
+                outcome.notes.append(f"  {case.name}: {record.name} rolled back: {record.error}")
+        # fuse leaves most cases byte for byte as cleanup did: those keep cleanup's outcome, not run again
+        if passes == "cleanup" or result.SerializeToString() != cleaned.SerializeToString():
+            reason = _fails(result, case)
+        cleaned = result
+        setattr(outcome, where, reason)
+    if outcome.after_fuse is None:
+        outcome.after_fuse = outcome.after_cleanup
 
 
 def _fails(model: onnx.ModelProto, case: TestCase) -> str | None:

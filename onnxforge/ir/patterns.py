@@ -181,9 +181,9 @@ def match_pattern(root: OpValue, node: gs.Node, graph: gs.Graph) -> Match | None
     if len(node.outputs) <= root.index:
         return None
     output = node.outputs[root.index]
-    shared_names = tuple(_shared_names(root))
     for bindings, nodes in _match_value(root, output, {}, []):
-        shared = tuple(name for name in shared_names if name in bindings)  # an `either` may not bind all
+        # Walked only once the pattern matched: most nodes tried match nothing, and big patterns cost the walk.
+        shared = tuple(name for name in _shared_names(root) if name in bindings)  # an `either` may not bind all
         if _self_contained(nodes, [output, *(bindings[name] for name in shared)], graph):
             return Match(graph, node, output, bindings, nodes, shared)
     return None

@@ -122,6 +122,7 @@ class Evaluator:
             backend=self.backend,
             target=self.target,
             threads=candidate.session.threads,
+            timing=self.timing,
             backend_settings=self.backend_settings,
             decisions=record,
             step_back=candidate.step_back,

@@ -115,7 +115,8 @@ def search(
     and `study` its name (default: from the model and the options), so that a search resumes there and
     `search_worker` processes join it. The winner is judged and timed again; it must be at least
     `min_speedup` times as fast as the input, else the input comes back unchanged (`improved` False). `timing`:
-    how candidates are timed against the input (measure.InterleavedTiming's defaults).
+    how candidates are timed against the input, and how their passes time their measured choices
+    (measure.InterleavedTiming's defaults).
     """
     started = time.monotonic()
     model_file = model if isinstance(model, ModelFile) else ModelFile.load(model)
