@@ -14,6 +14,7 @@ from onnxforge.backends import get_backend
 from onnxforge.errors import PassError
 from onnxforge.ir import Model, load_model
 from onnxforge.measure import InterleavedTiming
+from onnxforge.passes.quantization.sensitivity import RANKING_SAMPLES
 from onnxforge.pipeline import PassContext, PassManager, create_passes
 
 RNG = np.random.default_rng(0)
@@ -284,6 +285,17 @@ def test_error_budget_keeps_the_most_sensitive_layers_float():
     assert result.stats["layers_float"] >= 1
     assert result.stats.get("held_out_min_cosine", 1.0) >= budget
     assert any("most sensitive" in note for note in result.notes)
+
+
+def test_layers_are_ranked_on_at_most_sixteen_calibration_samples_and_the_budget_checked_on_every_held_out_one():
+    data = _samples([8, 64], 48)  # 36 calibrate, 12 held out
+    _, loose = apply("quant:bits=4:measure=false", _mlp(), data=data)
+    budget = loose.stats["held_out_min_cosine"] + (1 - loose.stats["held_out_min_cosine"]) / 4
+    _, result = apply(f"quant:bits=4:measure=false:min_cosine={budget}", _mlp(), data=data)
+    ranked = [layer for layer in result.layers if layer.error is not None]
+    assert ranked and all(layer.error_text.endswith(f"on {RANKING_SAMPLES} calibration samples") for layer in ranked)
+    assert result.stats["held_out_min_cosine"] >= budget
+    assert any(note.startswith("error on 12 held-out samples") for note in result.notes)
 
 
 def test_gptq_beats_round_to_nearest_on_correlated_inputs():

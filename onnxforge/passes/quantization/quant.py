@@ -46,7 +46,7 @@ from onnxforge.passes.quantization.choice import (
 from onnxforge.passes.layers import excluded_by, half_precision_note
 from onnxforge.passes.quantization.quantized_ops import quantized_ops
 from onnxforge.passes.quantization.rewrite import ActivationQuantization, LayerFormat, quantized_output
-from onnxforge.passes.quantization.sensitivity import BudgetFit, fit_error_budget
+from onnxforge.passes.quantization.sensitivity import RANKING_SAMPLES, BudgetFit, fit_error_budget
 from onnxforge.pipeline.budget import Budget
 from onnxforge.passes.quantization.weights import QuantSpec
 from onnxforge.pipeline.registry import register_pass
@@ -184,7 +184,7 @@ class Quantize(Pass):
                 notes.update(_budget_notes(fit, budget, layers, ctx))
                 plan, sensitivity = fit.plan, fit.sensitivity
                 measured = (f"share of the budget ({budget.describe()}) spent with only this layer quantized, on "
-                            f"{len(calibration_samples)} calibration samples")
+                            f"{len(calibration_samples[:RANKING_SAMPLES])} calibration samples")
         if _regions_chosen(regional):
             plan = regional.layer_plan
             notes.update(_region_notes(regional, convs, ctx))

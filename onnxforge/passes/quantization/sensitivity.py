@@ -11,6 +11,9 @@ from onnxforge.passes.quantization.candidates import CandidateBuilder, Plan
 from onnxforge.passes.quantization.rewrite import LayerFormat
 from onnxforge.pipeline.budget import Budget, Losses, strongest_within
 
+# Calibration samples that rank the layers: each layer costs a run of the model on each of them.
+RANKING_SAMPLES = 16
+
 
 @dataclass
 class BudgetFit:
@@ -34,8 +37,8 @@ def fit_error_budget(
     """Move the most sensitive layers of `plan` to a gentler format, or else to float, as few as the budget
     allows on the held-out samples (`calibration.split()`).
 
-    A layer's sensitivity is the error of the model with only that layer quantized, on the calibration
-    samples. `gentler` gives layers a format that loses less (and gains less speed); when moving every layer
+    A layer's sensitivity is the error of the model with only that layer quantized, on the first
+    RANKING_SAMPLES calibration samples (it only orders the layers; the budget is checked on every held-out one). `gentler` gives layers a format that loses less (and gains less speed); when moving every layer
     that has one there cannot meet the budget, the most sensitive layers are left in float instead. How many
     layers move is found by bisection, which assumes that moving more of the most sensitive layers never
     makes the error worse. `gentler_pays`, asked once and only when the plan breaks the budget, may turn the
@@ -53,11 +56,12 @@ def fit_error_budget(
         return BudgetFit(dict(plan))
     if gentler and gentler_pays is not None and not gentler_pays(gentler):
         gentler = {}
-    reference = run_model(builder.model, calibration_samples, calibration)
+    ranking = calibration_samples[:RANKING_SAMPLES]
+    reference = run_model(builder.model, ranking, calibration)
 
     def alone(index: int) -> Losses:
-        outputs = run_model(builder.build({index: plan[index]}), calibration_samples, calibration)
-        return budget.losses(reference, outputs, calibration_samples)
+        outputs = run_model(builder.build({index: plan[index]}), ranking, calibration)
+        return budget.losses(reference, outputs, ranking)
 
     sensitivity = {index: budget.spent(alone(index)) for index in plan}
     order = sorted(plan, key=lambda index: sensitivity[index], reverse=True)
