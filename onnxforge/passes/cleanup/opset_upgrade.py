@@ -3,6 +3,7 @@ and blocked quantization from 13 and 21)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import onnx
@@ -60,7 +61,7 @@ def _upgraded_function(function: onnx.FunctionProto, ir_version: int, target: in
     if source >= target:
         return function
     name = f"local function {function.domain}:{function.name}"
-    for node in function.node:
+    for node in _nodes_within(function.node):
         referenced = [a.name for a in node.attribute if a.ref_attr_name]
         if referenced and node.domain in ("", "ai.onnx") and _changes(node.op_type, source, target):
             raise PassError(f"onnx's version converter cannot move {name} to opset {target}: its {node.op_type} "
@@ -79,6 +80,15 @@ def _upgraded_function(function: onnx.FunctionProto, ir_version: int, target: in
         if opset.domain in ("", "ai.onnx"):
             opset.version = target
     return upgraded
+
+
+def _nodes_within(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.NodeProto]:
+    """`nodes` and the nodes of their subgraphs (If branches, Loop and Scan bodies), at any depth."""
+    for node in nodes:
+        yield node
+        for attribute in node.attribute:
+            for graph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                yield from _nodes_within(graph.node)
 
 
 def _changes(op_type: str, source: int, target: int) -> bool:
