@@ -821,10 +821,11 @@ def _bench_into(args: argparse.Namespace, model, written, progress) -> None:
     from onnxforge.measure import MeasureOptions
     from onnxforge.report import environment, write_json
 
+    settings = _backend_settings(args)  # a usage error, before the backend is loaded
     if not args.data:  # samples give the shapes themselves
         model = for_backend(model, args.backend, parse_shape_overrides(args.shape))
     options = BackendOptions(
-        target=args.target, threads=args.threads, graph_optimization=args.opt_level, extra=_backend_settings(args)
+        target=args.target, threads=args.threads, graph_optimization=args.opt_level, extra=settings
     )
     backend = get_backend(args.backend)
     # A backend that compiles for static shapes has them from --shape; another can run the model to find dims.

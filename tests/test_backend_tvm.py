@@ -66,7 +66,9 @@ def test_models_exported_from_pytorch_run_on_tvm_as_on_onnxruntime(build):
 
 @pytest.mark.parametrize("build", [_cnn, _encoder], ids=["cnn", "encoder"])
 def test_fused_models_for_tvm_keep_to_standard_ops_and_run(build):
-    model, _ = optimize(build(), "cleanup,fuse", backend="tvm", seed=0)
+    # Unverified, so that a rewrite TVM runs wrongly is not rolled back but fails the check against onnxruntime
+    # below (and the model is compiled once, not at every step).
+    model, _ = optimize(build(), "cleanup,fuse", backend="tvm", seed=0, verify=False)
     assert all((node.domain or "") in ("", "ai.onnx") for node in model.graph.nodes)
     _agree(model)
 
@@ -162,11 +164,12 @@ def test_exported_cpu_artifact_runs_with_the_tvm_runtime_alone(tmp_path):
     inputs = random_inputs(skeleton_proto(load_model(proto)), seed=3)
     np.savez(tmp_path / "in.npz", **inputs)
     loader = Path(onnxforge.backends.tvm.__file__).parent / "loader.py"
-    command = [sys.executable, str(loader), str(library), "--inputs", str(tmp_path / "in.npz"),
-               "--outputs", str(tmp_path / "out.npz"), "--repeat", "3"]
+    # One process (each start imports TVM): it checks that the TVM it imports is the copy, then runs the loader.
+    script = ("import runpy, sys, tvm; assert tvm.__file__.startswith(sys.argv[1]), tvm.__file__; "
+              "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    command = [sys.executable, "-c", script, str(runtime_only), str(loader), str(library),
+               "--inputs", str(tmp_path / "in.npz"), "--outputs", str(tmp_path / "out.npz"), "--repeat", "3"]
     environment = {**os.environ, "PYTHONPATH": str(runtime_only)}
-    script = "import tvm, sys; sys.exit(0 if tvm.__file__.startswith(sys.argv[1]) else 1)"
-    assert subprocess.run([sys.executable, "-c", script, str(runtime_only)], env=environment).returncode == 0
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "median" in result.stdout

@@ -15,6 +15,9 @@ from onnxforge.ir import Model, load_model
 from onnxforge.pipeline import Analysis, Instrument, Pass, PassContext, PassManager, PassResult
 from onnxforge.backends.base import BackendOptions
 from onnxforge.backends.onnxruntime import OrtBackend
+from onnxforge.ir import infer_shapes
+from onnxforge.passes.fusion import FuseActivations, FuseMatMulAdd
+from onnxforge.pipeline import analyses
 from onnxforge.pipeline.analyses import GraphView
 from onnxforge.pipeline.verifier import Verifier, VerifyOptions
 
@@ -88,6 +91,19 @@ def test_graph_view_analysis_is_available_to_passes():
     view = ctx.analysis(GraphView, model)
     assert view.has_edge(0, 1)
     assert ctx.analysis(GraphView, model) is view
+
+
+def test_fusion_passes_share_one_shape_inference_until_a_step_changes_the_model(monkeypatch):
+    """Inferred shapes are an analysis: the fusion passes that need them infer them once, again after a step that
+    changed the model, and again after one rolled back (the model goes on as the snapshot, another graph)."""
+    inferred = []
+    monkeypatch.setattr(analyses, "infer_shapes", lambda model: inferred.append(model.graph) or infer_shapes(model))
+    passes = [FuseActivations(), FuseMatMulAdd(), ScaleWeight(factor=1.0), FuseActivations(),
+              ScaleWeight(factor=2.0), FuseActivations()]
+    model, records = PassManager(passes).run(_model())
+    assert [r.status for r in records] == ["unchanged"] * 2 + ["applied", "unchanged", "rolled_back", "unchanged"]
+    assert len(inferred) == 3 and inferred[2] is not inferred[1] and inferred[2] is model.graph
+    assert model.graph.tensors()["a"].shape == [2, 4]
 
 
 def test_lossless_bound_accepts_float_rounding_and_rejects_real_change():

@@ -8,8 +8,6 @@ from onnxforge.search import search
 
 pytest.importorskip("tvm")
 
-from onnxforge.backends.tvm.rpc import loopback_tracker  # noqa: E402  (needs tvm)
-
 SHAPES = {"x": [8, 64]}
 
 
@@ -23,13 +21,11 @@ def test_a_search_on_tvm_times_candidates_on_the_device(tmp_path):
     assert result.report["space"]["session"] == {}
 
 
-def test_a_search_measures_on_a_board_of_an_rpc_tracker(tmp_path):
-    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado")
+def test_a_search_measures_on_a_board_of_an_rpc_tracker(tmp_path, rpc_tracker):
     model = _mlp(tmp_path / "mlp.onnx", width=64)
-    with loopback_tracker("search", servers=2) as tracker:
-        rpc = f"{tracker.host}:{tracker.port}:search"
-        result = search(model, passes="cleanup", backend="tvm", shapes=SHAPES, backend_settings={"rpc": rpc},
-                        trials=1, min_speedup=0.0, timing=FAST)
+    rpc = f"{rpc_tracker.host}:{rpc_tracker.port}:{rpc_tracker.key}"
+    result = search(model, passes="cleanup", backend="tvm", shapes=SHAPES, backend_settings={"rpc": rpc},
+                    trials=1, min_speedup=0.0, timing=FAST)
     assert result.improved, result.message
     assert result.report["setup"]["backend_settings"] == {"rpc": rpc}
     assert result.report["trials"][0]["speedup"] > 0

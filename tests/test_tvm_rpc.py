@@ -20,18 +20,16 @@ pytest.importorskip("tvm")
 from onnxforge.backends.tvm.rpc import (  # noqa: E402  (needs tvm)
     TrackerAddress,
     free_servers,
-    loopback_tracker,
     prepare_remote,
 )
 
 KEY = "onnxforge-test"
 
 
-@pytest.fixture(scope="module")
-def tracker():
-    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado")
-    with loopback_tracker(KEY, servers=2) as address:
-        yield address
+@pytest.fixture
+def tracker(rpc_tracker):
+    assert rpc_tracker.key == KEY
+    return rpc_tracker
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from onnxforge.ir import Model, to_networkx
+from onnxforge.ir import Model, ShapeInferenceResult, infer_shapes, to_networkx
 from onnxforge.pipeline.base import Analysis
 
 
@@ -14,3 +14,12 @@ class GraphView(Analysis):
     @classmethod
     def compute(cls, model: Model) -> nx.MultiDiGraph:
         return to_networkx(model.graph)
+
+
+class InferredShapes(Analysis):
+    """The model's tensors carry the shapes and dtypes onnx's inference gives them (`onnxforge.ir.infer_shapes`,
+    in place): a pass that asks for it infers them again only when a pass changed the model since."""
+
+    @classmethod
+    def compute(cls, model: Model) -> ShapeInferenceResult:
+        return infer_shapes(model)

@@ -13,6 +13,8 @@ from onnxforge.pipeline.decisions import Decision, Decisions, Measured
 from onnxforge.pipeline.runtime import Runtime
 
 if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
     from onnxforge.pipeline.base import Analysis, Pass
     from onnxforge.pipeline.budget import PassBudget
 
@@ -46,7 +48,7 @@ class PassContext:
             data, lambda model, optimization: self.runtime.prepare(model, optimization).run, self.progress
         )
         self.decisions = decisions or Decisions()
-        self._cache: dict[type[Analysis], tuple[int, Any]] = {}
+        self._cache: dict[type[Analysis], tuple[gs.Graph, Any]] = {}
         self.budget: PassBudget | None = None
         self.teacher: Model | None = None
         self.on_progress: Callable[[str], None] = lambda line: None  # set by the pass manager
@@ -75,10 +77,12 @@ class PassContext:
     def analysis(self, kind: type[Analysis], model: Model) -> Any:
         """Return `kind` computed on `model`, from the cache when still valid."""
         cached = self._cache.get(kind)
-        if cached is not None and cached[0] == id(model.graph):
+        # The cache holds the graph itself, not its id: a graph freed since (a rolled-back copy) could lend its id
+        # to a new one.
+        if cached is not None and cached[0] is model.graph:
             return cached[1]
         value = kind.compute(model)
-        self._cache[kind] = (id(model.graph), value)
+        self._cache[kind] = (model.graph, value)
         return value
 
     def invalidate(self, preserved: tuple[type[Analysis], ...] = ()) -> None:

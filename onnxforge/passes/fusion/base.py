@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from onnxforge.ir import Model, infer_shapes
+from onnxforge.ir import Model
 from onnxforge.ir.patterns import RewriteRule, apply_rules, near_misses
+from onnxforge.pipeline.analyses import InferredShapes
 from onnxforge.pipeline.base import Pass, PassResult
 from onnxforge.pipeline.context import PassContext
 
@@ -41,7 +42,7 @@ class RuleBasedPass(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if self.needs_shapes:
-            infer_shapes(model)
+            ctx.analysis(InferredShapes, model)
         contrib_ops = ctx.runtime.capabilities.runs_contrib_ops(*FUSED_CONTRIB_OPS)
         context = FusionContext(opset=model.graph.opset, contrib_ops=contrib_ops)
         graphs = list(model.graphs())
