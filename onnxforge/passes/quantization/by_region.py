@@ -105,7 +105,9 @@ def quantize_by_regions(
         return RegionOutcome(builder, plan, chosen=True, lines=lines, float_tensors=float_tensors)
 
     outcome = RegionOutcome(builder, plan, chosen=False, lines=lines, float_tensors=float_tensors)
-    return timed_against_layer_types(outcome, types, type_plan, ctx, feed, min_speedup, "the per-type plan")
+    return timed_against_layer_types(
+        outcome, types, type_plan, ctx, feed, min_speedup, "the per-type plan", "int8 regions or layer types"
+    )
 
 
 def timed_against_layer_types(
@@ -116,10 +118,11 @@ def timed_against_layer_types(
     feed: Mapping[str, np.ndarray],
     min_speedup: float,
     plan_label: str,
+    decision_name: str,
 ) -> RegionOutcome:
     """`outcome` chosen or not by timing its regions against float and against `types.build(type_plan)` (called
-    `plan_label` in its line): chosen when they are the faster and reach `min_speedup`. A decision of the run,
-    one per `plan_label`."""
+    `plan_label` in its line): chosen when they are the faster and reach `min_speedup`. The run's decision
+    `decision_name`."""
 
     def measure() -> Measured:
         runtime = ctx.runtime
@@ -132,8 +135,7 @@ def timed_against_layer_types(
         regions_win = speedups[0] >= max(min_speedup, by_type)
         return Measured(regions_win, {"regions": round(speedups[0], 4), "layer_types": round(by_type, 4)})
 
-    what = "int8 regions or layer types" + ("" if plan_label == "the per-type plan" else f" ({plan_label})")
-    decision = ctx.decide(what, measure, allowed=[True, False])
+    decision = ctx.decide(decision_name, measure, allowed=[True, False])
     verdict = "regions kept" if decision.value else "layer types kept"
     if decision.replayed:
         line = f"{verdict} against {plan_label}, as {decision.replayed_from} records, not timed"

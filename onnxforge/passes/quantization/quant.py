@@ -177,7 +177,8 @@ class Quantize(Pass):
             lines += _gentler_lines(verdict, gentler, layers, ctx)
             if regional is not None and regional.plan and fit.plan != plan and self.options.measure:
                 regional = timed_against_layer_types(
-                    regional, builder, fit.plan, ctx, feed, self.options.min_speedup, "the per-type plan fitted"
+                    regional, builder, fit.plan, ctx, feed, self.options.min_speedup, "the per-type plan fitted",
+                    "int8 regions or layer types (the per-type plan fitted)",
                 )
                 lines.append(regional.lines[-1])
             if not _regions_chosen(regional):
