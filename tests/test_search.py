@@ -210,6 +210,16 @@ def test_a_pass_outside_its_share_at_the_candidates_settings_ends_the_build_and_
     assert report.passes[1].budget.startswith("no change down to prune:ratio=0.0625")
 
 
+def test_a_pass_within_its_share_that_its_own_acceptance_turns_down_does_not_reject_the_candidate(tmp_path):
+    model, data = _mlp(tmp_path / "mlp.onnx"), _data(tmp_path / "data.npz")
+    samples = load_samples(data, onnx.load(str(model)))
+    too_slow = Candidate(("cleanup", "prune:ratio=0.1:min_speedup=1000", "quant:measure=false"), SessionSettings())
+    evaluation = Evaluator(ModelFile.load(model), samples, Budget.parse("cosine=0.5"), timing=FAST).evaluate(too_slow)
+    assert not evaluation.rejected and evaluation.speedup is not None
+    assert evaluation.steps[1] == "prune:ratio=0.1:min_speedup=1000.0: unchanged"
+    assert evaluation.steps[2].startswith("quant:measure=false: applied")
+
+
 def test_starting_points_step_back_as_optimize_does_and_sampled_candidates_do_not(tmp_path):
     model, data = _mlp(tmp_path / "mlp.onnx"), _data(tmp_path / "data.npz")
     result = search(model, data=data, budget="cosine=0.98", passes="cleanup,prune:measure=false", trials=3,

@@ -42,6 +42,7 @@ class PassRecord:
     notes: list[str] = field(default_factory=list)
     layers: list[LayerDecision] = field(default_factory=list)  # the pass's decisions per layer, for the report
     budget: str = ""  # a lossy pass's result against the run's error budget, one line
+    over_budget: bool = False  # the budget, not the pass or its acceptance, left the model as it was
     # A composite pass's members that changed the model or were rolled back: name, status ("applied" if it ever
     # applied, else "rolled_back"), error (why it was last rolled back, if it was).
     members: list[dict[str, Any]] = field(default_factory=list)
@@ -201,7 +202,7 @@ class PassManager:
         record = PassRecord(pass_.describe(), "unchanged", time.perf_counter() - start, before, before)
         record.members = step.members
         record.max_rel_error = step.max_rel_error
-        record.budget = step.budget
+        record.budget, record.over_budget = step.budget, step.over_budget
         if step.result is not None:
             record.notes = list(step.result.notes)
             record.layers = list(step.result.layers)
@@ -243,7 +244,7 @@ class PassManager:
         if share is not None and pass_.gentler():
             model, result = self._spend(pass_, model, result, snapshot, share)
             if not result.changed:
-                return _Step(snapshot, reference, result, budget=result.notes[-1])
+                return _Step(snapshot, reference, result, budget=result.notes[-1], over_budget=True)
         outputs, max_rel = reference, None
         if self.verifier:
             verdict = self.verifier.check(model, reference, pass_.lossless)
@@ -253,7 +254,10 @@ class PassManager:
                 return _Step(snapshot, reference, result, verdict.reason, max_rel)
             outputs = verdict.outputs
         budget, losses = self._against_budget(pass_, model, result)
-        if not result.changed or not self._accepted(pass_, snapshot, model, result):
+        if not result.changed:
+            self.context.invalidate()
+            return _Step(snapshot, reference, result, budget=budget, over_budget=True)
+        if not self._accepted(pass_, snapshot, model, result):
             self.context.invalidate()
             return _Step(snapshot, reference, result, budget=budget)
         if losses is not None:
@@ -374,7 +378,7 @@ class PassManager:
                 record.status = "rolled_back"
                 record.error = f"over the budget after {judged[-1].name}: stepped back with the passes it recovered"
                 record.after = before.stats()
-        judged[-1].budget = f"{line}: stepped back"
+        judged[-1].budget, judged[-1].over_budget = f"{line}: stepped back", True
         return before, before_reference
 
     def _accepted(self, pass_: Pass, snapshot: Model, model: Model, result: PassResult) -> bool:
@@ -476,6 +480,7 @@ class _Step:
     max_rel_error: float | None = None
     members: list[dict[str, Any]] = field(default_factory=list)
     budget: str = ""
+    over_budget: bool = False
 
 
 def _lossy_leaves(pass_: Pass) -> int:

@@ -238,5 +238,5 @@ class _StopOutsideShare(Instrument):
         self._lossy = not pass_.lossless
 
     def after_pass(self, index: int, total: int, record: PassRecord) -> None:
-        if self._lossy and record.status != "applied" and record.budget:
+        if self._lossy and record.over_budget:
             raise OutsideItsShare(f"{record.name}: {record.budget}")
