@@ -151,6 +151,15 @@ def page_header(title: str, setup: dict, env: dict, reading: str) -> list[str]:
     return [f"# {title}", "", f"{measured} {setup['description']}", "", reading]
 
 
+def failure_cell(failure: str, limit: int) -> str:
+    """A failure shortened to about `limit` characters for a table cell: its head (the tool, its exit status) and
+    its tail (where a tool's error output ends with the reason), the middle left to the JSON."""
+    if len(failure) <= limit:
+        return failure
+    head = limit // 4
+    return f"{failure[:head]} ... {failure[-(limit - head):]} (the JSON has it all)"
+
+
 def variant_table(variants: dict[str, dict], size: str, describe_size: Callable[[dict, dict], str]) -> list[str]:
     """One table row per variant: speed against fp32 with its quartiles, latency, size, agreement, time taken.
 
@@ -160,7 +169,7 @@ def variant_table(variants: dict[str, dict], size: str, describe_size: Callable[
     fp32 = next(iter(variants.values()))
     for label, v in variants.items():
         if v["path"] is None:
-            failure = v["failure"] if len(v["failure"]) <= 240 else v["failure"][:240] + "... (the JSON has it all)"
+            failure = failure_cell(v["failure"], 240)
             lines.append(f"| {label} | failed: {failure} | | | | {v['seconds']} s |")
             continue
         iqr = v.get("speedup_iqr")

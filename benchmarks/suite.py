@@ -45,7 +45,7 @@ import numpy as np
 import onnxruntime
 
 import peers
-from case_variants import judge, run_pipeline, time_together
+from case_variants import failure_cell, judge, run_pipeline, time_together
 from cases import CASE_BUILDERS, CASE_PACKAGES, missing_packages, trained_cases
 from cases.packages import package_version
 from cases.trained_case import TrainedCase
@@ -568,6 +568,7 @@ def markdown(payload: dict, stem: str) -> str:
         lines.append(f"| {result['case']} | {result['family']} | {package} | {source.get('license', '')} |")
     for case_name, why in setup.get("skipped", {}).items():
         lines.append(f"| {case_name} | {FAMILIES.get(case_name, '')} | skipped: {why} | |")
+    lines += glance_table(payload["results"])
     lines += suite_time_table(payload)
     for result in payload["results"]:
         lines += ["", f"## {result['case']}", "", f"{result['description']}. Optimized, judged and timed in "
@@ -576,6 +577,41 @@ def markdown(payload: dict, stem: str) -> str:
         lines += ["", f"![{result['case']}: speed and agreement]({stem}-{result['case']}.svg)", "", "What each is:", ""]
         lines += [f"- {label}: {v['tool']}" for label, v in result["variants"].items()]
     return "\n".join(lines) + "\n"
+
+
+def glance_table(results: Sequence[dict]) -> list[str]:
+    """Per case: onnxforge's speed and agreement, the fastest other variant that agrees with fp32 at least as well
+    (fp32 itself when none does), and the fastest other variant at any agreement."""
+    lines = [
+        "",
+        "## At a glance",
+        "",
+        "Speed against fp32 (its quartiles over rounds) and agreement with fp32 on held-out inputs, by each case's "
+        "measure; a difference inside the quartiles is within the timing's spread.",
+        "",
+        "| case | measure | onnxforge | the fastest other at equal or better agreement | the fastest other |",
+        "|---|---|---|---|---|",
+    ]
+    for result in results:
+        metric = result["agreement_metric"]
+        made = {label: v for label, v in result["variants"].items() if v.get("path") is not None}
+        ours = next((v for v in made.values() if v["kind"] == "onnxforge"), None)
+        if ours is None:
+            continue
+        others = {label: v for label, v in made.items() if v["kind"] != "onnxforge"}
+        agreeing = {label: v for label, v in others.items() if v["agreement"][metric] >= ours["agreement"][metric]}
+        cells = [_glance(label, others[label], metric) if label else "" for label in (
+            max(agreeing, key=lambda label: agreeing[label]["speedup"], default=None),
+            max(others, key=lambda label: others[label]["speedup"], default=None),
+        )]
+        lines.append(f"| {result['case']} | {metric} | {_glance('', ours, metric)} | {' | '.join(cells)} |")
+    return lines
+
+
+def _glance(label: str, variant: dict, metric: str) -> str:
+    iqr = variant.get("speedup_iqr")
+    speed = f"{variant['speedup']:.2f}x" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
+    return f"{label + ': ' if label else ''}{speed} at {variant['agreement'][metric]:.4f}"
 
 
 def case_table(result: dict) -> list[str]:
@@ -590,8 +626,7 @@ def case_table(result: dict) -> list[str]:
     for label, v in result["variants"].items():
         made = [_memory(v), _seconds(v)]
         if v["path"] is None:
-            failure = v["failure"] if len(v["failure"]) <= 200 else v["failure"][:200] + "... (the JSON has it all)"
-            failure = failure.replace("|", "\\|")  # peers' error tails join their lines with |
+            failure = failure_cell(v["failure"], 200).replace("|", "\\|")  # peers' error tails join lines with |
             lines.append(f"| {label} | failed: {failure} | | | {' | '.join(made)} | | |")
             continue
         stats, iqr = v["latency"], v.get("speedup_iqr")

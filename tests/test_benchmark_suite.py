@@ -125,3 +125,28 @@ def test_every_optimization_is_measured_in_a_process_of_its_own(tmp_path):
     suite.write_page(payload, tmp_path / "page.md")
     rows = [line for line in (tmp_path / "page.md").read_text().splitlines() if line.startswith("| onnxforge ")]
     assert len(rows) == 1 and rows[0].count("|") == 9 and "failed" not in rows[0]
+
+
+def _variant(kind: str, speedup: float, agreement: float, failure: str | None = None) -> dict:
+    return {"kind": kind, "path": None if failure else "m.onnx", "failure": failure, "speedup": speedup,
+            "speedup_iqr": [speedup - 0.1, speedup + 0.1], "agreement": {"worst_cosine": agreement}}
+
+
+def test_the_glance_table_sets_onnxforge_beside_the_fastest_other_at_equal_agreement_and_at_any():
+    variants = {
+        "fp32": _variant("fp32", 1.0, 1.0),
+        "onnxforge cleanup,fuse,quant": _variant("onnxforge", 1.5, 0.99),
+        "peer careful": _variant("peer", 1.2, 0.995),
+        "peer fast": _variant("peer", 1.8, 0.5),
+        "peer faster": _variant("peer", 2.5, 0.1, failure="peer faster: exit 1: crashed"),  # made no model
+    }
+    rows = suite.glance_table([{"case": "mlp", "agreement_metric": "worst_cosine", "variants": variants}])
+    assert rows[-1] == ("| mlp | worst_cosine | 1.50x (1.40-1.60) at 0.9900 | peer careful: 1.20x (1.10-1.30) at "
+                        "0.9950 | peer fast: 1.80x (1.70-1.90) at 0.5000 |")
+
+
+def test_a_long_failure_keeps_its_head_and_the_reason_at_its_end():
+    failure = "inc tune: exit 1: " + "[WARNING] Skip the verified config mapping. | " * 20 + "found nothing within --max-drop"
+    cell = suite.failure_cell(failure, 200)
+    assert cell.startswith("inc tune: exit 1: ") and cell.endswith("found nothing within --max-drop (the JSON has it all)")
+    assert len(cell) < 260 and suite.failure_cell("short", 200) == "short"
