@@ -231,8 +231,10 @@ def _onnx_model(name: str, torch_models):
     return from_torch(torch_models.transformer_encoder_module(), example, input_names=["x"], output_names=["y"])
 
 
-def measure(bundle: Path, out: Path, torch_models_to_time: list[str] | None, torch_modes: list[str]) -> None:
-    """Run and time every artifact of the bundle and the same PyTorch modules; write the results as JSON."""
+def measure(bundle: Path, out: Path, torch_models_to_time: list[str] | None, torch_modes: list[str],
+            torch_precisions: list[str] = ("fp32", "fp16")) -> None:
+    """Run and time every artifact of the bundle and the same PyTorch modules (in `torch_modes`, at
+    `torch_precisions`); write the results as JSON."""
     import torch
 
     site = bundle / "site"
@@ -264,7 +266,8 @@ def measure(bundle: Path, out: Path, torch_models_to_time: list[str] | None, tor
         if torch_models_to_time is not None and name not in torch_models_to_time:
             continue
         output_name = next(iter(expected))
-        for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+        for precision in torch_precisions:
+            dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
             feed = [torch.from_numpy(inputs[i]).cuda().to(dtype) for i in inputs]
             for label in torch_modes:
                 mode = TORCH_MODES[label]
@@ -349,6 +352,8 @@ def main() -> None:
     measuring.add_argument("--torch-modes", nargs="+", choices=TORCH_MODES, default=list(TORCH_MODES),
                            help="time PyTorch in these modes only (default: all; max-autotune of the CNN's "
                                 "convolutions takes minutes)")
+    measuring.add_argument("--torch-precisions", nargs="+", choices=("fp32", "fp16"), default=["fp32", "fp16"],
+                           help="time PyTorch at these precisions only (default: both)")
     packing.add_argument("--records", type=Path, default=RECORDS, help="tuning records of the -tuned variants")
     packing.add_argument("--half-passes", default="fp16",
                          help="the passes of the fp16 variants (default fp16; fp16:convert=Softmax+"
@@ -383,7 +388,7 @@ def main() -> None:
     elif args.command == "round":
         measure_round(args.folder, args.runtime, args.out)
     else:
-        measure(args.bundle, args.out, args.torch_models, args.torch_modes)
+        measure(args.bundle, args.out, args.torch_models, args.torch_modes, args.torch_precisions)
 
 
 if __name__ == "__main__":
