@@ -12,6 +12,8 @@ onnx's reference evaluator, which computes float16 and bfloat16 ops in those typ
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -381,7 +383,12 @@ def test_optimize_applies_fp16_and_the_cli_saves_a_model_half_the_size(tmp_path)
 
     path, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
     onnx.save(source, str(path))
-    succeeded(run_cli(OPTIMIZE, path, "--passes", "fp16", "-o", out))
+    # The budget without the default's labels: the argmax of 256 random-weight logits on random inputs has near
+    # ties that fp16 rounding flips on some CPUs, which would step the pass back (as it did on a CI machine).
+    report = tmp_path / "report.json"
+    succeeded(run_cli(OPTIMIZE, path, "--passes", "fp16", "--budget", "cosine=0.99", "-o", out, "--report", report))
+    [record] = json.loads(report.read_text())["passes"]
+    assert record["status"] == "applied", (record["error"], record["budget"], record["notes"])
 
     assert 0.45 < out.stat().st_size / path.stat().st_size < 0.55
     saved = onnx.load(str(out))
