@@ -160,6 +160,12 @@ def failure_cell(failure: str, limit: int) -> str:
     return f"{failure[:head]} ... {failure[-(limit - head):]} (the JSON has it all)"
 
 
+def speed_cell(variant: dict) -> str:
+    """A variant's speed against fp32 with its quartiles over rounds, as the tables write it: 1.51x (1.34-1.55)."""
+    iqr = variant.get("speedup_iqr")
+    return f"{variant['speedup']:.2f}x" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
+
+
 def variant_table(variants: dict[str, dict], size: str, describe_size: Callable[[dict, dict], str]) -> list[str]:
     """One table row per variant: speed against fp32 with its quartiles, latency, size, agreement, time taken.
 
@@ -172,8 +178,7 @@ def variant_table(variants: dict[str, dict], size: str, describe_size: Callable[
             failure = failure_cell(v["failure"], 240)
             lines.append(f"| {label} | failed: {failure} | | | | {v['seconds']} s |")
             continue
-        iqr = v.get("speedup_iqr")
-        speed = f"{v['speedup']:.2f}x" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
+        speed = speed_cell(v)
         agreement = ", ".join(f"{k} {val:.4f}" for k, val in v["agreement"].items())
         cells = [label, speed, f"{v['median_ms']:.2f} ms", describe_size(v, fp32), agreement, f"{v['seconds']} s"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -45,7 +45,7 @@ import numpy as np
 import onnxruntime
 
 import peers
-from case_variants import failure_cell, judge, run_pipeline, time_together
+from case_variants import failure_cell, judge, run_pipeline, speed_cell, time_together
 from cases import CASE_BUILDERS, CASE_PACKAGES, missing_packages, trained_cases
 from cases.packages import package_version
 from cases.trained_case import TrainedCase
@@ -609,9 +609,7 @@ def glance_table(results: Sequence[dict]) -> list[str]:
 
 
 def _glance(label: str, variant: dict, metric: str) -> str:
-    iqr = variant.get("speedup_iqr")
-    speed = f"{variant['speedup']:.2f}x" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
-    return f"{label + ': ' if label else ''}{speed} at {variant['agreement'][metric]:.4f}"
+    return f"{label + ': ' if label else ''}{speed_cell(variant)} at {variant['agreement'][metric]:.4f}"
 
 
 def case_table(result: dict) -> list[str]:
@@ -629,11 +627,11 @@ def case_table(result: dict) -> list[str]:
             failure = failure_cell(v["failure"], 200).replace("|", "\\|")  # peers' error tails join lines with |
             lines.append(f"| {label} | failed: {failure} | | | {' | '.join(made)} | | |")
             continue
-        stats, iqr = v["latency"], v.get("speedup_iqr")
+        stats = v["latency"]
         cells = [
             label,
             f"{_ms(stats['median_ms'])} ({_ms(stats['min_ms'])}-{_ms(stats['p90_ms'])})",
-            f"{v['speedup']:.2f}x" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else ""),
+            speed_cell(v),
             f"{v['bytes'] / 1e6:.2f} MB ({100 * v['bytes'] / fp32['bytes']:.0f}%)",
             *made,
             f"{v['agreement'][agreement]:.4f}",

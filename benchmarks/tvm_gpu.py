@@ -50,6 +50,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -232,7 +233,7 @@ def _onnx_model(name: str, torch_models):
 
 
 def measure(bundle: Path, out: Path, torch_models_to_time: list[str] | None, torch_modes: list[str],
-            torch_precisions: list[str] = ("fp32", "fp16")) -> None:
+            torch_precisions: Sequence[str] = ("fp32", "fp16")) -> None:
     """Run and time every artifact of the bundle and the same PyTorch modules (in `torch_modes`, at
     `torch_precisions`); write the results as JSON."""
     import torch
